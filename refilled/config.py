@@ -1,0 +1,267 @@
+"""One typed schema for a REFILLED run, loaded from YAML and the command line.
+
+Keys keep the names of the authors' `main.py` arguments (same defaults, see
+SPEC.md) so their commands translate one to one; the keys after them are this
+project's: teacher architecture and pre-training, class splits, shots, and
+implementation choices. An experiment file (search_spaces/*.yaml) holds a
+`config:` section of these keys, plus `search:` settings read by refilled.tune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from refilled.errors import UserError
+
+NETWORKS = ("wide_resnet", "resnet", "mobile_net")
+DATA_NAMES = ("CIFAR-100", "CUB-200", "digits")
+
+
+@dataclass
+class Config:
+    # --- the authors' arguments, their defaults -------------------------------
+    data_name: str = "CIFAR-100"
+    teacher_network_name: str = "wide_resnet"
+    student_network_name: str = "wide_resnet"
+    flag_tuning: bool = False  # True: train on train, evaluate on validation
+    lr1: float = 0.1
+    lr2: float = 0.1
+    point: tuple[int, ...] = (100, 140, 180)
+    gamma: float = 0.2
+    wd: float = 5e-4
+    mo: float = 0.9
+    depth: int = 16
+    width: int = 1
+    ca: float = 0.25
+    dropout_rate: float = 0.3
+    n_training_epochs1: int = 200
+    n_training_epochs2: int = 200
+    batch_size: int = 128
+    flag_merge: bool = False  # stage 1 on (anchor, positive) tuples
+    tau1: float = 4.0
+    tau2: float = 2.0
+    lambd: float = 100.0
+    # --- teacher: architecture (authors' defaults per network) and pre-training
+    teacher_depth: int = 40
+    teacher_width: int = 2
+    teacher_ca: float = 1.0
+    teacher_dropout_rate: float = 0.3
+    teacher_lr: float = 0.1
+    teacher_epochs: int = 200
+    teacher_batch_size: int = 128
+    # --- data ---------------------------------------------------------------------
+    data_root: str = "data"
+    download: bool = False
+    class_order: str = "natural"  # "natural" or "cifar_fs" (CIFAR-100 cross-task order)
+    source_classes: str = "all"  # teacher's classes: positions in class_order, e.g. "0-49"
+    target_classes: str = "all"  # student's classes, e.g. "50-99"; overlap allowed
+    shots: int | None = None  # labelled images per student class (middle-shot); None = all
+    val_fraction: float = 0.1  # part of the training set held out when flag_tuning
+    # --- implementation choices -----------------------------------------------------
+    loss_scale1: float = 500.0  # authors' effective multiplier of the stage-1 KL mean
+    margin: float = 0.2  # semi-hard mining margin
+    centers: str = "global"  # "global" (whole training split) or "local" (per batch)
+    teacher_bank: str = "auto"  # "auto", "on" or "off": look up teacher embeddings
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+    def replace(self, **changes: Any) -> "Config":
+        return validate(dataclasses.replace(self, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["point"] = list(self.point)
+        return d
+
+    def digest(self, keys: list[str] | None = None) -> str:
+        """Short stable hash of some (default all) settings, for cache keys."""
+        d = self.to_dict()
+        if keys is not None:
+            d = {k: d[k] for k in keys}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+# Tuning a non-tunable key (paths, device) makes no sense; the search refuses them.
+NOT_SEARCHABLE = {"data_root", "download", "device", "flag_tuning", "data_name"}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace("tuple[int, ...]", "list of ints")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert `value` to the type of `key`, or raise UserError naming the key."""
+    if key not in FIELDS:
+        close = [k for k in FIELDS if k.startswith(key[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown config key '{key}'{hint}")
+    kind = FIELDS[key].type
+    bad = UserError(f"config key '{key}' must be {_type_name(FIELDS[key])}, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if kind in ("int", "int | None"):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if kind == "int":
+                raise bad
+            return None
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, float):
+            if value.is_integer():
+                return int(value)
+            raise bad
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if kind == "float":
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if kind == "tuple[int, ...]":
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        try:
+            return tuple(coerce("depth", v) for v in value)
+        except UserError:
+            raise bad from None
+    if kind == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise AssertionError(f"unhandled type {kind}")
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for k in keys:
+        if not getattr(cfg, k) > 0:
+            raise UserError(f"config key '{k}' must be > 0, got {getattr(cfg, k)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone do not catch; return cfg normalised."""
+    aliases = {"cifar-100": "CIFAR-100", "cifar100": "CIFAR-100", "cub-200": "CUB-200",
+               "cub200": "CUB-200", "cub-200-2011": "CUB-200", "digits": "digits"}
+    name = aliases.get(cfg.data_name.lower())
+    if name is None:
+        raise UserError(f"config key 'data_name' must be one of {', '.join(DATA_NAMES)}, got {cfg.data_name!r}")
+    cfg.data_name = name
+    for k in ("teacher_network_name", "student_network_name"):
+        if getattr(cfg, k) not in NETWORKS:
+            raise UserError(f"config key '{k}' must be one of {', '.join(NETWORKS)}, got {getattr(cfg, k)!r}")
+    _positive(cfg, "tau1", "tau2", "lr1", "lr2", "teacher_lr", "gamma", "batch_size",
+              "teacher_batch_size", "width", "teacher_width", "ca", "teacher_ca",
+              "loss_scale1", "margin")
+    for k in ("lambd", "wd", "mo", "n_training_epochs1", "n_training_epochs2", "teacher_epochs"):
+        if getattr(cfg, k) < 0:
+            raise UserError(f"config key '{k}' must be >= 0, got {getattr(cfg, k)}")
+    for k in ("dropout_rate", "teacher_dropout_rate"):
+        if not 0 <= getattr(cfg, k) < 1:
+            raise UserError(f"config key '{k}' must be in [0, 1), got {getattr(cfg, k)}")
+    if cfg.n_training_epochs2 < 1:
+        raise UserError("config key 'n_training_epochs2' must be >= 1: stage 2 makes the classifier")
+    for prefix, net in (("", cfg.student_network_name), ("teacher_", cfg.teacher_network_name)):
+        depth = getattr(cfg, prefix + "depth")
+        if net == "wide_resnet" and (depth < 10 or (depth - 4) % 6):
+            raise UserError(f"config key '{prefix}depth': wide_resnet depth must be 6n+4 "
+                            f"(10, 16, 22, 28, 40, ...), got {depth}")
+        if net == "resnet" and (depth < 8 or (depth - 2) % 6 not in (0, 2)):
+            raise UserError(f"config key '{prefix}depth': resnet depth must be 6n+2 or 6n+4 "
+                            f"(16, 20, 32, 56, 110, ...), got {depth}")
+    if list(cfg.point) != sorted(cfg.point) or any(p < 1 for p in cfg.point):
+        raise UserError(f"config key 'point' must be increasing epochs >= 1, got {list(cfg.point)}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"config key 'val_fraction' must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.shots is not None and cfg.shots < 1:
+        raise UserError(f"config key 'shots' must be >= 1 or null, got {cfg.shots}")
+    choices = {"class_order": ("natural", "cifar_fs"), "centers": ("global", "local"),
+               "teacher_bank": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda")}
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            raise UserError(f"config key '{k}' must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
+    if cfg.class_order == "cifar_fs" and cfg.data_name != "CIFAR-100":
+        raise UserError("config key 'class_order': cifar_fs is the CIFAR-100 order; use 'natural' here")
+    return cfg
+
+
+def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from `base` (default: authors' defaults) and overrides."""
+    if not isinstance(values, dict):
+        raise UserError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
+    changes = {k: coerce(k, v) for k, v in values.items()}
+    return validate(dataclasses.replace(base or Config(), **changes))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every problem into a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: pass an existing YAML file, e.g. search_spaces/digits.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid syntax"
+        raise UserError(f"malformed YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a YAML mapping (key: value lines), got {type(data).__name__}")
+    return data
+
+
+def load_experiment(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """Read an experiment file: its `config:` section and its other sections.
+
+    A file without sections (only config keys) is read as a plain config.
+    """
+    data = read_yaml(path)
+    sections = {"config", "search", "retrain", "name", "description"}
+    if "config" in data or set(data) <= sections:
+        unknown = set(data) - sections
+        if unknown:
+            raise UserError(f"unknown section '{sorted(unknown)[0]}' in {path}: expected {', '.join(sorted(sections))}")
+        try:
+            return from_dict(data.get("config") or {}), data
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+    try:
+        return from_dict(data), {}
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings (values parsed as YAML scalars) into a dict."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override {pair!r} must look like key=value, e.g. tau1=2")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out

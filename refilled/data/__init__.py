@@ -1,0 +1,1 @@
+"""Data sets, class splits, on-device batches and augmentation."""

@@ -1,0 +1,141 @@
+"""Class selection, middle-shot limits and tuning splits.
+
+From a data set (`Source`) to the two tasks a REFILLED run needs:
+- the teacher's (source) task: its classes, the official training part;
+- the student's (target) task: its classes, at most `shots` labelled images a
+  class, and an evaluation split. With `flag_tuning` on, a stratified
+  validation part is carved from the student's training images and is the
+  evaluation split; off, the student trains on all of them (train +
+  validation) and is evaluated on the official test part.
+
+Every split is deterministic: it depends on `split_seed`, never on the run's
+`seed`, so all trials and retrain seeds of an experiment see the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from refilled.data.sources import ImageSet, Source
+from refilled.errors import UserError
+
+SPLIT_SEED = 0  # fixed: shot subsets and validation parts are the same in every run
+
+
+@dataclass
+class Task:
+    """One classification task, labels remapped to 0..n_classes-1."""
+
+    name: str  # "teacher" or "student"
+    classes: list[int]  # the data set's class ids, in task-label order
+    train: ImageSet
+    eval: ImageSet
+    eval_split: str  # "validation" or "test"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@lru_cache(maxsize=None)
+def cifar_fs_order() -> tuple[int, ...]:
+    """CIFAR-100 fine labels in the CIFAR-FS order of the authors' cross-task code."""
+    text = resources.files("refilled.data").joinpath("cifar100_crosstask_order.tsv").read_text()
+    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
+    return tuple(int(r[1]) for r in rows)
+
+
+def class_order(source: Source, order: str) -> list[int]:
+    n = len(source.class_names)
+    if order == "cifar_fs":
+        return list(cifar_fs_order())
+    return list(range(n))
+
+
+def parse_positions(spec: str, n: int, key: str) -> list[int]:
+    """'all', '0-49', '0,3,7-9' -> sorted unique positions in [0, n)."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(n))
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+            if b < a:
+                raise ValueError
+            out.update(range(a, b + 1))
+    except ValueError:
+        raise UserError(f"config key '{key}' must look like 'all', '0-49' or '0,3,7-9', got {spec!r}") from None
+    if not out:
+        raise UserError(f"config key '{key}' selects no class")
+    if max(out) >= n:
+        raise UserError(f"config key '{key}' = {spec!r} is out of range: this data set has classes 0-{n - 1}")
+    return sorted(out)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out): `fraction` of each class held out, at least one
+    image a class when the class has two or more."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(fraction * len(idx)))
+        k = min(max(k, 1), len(idx) - 1) if len(idx) > 1 else 0
+        held.append(idx[:k])
+        keep.append(idx[k:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def limit_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Indices of `shots` images of each class, chosen at random once."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < shots:
+            raise UserError(f"config key 'shots' = {shots} is more than the {len(idx)} training images "
+                            f"of class {c}: lower shots")
+        chosen.append(rng.permutation(idx)[:shots])
+    return np.sort(np.concatenate(chosen))
+
+
+def _subset(s: ImageSet, classes: list[int], idx: np.ndarray | None = None) -> ImageSet:
+    """Images of `classes` (optionally a subset `idx` of s), labels remapped."""
+    remap = np.full(max(int(s.labels.max()) + 1, max(classes) + 1), -1, dtype=np.int64)
+    remap[classes] = np.arange(len(classes))
+    if idx is None:
+        idx = np.flatnonzero(remap[s.labels] >= 0)
+    return ImageSet(np.ascontiguousarray(s.images[idx]), remap[s.labels[idx]])
+
+
+def teacher_task(source: Source, cfg) -> Task:
+    """The teacher's task: source classes, official train part, test part to report on."""
+    order = class_order(source, cfg.class_order)
+    classes = [order[p] for p in parse_positions(cfg.source_classes, len(order), "source_classes")]
+    return Task("teacher", classes, _subset(source.train, classes), _subset(source.test, classes),
+                "test", source.mean, source.std)
+
+
+def student_task(source: Source, cfg) -> Task:
+    """The student's task, with shots and the flag_tuning split applied."""
+    order = class_order(source, cfg.class_order)
+    classes = [order[p] for p in parse_positions(cfg.target_classes, len(order), "target_classes")]
+    pool = _subset(source.train, classes)
+    if len(pool.labels) == 0:
+        raise UserError("config key 'target_classes' selects classes with no training images")
+    if cfg.shots is not None:
+        pool = _subset(pool, list(range(len(classes))), limit_shots(pool.labels, cfg.shots, SPLIT_SEED))
+    if not cfg.flag_tuning:
+        return Task("student", classes, pool, _subset(source.test, classes), "test", source.mean, source.std)
+    keep, held = stratified_split(pool.labels, cfg.val_fraction, SPLIT_SEED)
+    everything = list(range(len(classes)))
+    return Task("student", classes, _subset(pool, everything, keep), _subset(pool, everything, held),
+                "validation", source.mean, source.std)

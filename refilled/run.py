@@ -1,0 +1,206 @@
+"""From a Config to runnable pieces: tasks on the device, the teacher, its bank.
+
+The CLI, a Ray Tune trial and the final retrain all start from here, so they
+build data, load teachers and choose the bank the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from refilled import checkpoint
+from refilled.bank import TeacherBank, TeacherEmbeddings, teacher_embeddings
+from refilled.config import Config
+from refilled.data import augment
+from refilled.data.device import DeviceTask, to_device
+from refilled.data.sources import Source, load_source
+from refilled.data.splits import student_task, teacher_task
+from refilled.errors import UserError
+from refilled.networks import Network
+from refilled.runtime import resolve_device
+from refilled.train import build_student, build_teacher, global_centers
+
+# The settings that decide which teacher a config needs.
+TEACHER_KEYS = ["data_name", "class_order", "source_classes", "teacher_network_name", "teacher_depth",
+                "teacher_width", "teacher_ca", "teacher_dropout_rate", "teacher_lr", "teacher_epochs",
+                "teacher_batch_size", "wd", "mo", "seed"]
+
+
+@lru_cache(maxsize=2)
+def _source(data_name: str, root: str, download: bool) -> Source:
+    return load_source(data_name, root, download)
+
+
+def source_for(cfg: Config) -> Source:
+    return _source(cfg.data_name, str(cfg.data_root), cfg.download)
+
+
+def teacher_data(cfg: Config, device: torch.device | None = None) -> DeviceTask:
+    device = device or resolve_device(cfg.device)
+    return to_device(teacher_task(source_for(cfg), cfg), augment.for_data(cfg.data_name), device)
+
+
+def student_data(cfg: Config, device: torch.device | None = None) -> DeviceTask:
+    device = device or resolve_device(cfg.device)
+    return to_device(student_task(source_for(cfg), cfg), augment.for_data(cfg.data_name), device)
+
+
+# ----------------------------------------------------------------------------- teachers
+
+def teacher_checkpoint(cfg: Config, data: DeviceTask, teacher: Network, metrics: dict[str, float]) -> dict[str, Any]:
+    return {"kind": "teacher", "model": teacher.state_dict(), "arch": teacher.arch, "classes": data.task.classes,
+            "data_name": cfg.data_name, "config": cfg.to_dict(), "metrics": metrics}
+
+
+def _expected_arch(cfg: Config) -> dict[str, Any]:
+    arch = {"name": cfg.teacher_network_name}
+    if cfg.teacher_network_name == "mobile_net":
+        arch["ca"] = cfg.teacher_ca
+    else:
+        arch.update(depth=cfg.teacher_depth, width=cfg.teacher_width)
+    return arch
+
+
+def load_teacher(path: str | Path, cfg: Config, data: DeviceTask) -> Network:
+    """Load a teacher checkpoint and check it fits this config's teacher and source classes."""
+    ckpt = checkpoint.load(path, "teacher checkpoint")
+    if ckpt.get("kind") != "teacher" or "model" not in ckpt or "arch" not in ckpt:
+        raise UserError(f"{path} is not a teacher checkpoint (make one with `tune_refilled.py pretrain`)")
+    want, got = _expected_arch(cfg), ckpt["arch"]
+    diff = [k for k in want if got.get(k) != want[k]]
+    if diff:
+        def show(a):
+            return ", ".join(f"{k}={a.get(k)}" for k in want)
+        raise UserError(f"teacher checkpoint {path} is a {show(got)} network but the config asks for "
+                        f"{show(want)}: pretrain a teacher for this config or fix the teacher_* keys")
+    if ckpt.get("data_name") != cfg.data_name or list(ckpt.get("classes", [])) != list(teacher_task_classes(cfg)):
+        raise UserError(f"teacher checkpoint {path} was trained on {ckpt.get('data_name')} classes "
+                        f"{_short(ckpt.get('classes', []))}, but the config's source classes are "
+                        f"{cfg.data_name} {_short(teacher_task_classes(cfg))}: pretrain a teacher for this config")
+    teacher = build_teacher(cfg, data_with_classes(data, len(ckpt["classes"])))
+    try:
+        teacher.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"teacher checkpoint {path} does not match its recorded architecture: recreate it") from None
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def teacher_task_classes(cfg: Config) -> list[int]:
+    return teacher_task(source_for(cfg), cfg).classes
+
+
+def data_with_classes(data: DeviceTask, n_classes: int) -> DeviceTask:
+    """A view of `data` that reports another class count (to build a teacher for
+    the source task while holding the student's images)."""
+    class _View:
+        def __getattr__(self, name):
+            return n_classes if name == "n_classes" else getattr(data, name)
+    return _View()  # type: ignore[return-value]
+
+
+def _short(classes) -> str:
+    classes = list(classes)
+    return str(classes) if len(classes) <= 6 else f"[{classes[0]}, {classes[1]}, ..., {classes[-1]}] ({len(classes)})"
+
+
+# ----------------------------------------------------------------------------- the bank
+
+def bank_wanted(cfg: Config, data: DeviceTask) -> bool:
+    """Use a bank when the augmentation is a finite set ('auto') or when told to."""
+    finite = data.aug.n_variants is not None
+    if cfg.teacher_bank == "on" and not finite:
+        raise UserError(f"teacher_bank 'on' needs a finite augmentation; {cfg.data_name} uses "
+                        f"{data.aug.kind}: use teacher_bank auto or off")
+    return finite and cfg.teacher_bank != "off"
+
+
+def teacher_inputs(cfg: Config, data: DeviceTask, teacher: Network, bank: TeacherBank | None,
+                   counter: dict | None = None) -> tuple[TeacherEmbeddings, torch.Tensor | None]:
+    """The student's view of the teacher: a batch -> embedding function, and
+    global centres (None when cfg.centers is 'local')."""
+    fn = teacher_embeddings(teacher, bank, counter)
+    centers = global_centers(teacher, bank, data) if cfg.centers == "global" else None
+    return fn, centers
+
+
+def new_student(cfg: Config, data: DeviceTask) -> Network:
+    return build_student(cfg, data)
+
+
+def default_teacher_path(cfg: Config, folder: str | Path = "runs/teachers") -> Path:
+    """Where a teacher for this config is kept by default: one per teacher setting."""
+    return Path(folder) / f"{cfg.data_name}-{cfg.teacher_network_name}-{cfg.digest(TEACHER_KEYS)}.pt"
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def pretrain(cfg: Config, out: Path | None = None, *, force: bool = False, progress: bool = True
+             ) -> tuple[Path, dict[str, float]]:
+    """Train the teacher on the source task, save it atomically, return (path, metrics)."""
+    from refilled.train import pretrain_teacher
+
+    out = Path(out) if out else default_teacher_path(cfg)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists: pass --force to overwrite it or --out for another path")
+    data = teacher_data(cfg)
+    teacher = build_teacher(cfg, data)
+    bar = tqdm(total=cfg.teacher_epochs, desc="teacher", unit="epoch", disable=not progress)
+    metrics: dict[str, float] = {}
+    for epoch in pretrain_teacher(cfg, data, teacher):
+        metrics = epoch.metrics
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        bar.update()
+    bar.close()
+    checkpoint.save(teacher_checkpoint(cfg, data, teacher, metrics), out)
+    return out, metrics
+
+
+def ensure_teacher(cfg: Config, path: str | Path | None, *, progress: bool = True) -> Path:
+    """An explicit teacher path must exist; the default one is pretrained when missing."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise UserError(f"teacher checkpoint {path} not found: check --teacher, or leave it out to pretrain one")
+        return Path(path)
+    path = default_teacher_path(cfg)
+    if not path.is_file():
+        print(f"no teacher for this config yet: pretraining one into {path}", file=sys.stderr)
+        pretrain(cfg, path, progress=progress)
+    return path
+
+
+def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """One REFILLED run (the authors' main.py): TensorBoard, metrics.json and student.pt in `out`."""
+    from refilled.runlog import RunLog
+    from refilled.train import refilled_epochs
+
+    data = student_data(cfg)
+    needs_teacher = cfg.n_training_epochs1 > 0 or cfg.lambd > 0
+    inputs: tuple = (None, None)
+    if needs_teacher:
+        teacher = load_teacher(ensure_teacher(cfg, teacher_path, progress=progress), cfg, data)
+        bank = TeacherBank.build(teacher, data, progress=progress) if bank_wanted(cfg, data) else None
+        inputs = teacher_inputs(cfg, data, teacher, bank)
+    student = new_student(cfg, data)
+    log = RunLog(out, cfg.to_dict())
+    bar = tqdm(total=cfg.n_training_epochs1 + cfg.n_training_epochs2, unit="epoch", disable=not progress)
+    last: dict[str, Any] = {}
+    for epoch in refilled_epochs(cfg, data, student, *inputs):
+        record = log.add(epoch)
+        last.update({k: v for k, v in record.items() if "accuracy" in k})
+        bar.set_description(record["stage"])
+        bar.set_postfix({k: f"{v:.3f}" for k, v in epoch.metrics.items() if k in ("loss", "val_accuracy")})
+        bar.update()
+    bar.close()
+    checkpoint.save({"kind": "student", **epoch.snapshot()}, out / "student.pt")
+    summary = {"eval_split": data.task.eval_split, **{k: v for k, v in last.items() if k != "stage"}}
+    log.close(summary)
+    return summary

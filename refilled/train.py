@@ -1,0 +1,196 @@
+"""The training loops: teacher pre-training, stage 1, stage 2.
+
+Each loop is a generator of `Epoch`s, so its caller (the CLI, a Ray Tune
+trial, the final retrain) decides what to do with every epoch: print it, log
+it, report it, checkpoint it (`epoch.snapshot()`), or stop.
+
+Learning rates are functions of the epoch, and every epoch's randomness comes
+from (seed, stage, epoch) alone, so a run resumed from a snapshot continues
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from refilled import evaluate
+from refilled.bank import TeacherBank, TeacherEmbeddings
+from refilled.config import Config
+from refilled.data.device import DeviceTask
+from refilled.losses import class_centers
+from refilled.method import CrossEntropy, LocalClassifierDistillation, RelationMatching
+from refilled.networks import Network, build_network
+from refilled.runtime import autocast, epoch_generator, prepare_model
+
+TEACHER, STAGE1, STAGE2 = 0, 1, 2
+
+
+class Diverged(RuntimeError):
+    """A training loss became NaN or infinite; the run cannot go on."""
+
+
+@dataclass
+class Epoch:
+    stage: int  # TEACHER, STAGE1 or STAGE2
+    epoch: int  # 1-based, within the stage
+    step: int  # 1-based across stage 1 and stage 2: the clock ASHA compares trials on
+    metrics: dict[str, float]
+    snapshot: Callable[[], dict[str, Any]]  # state to resume after this epoch
+
+
+# ----------------------------------------------------------------------------- models
+
+def _image_shape(data: DeviceTask) -> tuple[int, int]:
+    channels, side = data.train_x.shape[1], data.train_x.shape[-1]
+    return channels, (data.aug.out_size or side)
+
+
+def build_student(cfg: Config, data: DeviceTask) -> Network:
+    channels, side = _image_shape(data)
+    torch.manual_seed(cfg.seed)  # same initial student for the same seed
+    net = build_network(cfg.student_network_name, data.n_classes, depth=cfg.depth, width=cfg.width, ca=cfg.ca,
+                        dropout_rate=cfg.dropout_rate, in_channels=channels, image_size=side)
+    return prepare_model(net, data.device)
+
+
+def build_teacher(cfg: Config, data: DeviceTask) -> Network:
+    channels, side = _image_shape(data)
+    torch.manual_seed(cfg.seed)
+    net = build_network(cfg.teacher_network_name, data.n_classes, depth=cfg.teacher_depth,
+                        width=cfg.teacher_width, ca=cfg.teacher_ca, dropout_rate=cfg.teacher_dropout_rate,
+                        in_channels=channels, image_size=side)
+    return prepare_model(net, data.device)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def cosine(lr: float, final: float, n_epochs: int) -> Callable[[int], float]:
+    return lambda e: final + (lr - final) * (1 + math.cos(math.pi * e / max(n_epochs, 1))) / 2
+
+
+def multistep(lr: float, points: tuple[int, ...], gamma: float) -> Callable[[int], float]:
+    return lambda e: lr * gamma ** sum(e >= p for p in points)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _sgd(params, cfg: Config, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.mo, weight_decay=cfg.wd, nesterov=cfg.mo > 0)
+
+
+def train_epochs(method, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float], data: DeviceTask,
+                 *, n_epochs: int, batch_size: int, seed: int, stage: int, start: int = 0
+                 ) -> Iterator[tuple[int, dict[str, float]]]:
+    """The one training loop every stage shares. Yields (epoch, metrics)."""
+    for epoch in range(start, n_epochs):
+        lr = lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = epoch_generator(seed, stage, epoch, data.device)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in data.train_batches(generator, batch_size):
+            with autocast(data.device):
+                _, losses = method(batch)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in losses.items():  # stays on the device: no sync per batch
+                sums[name] = sums.get(name, 0) + value.detach().float() * len(batch.y)
+        means = (torch.stack(list(sums.values())) / data.n_train).tolist()  # one sync per epoch
+        metrics = {f"loss/{name}": v for name, v in zip(sums, means)}
+        metrics["loss"] = sum(means)
+        metrics["lr"] = lr
+        if not math.isfinite(metrics["loss"]):
+            label = {TEACHER: "teacher pre-training", STAGE1: "stage 1", STAGE2: "stage 2"}[stage]
+            raise Diverged(f"{label} diverged at epoch {epoch + 1}: training loss is {metrics['loss']}")
+        yield epoch + 1, metrics
+
+
+def pretrain_teacher(cfg: Config, data: DeviceTask, teacher: Network) -> Iterator[Epoch]:
+    """Supervised teacher training on the source task (SGD Nesterov, cosine to 0).
+
+    The last epoch's metrics carry `test_accuracy` on the source task's test split."""
+    optimizer = _sgd(teacher.parameters(), cfg, cfg.teacher_lr)
+    teacher.train()
+    for epoch, metrics in train_epochs(CrossEntropy(teacher), optimizer, cosine(cfg.teacher_lr, 0.0, cfg.teacher_epochs),
+                                       data, n_epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch_size,
+                                       seed=cfg.seed, stage=TEACHER):
+        if epoch == cfg.teacher_epochs:
+            metrics[f"{_prefix(data)}accuracy"] = evaluate.accuracy(teacher, data)
+        yield Epoch(TEACHER, epoch, epoch, metrics, lambda: {"model": teacher.state_dict()})
+
+
+def global_centers(teacher: Network, bank: TeacherBank | None, data: DeviceTask) -> torch.Tensor:
+    """Class centres of the teacher's embedding over the student's whole training split."""
+    if bank is not None and data.aug.identity_variant is not None:
+        emb, labels = bank.unaugmented(data.aug.identity_variant).to(data.device), data.train_y
+    else:
+        emb, labels = evaluate.embed_all(teacher, data, "train")
+    return class_centers(emb, labels, data.n_classes)
+
+
+def _prefix(data: DeviceTask) -> str:
+    return "val_" if data.task.eval_split == "validation" else "test_"
+
+
+def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: TeacherEmbeddings | None,
+                    centers: torch.Tensor | None = None, resume: dict[str, Any] | None = None) -> Iterator[Epoch]:
+    """Stage 1 then stage 2 of one REFILLED run, an Epoch at a time.
+
+    With flag_tuning on, every epoch is evaluated on the validation split
+    (`val_accuracy`: NCM in stage 1, the classifier in stage 2). Off, nothing is
+    selected on test: the test split is read once, after the last epoch of
+    each stage (`test_ncm_accuracy`, `test_accuracy`).
+
+    `teacher` gives teacher embeddings of a batch (refilled.bank); it may be None
+    when nothing needs it (no stage 1, lambd 0: the student trained alone).
+    `centers`: global class centres, or None for local (per-batch) centres.
+    `resume`: a snapshot from an earlier Epoch of this run.
+    """
+    e1, e2 = cfg.n_training_epochs1, cfg.n_training_epochs2
+    tuning = data.task.eval_split == "validation"
+    stage, start = STAGE1, 0
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        stage, start = resume["stage"], resume["epoch"]
+        if stage == STAGE1 and start >= e1:
+            stage, start, resume = STAGE2, 0, None  # stage 1 done: stage 2 starts fresh
+
+    def snapshot(stage_: int, epoch_: int, optimizer: torch.optim.Optimizer) -> Callable[[], dict]:
+        return lambda: {"stage": stage_, "epoch": epoch_, "student": student.state_dict(),
+                        "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "arch": student.arch}
+
+    if stage == STAGE1 and e1 > 0:
+        method = RelationMatching(student, teacher, cfg.tau1, cfg.loss_scale1, cfg.flag_merge, cfg.margin)
+        optimizer = _sgd(student.feature_parameters(), cfg, cfg.lr1)
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+        student.train()
+        for epoch, metrics in train_epochs(method, optimizer, cosine(cfg.lr1, 0.1 * cfg.lr1, e1), data,
+                                           n_epochs=e1, batch_size=cfg.batch_size, seed=cfg.seed,
+                                           stage=STAGE1, start=start):
+            if tuning:
+                metrics["val_accuracy"] = evaluate.ncm(student, data)
+            elif epoch == e1:
+                metrics["test_ncm_accuracy"] = evaluate.ncm(student, data)
+            yield Epoch(STAGE1, epoch, epoch, metrics, snapshot(STAGE1, epoch, optimizer))
+        stage, start, resume = STAGE2, 0, None
+
+    method = LocalClassifierDistillation(student, teacher, centers, data.n_classes, cfg.tau2, cfg.lambd)
+    optimizer = _sgd(student.parameters(), cfg, cfg.lr2)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+    student.train()
+    for epoch, metrics in train_epochs(method, optimizer, multistep(cfg.lr2, cfg.point, cfg.gamma), data,
+                                       n_epochs=e2, batch_size=cfg.batch_size, seed=cfg.seed,
+                                       stage=STAGE2, start=start):
+        if tuning:
+            metrics["val_accuracy"] = evaluate.accuracy(student, data)
+        elif epoch == e2:
+            metrics["test_accuracy"] = evaluate.accuracy(student, data)
+        yield Epoch(STAGE2, epoch, e1 + epoch, metrics, snapshot(STAGE2, epoch, optimizer))

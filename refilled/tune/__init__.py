@@ -1,0 +1,1 @@
+"""Everything that needs Ray: the trainable, the search, retrain tasks."""

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""tune-refilled: tune REFILLED (CVPR 2020 cross-task distillation) and test the result.
+
+Subcommands
+  pretrain  train the teacher on the source task and save it
+  train     one run of both REFILLED stages (the authors' main.py)
+  search    a Ray Tune search over tau1, tau2, lambd and learning rates
+  retrain   retrain the best configuration on train+validation and test it
+
+Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from refilled.errors import UserError
+
+EXAMPLES = """examples:
+  python tune_refilled.py train --config search_spaces/digits.yaml
+  python tune_refilled.py train --config search_spaces/digits.yaml --tuning --tau1 2 --lambd 5
+  python tune_refilled.py pretrain --config search_spaces/cifar100_standard.yaml --data_root ~/data
+  python tune_refilled.py search --config search_spaces/digits.yaml
+  python tune_refilled.py retrain --experiment experiments/digits
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    from refilled.config import FIELDS
+
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="experiment or config YAML, e.g. search_spaces/digits.yaml")
+    group = p.add_argument_group("config overrides (any key of the config schema, refilled/config.py)")
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not None else "null"
+        group.add_argument(f"--{name}", dest=f"set_{name}", metavar="V", default=None,
+                           help=f"(default {default})")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config key, e.g. --set point=[30,45]")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The experiment file's config with the command line's overrides applied."""
+    from refilled.config import from_dict, load_experiment, parse_overrides
+
+    cfg, experiment = load_experiment(args.config)
+    overrides = parse_overrides(args.set)
+    for key, value in vars(args).items():
+        if key.startswith("set_") and value is not None:
+            overrides[key[4:]] = parse_overrides([f"x={value}"])["x"]
+    if getattr(args, "tuning", False):
+        overrides["flag_tuning"] = True
+    return from_dict(overrides, cfg), experiment
+
+
+def fresh_folder(path: Path, force: bool = False) -> Path:
+    """Refuse to write into a folder that already holds files (unless --force)."""
+    if path.exists() and any(path.iterdir()) and not force:
+        raise UserError(f"{path} already exists and is not empty: choose another --out or pass --force")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+def cmd_pretrain(args) -> int:
+    from refilled.run import pretrain
+
+    cfg, _ = config_from_args(args)
+    out = Path(args.out) if args.out else None
+    path, metrics = pretrain(cfg, out, force=args.force)
+    print(f"teacher saved to {path}; test accuracy on the source task: {metrics['test_accuracy']:.4f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+
+def cmd_train(args) -> int:
+    import time
+
+    from refilled.run import train_once
+
+    cfg, _ = config_from_args(args)
+    out = fresh_folder(Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"), args.force)
+    summary = train_once(cfg, out, teacher_path=args.teacher)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    print(f"wrote {out}/metrics.json, {out}/student.pt and TensorBoard events (tensorboard --logdir {out})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="tune_refilled.py", description=__doc__, epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("pretrain", help="train the teacher on the source task and save it",
+                       description="Train the teacher on the source classes (teacher_* keys), save it "
+                                   "and print its test accuracy on the source task.")
+    add_config_args(p)
+    p.add_argument("--out", metavar="PATH", help="where to save the teacher (default: runs/teachers/<data>-<net>-<hash>.pt, "
+                                                 "which train/search reuse)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing teacher file")
+    p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("train", help="one run of both REFILLED stages (the authors' main.py)",
+                       description="Stage 1 (relationship matching) then stage 2 (local classifier "
+                                   "distillation) for one config. Without --tuning it trains on "
+                                   "train+validation and reports test accuracy after the last epoch; with "
+                                   "--tuning it trains on train and reports validation accuracy every epoch.")
+    add_config_args(p)
+    p.add_argument("--tuning", action="store_true", help="use the tuning splits (flag_tuning: train / validation)")
+    p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint (default: the one `pretrain` makes "
+                                                     "for this config; trained first if missing)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/train-<time>)")
+    p.add_argument("--force", action="store_true", help="write into an existing, non-empty --out")
+    p.set_defaults(run=cmd_train)
+
+    # search / retrain: Ray is imported only when one of them runs
+    from refilled.tune.cli import add_tune_commands
+
+    add_tune_commands(sub, add_config_args, config_from_args, fresh_folder)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
