@@ -69,7 +69,11 @@ def _expected_arch(cfg: Config) -> dict[str, Any]:
 
 def load_teacher(path: str | Path, cfg: Config, data: DeviceTask) -> Network:
     """Load a teacher checkpoint and check it fits this config's teacher and source classes."""
-    ckpt = checkpoint.load(path, "teacher checkpoint")
+    return load_teacher_state(checkpoint.load(path, "teacher checkpoint"), cfg, data, path)
+
+
+def load_teacher_state(ckpt: dict[str, Any], cfg: Config, data: DeviceTask, path: str | Path = "teacher") -> Network:
+    """A frozen teacher, in eval mode, from a loaded teacher checkpoint (checked against cfg)."""
     if ckpt.get("kind") != "teacher" or "model" not in ckpt or "arch" not in ckpt:
         raise UserError(f"{path} is not a teacher checkpoint (make one with `tune_refilled.py pretrain`)")
     want, got = _expected_arch(cfg), ckpt["arch"]

@@ -1,5 +1,64 @@
-"""The `search` and `retrain` subcommands (Ray is imported only when they run)."""
+"""The `search` and `retrain` subcommands. Ray is imported only when one runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 
 def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> None:
-    return None
+    p = sub.add_parser(
+        "search", help="Ray Tune search (Optuna TPE + ASHA) over tau1, tau2, lambd, learning rates",
+        description="Search the space in the experiment file's `search:` section. The teacher is trained "
+                    "(or copied from --teacher) once into the experiment folder, trials run both stages on "
+                    "train/validation, ASHA stops weak ones, Optuna (TPE) proposes the next. At the end it "
+                    "prints a table of trials and writes best_config.yaml. TensorBoard: "
+                    "`tensorboard --logdir <storage>/<name>`; Optuna: `optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
+    add_config_args(p)
+    p.add_argument("--name", help="experiment name (default: the config file's name)")
+    p.add_argument("--storage", default="experiments",
+                   help="folder that holds experiments; on a cluster, a path every node mounts (default: experiments)")
+    p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start Ray on this machine")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted experiment (--name/--storage) without rerunning finished trials")
+    p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint to use (default: the one `pretrain` makes; "
+                                                     "pretrained into the experiment if missing)")
+    p.add_argument("--num-samples", type=int, help="number of trials (search.num_samples)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (search.resources.cpu)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed, e.g. 0.25 (search.resources.gpu)")
+    p.add_argument("--max-concurrent", type=int, help="most trials at once (search.max_concurrent; 0 = no limit)")
+    p.set_defaults(run=lambda args: cmd_search(args, config_from_args))
+    p._optionals.title = "options"
+    for action in p._actions:  # --config is optional with --resume: checked in cmd_search
+        if action.dest == "config":
+            action.required = False
+
+
+def cmd_search(args: argparse.Namespace, config_from_args) -> int:
+    from refilled.errors import UserError
+    from refilled.tune.search import experiment_dir, read_experiment, run_search
+
+    if args.resume:
+        if not args.name and not args.config:
+            raise UserError("--resume needs --name (and --storage if not the default) of the experiment to continue")
+        name = args.name or Path(args.config).stem
+        read_experiment(experiment_dir(args.storage, name))  # refuses a folder that is not an experiment
+        cfg, section = None, None
+    else:
+        if not args.config:
+            raise UserError("search needs --config FILE (e.g. search_spaces/digits.yaml), or --resume --name NAME")
+        cfg, experiment = config_from_args(args)
+        section = dict(experiment.get("search") or {})
+        overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
+        section.update({k: v for k, v in overrides.items() if v is not None})
+        resources = dict(section.get("resources") or {})
+        if args.cpus_per_trial is not None:
+            resources["cpu"] = args.cpus_per_trial
+        if args.gpus_per_trial is not None:
+            resources["gpu"] = args.gpus_per_trial
+        if resources:
+            section["resources"] = resources
+        name = args.name or Path(args.config).stem
+    run_search(cfg, section, name=name, storage=args.storage, address=args.address, resume=args.resume,
+               teacher=args.teacher)
+    return 0

@@ -1,0 +1,135 @@
+"""Reading a finished (or running) search back from its experiment folder.
+
+Needs no Ray: the trial folders Ray Tune writes hold `params.json` (the
+searched values) and `result.json` (one JSON line per reported epoch), which is
+all the leaderboard, the best config and the analysis scripts need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from refilled.config import Config, from_dict, load_experiment
+from refilled.errors import UserError
+
+EXPERIMENT_FILE = "experiment.yaml"
+STATUSES = ("finished", "stopped", "diverged", "errored", "running")
+
+
+def is_experiment(folder: str | Path) -> bool:
+    return (Path(folder) / EXPERIMENT_FILE).is_file()
+
+
+def experiment_config(folder: str | Path) -> tuple[Config, dict[str, Any]]:
+    folder = Path(folder)
+    if not is_experiment(folder):
+        raise UserError(f"{folder} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
+                        "pass the folder `search` made, e.g. experiments/digits")
+    return load_experiment(folder / EXPERIMENT_FILE)
+
+
+def _trial_folders(folder: Path) -> list[Path]:
+    return sorted(p.parent for p in folder.glob("*/params.json"))
+
+
+def read_results(trial_folder: Path) -> list[dict[str, Any]]:
+    """Every reported epoch of a trial, in order (lines cut off by a crash are skipped)."""
+    path = trial_folder / "result.json"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _status(rows: list[dict], trial_folder: Path, running: bool) -> str:
+    last = rows[-1] if rows else {}
+    if last.get("diverged"):
+        return "diverged"
+    if rows and last.get("step", 0) >= last.get("total_steps", math.inf):
+        return "finished"
+    if any(trial_folder.glob("error.*")):
+        return "errored"
+    return "running" if running else "stopped"
+
+
+def load_trials(folder: str | Path, running: bool = False) -> pd.DataFrame:
+    """One row per trial of an experiment.
+
+    Columns: experiment, trial_id, status (finished, stopped by ASHA, diverged,
+    errored), epochs (steps run across both stages), stopped_at (the step a
+    stopped trial ended at: its ASHA rung), best/last validation accuracy of
+    each stage (stage 1: NCM, stage 2: classifier), reached_stage2, wall time
+    (s), diverged_reason, and one `config/<key>` column per searched key.
+    """
+    folder = Path(folder)
+    cfg, _ = experiment_config(folder)
+    records = []
+    for trial_folder in _trial_folders(folder):
+        params = json.loads((trial_folder / "params.json").read_text())
+        rows = read_results(trial_folder)
+        if not rows:
+            continue
+        trial_id = rows[-1].get("trial_id", trial_folder.name)
+        s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1" and "val_accuracy" in r]
+        s2 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage2" and "val_accuracy" in r]
+        status = _status(rows, trial_folder, running)
+        epochs = max((r.get("step", 0) for r in rows if not r.get("diverged")), default=0)
+        records.append({
+            "experiment": folder.name, "trial_id": trial_id, "status": status, "epochs": epochs,
+            "total_epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
+            "stopped_at": epochs if status == "stopped" else None,
+            "best_val_ncm_stage1": max(s1) if s1 else None, "last_val_ncm_stage1": s1[-1] if s1 else None,
+            "best_val_accuracy_stage2": max(s2) if s2 else None, "last_val_accuracy_stage2": s2[-1] if s2 else None,
+            "reached_stage2": bool(s2), "wall_time_s": rows[-1].get("time_total_s"),
+            "diverged_reason": rows[-1].get("diverged_reason"),
+            "stage1_cache": next((r["stage1_cache"] for r in rows if "stage1_cache" in r), None),
+            "node": rows[-1].get("node_ip"), "folder": str(trial_folder),
+            **{f"config/{k}": v for k, v in params.items()},
+        })
+    table = pd.DataFrame.from_records(records)
+    if table.empty:
+        return table
+    return table.sort_values("best_val_accuracy_stage2", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def best_trial(trials: pd.DataFrame) -> pd.Series:
+    """The trial with the best stage-2 validation accuracy among those that reached stage 2."""
+    reached = trials[trials["reached_stage2"] & (trials["status"] != "diverged")] if not trials.empty else trials
+    if reached.empty:
+        raise UserError("no trial of this experiment reached stage 2, so there is no stage-2 validation "
+                        "accuracy to choose by: run a longer search (more samples or a larger grace_period)")
+    return reached.sort_values("best_val_accuracy_stage2", ascending=False).iloc[0]
+
+
+def trial_config(folder: str | Path, trial: pd.Series) -> Config:
+    """The experiment's config with one trial's searched values applied."""
+    cfg, _ = experiment_config(folder)
+    params = {k.split("/", 1)[1]: v for k, v in trial.items() if k.startswith("config/") and _present(v)}
+    return from_dict(params, cfg)
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def write_best_config(folder: str | Path, trials: pd.DataFrame) -> tuple[Path, Config, pd.Series]:
+    folder = Path(folder)
+    best = best_trial(trials)
+    cfg = trial_config(folder, best)
+    path = folder / "best_config.yaml"
+    header = (f"# best trial {best['trial_id']} of {folder.name}: stage-2 validation accuracy "
+              f"{best['best_val_accuracy_stage2']:.4f} ({best['status']}, {best['epochs']} epochs)\n")
+    tmp = folder / ".best_config.yaml.tmp"
+    tmp.write_text(header + yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
+    tmp.replace(path)
+    return path, cfg, best

@@ -1,0 +1,270 @@
+"""`search`: Optuna (TPE) samples, ASHA stops, Ray runs the trials, locally or on a cluster.
+
+The experiment folder (`<storage>/<name>/`) holds everything a search makes:
+
+    experiment.yaml     the resolved config and search settings (resume, retrain)
+    teacher.pt          the teacher, trained or copied once before any trial
+    optuna.db           the Optuna study (SQLite; `optuna-dashboard sqlite:///.../optuna.db`)
+    stage1_cache/       stage-1 results shared by trials with equal stage-1 settings
+    trials.csv          one row per trial: config, best stage-2 val accuracy, epochs, status
+    best_config.yaml    the full config of the best trial (stage-2 validation accuracy)
+    <trial folders>     Ray Tune's: result.json, progress.csv, TensorBoard events, checkpoints
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from refilled import checkpoint
+from refilled.config import Config, from_dict, load_experiment
+from refilled.errors import UserError
+from refilled.experiments import EXPERIMENT_FILE, load_trials, write_best_config
+from refilled.runtime import resolve_device
+from refilled.tune.settings import SearchSettings, parse_search
+
+METRIC = "val_accuracy"
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+def experiment_dir(storage: str, name: str) -> Path:
+    if "://" in storage:
+        raise UserError(f"--storage {storage}: this version keeps experiments on a file system path "
+                        "(local or a shared mount such as NFS): pass a path")
+    return Path(storage).expanduser().resolve() / name
+
+
+def save_experiment(folder: Path, cfg: Config, search_section: dict, extra: dict | None = None) -> None:
+    data = {"config": cfg.to_dict(), "search": search_section, **(extra or {})}
+    tmp = folder / f".{EXPERIMENT_FILE}.tmp"
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, folder / EXPERIMENT_FILE)
+
+
+def read_experiment(folder: Path) -> tuple[Config, SearchSettings, dict]:
+    path = folder / EXPERIMENT_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): check --name/--storage")
+    cfg, data = load_experiment(path)
+    return cfg, parse_search(data.get("search"), cfg), data
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- Optuna
+
+def make_searcher(settings: SearchSettings, cfg: Config, folder: Path, name: str):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class OptunaSearchWithPruned(OptunaSearch):
+        """Ray's OptunaSearch tells Optuna every ended trial as COMPLETE. Trials ASHA
+        stopped early are PRUNED here, and diverged or errored ones FAILED, so TPE
+        learns from each what it should."""
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            value = None if result is None else result.get(self.metric)
+            if error or result is None or result.get("diverged") or value is None or not math.isfinite(value):
+                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+            elif result.get("step", 0) < result.get("total_steps", 0):
+                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+            else:
+                self._ot_study.tell(ot_trial, value)
+            self._completed_trials.add(trial_id)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+    first = settings.first_point(cfg)
+    return OptunaSearchWithPruned(
+        metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=settings.seed),
+        storage=storage, study_name=name, points_to_evaluate=[first] if first else None)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+def connect(address: str | None, cpus: int | None = None) -> None:
+    """Start a local Ray, or join a running cluster (`auto`, `host:port`)."""
+    import ray
+
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}}
+    if address:
+        import refilled
+        env = {"py_modules": [refilled]}  # ship this package to the cluster's workers
+    try:
+        ray.init(address=address, num_cpus=None if address else cpus, runtime_env=env,
+                 include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot connect to the Ray cluster at --address {address}: {first}; "
+                        "start it with `ray start --head` or check the address") from None
+
+
+def check_resources(settings: SearchSettings) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    if settings.gpu > have.get("GPU", 0):
+        raise UserError(f"each trial asks for {settings.gpu} GPU but the Ray cluster has {have.get('GPU', 0):g}: "
+                        "lower search.resources.gpu (or --gpus-per-trial), e.g. 0 for CPU trials")
+    if settings.cpu > have.get("CPU", 0):
+        raise UserError(f"each trial asks for {settings.cpu} CPUs but the Ray cluster has {have.get('CPU', 0):g}: "
+                        "lower search.resources.cpu (or --cpus-per-trial)")
+
+
+def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Runs as a Ray task (on a GPU when trials get one): the teacher's embedding bank
+    of the tuning split and the global class centres."""
+    import torch
+
+    from refilled.bank import TeacherBank
+    from refilled.run import bank_wanted, load_teacher_state, student_data
+    from refilled.train import global_centers
+
+    cfg = from_dict(cfg_dict)
+    data = student_data(cfg, resolve_device("auto"))
+    teacher = load_teacher_state(teacher_state, cfg, data)
+    bank = TeacherBank.build(teacher, data, progress=False) if bank_wanted(cfg, data) else None
+    centers = global_centers(teacher, bank.to(data.device) if bank else None, data) if cfg.centers == "global" else None
+    as_np = (lambda t: None if t is None else t.detach().cpu().numpy())
+    return (None if bank is None else np.asarray(bank.embeddings.cpu() if torch.is_tensor(bank.embeddings)
+                                                 else bank.embeddings)), as_np(centers)
+
+
+def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
+    """Copy the given (or default) teacher into the experiment, or pretrain it there."""
+    from refilled.run import default_teacher_path, pretrain, student_data, load_teacher
+
+    target = folder / "teacher.pt"
+    if target.exists():
+        return target
+    source = Path(teacher) if teacher else default_teacher_path(cfg)
+    if teacher or source.is_file():
+        load_teacher(source, cfg, student_data(cfg.replace(device="cpu")))  # refuse a wrong teacher early
+        shutil.copyfile(source, target)
+        print(f"teacher: {source} (copied into the experiment)")
+    else:
+        print("teacher: none for this config yet, pretraining it (once for the whole search)")
+        pretrain(cfg, target)
+    return target
+
+
+def trainable_for(cfg: Config, settings: SearchSettings, folder: Path, teacher_path: Path):
+    """The trial function with the teacher, its bank and the centres bound through
+    Ray's object store (tune.with_parameters), and the per-trial resources."""
+    import ray
+    from ray import tune
+
+    from refilled.tune.trainable import refilled_trial
+
+    teacher_state = checkpoint.load(teacher_path, "teacher checkpoint")
+    bank_file, centers_file = folder / "bank-tuning.npy", folder / "centers-tuning.npy"
+    tuning_cfg = cfg.replace(flag_tuning=True)
+    if bank_file.exists() or centers_file.exists():
+        bank = np.load(bank_file, mmap_mode="r") if bank_file.exists() else None
+        centers = np.load(centers_file) if centers_file.exists() else None
+    else:
+        task = ray.remote(num_cpus=settings.cpu, num_gpus=settings.gpu)(_build_bank_task)
+        bank, centers = ray.get(task.remote(teacher_state, tuning_cfg.to_dict()))
+        if bank is not None:
+            np.save(bank_file, bank)
+            print(f"teacher bank: {bank.shape[0]} images x {bank.shape[1]} augmentations computed once "
+                  f"({bank.nbytes / 2**20:.1f} MiB, {bank_file.name})")
+        else:
+            print(f"teacher bank: off ({cfg.data_name} augmentation is not a finite set, or teacher_bank=off): "
+                  "trials run the teacher")
+        if centers is not None:
+            np.save(centers_file, centers)
+    fn = tune.with_parameters(refilled_trial, base=cfg.to_dict(), teacher=teacher_state,
+                              bank=None if bank is None else np.ascontiguousarray(bank), centers=centers,
+                              cache_dir=str(folder / "stage1_cache"), checkpoint_every=settings.checkpoint_every,
+                              teacher_id=file_digest(teacher_path))
+    return tune.with_resources(fn, {"cpu": settings.cpu, "gpu": settings.gpu})
+
+
+# ----------------------------------------------------------------------------- results
+
+def summarise(folder: Path) -> pd.DataFrame:
+    """Write trials.csv and best_config.yaml; print the sorted table and the best config."""
+    trials = load_trials(folder)
+    if trials.empty:
+        raise UserError(f"the search in {folder} reported no epoch: see the trial errors above")
+    trials.to_csv(folder / "trials.csv", index=False)
+    searched = [c for c in trials.columns if c.startswith("config/")]
+    shown = trials[searched + ["best_val_accuracy_stage2", "epochs", "status"]].rename(
+        columns=lambda c: c.removeprefix("config/"))
+    with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.4g}".format):
+        print(f"\n{len(trials)} trials, best stage-2 validation accuracy first "
+              f"({', '.join(f'{n} {s}' for s, n in trials['status'].value_counts().items())}):")
+        print(shown.to_string(index=False))
+    path, cfg, best = write_best_config(folder, trials)
+    print(f"\nbest config ({best['trial_id']}, stage-2 val accuracy {best['best_val_accuracy_stage2']:.4f}) "
+          f"written to {path}:")
+    print("  " + ", ".join(f"{k.removeprefix('config/')}={best[k]:.4g}" if isinstance(best[k], float)
+                           else f"{k.removeprefix('config/')}={best[k]}" for k in searched))
+    return trials
+
+
+def run_search(cfg: Config, search_section: dict, *, name: str, storage: str, address: str | None,
+               resume: bool, teacher: str | None) -> Path:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    folder = experiment_dir(storage, name)
+    if resume:
+        cfg, settings, _ = read_experiment(folder)
+        if not tune.Tuner.can_restore(str(folder)):
+            raise UserError(f"{folder} has no Ray Tune state to resume: start a new search instead")
+    else:
+        settings = parse_search(search_section, cfg)
+        if folder.exists() and any(folder.iterdir()):
+            raise UserError(f"experiment {folder} already exists: pass --resume to continue it or choose another --name")
+    connect(address)
+    check_resources(settings)
+    if not resume:  # only now: a refused search leaves no half experiment behind
+        folder.mkdir(parents=True, exist_ok=True)
+        save_experiment(folder, cfg, search_section_of(settings))
+    teacher_path = prepare_teacher(cfg, folder, teacher)
+    trainable = trainable_for(cfg, settings, folder, teacher_path)
+    total = cfg.n_training_epochs1 + cfg.n_training_epochs2
+    if resume:
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=total,
+                                  grace_period=min(settings.grace_period, total),
+                                  reduction_factor=settings.reduction_factor)
+        tuner = tune.Tuner(
+            trainable, param_space=settings.param_space(),
+            tune_config=tune.TuneConfig(search_alg=make_searcher(settings, cfg, folder, name), scheduler=scheduler,
+                                        num_samples=settings.num_samples,
+                                        max_concurrent_trials=settings.max_concurrent or None),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(folder.parent), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
+    tuner.fit()
+    summarise(folder)
+    return folder
+
+
+def search_section_of(settings: SearchSettings) -> dict[str, Any]:
+    return {"space": settings.space, "num_samples": settings.num_samples, "start_with": settings.start_with,
+            "asha": {"grace_period": settings.grace_period, "reduction_factor": settings.reduction_factor},
+            "resources": {"cpu": settings.cpu, "gpu": settings.gpu}, "max_concurrent": settings.max_concurrent,
+            "max_failures": settings.max_failures, "checkpoint_every": settings.checkpoint_every,
+            "keep_checkpoints": settings.keep_checkpoints, "seed": settings.seed}

@@ -1,0 +1,160 @@
+"""The `search:` section of an experiment file: space, ASHA, resources, faults.
+
+Example (search_spaces/digits.yaml)::
+
+    search:
+      num_samples: 16
+      space:
+        tau1:  {loguniform: [0.5, 16]}
+        lambd: {loguniform: [0.1, 100]}
+        flag_merge: {choice: [false, true]}
+      start_with: authors       # first trial: the authors' defaults (or: config, none)
+      asha: {grace_period: 10, reduction_factor: 3}
+      resources: {cpu: 1, gpu: 0}   # per trial; gpu may be fractional (0.25)
+      max_concurrent: 2
+      max_failures: 1
+      checkpoint_every: 5       # epochs between trial checkpoints
+      keep_checkpoints: 2
+      seed: 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+
+from refilled.config import FIELDS, NOT_SEARCHABLE, Config, coerce, from_dict
+from refilled.errors import UserError
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
+DEFAULT_SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "tau2": {"loguniform": [0.5, 8.0]},
+                 "lambd": {"loguniform": [0.1, 100.0]}, "lr1": {"loguniform": [0.005, 0.2]},
+                 "lr2": {"loguniform": [0.005, 0.2]}}
+
+
+@dataclass
+class SearchSettings:
+    space: dict[str, dict[str, list]] = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    num_samples: int = 16
+    start_with: str = "authors"  # "authors", "config" or "none"
+    grace_period: int = 10
+    reduction_factor: float = 3
+    cpu: float = 1
+    gpu: float = 0
+    max_concurrent: int = 0  # 0: as many as resources allow
+    max_failures: int = 1
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def param_space(self) -> dict[str, Any]:
+        """The space as Ray Tune domains (OptunaSearch turns them into Optuna's)."""
+        out = {}
+        for key, dist in self.space.items():
+            (kind, args), = dist.items()
+            if kind == "choice":
+                out[key] = tune.choice(list(args))
+            else:
+                out[key] = getattr(tune, kind)(*args)
+        return out
+
+    def is_log(self, key: str) -> bool:
+        return next(iter(self.space[key])) in ("loguniform", "lograndint")
+
+    def first_point(self, cfg: Config) -> dict[str, Any] | None:
+        """The configuration queued as the first trial, or None."""
+        if self.start_with == "none":
+            return None
+        source = Config() if self.start_with == "authors" else cfg
+        point = {k: getattr(source, k) for k in self.space}
+        for key, value in point.items():
+            (kind, args), = self.space[key].items()
+            inside = value in args if kind == "choice" else args[0] <= value <= args[1]
+            if not inside:
+                raise UserError(f"search.start_with '{self.start_with}' puts {key}={value} outside its space "
+                                f"{self.space[key]}: widen the space or use start_with: none")
+        return point
+
+
+def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:
+    where = f"search.space.{key}"
+    if key not in FIELDS:
+        raise UserError(f"{where}: unknown config key '{key}' (searchable keys are the config keys, e.g. tau1, lambd, lr1)")
+    if key in NOT_SEARCHABLE:
+        raise UserError(f"{where}: '{key}' cannot be searched; set it in the config section")
+    if not isinstance(dist, dict) or len(dist) != 1:
+        raise UserError(f"{where} must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}, e.g. {{loguniform: [0.5, 16]}}")
+    (kind, args), = dist.items()
+    if kind not in DISTRIBUTIONS:
+        raise UserError(f"{where}: unknown distribution '{kind}'; use one of {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(args, list) or not args:
+        raise UserError(f"{where}.{kind} needs a list, e.g. [0.5, 16]")
+    if kind == "choice":
+        values = [coerce(key, v) for v in args]
+    else:
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise UserError(f"{where}.{kind} needs two numbers [low, high], got {args}")
+        low, high = args
+        if not low < high:
+            raise UserError(f"{where}.{kind}: low must be below high, got [{low}, {high}]")
+        if kind.startswith("log") and low <= 0:
+            raise UserError(f"{where}.{kind}: bounds must be > 0 on a log scale, got [{low}, {high}]")
+        if kind.endswith("randint") and not all(float(a).is_integer() for a in args):
+            raise UserError(f"{where}.{kind}: bounds must be integers, got [{low}, {high}]")
+        values = [coerce(key, low), coerce(key, high)]
+        if kind.endswith("randint"):
+            values = [int(low), int(high)]
+    for v in values:  # every end of the range must make a valid config
+        try:
+            from_dict({key: v}, base)
+        except UserError as e:
+            raise UserError(f"{where}: value {v} is not allowed ({e})") from None
+    return {kind: values}
+
+
+def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings:
+    """Validate the `search:` section; every problem is a one-line UserError."""
+    section = dict(section or {})
+    s = SearchSettings()
+    if "space" in section:
+        space = section.pop("space")
+        if not isinstance(space, dict) or not space:
+            raise UserError("search.space must be a mapping of config keys to distributions")
+        s.space = {k: _check_distribution(k, v, base) for k, v in space.items()}
+    else:
+        s.space = {k: _check_distribution(k, v, base) for k, v in DEFAULT_SPACE.items()}
+    nested = {"asha": ("grace_period", "reduction_factor"), "resources": ("cpu", "gpu")}
+    flat: dict[str, Any] = {}
+    for name, keys in nested.items():
+        sub = section.pop(name, None) or {}
+        if not isinstance(sub, dict) or set(sub) - set(keys):
+            raise UserError(f"search.{name} takes {', '.join(keys)}, got {sub}")
+        flat.update(sub)
+    flat.update(section)
+    numbers = {"num_samples": int, "grace_period": int, "reduction_factor": float, "cpu": float, "gpu": float,
+               "max_concurrent": int, "max_failures": int, "checkpoint_every": int, "keep_checkpoints": int,
+               "seed": int}
+    for key, value in flat.items():
+        if key == "start_with":
+            if value not in ("authors", "config", "none", None):
+                raise UserError(f"search.start_with must be authors, config or none, got {value!r}")
+            s.start_with = value or "none"
+        elif key in numbers:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"search.{key} must be a number, got {value!r}")
+            setattr(s, key, numbers[key](value))
+        else:
+            raise UserError(f"search: unknown setting '{key}'")
+    for key in ("num_samples", "grace_period", "checkpoint_every", "keep_checkpoints"):
+        if getattr(s, key) < 1:
+            raise UserError(f"search.{key} must be >= 1, got {getattr(s, key)}")
+    if s.reduction_factor <= 1:
+        raise UserError(f"search.asha.reduction_factor must be > 1, got {s.reduction_factor}")
+    if s.cpu <= 0 or s.gpu < 0 or (s.gpu > 1 and not float(s.gpu).is_integer()):
+        raise UserError(f"search.resources: cpu must be > 0 and gpu >= 0 (fractions only below 1), got cpu={s.cpu} gpu={s.gpu}")
+    if s.max_failures < 0 or s.max_concurrent < 0:
+        raise UserError("search.max_failures and search.max_concurrent must be >= 0")
+    s.first_point(base)
+    return s

@@ -1,0 +1,123 @@
+"""The Ray Tune trainable: both REFILLED stages of one trial.
+
+A function trainable in the style of Ray Tune's examples: it restores from
+`tune.get_checkpoint()`, runs stage 1 then stage 2 on the tuning splits
+(train / validation, never test), and calls `tune.report(metrics,
+checkpoint=...)` every epoch. The teacher's weights and its embedding bank are
+computed once per experiment by the driver and handed to every trial through
+Ray's object store (`tune.with_parameters`), never recomputed in a trial.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+
+from refilled import checkpoint
+from refilled.bank import TeacherBank, teacher_embeddings
+from refilled.config import Config, from_dict
+from refilled.run import load_teacher_state, student_data
+from refilled.runtime import resolve_device
+from refilled.stage1_cache import Stage1Cache, stage1_key
+from refilled.train import Diverged, build_student, global_centers, refilled_epochs
+from refilled.runlog import STAGE_NAMES
+
+STATE_FILE = "state.pt"
+CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"  # fault injection for tests: crash once at this step
+
+
+def _report(metrics: dict[str, Any], snapshot: dict | None = None) -> None:
+    if snapshot is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.save(snapshot, Path(folder) / STATE_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _crash_once_for_tests(step: int) -> None:
+    """Raise once at step N when CRASH_ENV=N (a marker file in the trial folder
+    makes it once): how the tests show a retried trial resumes from its checkpoint."""
+    at = os.environ.get(CRASH_ENV)
+    marker = Path(tune.get_context().get_trial_dir()) / "crashed_once"
+    if at and int(at) == step and not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"injected crash at step {step} ({CRASH_ENV})")
+
+
+def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dict[str, Any],
+                   bank: np.ndarray | None, centers: np.ndarray | None, cache_dir: str | None, checkpoint_every: int = 1,
+                   teacher_id: str = "") -> None:
+    """One trial. `params` are the searched values; `base` the experiment's config."""
+    cfg: Config = from_dict(params, Config(**{**base, "point": tuple(base["point"])}))
+    cfg = cfg.replace(flag_tuning=True, device="auto")  # searching never sees the test split
+    torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
+    device = resolve_device("auto")  # CUDA exactly when Ray gave this trial a GPU
+    data = student_data(cfg, device)
+    teacher_net = load_teacher_state(teacher, cfg, data)
+    lookup = TeacherBank(bank).to(device) if bank is not None else None
+    fn = teacher_embeddings(teacher_net, lookup)
+    if cfg.centers == "global":  # computed once by the driver; recomputed only if absent
+        centers = (torch.tensor(np.array(centers), device=device) if centers is not None
+                   else global_centers(teacher_net, lookup, data))
+    else:
+        centers = None
+    student = build_student(cfg, data)
+    total = cfg.n_training_epochs1 + cfg.n_training_epochs2
+
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            resume = checkpoint.load(Path(folder) / STATE_FILE, "trial checkpoint")
+
+    cache = Stage1Cache(cache_dir) if cache_dir and cfg.n_training_epochs1 > 0 else None
+    key = stage1_key(cfg, teacher_id) if cache else None
+    if cache and resume is None:
+        hit = cache.lookup(key)
+        if hit is None:
+            with cache.computing(key):
+                hit = cache.lookup(key)
+                if hit is None:  # this trial computes stage 1 and shares it
+                    hit = _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total)
+        else:
+            for record in hit["history"]:  # replay: ASHA sees the same epochs it would have
+                _report({**record, "stage1_cache": "hit"})
+        resume = hit["snapshot"]
+
+    step = 0
+    try:
+        for epoch in refilled_epochs(cfg, data, student, fn, centers, resume):
+            _crash_once_for_tests(epoch.step)
+            step = epoch.step
+            last = step == total
+            _report(_metrics(epoch, total), epoch.snapshot() if last or step % checkpoint_every == 0 else None)
+    except Diverged as e:  # end this trial, recorded as diverged; the search goes on
+        tune.report({"diverged": 1, "diverged_reason": str(e), "val_accuracy": 0.0, "step": step + 1,
+                     "total_steps": total})
+
+
+def _metrics(epoch, total: int) -> dict[str, Any]:
+    return {"stage": STAGE_NAMES[epoch.stage], "stage_epoch": epoch.epoch, "step": epoch.step,
+            "total_steps": total, "diverged": 0, **epoch.metrics}
+
+
+def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total) -> dict:
+    """Run stage 1 (reporting every epoch as usual), then store it for other trials."""
+    history, snapshot = [], None
+    for epoch in refilled_epochs(cfg, data, student, fn, centers):
+        _crash_once_for_tests(epoch.step)
+        metrics = _metrics(epoch, total)
+        history.append(metrics)
+        snapshot = epoch.snapshot()
+        _report({**metrics, "stage1_cache": "miss"}, snapshot if epoch.step % checkpoint_every == 0 else None)
+        if epoch.epoch == cfg.n_training_epochs1:
+            break  # stage 1 is done; stage 2 resumes from the snapshot
+    cache.store(key, snapshot, history)
+    return {"snapshot": snapshot, "history": history}
