@@ -20,6 +20,9 @@ from refilled.errors import UserError
 
 EXPERIMENT_FILE = "experiment.yaml"
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
+# Trials rank by their best stage-2 validation accuracy; ties (small validation
+# sets make many) go to the one that ended higher, then to the better embedding.
+RANKING = ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm_stage1"]
 
 
 def is_experiment(folder: str | Path) -> bool:
@@ -99,7 +102,7 @@ def load_trials(folder: str | Path, running: bool = False) -> pd.DataFrame:
     table = pd.DataFrame.from_records(records)
     if table.empty:
         return table
-    return table.sort_values("best_val_accuracy_stage2", ascending=False, na_position="last").reset_index(drop=True)
+    return table.sort_values(RANKING, ascending=False, na_position="last").reset_index(drop=True)
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:
@@ -108,7 +111,7 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
     if reached.empty:
         raise UserError("no trial of this experiment reached stage 2, so there is no stage-2 validation "
                         "accuracy to choose by: run a longer search (more samples or a larger grace_period)")
-    return reached.sort_values("best_val_accuracy_stage2", ascending=False).iloc[0]
+    return reached.sort_values(RANKING, ascending=False).iloc[0]
 
 
 def trial_config(folder: str | Path, trial: pd.Series) -> Config:

@@ -32,6 +32,7 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
     for action in p._actions:  # --config is optional with --resume: checked in cmd_search
         if action.dest == "config":
             action.required = False
+    add_retrain_command(sub)
 
 
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
@@ -61,4 +62,36 @@ def cmd_search(args: argparse.Namespace, config_from_args) -> int:
         name = args.name or Path(args.config).stem
     run_search(cfg, section, name=name, storage=args.storage, address=args.address, resume=args.resume,
                teacher=args.teacher)
+    return 0
+
+
+def add_retrain_command(sub) -> None:
+    p = sub.add_parser(
+        "retrain", help="retrain the best configuration on train+validation and test it",
+        description="Retrain an experiment's best configuration (stage-2 validation accuracy among trials "
+                    "that reached stage 2) with flag_tuning off: train + validation, the full epoch budget, "
+                    "the experiment's teacher, N seeds. The model each run ends with is tested once on the "
+                    "test split. With the baseline (default) the student alone (cross-entropy, same epochs, "
+                    "same seeds) is trained too. Writes results.json and summary.md.")
+    p.add_argument("--experiment", required=True, metavar="PATH", help="experiment folder made by `search`")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default <experiment>/retrain)")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--trial", metavar="ID", help="retrain this trial's configuration instead of the best")
+    choice.add_argument("--config", metavar="FILE", help="retrain this config file instead")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train the student alone for comparison (default: on)")
+    p.add_argument("--force", action="store_true", help="replace results already in --out")
+    p.add_argument("--address", help="Ray cluster to run the seeds on as tasks ('auto' or host:port)")
+    p.set_defaults(run=cmd_retrain)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from refilled.final import markdown
+    from refilled.tune.retrain import retrain
+
+    results = retrain(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial, config=args.config,
+                      baseline=args.baseline, force=args.force, address=args.address)
+    print(markdown(results))
+    print(f"wrote {Path(args.out or Path(args.experiment) / 'retrain')}/results.json and summary.md")
     return 0

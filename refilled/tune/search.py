@@ -211,7 +211,7 @@ def summarise(folder: Path) -> pd.DataFrame:
     with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.4g}".format):
         print(f"\n{len(trials)} trials, best stage-2 validation accuracy first "
               f"({', '.join(f'{n} {s}' for s, n in trials['status'].value_counts().items())}):")
-        print(shown.to_string(index=False))
+        print(shown.to_string(index=False, na_rep="-"))
     path, cfg, best = write_best_config(folder, trials)
     print(f"\nbest config ({best['trial_id']}, stage-2 val accuracy {best['best_val_accuracy_stage2']:.4f}) "
           f"written to {path}:")
