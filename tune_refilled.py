@@ -64,6 +64,8 @@ def config_from_args(args: argparse.Namespace):
 
 def fresh_folder(path: Path, force: bool = False) -> Path:
     """Refuse to write into a folder that already holds files (unless --force)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a folder: choose another --out")
     if path.exists() and any(path.iterdir()) and not force:
         raise UserError(f"{path} already exists and is not empty: choose another --out or pass --force")
     path.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise UserError(f"{what} {path} is not a plain weights file and was refused ({first[:120]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # damaged bytes surface as many types (KeyError, IndexError, RuntimeError, ...)
         raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({type(e).__name__}): "
                         "recreate it") from None
     if not isinstance(obj, dict):

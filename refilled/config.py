@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def coerce(key: str, value: Any) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # `--flag_merge 1` arrives as YAML int 1
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise bad
@@ -130,9 +133,12 @@ def coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool):
             raise bad
         try:
-            return float(value)
+            value = float(value)
         except (TypeError, ValueError):
             raise bad from None
+        if not math.isfinite(value):  # nan slips through every range check below
+            raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
+        return value
     if kind == "tuple[int, ...]":
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split()]

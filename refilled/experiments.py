@@ -117,8 +117,14 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
 def trial_config(folder: str | Path, trial: pd.Series) -> Config:
     """The experiment's config with one trial's searched values applied."""
     cfg, _ = experiment_config(folder)
-    params = {k.split("/", 1)[1]: v for k, v in trial.items() if k.startswith("config/") and _present(v)}
+    params = {k.split("/", 1)[1]: _plain(v) for k, v in trial.items() if k.startswith("config/") and _present(v)}
     return from_dict(params, cfg)
+
+
+def _plain(v: Any) -> Any:
+    """A Python value for a table cell: pandas hands out numpy scalars (np.True_,
+    np.int64), which the config's type checks rightly refuse."""
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
 
 
 def _present(v: Any) -> bool:
