@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from refilled.errors import UserError
+from refilled.errors import Diverged, UserError
 
 EXAMPLES = """examples:
   python tune_refilled.py train --config search_spaces/digits.yaml
@@ -63,21 +63,21 @@ def config_from_args(args: argparse.Namespace):
 
 
 def fresh_folder(path: Path, force: bool = False) -> Path:
-    """Refuse to write into a folder that already holds files (unless --force)."""
+    """Refuse a folder that already holds files (unless --force). The folder is made
+    by whatever writes the first file, so a run refused later leaves nothing behind."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is not a folder: choose another --out")
     if path.exists() and any(path.iterdir()) and not force:
         raise UserError(f"{path} already exists and is not empty: choose another --out or pass --force")
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 # ----------------------------------------------------------------------------- pretrain
 
 def cmd_pretrain(args) -> int:
+    cfg, _ = config_from_args(args)  # before importing torch: bad input is reported at once
     from refilled.run import pretrain
 
-    cfg, _ = config_from_args(args)
     out = Path(args.out) if args.out else None
     path, metrics = pretrain(cfg, out, force=args.force)
     print(f"teacher saved to {path}; test accuracy on the source task: {metrics['test_accuracy']:.4f}")
@@ -89,10 +89,10 @@ def cmd_pretrain(args) -> int:
 def cmd_train(args) -> int:
     import time
 
+    cfg, _ = config_from_args(args)  # before importing torch: bad input is reported at once
+    out = fresh_folder(Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"), args.force)
     from refilled.run import train_once
 
-    cfg, _ = config_from_args(args)
-    out = fresh_folder(Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"), args.force)
     summary = train_once(cfg, out, teacher_path=args.teacher)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"wrote {out}/metrics.json, {out}/student.pt and TensorBoard events (tensorboard --logdir {out})")
@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:  # the config's fault, said in one line
+        print(f"error: {e}; lower the learning rates (lr1, lr2) or loss weights (lambd, loss_scale1)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -88,7 +88,9 @@ class TeacherBank:
 
     def unaugmented(self, identity_variant: int) -> torch.Tensor:
         """(N, D) float embeddings of the unaugmented training images."""
-        return torch.as_tensor(np.asarray(self.embeddings[:, identity_variant])).float()
+        if torch.is_tensor(self.embeddings):
+            return self.embeddings[:, identity_variant].float()
+        return torch.from_numpy(np.array(self.embeddings[:, identity_variant], dtype=np.float32))
 
 
 TeacherEmbeddings = Callable[[Batch], torch.Tensor]

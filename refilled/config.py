@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +195,8 @@ def validate(cfg: Config) -> Config:
         if net == "resnet" and (depth < 8 or (depth - 2) % 6 not in (0, 2)):
             raise UserError(f"config key '{prefix}depth': resnet depth must be 6n+2 or 6n+4 "
                             f"(16, 20, 32, 56, 110, ...), got {depth}")
-    if list(cfg.point) != sorted(cfg.point) or any(p < 1 for p in cfg.point):
-        raise UserError(f"config key 'point' must be increasing epochs >= 1, got {list(cfg.point)}")
+    if any(b <= a for a, b in zip(cfg.point, cfg.point[1:])) or any(p < 1 for p in cfg.point):
+        raise UserError(f"config key 'point' must be strictly increasing epochs >= 1, got {list(cfg.point)}")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"config key 'val_fraction' must be in (0, 1), got {cfg.val_fraction}")
     if cfg.shots is not None and cfg.shots < 1:

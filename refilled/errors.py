@@ -9,3 +9,7 @@ exit code 2, with no traceback.
 
 class UserError(Exception):
     """Bad input the user can fix; its message is one line."""
+
+
+class Diverged(RuntimeError):
+    """A training loss became NaN or infinite; the run cannot go on."""

@@ -87,7 +87,7 @@ def load_teacher_state(ckpt: dict[str, Any], cfg: Config, data: DeviceTask, path
         raise UserError(f"teacher checkpoint {path} was trained on {ckpt.get('data_name')} classes "
                         f"{_short(ckpt.get('classes', []))}, but the config's source classes are "
                         f"{cfg.data_name} {_short(teacher_task_classes(cfg))}: pretrain a teacher for this config")
-    teacher = build_teacher(cfg, data_with_classes(data, len(ckpt["classes"])))
+    teacher = build_teacher(cfg, data, n_classes=len(ckpt["classes"]))
     try:
         teacher.load_state_dict(ckpt["model"])
     except RuntimeError:
@@ -100,15 +100,6 @@ def load_teacher_state(ckpt: dict[str, Any], cfg: Config, data: DeviceTask, path
 
 def teacher_task_classes(cfg: Config) -> list[int]:
     return teacher_task(source_for(cfg), cfg).classes
-
-
-def data_with_classes(data: DeviceTask, n_classes: int) -> DeviceTask:
-    """A view of `data` that reports another class count (to build a teacher for
-    the source task while holding the student's images)."""
-    class _View:
-        def __getattr__(self, name):
-            return n_classes if name == "n_classes" else getattr(data, name)
-    return _View()  # type: ignore[return-value]
 
 
 def _short(classes) -> str:

@@ -21,16 +21,13 @@ from refilled import evaluate
 from refilled.bank import TeacherBank, TeacherEmbeddings
 from refilled.config import Config
 from refilled.data.device import DeviceTask
+from refilled.errors import Diverged  # noqa: F401  (raised here, imported from here by callers)
 from refilled.losses import class_centers
 from refilled.method import CrossEntropy, LocalClassifierDistillation, RelationMatching
 from refilled.networks import Network, build_network
 from refilled.runtime import autocast, epoch_generator, prepare_model
 
 TEACHER, STAGE1, STAGE2 = 0, 1, 2
-
-
-class Diverged(RuntimeError):
-    """A training loss became NaN or infinite; the run cannot go on."""
 
 
 @dataclass
@@ -57,10 +54,12 @@ def build_student(cfg: Config, data: DeviceTask) -> Network:
     return prepare_model(net, data.device)
 
 
-def build_teacher(cfg: Config, data: DeviceTask) -> Network:
+def build_teacher(cfg: Config, data: DeviceTask, n_classes: int | None = None) -> Network:
+    """The teacher for images like `data`'s; n_classes defaults to data's (the
+    source task when pretraining; a loaded teacher's own count otherwise)."""
     channels, side = _image_shape(data)
     torch.manual_seed(cfg.seed)
-    net = build_network(cfg.teacher_network_name, data.n_classes, depth=cfg.teacher_depth,
+    net = build_network(cfg.teacher_network_name, n_classes or data.n_classes, depth=cfg.teacher_depth,
                         width=cfg.teacher_width, ca=cfg.teacher_ca, dropout_rate=cfg.teacher_dropout_rate,
                         in_channels=channels, image_size=side)
     return prepare_model(net, data.device)

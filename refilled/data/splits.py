@@ -66,8 +66,8 @@ def parse_positions(spec: str, n: int, key: str) -> list[int]:
     out: set[int] = set()
     try:
         for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            a, b = int(lo), int(hi) if hi else int(lo)
+            lo, dash, hi = part.strip().partition("-")
+            a, b = int(lo), int(hi) if dash else int(lo)  # "1-" is an error, not "1"
             if b < a:
                 raise ValueError
             out.update(range(a, b + 1))

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny digits config and one pretrained tiny teacher per session.
+
+Everything runs on the CPU with two threads; the tiny config trains a
+WRN-10-1 teacher on digits 0-4 and a WRN-10-1 student on digits 5-9 with 10
+shots a class (50 training images), so a whole REFILLED run takes about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning. Set before torch loads its OpenMP
+# runtime: on a busy two-core machine spinning threads slow these tiny runs 10-40x.
+# (Subprocesses started by the tests inherit it.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `pytest` run without `python -m`
+    sys.path.insert(0, str(REPO))
+
+from refilled.config import Config  # noqa: E402
+
+torch.set_num_threads(2)
+
+# The tiny setting as Config keyword arguments (tests derive variants with
+# make_tiny_config(**changes)); the CLI tests get it as a YAML file (`tiny_yaml`).
+TINY = dict(
+    data_name="digits",
+    source_classes="0-4",
+    target_classes="5-9",
+    shots=10,
+    val_fraction=0.3,
+    teacher_network_name="wide_resnet",
+    teacher_depth=10,
+    teacher_width=1,
+    teacher_epochs=2,
+    teacher_batch_size=64,
+    student_network_name="wide_resnet",
+    depth=10,
+    width=1,
+    n_training_epochs1=2,
+    n_training_epochs2=3,
+    point=(2,),
+    batch_size=16,
+    lr1=0.05,
+    lr2=0.05,
+    tau1=4.0,
+    tau2=2.0,
+    lambd=1.0,
+    device="cpu",
+)
+
+
+def make_tiny_config(**changes) -> Config:
+    return Config(**TINY).replace(**changes)
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """A fresh tiny Config (a new object per test: Config is mutable)."""
+    return make_tiny_config()
+
+
+@pytest.fixture(scope="session")
+def teacher_path(tmp_path_factory) -> Path:
+    """A teacher pretrained once per session with the tiny config (2 epochs)."""
+    from refilled.run import pretrain
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    out, metrics = pretrain(make_tiny_config(), path, progress=False)
+    assert out == path and path.is_file()
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_yaml(tmp_path_factory) -> Path:
+    """The tiny config as an experiment file with a `config:` section."""
+    import yaml
+
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+    path.write_text(yaml.safe_dump({"config": values}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
