@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from refilled.config import Config, from_dict, load_experiment
 from refilled.errors import UserError
 
 EXPERIMENT_FILE = "experiment.yaml"
+TRIAL_ID = re.compile(r"^[A-Za-z_]*?_([0-9a-f]{5,})_")  # Ray's trial folder: <trainable>_<id>_<n>_...
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation
 # sets make many) go to the one that ended higher, then to the better embedding.
@@ -80,9 +82,8 @@ def load_trials(folder: str | Path, running: bool = False) -> pd.DataFrame:
     for trial_folder in _trial_folders(folder):
         params = json.loads((trial_folder / "params.json").read_text())
         rows = read_results(trial_folder)
-        if not rows:
-            continue
-        trial_id = rows[-1].get("trial_id", trial_folder.name)
+        named = TRIAL_ID.search(trial_folder.name)  # a trial that never reported is still a trial
+        trial_id = rows[-1].get("trial_id") if rows else (named.group(1) if named else trial_folder.name)
         s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1" and "val_accuracy" in r]
         s2 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage2" and "val_accuracy" in r]
         status = _status(rows, trial_folder, running)
@@ -93,10 +94,10 @@ def load_trials(folder: str | Path, running: bool = False) -> pd.DataFrame:
             "stopped_at": epochs if status == "stopped" else None,
             "best_val_ncm_stage1": max(s1) if s1 else None, "last_val_ncm_stage1": s1[-1] if s1 else None,
             "best_val_accuracy_stage2": max(s2) if s2 else None, "last_val_accuracy_stage2": s2[-1] if s2 else None,
-            "reached_stage2": bool(s2), "wall_time_s": rows[-1].get("time_total_s"),
-            "diverged_reason": rows[-1].get("diverged_reason"),
+            "reached_stage2": bool(s2), "wall_time_s": rows[-1].get("time_total_s") if rows else None,
+            "diverged_reason": rows[-1].get("diverged_reason") if rows else None,
             "stage1_cache": next((r["stage1_cache"] for r in rows if "stage1_cache" in r), None),
-            "node": rows[-1].get("node_ip"), "folder": str(trial_folder),
+            "node": rows[-1].get("node_ip") if rows else None, "folder": str(trial_folder),
             **{f"config/{k}": v for k, v in params.items()},
         })
     table = pd.DataFrame.from_records(records)

@@ -1,0 +1,219 @@
+"""Shared loading for the analysis scripts: experiments, trials, curves, search spaces.
+
+Everything is read from the experiment folder that `tune_refilled.py search`
+writes (layout in refilled/tune/search.py); no Ray is needed. Trials come from
+refilled.experiments.load_trials (the same table as the search's trials.csv),
+with the searched values as plain columns (`tau1`, not `config/tau1`), and
+trial folders that never reported an epoch added as rows of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python analysis/x.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+import pandas as pd  # noqa: E402
+
+from refilled.config import Config  # noqa: E402
+from refilled.errors import UserError  # noqa: E402
+from refilled.experiments import EXPERIMENT_FILE, experiment_config, load_trials, read_results  # noqa: E402
+
+STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
+METRIC = "best_val_accuracy_stage2"  # the final metric of a trial (what the search ranks by)
+LOG_KINDS = ("loguniform", "lograndint")
+_TRIAL_INDEX = re.compile(r"_([0-9a-f]{8})_(\d+)_")  # refilled_trial_<id>_<n>_<params>_<date>
+
+
+@dataclass
+class Experiment:
+    """One experiment folder, read once."""
+
+    folder: Path
+    label: str  # the experiment column: the folder name (parent/name if two share a name)
+    config: Config
+    data: dict[str, Any]  # experiment.yaml as written by `search`
+    space: dict[str, dict[str, list]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def total_epochs(self) -> int:
+        return self.config.n_training_epochs1 + self.config.n_training_epochs2
+
+    @property
+    def searched(self) -> list[str]:
+        return list(self.space)
+
+    def is_log(self, param: str) -> bool:
+        dist = self.space.get(param) or {}
+        return bool(dist) and next(iter(dist)) in LOG_KINDS
+
+    def is_categorical(self, param: str) -> bool:
+        dist = self.space.get(param) or {}
+        return bool(dist) and next(iter(dist)) == "choice"
+
+    def asha_rungs(self) -> list[int]:
+        """The steps where ASHA compares trials (Ray's ASHAScheduler milestones)."""
+        asha = (self.data.get("search") or {}).get("asha") or {}
+        grace, rf = asha.get("grace_period"), asha.get("reduction_factor")
+        if not grace or not rf or rf <= 1:
+            return []
+        grace = min(int(grace), self.total_epochs)
+        rungs, k = [], 0
+        while grace * rf ** k < self.total_epochs:
+            rungs.append(int(grace * rf ** k))
+            k += 1
+        return rungs
+
+
+def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
+    """The experiments at these folders; a folder that is not one is a UserError."""
+    folders = []
+    for p in paths:
+        folder = Path(p).expanduser().resolve()
+        experiment_config(folder)  # refuses a folder without experiment.yaml, in one line
+        if folder not in folders:
+            folders.append(folder)
+    if not folders:
+        raise UserError("no experiment given: pass one or more experiment folders, e.g. experiments/digits")
+    names = [f.name for f in folders]
+    out = []
+    for folder in folders:
+        label = folder.name if names.count(folder.name) == 1 else f"{folder.parent.name}/{folder.name}"
+        cfg, data = experiment_config(folder)
+        space = (data.get("search") or {}).get("space") or {}
+        out.append(Experiment(folder, label, cfg, data, dict(space)))
+    return out
+
+
+def _trial_index(folder: Path) -> int | None:
+    m = _TRIAL_INDEX.search(folder.name)
+    return int(m.group(2)) if m else None
+
+
+def _times(rows: list[dict]) -> tuple[float | None, float | None]:
+    """(start, end) of a trial as unix times, from its result rows."""
+    if not rows:
+        return None, None
+    end = rows[-1].get("timestamp")
+    first = rows[0]
+    start = first.get("timestamp", 0) - first.get("time_this_iter_s", 0) if "timestamp" in first else None
+    return start, end
+
+
+def trials(exp: Experiment) -> pd.DataFrame:
+    """One row per trial folder of an experiment (refilled.experiments.load_trials;
+    trials that never reported are there too, with 0 epochs).
+
+    Adds: trial (Ray's trial number, the order trials were started), start_time and
+    end_time (unix seconds), searched values without the `config/` prefix.
+    """
+    table = load_trials(exp.folder)
+    if table.empty:
+        return table
+    table["experiment"] = exp.label
+    table["trial_id"] = table["trial_id"].astype(str)
+    table["trial"] = [_trial_index(Path(f)) for f in table["folder"]]
+    starts, ends = zip(*(_times(read_results(Path(f))) for f in table["folder"]))
+    table["start_time"], table["end_time"] = list(starts), list(ends)
+    table["stopped_at"] = pd.to_numeric(table["stopped_at"], errors="coerce").astype("Int64")
+    for col in [c for c in table.columns if str(c).startswith("config/")]:
+        name = col.split("/", 1)[1]
+        table = table.rename(columns={col: name if name not in table.columns else col})
+    return table
+
+
+def all_trials(experiments: list[Experiment]) -> pd.DataFrame:
+    frames = [trials(e) for e in experiments]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def curves(experiments: list[Experiment]) -> pd.DataFrame:
+    """Long table of every reported epoch: experiment, trial_id, step, stage, val_accuracy, status.
+
+    A diverged trial's last row (its `diverged` report) is left out of the curve.
+    """
+    records = []
+    for exp in experiments:
+        table = trials(exp)
+        for _, t in table.iterrows():
+            for r in read_results(Path(t["folder"])):
+                if r.get("diverged") or "val_accuracy" not in r:
+                    continue
+                records.append({"experiment": exp.label, "trial_id": t["trial_id"], "status": t["status"],
+                                "step": r.get("step"), "stage": r.get("stage"), "val_accuracy": r["val_accuracy"],
+                                "time_total_s": r.get("time_total_s")})
+    columns = ["experiment", "trial_id", "status", "step", "stage", "val_accuracy", "time_total_s"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def retrain_results(exp: Experiment) -> dict[str, Any] | None:
+    """<exp>/retrain/results.json if the final retrain ran, else None."""
+    path = exp.folder / "retrain" / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
+    """A GitHub markdown table (no `tabulate` needed)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        cells = []
+        for v in row:
+            try:
+                missing = pd.isna(v)
+            except (TypeError, ValueError):
+                missing = False
+            cells.append("-" if missing is True else fmt(v, digits).replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def out_dir(path: str | Path) -> Path:
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file: pass a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_cli(main, argv: list[str] | None = None) -> int:
+    """Run a script's main: bad input is one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["Experiment", "open_experiments", "trials", "all_trials", "curves", "retrain_results", "markdown_table",
+           "out_dir", "run_cli", "fmt", "METRIC", "STATUS_ORDER", "EXPERIMENT_FILE", "UserError"]

@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""Plots of one or more tune-refilled experiments (matplotlib, PNG).
+
+  curves.png      validation accuracy of every trial over steps (stage-1 NCM, then
+                  stage-2 classifier), stage boundary and ASHA rungs marked,
+                  stopped trials grey and dashed with an x where ASHA stopped them;
+                  one panel per experiment
+  params.png      each searched parameter against the final metric (best stage-2
+                  validation accuracy); log x axis where the space is log,
+                  categorical parameters as strip plots
+  importance.png  parameter importance from each experiment's Optuna study
+                  (optuna.importance.get_param_importances, fANOVA; sums to 1)
+  efficiency.png  best-so-far stage-2 validation accuracy against the epochs the
+                  search had spent (trials in completion order)
+
+examples:
+  python analysis/plot_trials.py experiments/digits --out reports/digits
+  python analysis/plot_trials.py experiments/digits experiments/digits-wide --out reports/both
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import zlib
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,  # noqa: E402
+                             out_dir, run_cli)
+
+STATUS_STYLE = {  # how each status is drawn in curves.png
+    "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),
+    "stopped": dict(linestyle="--", color="0.6", alpha=0.8, linewidth=1.0),
+    "diverged": dict(linestyle=":", color="tab:red", alpha=0.9, linewidth=1.2),
+    "errored": dict(linestyle=":", color="tab:orange", alpha=0.9, linewidth=1.2),
+    "running": dict(linestyle="-.", color="tab:purple", alpha=0.8, linewidth=1.0),
+}
+MARKER = {"finished": "o", "stopped": "x", "diverged": "v", "errored": "s", "running": "^"}
+DPI = 110
+
+
+def _experiments(experiments) -> list[Experiment]:
+    if isinstance(experiments, (str, Path, Experiment)):
+        experiments = [experiments]
+    given = list(experiments)
+    return given if given and all(isinstance(e, Experiment) for e in given) else open_experiments(given)
+
+
+def _best(table: pd.DataFrame) -> pd.Series | None:
+    reached = table[table[METRIC].notna() & (table["status"] != "diverged")]
+    if reached.empty:
+        return None
+    return reached.sort_values([METRIC, "last_val_accuracy_stage2", "best_val_ncm_stage1"], ascending=False).iloc[0]
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    return path
+
+
+def _grid(n: int, max_cols: int = 3, size: tuple[float, float] = (5.0, 3.8)):
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+# ----------------------------------------------------------------------------- (1) curves
+
+def plot_curves(experiments, path: str | Path) -> pd.DataFrame:
+    """curves.png: every trial's validation accuracy per step; returns the long table plotted."""
+    experiments = _experiments(experiments)
+    data = curves(experiments)
+    fig, axes = _grid(len(experiments), max_cols=2, size=(7.0, 4.5))
+    for ax, exp in zip(axes, experiments):
+        table = all_trials([exp])
+        best = _best(table) if not table.empty else None
+        e1 = exp.config.n_training_epochs1
+        rows = data[data["experiment"] == exp.label]
+        colours = plt.get_cmap("tab10")
+        finished_n = 0
+        for _, trial in table.iterrows():
+            points = rows[rows["trial_id"] == trial["trial_id"]].sort_values("step")
+            status = trial["status"]
+            style = dict(STATUS_STYLE.get(status, STATUS_STYLE["running"]))
+            if status == "finished":
+                style["color"] = colours(finished_n % 10)
+                finished_n += 1
+            is_best = best is not None and trial["trial_id"] == best["trial_id"]
+            if is_best:
+                style.update(color="black", linewidth=2.4, alpha=1.0, linestyle="-", zorder=5)
+            if points.empty:
+                continue
+            ax.plot(points["step"], points["val_accuracy"], **style)
+            if status != "finished":  # where the trial ended
+                ax.plot(points["step"].iloc[-1], points["val_accuracy"].iloc[-1], marker=MARKER.get(status, "o"),
+                        color=style.get("color", "0.4"), markersize=7, markeredgewidth=1.8, linestyle="none", zorder=6)
+            if is_best:
+                ax.annotate(f"best {trial['trial_id']}", (points["step"].iloc[-1], points["val_accuracy"].iloc[-1]),
+                            textcoords="offset points", xytext=(-8, 6), ha="right", fontsize=8)
+        for rung in exp.asha_rungs():
+            ax.axvline(rung, color="0.75", linestyle=":", linewidth=1)
+        if 0 < e1 < exp.total_epochs:
+            ax.axvline(e1 + 0.5, color="tab:blue", linestyle="-", linewidth=1.2, alpha=0.7)
+            ax.text(e1 + 0.5, 1.01, " stage 2 ", transform=ax.get_xaxis_transform(), ha="left", va="bottom",
+                    fontsize=8, color="tab:blue")
+            ax.text(e1 + 0.5, 1.01, " stage 1 ", transform=ax.get_xaxis_transform(), ha="right", va="bottom",
+                    fontsize=8, color="tab:blue")
+        counts = table["status"].value_counts() if not table.empty else {}
+        summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+        ax.set_title(f"{exp.label}: {len(table)} trials ({summary})", fontsize=10, pad=14)
+        ax.set_xlim(0.5, exp.total_epochs + 0.5)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("step (epochs over both stages)")
+        ax.set_ylabel("validation accuracy\n(stage 1: NCM, stage 2: classifier)")
+        ax.grid(alpha=0.25)
+    handles = [Line2D([], [], color="tab:blue", **{k: v for k, v in STATUS_STYLE["finished"].items()}, label="finished"),
+               Line2D([], [], marker="x", **STATUS_STYLE["stopped"], label="stopped by ASHA (x: stop)"),
+               Line2D([], [], color="black", linewidth=2.4, label="best trial"),
+               Line2D([], [], color="tab:blue", linewidth=1.2, alpha=0.7, label="stage boundary"),
+               Line2D([], [], color="0.75", linestyle=":", label="ASHA rung")]
+    if (data["status"] == "diverged").any():
+        handles.append(Line2D([], [], marker="v", **STATUS_STYLE["diverged"], label="diverged"))
+    if (data["status"] == "errored").any():
+        handles.append(Line2D([], [], marker="s", **STATUS_STYLE["errored"], label="errored"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.04))
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _save(fig, Path(path))
+    return data
+
+
+# ----------------------------------------------------------------------------- (2) parameters
+
+def _jitter(trial_id) -> float:
+    return (zlib.crc32(str(trial_id).encode()) % 1000 / 1000 - 0.5) * 0.3
+
+
+def plot_params(experiments, path: str | Path) -> pd.DataFrame:
+    """params.png: each searched parameter against the best stage-2 validation accuracy.
+    Returns one row per trial: experiment, trial_id, status, the parameters, the metric
+    (attrs["xscale"]: each parameter's x axis, "log", "linear" or "categorical")."""
+    experiments = _experiments(experiments)
+    table = all_trials(experiments)
+    params: list[str] = []
+    for e in experiments:
+        params += [p for p in e.searched if p not in params and p in table.columns]
+    if not params:
+        raise UserError("the experiments have no searched parameters (search.space in experiment.yaml)")
+    fig, axes = _grid(len(params))
+    colours = {e.label: plt.get_cmap("tab10")(i % 10) for i, e in enumerate(experiments)}
+    scales: dict[str, str] = {}
+    for ax, param in zip(axes, params):
+        owners = [e for e in experiments if param in e.space]
+        log = any(e.is_log(param) for e in owners)
+        categorical = any(e.is_categorical(param) for e in owners)
+        rows = table[table["experiment"].isin([e.label for e in owners])]
+        with_metric = rows[rows[METRIC].notna()]
+        categories = sorted({str(v) for v in rows[param].dropna()}) if categorical else []
+        for exp in owners:
+            mine = with_metric[with_metric["experiment"] == exp.label]
+            for status, marker_face in (("finished", None), ("stopped", "none"), ("diverged", None), ("errored", None)):
+                part = mine[mine["status"] == status]
+                if part.empty:
+                    continue
+                if categorical:  # a strip plot: category position plus a small jitter fixed per trial
+                    x = np.array([categories.index(str(v)) + _jitter(t) for v, t in zip(part[param],
+                                                                                       part["trial_id"])])
+                else:
+                    x = part[param].astype(float).to_numpy()
+                colour = colours[exp.label]
+                ax.scatter(x, part[METRIC], marker=MARKER.get(status, "o") if status != "stopped" else "o",
+                           s=36, facecolors=colour if marker_face is None else "none", edgecolors=colour,
+                           alpha=0.85, linewidths=1.2,
+                           label=f"{exp.label}: {status}" if len(experiments) > 1 else status)
+            best = _best(rows[rows["experiment"] == exp.label])
+            if best is not None and not pd.isna(best[param]):
+                bx = (categories.index(str(best[param])) + _jitter(best["trial_id"]) if categorical
+                      else float(best[param]))
+                ax.scatter([bx], [best[METRIC]], marker="*", s=240, color="gold", zorder=5, linewidths=1.5,
+                           edgecolors="black" if len(experiments) == 1 else colours[exp.label],
+                           label="best" if exp is owners[0] else None)
+        if categorical:
+            ax.set_xticks(range(len(categories)), categories)
+            ax.set_xlim(-0.5, len(categories) - 0.5)
+        elif log:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        bounds = [next(iter(e.space[param].values())) for e in owners]
+        if not categorical and bounds:
+            low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+            pad = (high / low) ** 0.04 if log else None
+            ax.set_xlim(low / pad, high * pad) if log else ax.set_xlim(low - 0.04 * (high - low),
+                                                                        high + 0.04 * (high - low))
+        scales[param] = "categorical" if categorical else ax.get_xscale()
+        kind = next(iter(owners[0].space[param]))
+        ax.set_title(f"{param} ({kind})", fontsize=10)
+        ax.set_xlabel(param + (" (log scale)" if log and not categorical else ""))
+        ax.set_ylabel("best stage-2 val accuracy")
+        ax.grid(alpha=0.25, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    seen = {}
+    for h, lab in zip(handles, labels):
+        seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=min(len(seen), 6), fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, -0.03))
+    missing = int(table[METRIC].isna().sum())
+    fig.suptitle("searched parameters against the final metric (hollow: stopped by ASHA)" +
+                 (f"\n{missing} trial(s) stopped before stage 2 have no stage-2 accuracy and are not shown"
+                  if missing else ""), fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, Path(path))
+    shown = table[["experiment", "trial_id", "status", *params, METRIC]].reset_index(drop=True)
+    shown.attrs["xscale"] = scales  # {param: "log" | "linear" | "categorical"}: the x axis each panel got
+    return shown
+
+
+# ----------------------------------------------------------------------------- (3) importance
+
+def importances(exp: Experiment, seed: int = 0) -> pd.DataFrame:
+    """Optuna's parameter importances (fANOVA, normalised: they sum to 1) of the
+    experiment's study (<exp>/optuna.db, study name = the folder name).
+    Columns: experiment, param, importance, trials (the finished trials it used); largest first."""
+    import optuna
+
+    db = exp.folder / "optuna.db"
+    if not db.is_file():
+        raise UserError(f"{exp.folder} has no optuna.db: parameter importance needs the search's Optuna study")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{db}"
+    names = optuna.get_all_study_names(storage)
+    name = exp.name if exp.name in names else (names[0] if len(names) == 1 else None)
+    if name is None:
+        raise UserError(f"{db} has no study named {exp.name} (it has: {', '.join(names) or 'none'})")
+    study = optuna.load_study(study_name=name, storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        raise UserError(f"{exp.label}: Optuna's importance needs at least 2 finished trials, the study has "
+                        f"{len(complete)} (trials stopped by ASHA are PRUNED and do not count)")
+    values = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))
+    return pd.DataFrame({"experiment": exp.label, "param": list(values), "importance": list(values.values()),
+                         "trials": len(complete)})
+
+
+def plot_importance(experiments, path: str | Path) -> pd.DataFrame:
+    """importance.png: a bar chart per experiment; returns experiment, param, importance
+    (experiments whose study cannot give importances get a note in their panel and no rows)."""
+    experiments = _experiments(experiments)
+    fig, axes = _grid(len(experiments), max_cols=2, size=(5.5, 3.6))
+    frames = []
+    for ax, exp in zip(axes, experiments):
+        try:
+            imp = importances(exp)
+        except UserError as e:
+            ax.text(0.5, 0.5, str(e), ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
+            ax.set_axis_off()
+            ax.set_title(exp.label, fontsize=10)
+            continue
+        frames.append(imp)
+        order = imp.sort_values("importance")
+        ax.barh(order["param"], order["importance"], color="tab:blue")
+        for y, v in enumerate(order["importance"]):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_xlim(0, max(1.0, order["importance"].max() * 1.15))
+        ax.set_xlabel("importance (fANOVA, sums to 1)")
+        ax.set_title(f"{exp.label}: importance for stage-2 val accuracy\n(Optuna fANOVA over "
+                     f"{int(imp['trials'].iloc[0])} finished trials)", fontsize=10)
+        ax.grid(alpha=0.25, axis="x")
+    fig.tight_layout()
+    _save(fig, Path(path))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["experiment", "param",
+                                                                                     "importance"])
+
+
+# ----------------------------------------------------------------------------- (4) efficiency
+
+def efficiency(experiments) -> pd.DataFrame:
+    """Trials in completion order with the epochs spent so far and the best stage-2
+    validation accuracy so far. Columns: experiment, order, trial_id, status, epochs,
+    cumulative_epochs, metric, best_so_far."""
+    frames = []
+    for exp in _experiments(experiments):
+        table = all_trials([exp])
+        if table.empty:
+            continue
+        t = table.assign(_end=table["end_time"].fillna(np.inf), _n=table["trial"].fillna(1e9))
+        t = t.sort_values(["_end", "_n"], kind="stable").reset_index(drop=True)
+        frames.append(pd.DataFrame({
+            "experiment": exp.label, "order": range(1, len(t) + 1), "trial_id": t["trial_id"], "status": t["status"],
+            "epochs": t["epochs"].astype(int), "cumulative_epochs": t["epochs"].astype(int).cumsum(),
+            "metric": t[METRIC].astype(float), "best_so_far": t[METRIC].astype(float).cummax()}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_efficiency(experiments, path: str | Path) -> pd.DataFrame:
+    """efficiency.png: best-so-far accuracy against cumulative epochs, one line per experiment."""
+    experiments = _experiments(experiments)
+    data = efficiency(experiments)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, exp in enumerate(experiments):
+        rows = data[data["experiment"] == exp.label] if not data.empty else data
+        if rows.empty:
+            continue
+        colour = plt.get_cmap("tab10")(i % 10)
+        full = len(rows) * exp.total_epochs
+        spent = int(rows["cumulative_epochs"].iloc[-1])
+        ax.step(rows["cumulative_epochs"], rows["best_so_far"], where="post", color=colour, linewidth=2,
+                label=f"{exp.label}: best so far ({spent} epochs; {full} without ASHA)")
+        for status, part in rows.groupby("status"):
+            ax.scatter(part["cumulative_epochs"], part["metric"], marker="o" if status == "stopped" else
+                       MARKER.get(status, "o"), s=30, edgecolors=colour, alpha=0.7, linewidths=1.2,
+                       facecolors="none" if status == "stopped" else colour,
+                       label=f"{exp.label}: trial ({status})" if len(experiments) > 1 else f"trial ({status})")
+    ax.set_xlabel("epochs spent by the search (trials in completion order)")
+    ax.set_ylabel("stage-2 validation accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.25)
+    ax.set_title("search efficiency: best stage-2 validation accuracy so far\n(markers: each trial's best; "
+                 "hollow: stopped by ASHA)", fontsize=11)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    _save(fig, Path(path))
+    return data
+
+
+# ----------------------------------------------------------------------------- all
+
+PLOTS = {"curves": plot_curves, "params": plot_params, "importance": plot_importance, "efficiency": plot_efficiency}
+
+
+def plot_all(experiments, out: str | Path) -> dict[str, tuple[Path, pd.DataFrame]]:
+    """All four plots into `out`: {name: (png path, the DataFrame it shows)}."""
+    experiments = _experiments(experiments)
+    folder = out_dir(out)
+    return {name: (folder / f"{name}.png", fn(experiments, folder / f"{name}.png")) for name, fn in PLOTS.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plot_trials.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="experiment folder(s) made by `search`")
+    p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
+    p.add_argument("--only", choices=list(PLOTS), action="append", help="make only this plot (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    experiments = open_experiments(args.experiments)
+    folder = out_dir(args.out)
+    for name in args.only or list(PLOTS):
+        df = PLOTS[name](experiments, folder / f"{name}.png")
+        print(f"wrote {folder / f'{name}.png'}")
+        if name == "importance" and not df.empty:
+            for exp, part in df.groupby("experiment", sort=False):
+                print(f"  {exp}: " + ", ".join(f"{p} {v:.3f}" for p, v in zip(part["param"], part["importance"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

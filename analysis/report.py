@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""One report of one or more tune-refilled experiments: tables, plots, final retrain.
+
+Writes into --out: trials.csv/.md (leaderboard), experiments.csv/.md (with
+several experiments), curves.png, params.png, importance.png, efficiency.png,
+importance.csv, each experiment's best_config.yaml and final retrain summary
+(<exp>/retrain/results.json + summary.md, when `retrain` has run), and
+index.md that links and embeds them all (relative links: the folder can be
+moved or published as is).
+
+examples:
+  python analysis/report.py experiments/digits --out reports/digits
+  python analysis/report.py experiments/digits experiments/digits-wide --out reports/both
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from analysis.common import markdown_table, open_experiments, out_dir, retrain_results, run_cli  # noqa: E402
+from analysis.compare_trials import experiment_summary, leaderboard, write_tables  # noqa: E402
+from analysis.plot_trials import PLOTS  # noqa: E402
+
+SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
+TOP = 10
+PLOT_TEXT = {
+    "curves": ("Validation accuracy of every trial",
+               "Stage 1 (NCM accuracy of the embedding) then stage 2 (the classifier), over steps; the blue line "
+               "is the stage boundary, dotted lines the ASHA rungs; grey dashed trials were stopped by ASHA "
+               "(x where they stopped); black is the best trial."),
+    "params": ("Searched parameters against the final metric",
+               "Each trial's best stage-2 validation accuracy against its value of each searched parameter "
+               "(log axes where the space is log); hollow: stopped by ASHA; star: the best trial."),
+    "importance": ("Parameter importance",
+                   "Optuna's fANOVA importance of each parameter for the stage-2 validation accuracy, from the "
+                   "study's finished trials (trials ASHA stopped are pruned and not used); it sums to 1."),
+    "efficiency": ("Search efficiency",
+                   "Best stage-2 validation accuracy found so far against the epochs the search had spent, "
+                   "trials in the order they ended."),
+}
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Copy the retrain summary into the report; the markdown lines that show it."""
+    results = retrain_results(exp)
+    if results is None:
+        return [f"No final retrain yet for {exp.label}: `python tune_refilled.py retrain --experiment "
+                f"{exp.folder}`, then run this report again.", ""], None
+    target = folder / "retrain" / _slug(exp.label)
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(exp.folder / "retrain" / "results.json", target / "results.json")
+    lines = []
+    summary = exp.folder / "retrain" / "summary.md"
+    if summary.is_file():
+        shutil.copyfile(summary, target / "summary.md")
+        body = summary.read_text().splitlines()
+        lines += [line for line in body if not line.startswith("# ")]
+    rel = target.relative_to(folder).as_posix()
+    lines += ["", f"Files: [results.json]({rel}/results.json)" +
+              (f", [summary.md]({rel}/summary.md)" if summary.is_file() else ""), ""]
+    return lines, results
+
+
+def make_report(experiments, out: str | Path) -> dict[str, Any]:
+    """Write the report into `out`. Returns {"index": path of index.md, "trials": the
+    leaderboard, "experiments": the per-experiment summary, "importance": importances,
+    and one DataFrame per plot under its name}."""
+    experiments = open_experiments(experiments if not isinstance(experiments, (str, Path)) else [experiments])
+    folder = out_dir(out)
+    board = leaderboard(experiments)
+    summary = experiment_summary(experiments)
+    write_tables(board, folder, summary if len(experiments) > 1 else None)
+    made: dict[str, Any] = {"trials": board, "experiments": summary}
+    for name, plot in PLOTS.items():
+        made[name] = plot(experiments, folder / f"{name}.png")
+    importance = made["importance"]
+    if not importance.empty:
+        importance.to_csv(folder / "importance.csv", index=False)
+
+    labels = ", ".join(e.label for e in experiments)
+    lines = [f"# tune-refilled report: {labels}", "",
+             f"Made {time.strftime('%Y-%m-%d %H:%M')} by `python analysis/report.py` from:", ""]
+    for exp, row in zip(experiments, summary.to_dict("records")):
+        statuses = ", ".join(f"{row[s]} {s}" for s in ("finished", "stopped", "diverged", "errored", "running")
+                             if row.get(s))
+        lines.append(f"- **{exp.label}** (`{exp.folder}`): {row['trials']} trials ({statuses}), "
+                     f"{row['total_epochs']} epochs run of {row['epochs_without_asha']} without ASHA; "
+                     f"best stage-2 validation accuracy {_pct(row['best_val_accuracy_stage2'])} "
+                     f"(trial {row['best_trial'] or '-'})")
+    lines.append("")
+
+    lines += ["## Final retrain: tuned REFILLED against the student alone", "",
+              "The best configuration retrained on train + validation with the full epoch budget, "
+              "tested once on the test split with the model training ended with.", ""]
+    for exp in experiments:
+        if len(experiments) > 1:
+            lines += [f"### {exp.label}", ""]
+        retrain_lines, _ = _retrain_section(exp, folder)
+        lines += retrain_lines
+        best_cfg = exp.folder / "best_config.yaml"
+        if best_cfg.is_file():
+            target = folder / "best_config" / f"{_slug(exp.label)}.yaml"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copyfile(best_cfg, target)
+            lines += [f"Best configuration of the search: [{target.name}]({target.relative_to(folder).as_posix()})",
+                      ""]
+
+    if len(experiments) > 1:
+        lines += ["## Experiments side by side", "", markdown_table(summary),
+                  "Files: [experiments.md](experiments.md), [experiments.csv](experiments.csv)", ""]
+
+    params = [c for c in board.columns if any(c in e.space for e in experiments)]
+    metrics = ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm_stage1", "wall_time_s"]
+    top = board[[c for c in SHOWN + params + metrics if c in board.columns]].head(TOP)
+    lines += ["## Leaderboard", "", f"The {min(TOP, len(board))} best of {len(board)} trials by stage-2 "
+              "validation accuracy (all of them: [trials.md](trials.md), [trials.csv](trials.csv)).", "",
+              markdown_table(top)]
+
+    for name, (title, text) in PLOT_TEXT.items():
+        lines += [f"## {title}", "", text, "", f"![{title}]({name}.png)", ""]
+        if name == "importance":
+            if importance.empty:
+                lines += ["No importance: the study needs at least 2 finished trials.", ""]
+            else:
+                wide = importance.pivot_table(index="param", columns="experiment", values="importance", sort=False)
+                lines += [markdown_table(wide.reset_index(), digits=3),
+                          "File: [importance.csv](importance.csv)", ""]
+
+    lines += ["## Browse further", ""]
+    for exp in experiments:
+        lines += [f"- {exp.label}: `tensorboard --logdir {exp.folder}` (every trial's scalars; the HParams tab "
+                  f"lists the searched parameters with each trial's last reported metrics), "
+                  f"`optuna-dashboard sqlite:///{exp.folder / 'optuna.db'}`"]
+    index = folder / "index.md"
+    index.write_text("\n".join(lines) + "\n")
+    made["index"] = index
+    return made
+
+
+def _pct(v) -> str:
+    return "-" if v is None or pd.isna(v) else f"{v:.2%}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="report.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="experiment folder(s) made by `search`")
+    p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    made = make_report(args.experiments, args.out)
+    print(f"wrote {made['index']} (open it in a markdown viewer; plots and tables beside it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

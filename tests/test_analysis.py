@@ -1,0 +1,333 @@
+"""analysis/: leaderboard, plots, importance, report and TensorBoard files of real searches.
+
+Two real tiny digits searches (tests/analysis_tiny.yaml: 6 trials; a variant
+with 4 trials and another search seed) are run once per session through the
+CLI, as a user would; everything here reads their experiment folders.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from refilled.errors import UserError  # noqa: E402
+
+TINY = REPO / "tests" / "analysis_tiny.yaml"
+SEARCHED = {"tau1", "tau2", "lambd", "lr1", "lr2"}
+TOTAL = 2 + 4  # n_training_epochs1 + n_training_epochs2 of analysis_tiny.yaml
+RUNGS = {2, 4}  # ASHA grace_period 2, reduction_factor 2, max_t 6
+
+
+def run(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_search(base: Path, name: str, config: Path = TINY, extra: tuple[str, ...] = ()) -> Path:
+    """A real search through the CLI, made once per session (tests/test_retrain.py
+    makes the same first experiment the same way and reuses it when it exists)."""
+    storage = base / "analysis_tiny_storage"
+    folder = storage / name
+    if (folder / "trials.csv").is_file():
+        return folder
+    storage.mkdir(parents=True, exist_ok=True)
+    result = run(str(REPO / "tune_refilled.py"), "search", "--config", str(config), "--storage", str(storage),
+                 "--name", name, *extra, cwd=storage)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exp1(tmp_path_factory) -> Path:
+    return tiny_search(tmp_path_factory.getbasetemp(), "analysis_tiny")
+
+
+@pytest.fixture(scope="module")
+def exp2(tmp_path_factory, exp1) -> Path:
+    """A second experiment: 4 trials, search seed 1, the first one's teacher."""
+    data = yaml.safe_load(TINY.read_text())
+    data["search"].update(num_samples=4, seed=1)
+    config = tmp_path_factory.mktemp("config2") / "analysis_tiny_b.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return tiny_search(tmp_path_factory.getbasetemp(), "analysis_tiny_b", config,
+                       ("--teacher", str(exp1 / "teacher.pt")))
+
+
+def trial_folders(exp: Path) -> list[Path]:
+    return sorted(p.parent for p in exp.glob("*/params.json"))
+
+
+def result_rows(trial: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+
+
+def read_board(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"trial_id": str})  # an all-digit (or 1e5-like) hex id stays a string
+
+
+def check_image(path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    assert path.is_file() and path.stat().st_size > 5000, path
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300, (path, img.shape)
+    rgb = img[..., :3].reshape(-1, 3)
+    assert float(np.ptp(rgb)) > 0.5, f"{path} is (nearly) one colour"
+    assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 20, f"{path} has too few colours to be a plot"
+
+
+def check_leaderboard(board: pd.DataFrame, exp: Path, both_kinds: bool = True) -> None:
+    """Rows and statuses of one experiment against its trial folders' own files."""
+    rows = board[board["experiment"] == exp.name]
+    folders = trial_folders(exp)
+    assert len(rows) == len(folders) == len(read_board(exp / "trials.csv"))
+    by_id = {str(r["trial_id"]): r for _, r in rows.iterrows()}
+    assert len(by_id) == len(rows)
+    for trial in folders:
+        results = result_rows(trial)
+        row = by_id[str(results[-1]["trial_id"])]
+        assert row["epochs"] == len(results) == results[-1]["step"]  # no diverged trial in these searches
+        params = json.loads((trial / "params.json").read_text())
+        for key, value in params.items():
+            assert row[key] == pytest.approx(value)
+        stage2 = [r["val_accuracy"] for r in results if r["stage"] == "stage2"]
+        stage1 = [r["val_accuracy"] for r in results if r["stage"] == "stage1"]
+        assert row["best_val_ncm_stage1"] == pytest.approx(max(stage1))
+        assert row["last_val_ncm_stage1"] == pytest.approx(stage1[-1])
+        if stage2:
+            assert row["best_val_accuracy_stage2"] == pytest.approx(max(stage2))
+            assert row["last_val_accuracy_stage2"] == pytest.approx(stage2[-1])
+        else:
+            assert pd.isna(row["best_val_accuracy_stage2"])
+        assert row["wall_time_s"] == pytest.approx(results[-1]["time_total_s"])
+        if row["status"] == "finished":
+            assert row["epochs"] == TOTAL and pd.isna(row["stopped_at"])
+        else:
+            assert row["status"] == "stopped", row["status"]
+            assert row["stopped_at"] == row["epochs"] < TOTAL
+            assert row["stopped_at"] in RUNGS  # ASHA stops a trial at a rung
+    statuses = set(rows["status"])
+    assert "finished" in statuses, statuses
+    if both_kinds:  # 6 trials with ASHA (rf 2): some stop early (the 4 of the second search may all finish)
+        assert "stopped" in statuses, statuses
+
+
+# ----------------------------------------------------------------------------- leaderboard
+
+def test_leaderboard_of_one_experiment(exp1, tmp_path):
+    out = tmp_path / "one"
+    result = run("analysis/compare_trials.py", str(exp1), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    board = read_board(out / "trials.csv")
+    check_leaderboard(board, exp1)
+    assert SEARCHED <= set(board.columns)
+    assert not (out / "experiments.csv").exists()  # a summary only with several experiments
+    md = (out / "trials.md").read_text()
+    table_lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 + len(board)  # header, rule, one line per trial
+    for trial_id in board["trial_id"].astype(str):
+        assert trial_id in md
+    # best first: the stage-2 metric never increases down the table
+    metric = board["best_val_accuracy_stage2"].dropna().to_list()
+    assert metric == sorted(metric, reverse=True)
+    assert board["rank"].to_list() == list(range(1, len(board) + 1))
+
+
+def test_leaderboard_sort_filter_top(exp1, tmp_path):
+    from analysis.compare_trials import leaderboard
+
+    everything = leaderboard(exp1)
+    finished = leaderboard(exp1, filter="status == 'finished'")
+    assert len(finished) == (everything["status"] == "finished").sum() and set(finished["status"]) == {"finished"}
+    by_lambd = leaderboard(exp1, sort="lambd", ascending=True)
+    assert by_lambd["lambd"].is_monotonic_increasing and len(by_lambd) == len(everything)
+    top = leaderboard(exp1, sort="epochs", top=2)
+    assert len(top) == 2 and top["epochs"].to_list() == sorted(everything["epochs"], reverse=True)[:2]
+    with pytest.raises(UserError, match="--filter"):
+        leaderboard(exp1, filter="no_such_column > 1")
+    with pytest.raises(UserError, match="--sort"):
+        leaderboard(exp1, sort="no_such_column")
+    # the command line: same options, files written
+    out = tmp_path / "cli"
+    result = run("analysis/compare_trials.py", str(exp1), "--out", str(out), "--filter", "status == 'stopped'",
+                 "--sort", "stopped_at", "--ascending", "--top", "2")
+    assert result.returncode == 0, result.stderr
+    cli = read_board(out / "trials.csv")
+    assert 1 <= len(cli) <= 2 and set(cli["status"]) == {"stopped"} and cli["stopped_at"].is_monotonic_increasing
+
+
+def test_scripts_refuse_a_folder_that_is_not_an_experiment(tmp_path):
+    for script in ("compare_trials.py", "plot_trials.py", "report.py"):
+        result = run(f"analysis/{script}", str(tmp_path), "--out", str(tmp_path / "out"))
+        assert result.returncode == 2, (script, result.stderr)
+        assert "not a tune-refilled experiment" in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    for script in ("compare_trials.py", "plot_trials.py", "report.py"):
+        result = run(f"analysis/{script}", "--help")
+        assert result.returncode == 0 and "--out" in result.stdout and "EXPERIMENT" in result.stdout
+
+
+def test_two_experiments_side_by_side(exp1, exp2, tmp_path):
+    out = tmp_path / "two"
+    result = run("analysis/compare_trials.py", str(exp1), str(exp2), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    board = read_board(out / "trials.csv")
+    assert len(board) == len(trial_folders(exp1)) + len(trial_folders(exp2)) == 6 + 4
+    check_leaderboard(board, exp1)
+    check_leaderboard(board, exp2, both_kinds=False)
+    summary = pd.read_csv(out / "experiments.csv").set_index("experiment")
+    assert list(summary.index) == [exp1.name, exp2.name]
+    for exp in (exp1, exp2):
+        mine, s = board[board["experiment"] == exp.name], summary.loc[exp.name]
+        assert s["trials"] == len(mine)
+        assert s["finished"] + s["stopped"] + s["diverged"] + s["errored"] == s["trials"]
+        assert s["finished"] == (mine["status"] == "finished").sum()
+        assert s["stopped"] == (mine["status"] == "stopped").sum()
+        reached = mine["best_val_accuracy_stage2"].dropna()
+        assert s["best_val_accuracy_stage2"] == pytest.approx(reached.max())
+        assert s["median_val_accuracy_stage2"] == pytest.approx(statistics.median(reached))
+        assert s["total_epochs"] == mine["epochs"].sum() <= s["epochs_without_asha"] == len(mine) * TOTAL
+        assert s["trial_time_s"] == pytest.approx(mine["wall_time_s"].sum())
+        assert 0 < s["wall_time_s"]
+    md = (out / "experiments.md").read_text()
+    assert exp1.name in md and exp2.name in md
+
+
+# ----------------------------------------------------------------------------- plots and importance
+
+def test_plots_are_real_images(exp1, exp2, tmp_path):
+    out = tmp_path / "plots"
+    result = run("analysis/plot_trials.py", str(exp1), str(exp2), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    for name in ("curves", "params", "importance", "efficiency"):
+        check_image(out / f"{name}.png")
+
+
+def test_plot_data_of_one_experiment(exp1, tmp_path):
+    from analysis.plot_trials import plot_all
+
+    made = plot_all(exp1, tmp_path)
+    for name, (path, _) in made.items():
+        check_image(path)
+    curves = made["curves"][1]
+    rows = sum(len(result_rows(t)) for t in trial_folders(exp1))
+    assert len(curves) == rows and set(curves["trial_id"]) == {str(result_rows(t)[-1]["trial_id"])
+                                                                 for t in trial_folders(exp1)}
+    params = made["params"][1]
+    assert params.attrs["xscale"] == {p: "log" for p in ["tau1", "tau2", "lambd", "lr1", "lr2"]}  # loguniform
+    eff = made["efficiency"][1]
+    assert len(eff) == len(trial_folders(exp1))
+    assert eff["cumulative_epochs"].is_monotonic_increasing
+    assert eff["cumulative_epochs"].iloc[-1] == sum(len(result_rows(t)) for t in trial_folders(exp1))
+    best = eff["best_so_far"].dropna()
+    assert best.is_monotonic_increasing and best.iloc[-1] == pytest.approx(params["best_val_accuracy_stage2"].max())
+    ends = [result_rows(t)[-1]["timestamp"] for t in trial_folders(exp1)]
+    order = {str(result_rows(t)[-1]["trial_id"]): e for t, e in zip(trial_folders(exp1), ends)}
+    assert [order[t] for t in eff["trial_id"]] == sorted(ends)  # completion order
+
+
+def test_importance_from_the_optuna_study(exp1, exp2, tmp_path):
+    import optuna
+
+    from analysis.common import open_experiments
+    from analysis.plot_trials import importances, plot_importance
+
+    (exp,) = open_experiments([exp1])
+    imp = importances(exp)
+    assert set(imp["param"]) == SEARCHED
+    assert abs(imp["importance"].sum() - 1.0) < 1e-6 and (imp["importance"] >= 0).all()
+    # the study the search wrote: finished trials are COMPLETE, trials ASHA stopped are PRUNED
+    study = optuna.load_study(study_name=exp1.name, storage=f"sqlite:///{exp1 / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    board = read_board(exp1 / "trials.csv")
+    assert states.count(optuna.trial.TrialState.COMPLETE) == (board["status"] == "finished").sum() == imp["trials"][0]
+    assert states.count(optuna.trial.TrialState.PRUNED) == (board["status"] == "stopped").sum()
+    both = plot_importance([exp1, exp2], tmp_path / "importance.png")
+    check_image(tmp_path / "importance.png")
+    mine = both[both["experiment"] == exp1.name]
+    assert abs(mine["importance"].sum() - 1.0) < 1e-6
+    for _, part in both.groupby("experiment"):
+        assert abs(part["importance"].sum() - 1.0) < 1e-6 and set(part["param"]) == SEARCHED
+
+
+# ----------------------------------------------------------------------------- report
+
+def test_report_links_resolve(exp1, exp2, tmp_path):
+    # exp2 gets a real final retrain (one seed, no baseline), exp1 none: both cases in one report
+    retrain = run(str(REPO / "tune_refilled.py"), "retrain", "--experiment", str(exp2), "--seeds", "1",
+                  "--no-baseline", "--force", cwd=tmp_path)
+    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    results = json.loads((exp2 / "retrain" / "results.json").read_text())
+    out = tmp_path / "report"
+    result = run("analysis/report.py", str(exp1), str(exp2), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    index = (out / "index.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", index)
+    assert links
+    for link in links:
+        assert not link.startswith("/") and "://" not in link, link  # relative links only
+        assert (out / link).is_file(), f"index.md links {link}, which is not there"
+    for name in ("curves", "params", "importance", "efficiency"):
+        assert re.search(rf"!\[[^\]]*\]\({name}\.png\)", index), f"{name}.png not embedded"
+        check_image(out / f"{name}.png")
+    for name in ("trials.csv", "trials.md", "experiments.csv", "experiments.md"):
+        assert f"({name})" in index and (out / name).is_file()
+    # the retrain summary of exp2 is in the report, and exp1 is said to have none
+    assert f"{results['refilled']['mean']:.2%}" in index
+    assert json.loads((out / "retrain" / exp2.name / "results.json").read_text()) == results
+    assert f"No final retrain yet for {exp1.name}" in index
+    summary = pd.read_csv(out / "experiments.csv").set_index("experiment")
+    assert summary.loc[exp2.name, "test_refilled_mean"] == pytest.approx(results["refilled"]["mean"])
+    assert pd.isna(summary.loc[exp1.name, "test_refilled_mean"])
+    assert len(read_board(out / "trials.csv")) == 10
+    shutil.rmtree(exp2 / "retrain")  # leave the shared experiment as the search made it
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+def test_tensorboard_event_files(exp1):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    folders = trial_folders(exp1)
+    for trial in folders:
+        assert list(trial.glob("events.out.tfevents.*")), f"{trial.name} has no event file"
+        acc = EventAccumulator(str(trial), size_guidance={"scalars": 0})
+        acc.Reload()
+        scalars = acc.Tags()["scalars"]
+        results = result_rows(trial)
+        for tag in ("ray/tune/val_accuracy", "ray/tune/loss", "ray/tune/step"):
+            assert tag in scalars, (trial.name, scalars)
+        events = acc.Scalars("ray/tune/val_accuracy")
+        assert [e.step for e in events] == [r["training_iteration"] for r in results]
+        assert [e.value for e in events] == pytest.approx([r["val_accuracy"] for r in results], abs=1e-6)
+        # HParams: Ray's TBXLogger writes them when a trial ends: the searched values and the metrics
+        content = acc.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        hparams = {k: v.number_value for k, v in start.session_start_info.hparams.items()}
+        params = json.loads((trial / "params.json").read_text())
+        assert set(hparams) == SEARCHED and hparams == pytest.approx(params)
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert {h.name for h in experiment.hparam_infos} == SEARCHED
+        assert "ray/tune/val_accuracy" in {m.name.tag for m in experiment.metric_infos}
+    # `tensorboard --logdir <experiment>`: one run per trial
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(exp1))
+    mux.Reload()
+    runs = mux.Runs()
+    assert len(runs) == len(folders) and all("ray/tune/val_accuracy" in t["tensors"] for t in runs.values())
+    assert len(mux.PluginRunToTagToContent("hparams")) == len(folders)  # the HParams tab lists every trial
