@@ -17,7 +17,6 @@ import hashlib
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +78,49 @@ def make_searcher(settings: SearchSettings, cfg: Config, folder: Path, name: str
                 return
             ot_trial = self._ot_trials[trial_id]
             value = None if result is None else result.get(self.metric)
+            # skip_if_finished: after --resume, a trial told just before the driver was killed ends again
             if error or result is None or result.get("diverged") or value is None or not math.isfinite(value):
-                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             elif result.get("step", 0) < result.get("total_steps", 0):
-                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
             else:
-                self._ot_study.tell(ot_trial, value)
+                self._ot_study.tell(ot_trial, value, skip_if_finished=True)
             self._completed_trials.add(trial_id)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            try:
+                super().on_trial_result(trial_id, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # resumed: Tune re-ran epochs after the last state it saved; Optuna has the trial's end
+
+        def restore(self, checkpoint_path: str) -> None:
+            """--resume: Tune saves its state (and this searcher's) every few seconds, so a
+            driver killed in between leaves Optuna trials asked after the last save, which
+            the restored searcher does not know. They are handed to the next trials Tune
+            asks for (same parameters) instead of asking Optuna anew, so the study holds
+            each trial once; one with incomplete parameters is marked failed. The sampler's
+            random state was saved before those asks and would draw their parameters again:
+            it is reseeded from the seed and the study's size (reproducible, no repeats)."""
+            super().restore(checkpoint_path)
+            known = {t._trial_id for t in self._ot_trials.values()}
+            self._orphans = []
+            for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if t._trial_id in known:
+                    continue
+                if not callable(self._space) and set(t.params) == set(self._space):
+                    self._orphans.append(t._trial_id)
+                else:
+                    self._ot_study.tell(t.number, None, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            if self._orphans:
+                size = len(self._ot_study.get_trials(deepcopy=False))
+                self._sampler = optuna.samplers.TPESampler(seed=settings.seed * 1_000_003 + size)
+                self._ot_study.sampler = self._sampler
+
+        def suggest(self, trial_id: str) -> dict | None:
+            orphans = getattr(self, "_orphans", None)
+            if orphans and trial_id not in self._ot_trials:
+                self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, orphans.pop(0))
+            return super().suggest(trial_id)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
@@ -106,13 +141,54 @@ def connect(address: str | None, cpus: int | None = None) -> None:
     if address:
         import refilled
         env = {"py_modules": [refilled]}  # ship this package to the cluster's workers
+        _check_reachable(address)
     try:
-        ray.init(address=address, num_cpus=None if address else cpus, runtime_env=env,
+        # "local": always a new Ray on this machine, never a cluster that `ray start` left running
+        ray.init(address=address or "local", num_cpus=None if address else cpus, runtime_env=env,
                  include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot connect to the Ray cluster at --address {address}: {first}; "
                         "start it with `ray start --head` or check the address") from None
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a cluster address nothing listens on: ray.init retries such an
+    address for ever. Resolves `auto` the way Ray does (RAY_ADDRESS, then the
+    cluster `ray start` recorded) and opens a TCP connection to the GCS port."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):  # Ray Client: ray.init reports its own errors
+        return
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot connect to the Ray cluster at --address {address}: {first}; "
+                        "start it with `ray start --head` or check the address") from None
+    if not resolved:
+        return
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise UserError(f"cannot connect to the Ray cluster at --address {address} ({resolved}: {reason}); "
+                        "start it with `ray start --head` or check the address") from None
+
+
+def check_local_gpus(settings: SearchSettings) -> None:
+    """A local Ray has the GPUs CUDA shows this process (CUDA_VISIBLE_DEVICES applies)."""
+    if settings.gpu > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        if settings.gpu > have:
+            raise UserError(f"each trial asks for {settings.gpu} GPU but this machine has {have} (CUDA): "
+                            "lower search.resources.gpu (or --gpus-per-trial), e.g. 0 for CPU trials, "
+                            "or pass --address of a cluster with GPUs")
 
 
 def check_resources(settings: SearchSettings) -> None:
@@ -202,7 +278,7 @@ def trainable_for(cfg: Config, settings: SearchSettings, folder: Path, teacher_p
 def summarise(folder: Path) -> pd.DataFrame:
     """Write trials.csv and best_config.yaml; print the sorted table and the best config."""
     trials = load_trials(folder)
-    if trials.empty:
+    if trials.empty or not (trials["epochs"] > 0).any():
         raise UserError(f"the search in {folder} reported no epoch: see the trial errors above")
     trials.to_csv(folder / "trials.csv", index=False)
     searched = [c for c in trials.columns if c.startswith("config/")]
@@ -234,6 +310,8 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage: str, ad
         settings = parse_search(search_section, cfg)
         if folder.exists() and any(folder.iterdir()):
             raise UserError(f"experiment {folder} already exists: pass --resume to continue it or choose another --name")
+    if not address:
+        check_local_gpus(settings)  # before starting Ray: its start-up lines would bury the error
     connect(address)
     check_resources(settings)
     if not resume:  # only now: a refused search leaves no half experiment behind
@@ -257,9 +335,24 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage: str, ad
                 name=name, storage_path=str(folder.parent), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
-    tuner.fit()
+    grid = tuner.fit()
+    if resume:
+        set_aside_unknown_trials(folder, {Path(r.path).name for r in grid if r.path})
     summarise(folder)
     return folder
+
+
+def set_aside_unknown_trials(folder: Path, known: set[str]) -> None:
+    """Trial folders that Tune's restored state does not know were started by a killed
+    driver after its last state save; the resumed search ran their configurations
+    again under new ids. They move to interrupted_trials/ so each trial counts once."""
+    for params in sorted(folder.glob("*/params.json")):
+        trial = params.parent
+        if trial.name not in known:
+            (folder / "interrupted_trials").mkdir(exist_ok=True)
+            shutil.move(str(trial), str(folder / "interrupted_trials" / trial.name))
+            print(f"set aside {trial.name}: started before the interruption, run again after it "
+                  f"(now in {folder / 'interrupted_trials'})")
 
 
 def search_section_of(settings: SearchSettings) -> dict[str, Any]:

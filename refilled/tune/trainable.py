@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 
@@ -25,7 +26,7 @@ from refilled.config import Config, from_dict
 from refilled.run import load_teacher_state, student_data
 from refilled.runtime import resolve_device
 from refilled.stage1_cache import Stage1Cache, stage1_key
-from refilled.train import Diverged, build_student, global_centers, refilled_epochs
+from refilled.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
 from refilled.runlog import STAGE_NAMES
 
 STATE_FILE = "state.pt"
@@ -33,6 +34,8 @@ CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"  # fault injection for tests: cra
 
 
 def _report(metrics: dict[str, Any], snapshot: dict | None = None) -> None:
+    # Ray's node_ip is the same for nodes that share a machine; the node id tells them apart
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
     if snapshot is None:
         tune.report(metrics)
         return
@@ -92,15 +95,20 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
         resume = hit["snapshot"]
 
     step = 0
+    # the number the search ranks trials by, reported so TensorBoard's HParams tab shows it too
+    best2 = (resume or {}).get("best_val_accuracy_stage2", 0.0)
     try:
         for epoch in refilled_epochs(cfg, data, student, fn, centers, resume):
             _crash_once_for_tests(epoch.step)
             step = epoch.step
-            last = step == total
-            _report(_metrics(epoch, total), epoch.snapshot() if last or step % checkpoint_every == 0 else None)
+            metrics = _metrics(epoch, total)
+            if epoch.stage == STAGE2:
+                best2 = metrics["best_val_accuracy_stage2"] = max(best2, metrics["val_accuracy"])
+            save = step == total or step % checkpoint_every == 0
+            _report(metrics, {**epoch.snapshot(), "best_val_accuracy_stage2": best2} if save else None)
     except Diverged as e:  # end this trial, recorded as diverged; the search goes on
-        tune.report({"diverged": 1, "diverged_reason": str(e), "val_accuracy": 0.0, "step": step + 1,
-                     "total_steps": total})
+        _report({"diverged": 1, "diverged_reason": str(e), "val_accuracy": 0.0, "step": step + 1,
+                 "total_steps": total})
 
 
 def _metrics(epoch, total: int) -> dict[str, Any]:

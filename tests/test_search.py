@@ -1,0 +1,549 @@
+"""`tune_refilled.py search` for real: local Ray, Optuna, ASHA, files on disk.
+
+Every search runs the CLI as a subprocess, as users run it, on the tiny
+experiment in tests/search_tiny.yaml (digits, WRN-10-1, 2 + 4 epochs). Each
+run gets its own Ray temp dir (RAY_TMPDIR) and a marker in its environment
+that every Ray process it starts inherits, so a test can end exactly the Ray
+processes of its own run (by pid) without `ray stop`, which would end every
+Ray on the machine.
+
+One finished search (`experiment`, module scope) is shared by the end-to-end
+checks and provides the teacher the other searches reuse (`--teacher`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "search_tiny.yaml"
+MARKER = "TUNE_REFILLED_TEST_RUN"
+CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
+SEARCHED = ["tau1", "tau2", "lambd", "lr1", "lr2", "flag_merge"]
+TOTAL_STEPS = 6  # n_training_epochs1 + n_training_epochs2 of search_tiny.yaml
+SEARCH_TIMEOUT = 420
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _marked_pids(marker: str) -> list[int]:
+    """Pids of the live processes whose environment carries MARKER=marker."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if needle in environ.split(b"\0"):
+            pids.append(int(entry))
+    return pids
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def kill_marked(marker: str, timeout: float = 30.0) -> None:
+    """SIGKILL every process of one run (found by its marker), and wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in _marked_pids(marker) if not _is_zombie(p)]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of test run {marker} survive SIGKILL: {alive}")
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
+class RayRun:
+    """The environment of one Ray-using command: its own Ray temp dir and a marker."""
+
+    def __init__(self, **extra_env: str):
+        self.marker = uuid.uuid4().hex
+        # short: Ray puts unix sockets under it (at most 107 characters)
+        self.tmp = tempfile.mkdtemp(prefix="trt-", dir="/tmp")
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", CRASH_ENV)}
+        env.update({MARKER: self.marker, "RAY_TMPDIR": self.tmp, "PYTHONUNBUFFERED": "1",
+                    "RAY_USAGE_STATS_ENABLED": "0"})
+        env.update(extra_env)
+        self.env = env
+
+    def popen(self, args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(args, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    def run(self, args: list[str], timeout: float = SEARCH_TIMEOUT) -> SimpleNamespace:
+        """Run to the end (its whole process group is killed if it overruns), then end
+        whatever Ray processes of this run are left."""
+        proc = self.popen(args)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            self.cleanup()
+            raise AssertionError(f"{' '.join(args[1:4])} did not end within {timeout}s; stderr tail:\n{err[-3000:]}")
+        self.cleanup()
+        return SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err)
+
+    def cleanup(self) -> None:
+        kill_marked(self.marker)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "tune_refilled.py", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def explain(result: SimpleNamespace) -> str:
+    return f"exit {result.returncode}\n--- stdout tail\n{result.stdout[-3000:]}\n--- stderr tail\n{result.stderr[-5000:]}"
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+def tiny_experiment(tmp: Path, name: str, config: dict | None = None, search: dict | None = None) -> Path:
+    """search_tiny.yaml with changes to its config and search sections, as `<tmp>/<name>.yaml`."""
+    data = yaml.safe_load(TINY.read_text())
+    data["config"].update(config or {})
+    for key, value in (search or {}).items():
+        if isinstance(value, dict) and isinstance(data["search"].get(key), dict) and key != "space":
+            data["search"][key].update(value)
+        else:
+            data["search"][key] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def trial_folders(folder: Path) -> list[Path]:
+    return sorted(p.parent for p in folder.glob("*/params.json"))
+
+
+def trial_number(trial_folder: Path) -> int:
+    """Ray Tune names trial folders <trainable>_<id>_<n>_<params>_<date>, n from 1 in creation order."""
+    match = re.match(r"refilled_trial_[0-9a-f]+_(\d+)_", trial_folder.name)
+    assert match, trial_folder.name
+    return int(match.group(1))
+
+
+def results(trial_folder: Path) -> list[dict]:
+    path = trial_folder / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def params(trial_folder: Path) -> dict:
+    return json.loads((trial_folder / "params.json").read_text())
+
+
+def same_params(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] if isinstance(a[k], (bool, str)) or isinstance(b[k], (bool, str))
+        else math.isclose(a[k], b[k], rel_tol=1e-9) for k in a)
+
+
+def finished(trial_folder: Path) -> bool:
+    rows = results(trial_folder)
+    return bool(rows) and not rows[-1].get("diverged") and rows[-1]["step"] == rows[-1]["total_steps"]
+
+
+def study(folder: Path):
+    import optuna
+
+    return optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+
+
+def optuna_trial_for(trials, values: dict):
+    matches = [t for t in trials if same_params(t.params, values)]
+    assert len(matches) == 1, f"{len(matches)} Optuna trials have params {values}"
+    return matches[0]
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under a folder with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- the shared search
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> SimpleNamespace:
+    """search_tiny.yaml searched to the end: 8 trials, 2 at a time, ASHA and Optuna."""
+    storage = tmp_path_factory.mktemp("storage")
+    run = RayRun()
+    result = run.run(cli("search", "--config", str(TINY), "--storage", str(storage), "--name", "tiny"))
+    assert result.returncode == 0, explain(result)
+    folder = storage / "tiny"
+    return SimpleNamespace(folder=folder, storage=storage, result=result, teacher=folder / "teacher.pt")
+
+
+def test_search_end_to_end(experiment):
+    folder, out = experiment.folder, experiment.result.stdout
+    cfg = yaml.safe_load(TINY.read_text())["config"]
+    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+
+    # trials.csv: one row per trial; ASHA stopped some at a rung, others ran every epoch
+    table = pd.read_csv(folder / "trials.csv")
+    assert len(table) == n
+    assert set(table["status"]) <= {"finished", "stopped"}, table["status"].tolist()
+    statuses = table["status"].value_counts().to_dict()
+    assert statuses.get("stopped", 0) >= 1 and statuses.get("finished", 0) >= 1, statuses
+    assert set(table.loc[table["status"] == "stopped", "epochs"]) <= {2, 4}  # ASHA's rungs (grace 2, factor 2)
+    assert (table.loc[table["status"] == "finished", "epochs"] == TOTAL_STEPS).all()
+
+    # the trial folders agree with the table
+    folders = trial_folders(folder)
+    assert len(folders) == n
+    for tf in folders:
+        rows = results(tf)
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+        row = table[table["trial_id"] == rows[-1]["trial_id"]].iloc[0]
+        assert row["status"] == ("finished" if rows[-1]["step"] == TOTAL_STEPS else "stopped")
+
+    # the Optuna study: pruned for the stopped trials, complete for the finished ones
+    import optuna
+
+    ot_trials = study(folder).trials
+    assert len(ot_trials) == n
+    states = [t.state for t in ot_trials]
+    assert states.count(optuna.trial.TrialState.PRUNED) == statuses["stopped"]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == statuses["finished"]
+    for tf in folders:
+        ot = optuna_trial_for(ot_trials, params(tf))
+        want = optuna.trial.TrialState.COMPLETE if finished(tf) else optuna.trial.TrialState.PRUNED
+        assert ot.state == want, (tf.name, ot.state)
+        if want == optuna.trial.TrialState.COMPLETE:  # told the last stage-2 validation accuracy
+            assert ot.value == pytest.approx(results(tf)[-1]["val_accuracy"])
+
+    # start_with: config: the first trial is the config's own values
+    first = min(folders, key=trial_number)
+    assert trial_number(first) == 1
+    assert same_params(params(first), {k: cfg[k] for k in SEARCHED})
+    assert ot_trials[0].number == 0 and same_params(ot_trials[0].params, {k: cfg[k] for k in SEARCHED})
+
+    # the best config: best stage-2 validation accuracy among trials that reached stage 2
+    def rank(tf):
+        rows = results(tf)
+        s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1"]
+        s2 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage2"]
+        return (max(s2), s2[-1], max(s1)) if s2 else None
+
+    ranked = {tf: rank(tf) for tf in folders if rank(tf) is not None}
+    assert ranked and len(ranked) < n  # some trials were stopped in stage 1 and cannot be chosen
+    top = max(ranked.values())
+    best_folders = [tf for tf, r in ranked.items() if r == top]
+    from refilled.config import load_experiment
+
+    best_cfg, _ = load_experiment(folder / "best_config.yaml")
+    chosen = {k: getattr(best_cfg, k) for k in SEARCHED}
+    assert any(same_params(chosen, params(tf)) for tf in best_folders), (chosen, [params(t) for t in best_folders])
+    assert best_cfg.n_training_epochs2 == cfg["n_training_epochs2"] and best_cfg.target_classes == cfg["target_classes"]
+    header = (folder / "best_config.yaml").read_text().splitlines()[0]
+    assert f"{top[0]:.4f}" in header
+
+    # TensorBoard: an event file per trial with a scalar per reported epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for tf in folders:
+        events = list(tf.glob("events.out.tfevents.*"))
+        assert events, f"no TensorBoard events in {tf.name}"
+        acc = EventAccumulator(str(tf))
+        acc.Reload()
+        scalars = acc.Tags()["scalars"]
+        assert "ray/tune/val_accuracy" in scalars and "ray/tune/loss" in scalars, scalars
+        steps = [e.step for e in acc.Scalars("ray/tune/val_accuracy")]
+        assert steps == list(range(1, len(results(tf)) + 1))
+
+    # what the user sees at the end
+    assert "trials, best stage-2 validation accuracy first" in out
+    assert "best config (" in out and str(folder / "best_config.yaml") in out
+    lines = out[out.index("best stage-2 validation accuracy first"):out.index("best config (")].splitlines()
+    header = next(i for i, line in enumerate(lines) if "best_val_accuracy_stage2" in line)
+    rows = [line.split() for line in lines[header + 1:] if line.strip()]
+    assert len(rows) == n and all(r[-1] in ("finished", "stopped") for r in rows), rows
+    shown = [r[-3] for r in rows]  # best_val_accuracy_stage2, then epochs and status
+    numbers = [float(v) for v in shown if v != "-"]
+    assert numbers and numbers == sorted(numbers, reverse=True), shown
+    assert shown[len(numbers):] == ["-"] * (len(shown) - len(numbers)), shown
+
+
+# ----------------------------------------------------------------------------- resume after a kill
+
+def test_resume_after_killing_the_driver(experiment, tmp_path):
+    n = 6
+    # grace_period = all epochs: ASHA stops nobody, so "finished" means every epoch ran
+    config = tiny_experiment(tmp_path, "resume", search={"num_samples": n, "max_concurrent": 1,
+                                                          "asha": {"grace_period": TOTAL_STEPS}})
+    storage = tmp_path / "storage"
+    folder = storage / "resume"
+    args = cli("search", "--config", str(config), "--storage", str(storage), "--teacher", str(experiment.teacher))
+    run = RayRun()
+    driver = run.popen(args)
+    try:
+        deadline = time.monotonic() + SEARCH_TIMEOUT
+        while sum(finished(tf) for tf in trial_folders(folder)) < 3:
+            assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "3 trials did not finish in time"
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and what shares its process group
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.communicate()
+        run.cleanup()  # Ray's own processes (workers have their own process groups)
+    assert driver.returncode == -signal.SIGKILL
+
+    before = {tf.name: len(results(tf)) for tf in trial_folders(folder) if finished(tf)}
+    ids_before = {tf.name: results(tf)[-1]["trial_id"] for tf in trial_folders(folder) if finished(tf)}
+    assert 3 <= len(before) < n
+
+    resumed = RayRun().run(cli("search", "--resume", "--name", "resume", "--storage", str(storage)))
+    assert resumed.returncode == 0, explain(resumed)
+
+    folders = trial_folders(folder)
+    table = pd.read_csv(folder / "trials.csv")
+    assert len(table) == n and len(folders) == n
+    assert (table["status"] == "finished").all(), table[["trial_id", "status", "epochs"]]
+    # the trials finished before the kill were not run again
+    for name, lines in before.items():
+        assert len(results(folder / name)) == lines, name
+        assert results(folder / name)[-1]["trial_id"] == ids_before[name]
+    assert set(ids_before.values()) <= set(table["trial_id"])
+    for tf in folders:  # every trial ran every epoch
+        steps = [r["step"] for r in results(tf)]
+        assert set(steps) == set(range(1, TOTAL_STEPS + 1)), (tf.name, steps)
+
+    # the same study, continued: one Optuna trial per Tune trial, all complete
+    import optuna
+
+    ot_trials = study(folder).trials
+    assert len(ot_trials) == n, [(t.number, t.state, t.params) for t in ot_trials]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ot_trials), [t.state for t in ot_trials]
+    for tf in folders:
+        optuna_trial_for(ot_trials, params(tf))
+    assert "best config (" in resumed.stdout
+
+    # resuming a finished search runs nothing again, and a trial folder that Tune's saved state
+    # does not know (what a driver killed just after starting a trial leaves behind) is set aside
+    stray = folder / "refilled_trial_0badc0de_99_stray"
+    shutil.copytree(folders[0], stray)
+    lines = {tf.name: len(results(tf)) for tf in folders}
+    again = RayRun().run(cli("search", "--resume", "--name", "resume", "--storage", str(storage)))
+    assert again.returncode == 0, explain(again)
+    assert not stray.exists() and (folder / "interrupted_trials" / stray.name / "params.json").is_file()
+    assert {tf.name: len(results(tf)) for tf in trial_folders(folder)} == lines
+    assert len(pd.read_csv(folder / "trials.csv")) == n and len(study(folder).trials) == n
+
+
+# ----------------------------------------------------------------------------- faults: a crash, a NaN
+
+@pytest.fixture(scope="module")
+def faults(experiment, tmp_path_factory) -> SimpleNamespace:
+    """3 trials, each crashing once after step 3 (max_failures 1). The first
+    (start_with: config) has lr2 = 1e6: its stage-2 loss becomes NaN."""
+    tmp = tmp_path_factory.mktemp("faults")
+    config = tiny_experiment(
+        tmp, "faults", config={"lr2": 1.0e6},
+        search={"num_samples": 3, "max_concurrent": 2, "max_failures": 1, "asha": {"grace_period": TOTAL_STEPS},
+                # seed 1 draws lr2 = 0.05 for trials 2 and 3 (the sampler is random for its first trials)
+                "seed": 1, "space": {"tau1": {"loguniform": [0.5, 16]}, "lr2": {"choice": [0.05, 1.0e6]}}})
+    storage = tmp / "storage"
+    result = RayRun(**{CRASH_ENV: "3"}).run(cli("search", "--config", str(config), "--storage", str(storage),
+                                                "--teacher", str(experiment.teacher)))
+    assert result.returncode == 0, explain(result)
+    folder = storage / "faults"
+    folders = trial_folders(folder)
+    first = min(folders, key=trial_number)
+    assert params(first)["lr2"] == 1.0e6
+    return SimpleNamespace(folder=folder, result=result, first=first, others=[f for f in folders if f != first],
+                           table=pd.read_csv(folder / "trials.csv"))
+
+
+def test_crashed_trial_resumes_from_its_checkpoint(faults):
+    assert len(faults.others) == 2
+    sane = [tf for tf in faults.others if params(tf)["lr2"] != 1.0e6]
+    assert sane, "the seeded sampler gave every trial the absurd lr2; change the seed"
+    for tf in sane:
+        assert (tf / "crashed_once").exists(), tf.name
+        rows = results(tf)
+        steps = [r["step"] for r in rows]
+        # crashed after computing step 3, before reporting it; retried from the step-2 checkpoint
+        assert steps == list(range(1, TOTAL_STEPS + 1)), steps
+        assert steps.count(1) == 1
+        assert [r["training_iteration"] for r in rows] == steps
+        assert finished(tf)
+        row = faults.table[faults.table["trial_id"] == rows[-1]["trial_id"]].iloc[0]
+        assert row["status"] == "finished" and row["epochs"] == TOTAL_STEPS
+        # the injected crash happened there: Ray Tune recorded it (error.txt), then retried the trial
+        assert any("injected crash at step 3" in p.read_text(errors="replace") for p in tf.glob("error*.txt")), \
+            sorted(p.name for p in tf.iterdir())
+
+
+def test_nan_trial_ends_as_diverged_and_the_search_goes_on(faults):
+    import optuna
+
+    table = faults.table
+    first_row = table[table["trial_id"] == results(faults.first)[-1]["trial_id"]].iloc[0]
+    assert first_row["status"] == "diverged"
+    reason = str(first_row["diverged_reason"])
+    assert "diverged" in reason and re.search(r"\b(nan|inf)\b", reason), reason
+    last = results(faults.first)[-1]
+    assert last["diverged"] == 1 and last["step"] < TOTAL_STEPS
+
+    ot_trials = study(faults.folder).trials
+    assert len(ot_trials) == len(table) == 3
+    assert optuna_trial_for(ot_trials, params(faults.first)).state == optuna.trial.TrialState.FAIL
+    others = [tf for tf in faults.others if params(tf)["lr2"] != 1.0e6]
+    for tf in others:  # the search went on: the other trials finished and count for Optuna
+        assert finished(tf)
+        assert optuna_trial_for(ot_trials, params(tf)).state == optuna.trial.TrialState.COMPLETE
+    # the diverged trial is never the best config
+    assert "diverged" not in (faults.folder / "best_config.yaml").read_text().splitlines()[0]
+    assert "best config (" in faults.result.stdout
+
+
+# ----------------------------------------------------------------------------- a two-node cluster
+
+def test_two_node_local_cluster(experiment, tmp_path):
+    # Ray's token authentication, explicit: the head would take ~/.ray/auth_token if there is one,
+    # and a worker node joins only with RAY_AUTH_MODE=token and the same token
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+    cluster = RayRun(**auth)
+    port = free_port()
+    head = f"127.0.0.1:{port}"
+    try:
+        for args in (["start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+                      "--include-dashboard=false", "--disable-usage-stats"],
+                     ["start", f"--address={head}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]):
+            started = subprocess.run([shutil.which("ray") or "ray", *args], cwd=REPO, env=cluster.env,
+                                     capture_output=True, text=True, timeout=180)
+            assert started.returncode == 0, f"ray {' '.join(args)}\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}"
+
+        config = tiny_experiment(tmp_path, "cluster", search={"num_samples": 2, "max_concurrent": 2,
+                                                               "asha": {"grace_period": TOTAL_STEPS}})
+        storage = tmp_path / "storage"  # every node is this machine: a shared file system by construction
+        driver = RayRun(**auth)  # a separate driver environment: it must find the cluster by --address alone
+        result = driver.run(cli("search", "--config", str(config), "--storage", str(storage),
+                                "--teacher", str(experiment.teacher), "--address", head,
+                                "--cpus-per-trial", "1"))
+        assert result.returncode == 0, explain(result)
+
+        # more GPUs per trial than the cluster has: refused once connected, before anything is written
+        refused = RayRun(**auth).run(cli("search", "--config", str(config), "--storage", str(storage),
+                                         "--name", "gpus", "--address", head, "--gpus-per-trial", "1"),
+                                     timeout=180)
+        assert_one_line_error(refused, "1.0 GPU", "the Ray cluster has 0")
+        assert not (storage / "gpus").exists()
+    finally:
+        cluster.cleanup()  # the head's and the worker's processes, by pid: `ray stop` would end every Ray here
+
+    folder = storage / "cluster"
+    folders = trial_folders(folder)
+    assert len(folders) == 2 and all(finished(tf) for tf in folders)
+    nodes = {r["node_id"] for tf in folders for r in results(tf)}
+    assert len(nodes) == 2, nodes  # one trial on each 1-CPU node
+    for tf in folders:  # a trial stays on its node
+        assert len({r["node_id"] for r in results(tf)}) == 1
+    assert len(pd.read_csv(folder / "trials.csv")) == 2
+    assert (folder / "best_config.yaml").is_file()
+    assert not _marked_pids(cluster.marker)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def assert_one_line_error(result: SimpleNamespace, *needles: str) -> str:
+    assert result.returncode == 2, explain(result)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, explain(result)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, explain(result)
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, space, needles", [
+    ("unknown_key", {"tau3": {"loguniform": [0.5, 16]}}, ["search.space.tau3", "unknown config key"]),
+    ("low_above_high", {"tau1": {"loguniform": [16, 0.5]}}, ["search.space.tau1", "low must be below high"]),
+    ("low_equals_high", {"tau2": {"uniform": [2, 2]}}, ["search.space.tau2", "low must be below high"]),
+    ("log_of_zero", {"lr1": {"loguniform": [0, 0.1]}}, ["search.space.lr1", "> 0"]),
+    ("negative_lambd", {"lambd": {"uniform": [-1, 1]}}, ["search.space.lambd", "-1"]),
+])
+def test_bad_search_space(tmp_path, name, space, needles):
+    config = tiny_experiment(tmp_path, name, search={"space": space})
+    storage = tmp_path / "storage"
+    result = RayRun().run(cli("search", "--config", str(config), "--storage", str(storage)), timeout=120)
+    assert_one_line_error(result, *needles)
+    assert not storage.exists()
+
+
+def test_existing_experiment_needs_resume(experiment):
+    before = tree(experiment.folder)
+    result = RayRun().run(cli("search", "--config", str(TINY), "--storage", str(experiment.storage),
+                              "--name", experiment.folder.name), timeout=120)
+    assert_one_line_error(result, "already exists", "--resume")
+    assert tree(experiment.folder) == before
+
+
+def test_resume_of_a_folder_that_is_no_experiment(tmp_path):
+    storage = tmp_path / "storage"
+    (storage / "notes").mkdir(parents=True)
+    (storage / "notes" / "readme.txt").write_text("not an experiment")
+    before = tree(storage)
+    for name in ("notes", "missing"):
+        result = RayRun().run(cli("search", "--resume", "--name", name, "--storage", str(storage)), timeout=120)
+        assert_one_line_error(result, "is not a tune-refilled experiment", name)
+    assert tree(storage) == before and not (storage / "missing").exists()
+
+
+def test_unreachable_address(tmp_path):
+    storage = tmp_path / "storage"
+    start = time.monotonic()
+    result = RayRun().run(cli("search", "--config", str(TINY), "--storage", str(storage),
+                              "--address", f"127.0.0.1:{free_port()}"), timeout=120)
+    assert_one_line_error(result, "cannot connect to the Ray cluster", "--address 127.0.0.1:")
+    assert time.monotonic() - start < 60
+    assert not storage.exists()
+
+
+def test_more_gpus_per_trial_than_the_cluster_has(tmp_path):
+    storage = tmp_path / "storage"
+    result = RayRun(CUDA_VISIBLE_DEVICES="").run(
+        cli("search", "--config", str(TINY), "--storage", str(storage), "--gpus-per-trial", "1"), timeout=180)
+    assert_one_line_error(result, "1.0 GPU", "has 0")
+    assert not storage.exists()
