@@ -13,8 +13,13 @@ Bad input ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning: on a shared CPU (Ray trials side
+# by side, a laptop) spinning threads of one process starve the others' work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from refilled.errors import Diverged, UserError
 

@@ -8,6 +8,7 @@ shots a class (50 training images), so a whole REFILLED run takes about a second
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,3 +93,22 @@ def tiny_yaml(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def run_python(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a script of this repo as a user would: a fresh Python process."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_search(base: Path, name: str, config: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A real search through the CLI into <base>/analysis_tiny_storage/<name>, made once
+    per session and reused by every test module that asks for the same name."""
+    storage = base / "analysis_tiny_storage"
+    folder = storage / name
+    if (folder / "trials.csv").is_file():
+        return folder
+    storage.mkdir(parents=True, exist_ok=True)
+    result = run_python(str(REPO / "tune_refilled.py"), "search", "--config", str(config), "--storage", str(storage),
+                        "--name", name, *extra, cwd=storage)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return folder

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from conftest import run_python, tiny_search as shared_tiny_search  # noqa: E402
 from refilled.errors import UserError  # noqa: E402
 
 TINY = REPO / "tests" / "analysis_tiny.yaml"
@@ -33,21 +34,11 @@ RUNGS = {2, 4}  # ASHA grace_period 2, reduction_factor 2, max_t 6
 
 
 def run(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return run_python(*args, cwd=cwd, timeout=timeout)
 
 
 def tiny_search(base: Path, name: str, config: Path = TINY, extra: tuple[str, ...] = ()) -> Path:
-    """A real search through the CLI, made once per session (tests/test_retrain.py
-    makes the same first experiment the same way and reuses it when it exists)."""
-    storage = base / "analysis_tiny_storage"
-    folder = storage / name
-    if (folder / "trials.csv").is_file():
-        return folder
-    storage.mkdir(parents=True, exist_ok=True)
-    result = run(str(REPO / "tune_refilled.py"), "search", "--config", str(config), "--storage", str(storage),
-                 "--name", name, *extra, cwd=storage)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return folder
+    return shared_tiny_search(base, name, config, extra)
 
 
 @pytest.fixture(scope="module")

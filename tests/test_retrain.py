@@ -11,12 +11,13 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+
+from conftest import run_python, tiny_search as shared_tiny_search
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "analysis_tiny.yaml"
@@ -24,25 +25,12 @@ SEARCHED = {"tau1", "tau2", "lambd", "lr1", "lr2"}
 E1, E2 = 2, 4  # n_training_epochs1 and n_training_epochs2 of analysis_tiny.yaml
 
 
-def run(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
 def retrain(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return run(str(REPO / "tune_refilled.py"), "retrain", *args, cwd=cwd)
+    return run_python(str(REPO / "tune_refilled.py"), "retrain", *args, cwd=cwd)
 
 
 def tiny_search(base: Path, name: str = "analysis_tiny") -> Path:
-    """A real search through the CLI, made once per session (shared with tests/test_analysis.py)."""
-    storage = base / "analysis_tiny_storage"
-    folder = storage / name
-    if (folder / "trials.csv").is_file():
-        return folder
-    storage.mkdir(parents=True, exist_ok=True)
-    result = run(str(REPO / "tune_refilled.py"), "search", "--config", str(TINY), "--storage", str(storage),
-                 "--name", name, cwd=storage)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return folder
+    return shared_tiny_search(base, name, TINY)
 
 
 def copy_experiment(source: Path, target: Path, *, teacher: bool = True) -> Path:
