@@ -547,3 +547,23 @@ def test_more_gpus_per_trial_than_the_cluster_has(tmp_path):
         cli("search", "--config", str(TINY), "--storage", str(storage), "--gpus-per-trial", "1"), timeout=180)
     assert_one_line_error(result, "1.0 GPU", "has 0")
     assert not storage.exists()
+
+
+def test_stage1_cache_is_shared_by_trials_with_equal_stage1_settings(experiment, tmp_path):
+    """Only stage-2 keys are searched, so every trial's stage 1 is the same: the first
+    trial computes and stores it, the others replay it (same stage-1 reports), and
+    their stage-2 results still differ with lambd."""
+    config = tiny_experiment(tmp_path, "cached", search={
+        "num_samples": 3, "max_concurrent": 1, "asha": {"grace_period": TOTAL_STEPS},
+        "space": {"lambd": {"loguniform": [0.1, 100]}}})
+    storage = tmp_path / "storage"
+    result = RayRun().run(cli("search", "--config", str(config), "--storage", str(storage),
+                              "--teacher", str(experiment.teacher)))
+    assert result.returncode == 0, explain(result)
+    folders = sorted(trial_folders(storage / "cached"), key=trial_number)
+    marks = [{r.get("stage1_cache") for r in results(tf) if r.get("stage") == "stage1"} for tf in folders]
+    assert marks == [{"miss"}, {"hit"}, {"hit"}]
+    stage1 = [[r["val_accuracy"] for r in results(tf) if r.get("stage") == "stage1"] for tf in folders]
+    assert stage1[0] == stage1[1] == stage1[2] and len(stage1[0]) == 2
+    assert all(results(tf)[-1]["step"] == TOTAL_STEPS for tf in folders)
+    assert len(list((storage / "cached" / "stage1_cache").glob("*.pt"))) == 1

@@ -81,23 +81,13 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
             resume = checkpoint.load(Path(folder) / STATE_FILE, "trial checkpoint")
 
     cache = Stage1Cache(cache_dir) if cache_dir and cfg.n_training_epochs1 > 0 else None
-    key = stage1_key(cfg, teacher_id) if cache else None
-    if cache and resume is None:
-        hit = cache.lookup(key)
-        if hit is None:
-            with cache.computing(key):
-                hit = cache.lookup(key)
-                if hit is None:  # this trial computes stage 1 and shares it
-                    hit = _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total)
-        else:
-            for record in hit["history"]:  # replay: ASHA sees the same epochs it would have
-                _report({**record, "stage1_cache": "hit"})
-        resume = hit["snapshot"]
-
     step = 0
     # the number the search ranks trials by, reported so TensorBoard's HParams tab shows it too
     best2 = (resume or {}).get("best_val_accuracy_stage2", 0.0)
     try:
+        if cache and resume is None:
+            resume = _stage1_from_cache(cfg, data, student, fn, centers, cache, stage1_key(cfg, teacher_id),
+                                        checkpoint_every, total)
         for epoch in refilled_epochs(cfg, data, student, fn, centers, resume):
             _crash_once_for_tests(epoch.step)
             step = epoch.step
@@ -116,8 +106,22 @@ def _metrics(epoch, total: int) -> dict[str, Any]:
             "total_steps": total, "diverged": 0, **epoch.metrics}
 
 
+def _stage1_from_cache(cfg, data, student, fn, centers, cache, key, checkpoint_every, total) -> dict:
+    """The end-of-stage-1 snapshot: another trial's, replayed epoch by epoch so ASHA
+    sees the same reports it would have, or computed here (under the key's lock) and stored."""
+    hit = cache.lookup(key)
+    if hit is None:
+        with cache.computing(key):
+            hit = cache.lookup(key)  # another trial may have stored it while we waited
+            if hit is None:
+                return _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total)
+    for record in hit["history"]:
+        _report({**record, "stage1_cache": "hit"})
+    return hit["snapshot"]
+
+
 def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total) -> dict:
-    """Run stage 1 (reporting every epoch as usual), then store it for other trials."""
+    """Run stage 1 (reporting every epoch as usual), store it for other trials, return its snapshot."""
     history, snapshot = [], None
     for epoch in refilled_epochs(cfg, data, student, fn, centers):
         _crash_once_for_tests(epoch.step)
@@ -128,4 +132,4 @@ def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoin
         if epoch.epoch == cfg.n_training_epochs1:
             break  # stage 1 is done; stage 2 resumes from the snapshot
     cache.store(key, snapshot, history)
-    return {"snapshot": snapshot, "history": history}
+    return snapshot
