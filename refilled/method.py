@@ -34,8 +34,9 @@ class RelationMatching:
         self.tau, self.scale, self.tuples, self.margin = tau, scale, tuples, margin
 
     def __call__(self, b: Batch):
+        teacher = self.teacher(b)  # before the student's forward: less memory held while it runs
         emb = self.student.embed(b.x)
-        loss = relation_loss(emb, self.teacher(b), b.y, self.tau, tuples=self.tuples, margin=self.margin)
+        loss = relation_loss(emb, teacher, b.y, self.tau, tuples=self.tuples, margin=self.margin)
         return emb, {"relation": self.scale * loss}
 
 
@@ -53,10 +54,11 @@ class LocalClassifierDistillation:
         self.n_classes, self.tau, self.lambd = n_classes, tau, lambd
 
     def __call__(self, b: Batch):
+        t = self.teacher(b) if self.lambd > 0 else None  # before the student's forward, as above
         _, logits = self.student(b.x)
         losses = {"ce": F.cross_entropy(logits, b.y)}
-        if self.lambd > 0:
-            t = self.teacher(b).to(logits.device)
+        if t is not None:
+            t = t.to(logits.device)
             centers = self.centers if self.centers is not None else class_centers(t, b.y, self.n_classes)
             losses["local_kd"] = self.lambd * local_classifier_loss(logits, t, b.y, centers, self.tau)
         return logits, losses
