@@ -20,7 +20,7 @@ from refilled.config import Config
 from refilled.data import augment
 from refilled.data.device import DeviceTask, to_device
 from refilled.data.sources import Source, load_source
-from refilled.data.splits import student_task, teacher_task
+from refilled.data.splits import student_task, task_classes, teacher_task
 from refilled.errors import UserError
 from refilled.networks import Network
 from refilled.runtime import resolve_device
@@ -83,10 +83,11 @@ def load_teacher_state(ckpt: dict[str, Any], cfg: Config, data: DeviceTask, path
             return ", ".join(f"{k}={a.get(k)}" for k in want)
         raise UserError(f"teacher checkpoint {path} is a {show(got)} network but the config asks for "
                         f"{show(want)}: pretrain a teacher for this config or fix the teacher_* keys")
-    if ckpt.get("data_name") != cfg.data_name or list(ckpt.get("classes", [])) != list(teacher_task_classes(cfg)):
+    source_classes = task_classes(source_for(cfg), cfg, "source_classes")  # ids only: no image copies
+    if ckpt.get("data_name") != cfg.data_name or list(ckpt.get("classes", [])) != source_classes:
         raise UserError(f"teacher checkpoint {path} was trained on {ckpt.get('data_name')} classes "
                         f"{_short(ckpt.get('classes', []))}, but the config's source classes are "
-                        f"{cfg.data_name} {_short(teacher_task_classes(cfg))}: pretrain a teacher for this config")
+                        f"{cfg.data_name} {_short(source_classes)}: pretrain a teacher for this config")
     teacher = build_teacher(cfg, data, n_classes=len(ckpt["classes"]))
     try:
         teacher.load_state_dict(ckpt["model"])
@@ -96,10 +97,6 @@ def load_teacher_state(ckpt: dict[str, Any], cfg: Config, data: DeviceTask, path
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def teacher_task_classes(cfg: Config) -> list[int]:
-    return teacher_task(source_for(cfg), cfg).classes
 
 
 def _short(classes) -> str:
@@ -125,10 +122,6 @@ def teacher_inputs(cfg: Config, data: DeviceTask, teacher: Network, bank: Teache
     fn = teacher_embeddings(teacher, bank, counter)
     centers = global_centers(teacher, bank, data) if cfg.centers == "global" else None
     return fn, centers
-
-
-def new_student(cfg: Config, data: DeviceTask) -> Network:
-    return build_student(cfg, data)
 
 
 def default_teacher_path(cfg: Config, folder: str | Path = "runs/teachers") -> Path:
@@ -184,7 +177,7 @@ def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, p
         teacher = load_teacher(ensure_teacher(cfg, teacher_path, progress=progress), cfg, data)
         bank = TeacherBank.build(teacher, data, progress=progress) if bank_wanted(cfg, data) else None
         inputs = teacher_inputs(cfg, data, teacher, bank)
-    student = new_student(cfg, data)
+    student = build_student(cfg, data)
     log = RunLog(out, cfg.to_dict())
     bar = tqdm(total=cfg.n_training_epochs1 + cfg.n_training_epochs2, unit="epoch", disable=not progress)
     last: dict[str, Any] = {}

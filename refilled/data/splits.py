@@ -116,18 +116,22 @@ def _subset(s: ImageSet, classes: list[int], idx: np.ndarray | None = None) -> I
     return ImageSet(np.ascontiguousarray(s.images[idx]), remap[s.labels[idx]])
 
 
+def task_classes(source: Source, cfg, key: str) -> list[int]:
+    """The data set's class ids that `key` ('source_classes' or 'target_classes') selects."""
+    order = class_order(source, cfg.class_order)
+    return [order[p] for p in parse_positions(getattr(cfg, key), len(order), key)]
+
+
 def teacher_task(source: Source, cfg) -> Task:
     """The teacher's task: source classes, official train part, test part to report on."""
-    order = class_order(source, cfg.class_order)
-    classes = [order[p] for p in parse_positions(cfg.source_classes, len(order), "source_classes")]
+    classes = task_classes(source, cfg, "source_classes")
     return Task("teacher", classes, _subset(source.train, classes), _subset(source.test, classes),
                 "test", source.mean, source.std)
 
 
 def student_task(source: Source, cfg) -> Task:
     """The student's task, with shots and the flag_tuning split applied."""
-    order = class_order(source, cfg.class_order)
-    classes = [order[p] for p in parse_positions(cfg.target_classes, len(order), "target_classes")]
+    classes = task_classes(source, cfg, "target_classes")
     pool = _subset(source.train, classes)
     if len(pool.labels) == 0:
         raise UserError("config key 'target_classes' selects classes with no training images")
