@@ -414,6 +414,16 @@ def test_crashed_trial_resumes_from_its_checkpoint(faults):
             sorted(p.name for p in tf.iterdir())
 
 
+def test_a_retried_trial_keeps_the_results_it_reported_before_its_crash(tmp_path):
+    """Ray's loggers restart a retried trial's result.json from the storage copy; when
+    that copy is behind (a sync in flight), the last results before the crash were lost."""
+    script = str(REPO / "tests" / "retried_trial_logs.py")
+    broken = RayRun(PYTHONPATH=str(REPO)).run([sys.executable, script, str(tmp_path / "without"), "--without-fix"])
+    assert "STEPS [1, 3, 4]" in broken.stdout, explain(broken)  # the injected fault shows the loss
+    fixed = RayRun(PYTHONPATH=str(REPO)).run([sys.executable, script, str(tmp_path / "with")])
+    assert "STEPS [1, 2, 3, 4]" in fixed.stdout, explain(fixed)
+
+
 def test_nan_trial_ends_as_diverged_and_the_search_goes_on(faults):
     import optuna
 

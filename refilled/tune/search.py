@@ -301,6 +301,8 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage: str, ad
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from refilled.tune.callbacks import KeepLogsOfRetriedTrials
+
     folder = experiment_dir(storage, name)
     if resume:
         cfg, settings, _ = read_experiment(folder)
@@ -334,6 +336,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage: str, ad
             run_config=tune.RunConfig(
                 name=name, storage_path=str(folder.parent), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                callbacks=[KeepLogsOfRetriedTrials()],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
     grid = tuner.fit()
     if resume:

@@ -1,0 +1,50 @@
+"""A real Tune run whose one trial crashes once at step 3 and is retried from its
+step-2 checkpoint, with the experiment's storage copy of result.json left at step 1
+when the trial restarts (what a sync in flight at that moment leaves). Prints the
+steps result.json ends with. `--without-fix` runs the same without our callback.
+
+    python tests/retried_trial_logs.py STORAGE [--without-fix]
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from ray import tune
+
+from refilled.tune.callbacks import KeepLogsOfRetriedTrials
+
+STORAGE = Path(sys.argv[1])
+WITH_FIX = "--without-fix" not in sys.argv
+
+
+def trial(config):
+    start = 0
+    if tune.get_checkpoint():
+        with tune.get_checkpoint().as_directory() as folder:
+            start = int(Path(folder, "step").read_text())
+    for step in range(start + 1, 5):
+        crashed = STORAGE / "crashed_once"
+        if step == 3 and not crashed.exists():
+            crashed.touch()
+            raise RuntimeError("injected crash at step 3")
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "step").write_text(str(step))
+            tune.report({"step": step}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class StaleStorageOnRestart(KeepLogsOfRetriedTrials):
+    def on_trial_start(self, iteration, trials, trial, **info):
+        staged = Path(trial.local_path, "result.json")
+        if staged.exists():  # a restart: leave the storage copy at step 1
+            trial.storage.syncer.wait()
+            Path(trial.storage.trial_fs_path, "result.json").write_text(staged.read_text().splitlines()[0] + "\n")
+            if WITH_FIX:
+                super().on_trial_start(iteration, trials, trial, **info)
+
+
+grid = tune.Tuner(trial, run_config=tune.RunConfig(
+    name="retried", storage_path=str(STORAGE), callbacks=[StaleStorageOnRestart()],
+    failure_config=tune.FailureConfig(max_failures=1))).fit()
+print("STEPS", [json.loads(line)["step"] for line in Path(grid[0].path, "result.json").read_text().splitlines()])
