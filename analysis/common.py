@@ -1,7 +1,8 @@
 """Shared loading for the analysis scripts: experiments, trials, curves, search spaces.
 
 Everything is read from the experiment folder that `tune_refilled.py search`
-writes (layout in refilled/tune/search.py); no Ray is needed. Trials come from
+writes (layout in refilled/tune/search.py), or from a local mirror of an
+experiment at a URI (s3://..., refilled.storage); no Ray is needed. Trials come from
 refilled.experiments.load_trials (the same table as the search's trials.csv),
 with the searched values as plain columns (`tau1`, not `config/tau1`), and
 trial folders that never reported an epoch added as rows of their own.
@@ -25,7 +26,9 @@ import pandas as pd  # noqa: E402
 
 from refilled.config import Config  # noqa: E402
 from refilled.errors import UserError  # noqa: E402
-from refilled.experiments import EXPERIMENT_FILE, experiment_config, load_trials, read_results  # noqa: E402
+from refilled.experiments import (EXPERIMENT_FILE, experiment_config, is_experiment, load_trials,  # noqa: E402
+                                  read_results)
+from refilled.storage import experiment_at  # noqa: E402
 
 STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
 METRIC = "best_val_accuracy_stage2"  # the final metric of a trial (what the search ranks by)
@@ -79,18 +82,20 @@ class Experiment:
 
 def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     """The experiments at these folders; a folder that is not one is a UserError."""
-    folders = []
+    folders, names = [], []
     for p in paths:
-        folder = Path(p).expanduser().resolve()
-        experiment_config(folder)  # refuses a folder without experiment.yaml, in one line
-        if folder not in folders:
-            folders.append(folder)
+        place = experiment_at(p)  # a URI is read from a local mirror
+        if not is_experiment(place.folder):
+            raise UserError(f"{place.location} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
+                            "pass the folder (or URI) `search` made, e.g. experiments/digits")
+        if place.folder not in folders:
+            folders.append(place.folder)
+            names.append(place.location.rstrip("/").rsplit("/", 1)[-1])
     if not folders:
         raise UserError("no experiment given: pass one or more experiment folders, e.g. experiments/digits")
-    names = [f.name for f in folders]
     out = []
-    for folder in folders:
-        label = folder.name if names.count(folder.name) == 1 else f"{folder.parent.name}/{folder.name}"
+    for folder, name in zip(folders, names):
+        label = name if names.count(name) == 1 else f"{folder.parent.name}/{name}"
         cfg, data = experiment_config(folder)
         space = (data.get("search") or {}).get("space") or {}
         out.append(Experiment(folder, label, cfg, data, dict(space)))

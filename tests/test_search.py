@@ -370,6 +370,74 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     assert len(pd.read_csv(folder / "trials.csv")) == n and len(study(folder).trials) == n
 
 
+# ----------------------------------------------------------------------------- storage at a URI
+
+def test_search_resume_retrain_and_report_with_storage_at_a_uri(experiment, tmp_path):
+    """--storage file://...: pyarrow's view of storage, as for s3:// or gs://. Everything
+    lands at the URI; our files are made in local mirrors, and a resume from another
+    machine's mirror (an empty cache) continues the same study."""
+    import optuna
+
+    n = 5
+    config = tiny_experiment(tmp_path, "remote", search={"num_samples": n, "max_concurrent": 1,
+                                                          "asha": {"grace_period": TOTAL_STEPS}})
+    bucket = tmp_path / "bucket"
+    uri = f"file://{bucket}"
+    folder = bucket / "remote"
+    first = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-first"))
+    driver = first.popen(cli("search", "--config", str(config), "--storage", uri, "--teacher", str(experiment.teacher)))
+    try:  # killed once 2 trials finished (as Ray's sync shows them at the URI)
+        deadline = time.monotonic() + SEARCH_TIMEOUT
+        while sum(finished(tf) for tf in trial_folders(folder)) < 2:
+            assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "2 trials did not finish in time"
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.communicate()
+        first.cleanup()
+    assert driver.returncode == -signal.SIGKILL
+    for name in ("experiment.yaml", "teacher.pt", "bank-tuning.npy", "tuner.pkl"):
+        assert (folder / name).is_file(), name
+    assert not (folder / "trials.csv").exists()
+
+    resumed = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-second")).run(
+        cli("search", "--resume", "--storage", uri, "--name", "remote"))
+    assert resumed.returncode == 0, explain(resumed)
+    assert f"written to {uri}/remote/best_config.yaml" in resumed.stdout
+    table = pd.read_csv(folder / "trials.csv")
+    assert len(table) == n and (table["status"] == "finished").all(), table[["trial_id", "status", "epochs"]]
+    assert (folder / "best_config.yaml").is_file()
+    assert not (folder / "stage1_cache").exists()  # trials cannot lock files at a URI: the cache is off
+    assert "stage-1 cache: off" in resumed.stdout
+    for tf in trial_folders(folder):  # Ray wrote the trials to the URI, every epoch of each
+        assert set(r["step"] for r in results(tf)) == set(range(1, TOTAL_STEPS + 1)), tf.name
+    ot_trials = study(folder).trials  # exported from the study Ray saved with the searcher
+    assert len(ot_trials) == n and all(t.state == optuna.trial.TrialState.COMPLETE for t in ot_trials)
+    assert len({tuple(sorted(t.params.items())) for t in ot_trials}) == n
+    mirror = next((tmp_path / "cache-second").rglob("remote/experiment.yaml")).parent
+    assert mirror != folder and (mirror / "trials.csv").read_text() == (folder / "trials.csv").read_text()
+
+    # the retrain of a URI experiment goes next to it
+    cache = {"TUNE_REFILLED_CACHE": str(tmp_path / "cache-third")}
+    retrained = RayRun(**cache).run(cli("retrain", "--experiment", f"{uri}/remote", "--seeds", "1", "--no-baseline"))
+    assert retrained.returncode == 0, explain(retrained)
+    assert f"wrote {uri}/remote/retrain/results.json" in retrained.stdout
+    assert json.loads((folder / "retrain" / "results.json").read_text())["refilled"]["seeds"] == [0]
+    assert any((folder / "retrain" / "refilled" / "seed0").iterdir())
+
+    report = RayRun(**cache).run([sys.executable, "analysis/report.py", f"{uri}/remote", "--out", str(tmp_path / "report")])
+    assert report.returncode == 0, explain(report)
+    board = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert len(board) == n and set(board["experiment"]) == {"remote"}
+
+    again = RayRun(**cache).run(cli("search", "--config", str(config), "--storage", uri), timeout=120)
+    assert_one_line_error(again, f"{uri}/remote already exists")
+
+
 # ----------------------------------------------------------------------------- faults: a crash, a NaN
 
 @pytest.fixture(scope="module")
@@ -479,6 +547,13 @@ def test_two_node_local_cluster(experiment, tmp_path):
                                      timeout=180)
         assert_one_line_error(refused, "1.0 GPU", "the Ray cluster has 0")
         assert not (storage / "gpus").exists()
+
+        # a retrain of an experiment at a URI, as Ray tasks: each reads the teacher there and uploads its run
+        bucket = tmp_path / "bucket"
+        shutil.copytree(experiment.folder, bucket / "tiny", ignore=shutil.ignore_patterns("checkpoint_*", "retrain"))
+        retrained = RayRun(**auth, TUNE_REFILLED_CACHE=str(tmp_path / "cache")).run(
+            cli("retrain", "--experiment", f"file://{bucket}/tiny", "--seeds", "2", "--no-baseline", "--address", head))
+        assert retrained.returncode == 0, explain(retrained)
     finally:
         cluster.cleanup()  # the head's and the worker's processes, by pid: `ray stop` would end every Ray here
 
@@ -492,6 +567,10 @@ def test_two_node_local_cluster(experiment, tmp_path):
     assert len(pd.read_csv(folder / "trials.csv")) == 2
     assert (folder / "best_config.yaml").is_file()
     assert not _marked_pids(cluster.marker)
+    final = bucket / "tiny" / "retrain"
+    assert json.loads((final / "results.json").read_text())["refilled"]["seeds"] == [0, 1]
+    for seed in (0, 1):
+        assert (final / "refilled" / f"seed{seed}" / "config.yaml").is_file(), sorted(final.rglob("*"))
 
 
 # ----------------------------------------------------------------------------- bad input

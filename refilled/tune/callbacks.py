@@ -42,3 +42,4 @@ class KeepLogsOfRetriedTrials(Callback):
         fs.create_dir(trial.storage.trial_fs_path, recursive=True)
         for file in files:
             pyarrow.fs.copy_files(str(file), f"{trial.storage.trial_fs_path}/{file.name}", destination_filesystem=fs)
+

@@ -17,7 +17,8 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
     add_config_args(p)
     p.add_argument("--name", help="experiment name (default: the config file's name)")
     p.add_argument("--storage", default="experiments",
-                   help="folder that holds experiments; on a cluster, a path every node mounts (default: experiments)")
+                   help="where experiments live: a folder (on a cluster, one every node mounts) or a URI pyarrow "
+                        "understands, e.g. s3://bucket/experiments (default: experiments)")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start Ray on this machine")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment (--name/--storage) without rerunning finished trials")
@@ -37,13 +38,13 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
 
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
     from refilled.errors import UserError
-    from refilled.tune.search import experiment_dir, read_experiment, run_search
+    from refilled.tune.search import check_is_experiment, experiment_place, run_search
 
     if args.resume:
         if not args.name and not args.config:
             raise UserError("--resume needs --name (and --storage if not the default) of the experiment to continue")
         name = args.name or Path(args.config).stem
-        read_experiment(experiment_dir(args.storage, name))  # refuses a folder that is not an experiment
+        check_is_experiment(experiment_place(args.storage, name))
         cfg, section = None, None
     else:
         if not args.config:
@@ -60,7 +61,7 @@ def cmd_search(args: argparse.Namespace, config_from_args) -> int:
         if resources:
             section["resources"] = resources
         name = args.name or Path(args.config).stem
-    run_search(cfg, section, name=name, storage=args.storage, address=args.address, resume=args.resume,
+    run_search(cfg, section, name=name, storage_location=args.storage, address=args.address, resume=args.resume,
                teacher=args.teacher)
     return 0
 
@@ -73,9 +74,11 @@ def add_retrain_command(sub) -> None:
                     "the experiment's teacher, N seeds. The model each run ends with is tested once on the "
                     "test split. With the baseline (default) the student alone (cross-entropy, same epochs, "
                     "same seeds) is trained too. Writes results.json and summary.md.")
-    p.add_argument("--experiment", required=True, metavar="PATH", help="experiment folder made by `search`")
+    p.add_argument("--experiment", required=True, metavar="PATH",
+                   help="experiment made by `search`: its folder, or its URI (e.g. s3://bucket/experiments/digits)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default <experiment>/retrain)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default <experiment>/retrain, uploaded there "
+                                                "for a URI experiment)")
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--trial", metavar="ID", help="retrain this trial's configuration instead of the best")
     choice.add_argument("--config", metavar="FILE", help="retrain this config file instead")
@@ -90,8 +93,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from refilled.final import markdown
     from refilled.tune.retrain import retrain
 
-    results = retrain(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial, config=args.config,
+    results, written = retrain(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial, config=args.config,
                       baseline=args.baseline, force=args.force, address=args.address)
     print(markdown(results))
-    print(f"wrote {Path(args.out or Path(args.experiment) / 'retrain')}/results.json and summary.md")
+    print(f"wrote {written}/results.json and summary.md")
     return 0

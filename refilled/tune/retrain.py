@@ -2,19 +2,23 @@
 
 Reads the experiment's best trial (or `--trial`, or `--config`), then runs the
 final seeds (refilled.final) as Ray tasks on a cluster (`--address`) or one
-after another on this machine, with a progress bar either way.
+after another on this machine, with a progress bar either way. An experiment
+at a URI is read from its local mirror, and its retrain folder is uploaded next
+to it; on a cluster, each task fetches the teacher and uploads its run itself.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from refilled import storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
-from refilled.experiments import best_trial, experiment_config, load_trials, trial_config
+from refilled.experiments import EXPERIMENT_FILE, best_trial, is_experiment, load_trials, trial_config
 from refilled.final import plan, retrain_local, run_one, summarise, write_results
 
 
@@ -40,17 +44,27 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
 
 
 def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, config: str | None,
-            baseline: bool, force: bool, address: str | None) -> dict[str, Any]:
-    folder = Path(experiment).expanduser().resolve()
-    experiment_config(folder)  # refuses a folder that is not an experiment
+            baseline: bool, force: bool, address: str | None) -> tuple[dict[str, Any], str]:
+    """Returns results.json's content and where it was written (a folder or a URI)."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if out and storage.is_uri(out):
+        raise UserError(f"--out {out}: give a folder; without --out, a URI experiment's retrain is "
+                        "written next to it (<experiment>/retrain)")
+    place = storage.experiment_at(experiment)
+    folder = place.folder
+    if not is_experiment(folder):
+        raise UserError(f"{place.location} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
+                        "pass the folder (or URI) `search` made, e.g. experiments/digits")
     teacher = folder / "teacher.pt"
     if not teacher.is_file():
-        raise UserError(f"the experiment's teacher {teacher} is missing: resume the search or copy the teacher there")
+        raise UserError(f"the experiment's teacher {place.location}/teacher.pt is missing: "
+                        "resume the search or copy the teacher there")
     out_dir = Path(out).expanduser().resolve() if out else folder / "retrain"
+    upload_to = storage.join(place.uri, "retrain") if place.uri and not out else None
+    shown = upload_to or str(out_dir)
     if (out_dir / "results.json").exists() and not force:
-        raise UserError(f"{out_dir} already holds results: pass --force to replace them or --out for another folder")
+        raise UserError(f"{shown} already holds results: pass --force to replace them or --out for another folder")
     cfg, source = choose_config(folder, trial, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = plan(cfg, seeds, baseline, out_dir)
@@ -61,7 +75,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
         bar.update()
 
     if address:
-        results = _retrain_on_cluster(cfg, teacher, runs, address, done)
+        results = _retrain_on_cluster(cfg, place, runs, out_dir, upload_to, address, done)
     else:
         results = retrain_local(cfg, teacher, seeds, baseline, out_dir, done)
     bar.close()
@@ -69,22 +83,45 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
                                   "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
                                   "eval_split": "test", "trained_on": "train+validation"})
     write_results(out_dir, summary)
-    return summary
+    if upload_to:
+        place.push("retrain")
+    return summary, shown
 
 
-def _retrain_on_cluster(cfg: Config, teacher: Path, runs, address: str, done) -> list[dict]:
-    """Each seed is a Ray task; the experiment folder must be on storage all nodes see."""
+def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, upload_to: str | None,
+                        address: str, done) -> list[dict]:
+    """Each seed is a Ray task. A folder experiment must be on storage all nodes see;
+    with a URI experiment each task reads the teacher from it and uploads its run."""
     import ray
 
     from refilled.tune.search import connect, read_experiment
 
     connect(address)
-    _, settings, _ = read_experiment(teacher.parent)
-    task = ray.remote(num_cpus=settings.cpu, num_gpus=settings.gpu)(run_one)
-    pending = [task.remote(cfg.to_dict(), kind, seed, str(teacher), str(folder)) for kind, seed, folder in runs]
+    _, settings, _ = read_experiment(place.folder)
+    resources = {"num_cpus": settings.cpu, "num_gpus": settings.gpu}
+    if upload_to:
+        task = ray.remote(**resources)(_run_one_at_uri)
+        teacher = storage.join(place.uri, "teacher.pt")
+        pending = [task.remote(cfg.to_dict(), kind, seed, teacher,
+                               storage.join(upload_to, folder.relative_to(out_dir).as_posix()))
+                   for kind, seed, folder in runs]
+    else:
+        task = ray.remote(**resources)(run_one)
+        teacher = str(place.folder / "teacher.pt")
+        pending = [task.remote(cfg.to_dict(), kind, seed, teacher, str(folder)) for kind, seed, folder in runs]
     results = []
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         results.append(ray.get(ready[0]))
         done(results[-1])
     return results
+
+
+def _run_one_at_uri(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_uri: str, out_uri: str) -> dict[str, Any]:
+    """run_one on a node that sees only the URI: teacher down, run folder up."""
+    with tempfile.TemporaryDirectory(prefix="tune-refilled-") as tmp:
+        local = Path(tmp)
+        storage.download_file(teacher_uri, local / "teacher.pt")
+        result = run_one(cfg_dict, kind, seed, str(local / "teacher.pt"), str(local / "run"))
+        storage.upload(local / "run", out_uri, [p.name for p in (local / "run").iterdir()])
+    return {**result, "folder": out_uri}

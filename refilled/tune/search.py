@@ -1,14 +1,20 @@
 """`search`: Optuna (TPE) samples, ASHA stops, Ray runs the trials, locally or on a cluster.
 
-The experiment folder (`<storage>/<name>/`) holds everything a search makes:
+The experiment (`<storage>/<name>/`) holds everything a search makes:
 
     experiment.yaml     the resolved config and search settings (resume, retrain)
     teacher.pt          the teacher, trained or copied once before any trial
     optuna.db           the Optuna study (SQLite; `optuna-dashboard sqlite:///.../optuna.db`)
-    stage1_cache/       stage-1 results shared by trials with equal stage-1 settings
+    stage1_cache/       stage-1 results shared by trials with equal stage-1 settings (folders only)
     trials.csv          one row per trial: config, best stage-2 val accuracy, epochs, status
     best_config.yaml    the full config of the best trial (stage-2 validation accuracy)
     <trial folders>     Ray Tune's: result.json, progress.csv, TensorBoard events, checkpoints
+
+`--storage` is a folder (local, or a mount every node shares) or a URI pyarrow
+understands (s3://, gs://, ...). With a URI, Ray Tune writes the trials there
+itself, and our files are made in a local mirror (refilled.storage) and copied
+up; the Optuna study lives in the searcher's state, which Ray saves there, and
+optuna.db is written from it at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from refilled import checkpoint
+from refilled import checkpoint, storage
+from refilled.storage import Place, experiment_place
 from refilled.config import Config, from_dict, load_experiment
 from refilled.errors import UserError
 from refilled.experiments import EXPERIMENT_FILE, load_trials, write_best_config
@@ -36,11 +43,14 @@ METRIC = "val_accuracy"
 
 # ----------------------------------------------------------------------------- experiment files
 
-def experiment_dir(storage: str, name: str) -> Path:
-    if "://" in storage:
-        raise UserError(f"--storage {storage}: this version keeps experiments on a file system path "
-                        "(local or a shared mount such as NFS): pass a path")
-    return Path(storage).expanduser().resolve() / name
+def check_is_experiment(place: Place) -> None:
+    """Refuse, in one line, a --resume of something that is not an experiment."""
+    if place.uri:
+        if not storage.exists(storage.join(place.uri, EXPERIMENT_FILE)):
+            raise UserError(f"{place.uri} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
+                            "check --name/--storage")
+    else:
+        read_experiment(place.folder)
 
 
 def save_experiment(folder: Path, cfg: Config, search_section: dict, extra: dict | None = None) -> None:
@@ -50,10 +60,11 @@ def save_experiment(folder: Path, cfg: Config, search_section: dict, extra: dict
     os.replace(tmp, folder / EXPERIMENT_FILE)
 
 
-def read_experiment(folder: Path) -> tuple[Config, SearchSettings, dict]:
+def read_experiment(folder: Path, shown: str | None = None) -> tuple[Config, SearchSettings, dict]:
     path = folder / EXPERIMENT_FILE
     if not path.is_file():
-        raise UserError(f"{folder} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): check --name/--storage")
+        raise UserError(f"{shown or folder} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
+                        "check --name/--storage")
     cfg, data = load_experiment(path)
     return cfg, parse_search(data.get("search"), cfg), data
 
@@ -64,7 +75,10 @@ def file_digest(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- Optuna
 
-def make_searcher(settings: SearchSettings, cfg: Config, folder: Path, name: str):
+def make_searcher(settings: SearchSettings, cfg: Config, folder: Path, name: str, in_memory: bool = False):
+    """In `folder`/optuna.db; or, for a URI experiment, in memory: then the study is
+    saved inside the searcher's state, which Ray writes to the URI with its own
+    (so a resumed search finds both as they were), and export_study writes optuna.db."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -123,11 +137,28 @@ def make_searcher(settings: SearchSettings, cfg: Config, folder: Path, name: str
             return super().suggest(trial_id)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+    study_storage = None if in_memory else optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
     first = settings.first_point(cfg)
     return OptunaSearchWithPruned(
         metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=settings.seed),
-        storage=storage, study_name=name, points_to_evaluate=[first] if first else None)
+        storage=study_storage, study_name=name, points_to_evaluate=[first] if first else None)
+
+
+def export_study(folder: Path, name: str) -> None:
+    """optuna.db from the in-memory study in Ray's latest saved searcher state."""
+    import pickle
+
+    import optuna
+
+    states = sorted(folder.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return
+    with open(states[-1], "rb") as f:
+        study = pickle.load(f)["_ot_study"]
+    db = folder / "optuna.db"
+    db.unlink(missing_ok=True)
+    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                      to_storage=f"sqlite:///{db}", to_study_name=name)
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -240,7 +271,7 @@ def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
     return target
 
 
-def trainable_for(cfg: Config, settings: SearchSettings, folder: Path, teacher_path: Path):
+def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path):
     """The trial function with the teacher, its bank and the centres bound through
     Ray's object store (tune.with_parameters), and the per-trial resources."""
     import ray
@@ -248,6 +279,7 @@ def trainable_for(cfg: Config, settings: SearchSettings, folder: Path, teacher_p
 
     from refilled.tune.trainable import refilled_trial
 
+    folder = place.folder
     teacher_state = checkpoint.load(teacher_path, "teacher checkpoint")
     bank_file, centers_file = folder / "bank-tuning.npy", folder / "centers-tuning.npy"
     tuning_cfg = cfg.replace(flag_tuning=True)
@@ -266,16 +298,21 @@ def trainable_for(cfg: Config, settings: SearchSettings, folder: Path, teacher_p
                   "trials run the teacher")
         if centers is not None:
             np.save(centers_file, centers)
+        place.push(bank_file.name, centers_file.name)
+    # the stage-1 cache needs a folder every trial can lock; an object store has no locks
+    cache_dir = None if place.uri else str(folder / "stage1_cache")
+    if place.uri:
+        print("stage-1 cache: off (storage is a URI; trials with equal stage-1 settings each run stage 1)")
     fn = tune.with_parameters(refilled_trial, base=cfg.to_dict(), teacher=teacher_state,
                               bank=None if bank is None else np.ascontiguousarray(bank), centers=centers,
-                              cache_dir=str(folder / "stage1_cache"), checkpoint_every=settings.checkpoint_every,
+                              cache_dir=cache_dir, checkpoint_every=settings.checkpoint_every,
                               teacher_id=file_digest(teacher_path))
     return tune.with_resources(fn, {"cpu": settings.cpu, "gpu": settings.gpu})
 
 
 # ----------------------------------------------------------------------------- results
 
-def summarise(folder: Path) -> pd.DataFrame:
+def summarise(folder: Path, location: str | None = None) -> pd.DataFrame:
     """Write trials.csv and best_config.yaml; print the sorted table and the best config."""
     trials = load_trials(folder)
     if trials.empty or not (trials["epochs"] > 0).any():
@@ -290,72 +327,90 @@ def summarise(folder: Path) -> pd.DataFrame:
         print(shown.to_string(index=False, na_rep="-"))
     path, cfg, best = write_best_config(folder, trials)
     print(f"\nbest config ({best['trial_id']}, stage-2 val accuracy {best['best_val_accuracy_stage2']:.4f}) "
-          f"written to {path}:")
+          f"written to {f'{location}/{path.name}' if location else path}:")
     print("  " + ", ".join(f"{k.removeprefix('config/')}={best[k]:.4g}" if isinstance(best[k], float)
                            else f"{k.removeprefix('config/')}={best[k]}" for k in searched))
     return trials
 
 
-def run_search(cfg: Config, search_section: dict, *, name: str, storage: str, address: str | None,
+def run_search(cfg: Config, search_section: dict, *, name: str, storage_location: str, address: str | None,
                resume: bool, teacher: str | None) -> Path:
+    """Run (or resume) the search; returns the folder that holds its results (for a
+    URI experiment, the local mirror: everything in it is also in the URI)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from refilled.tune.callbacks import KeepLogsOfRetriedTrials
 
-    folder = experiment_dir(storage, name)
+    place = experiment_place(storage_location, name)
+    folder = place.folder
     if resume:
-        cfg, settings, _ = read_experiment(folder)
-        if not tune.Tuner.can_restore(str(folder)):
-            raise UserError(f"{folder} has no Ray Tune state to resume: start a new search instead")
+        place.pull()
+        cfg, settings, _ = read_experiment(folder, place.location)
+        if not tune.Tuner.can_restore(place.location):
+            raise UserError(f"{place.location} has no Ray Tune state to resume: start a new search instead")
     else:
         settings = parse_search(search_section, cfg)
-        if folder.exists() and any(folder.iterdir()):
-            raise UserError(f"experiment {folder} already exists: pass --resume to continue it or choose another --name")
+        if place.exists():
+            raise UserError(f"experiment {place.location} already exists: pass --resume to continue it "
+                            "or choose another --name")
     if not address:
         check_local_gpus(settings)  # before starting Ray: its start-up lines would bury the error
     connect(address)
     check_resources(settings)
     if not resume:  # only now: a refused search leaves no half experiment behind
+        if place.uri:
+            shutil.rmtree(folder, ignore_errors=True)  # a mirror left by an earlier experiment at this URI
         folder.mkdir(parents=True, exist_ok=True)
         save_experiment(folder, cfg, search_section_of(settings))
+        place.push(EXPERIMENT_FILE)
     teacher_path = prepare_teacher(cfg, folder, teacher)
-    trainable = trainable_for(cfg, settings, folder, teacher_path)
+    place.push(teacher_path.name)
+    trainable = trainable_for(cfg, settings, place, teacher_path)
     total = cfg.n_training_epochs1 + cfg.n_training_epochs2
     if resume:
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(place.location, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=total,
                                   grace_period=min(settings.grace_period, total),
                                   reduction_factor=settings.reduction_factor)
         tuner = tune.Tuner(
             trainable, param_space=settings.param_space(),
-            tune_config=tune.TuneConfig(search_alg=make_searcher(settings, cfg, folder, name), scheduler=scheduler,
+            tune_config=tune.TuneConfig(search_alg=make_searcher(settings, cfg, folder, name, in_memory=bool(place.uri)), scheduler=scheduler,
                                         num_samples=settings.num_samples,
                                         max_concurrent_trials=settings.max_concurrent or None),
             run_config=tune.RunConfig(
-                name=name, storage_path=str(folder.parent), verbose=1,
+                name=name, storage_path=place.storage_path, verbose=1,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 callbacks=[KeepLogsOfRetriedTrials()],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
     grid = tuner.fit()
+    if place.uri:  # the trials' results and the searcher's state, next to our files in the mirror
+        storage.download(place.uri, folder, skip=storage.is_checkpoint)
+        export_study(folder, name)
     if resume:
-        set_aside_unknown_trials(folder, {Path(r.path).name for r in grid if r.path})
-    summarise(folder)
+        set_aside_unknown_trials(place, {Path(r.path).name for r in grid if r.path})
+    summarise(folder, place.uri)
+    place.push("trials.csv", "best_config.yaml", "optuna.db")
+    if place.uri:
+        print(f"experiment: {place.uri} (local mirror: {folder})")
     return folder
 
 
-def set_aside_unknown_trials(folder: Path, known: set[str]) -> None:
+def set_aside_unknown_trials(place: Place, known: set[str]) -> None:
     """Trial folders that Tune's restored state does not know were started by a killed
     driver after its last state save; the resumed search ran their configurations
     again under new ids. They move to interrupted_trials/ so each trial counts once."""
+    folder = place.folder
     for params in sorted(folder.glob("*/params.json")):
         trial = params.parent
         if trial.name not in known:
             (folder / "interrupted_trials").mkdir(exist_ok=True)
             shutil.move(str(trial), str(folder / "interrupted_trials" / trial.name))
+            if place.uri:
+                storage.move(place.uri, trial.name, f"interrupted_trials/{trial.name}")
             print(f"set aside {trial.name}: started before the interruption, run again after it "
-                  f"(now in {folder / 'interrupted_trials'})")
+                  f"(now in {place.location}/interrupted_trials)")
 
 
 def search_section_of(settings: SearchSettings) -> dict[str, Any]:

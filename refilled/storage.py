@@ -1,0 +1,166 @@
+"""Where experiments live: a folder, or a URI that pyarrow understands (s3://,
+gs://, hdfs://, file://...).
+
+Ray Tune writes trials to either by itself. Our own files (experiment.yaml,
+teacher.pt, optuna.db, trials.csv, ...) are made in a local mirror of a URI
+experiment and copied up and down with these functions. The mirror of a URI
+always has the same path on a machine (under $TUNE_REFILLED_CACHE, default
+~/.cache/tune-refilled), so a resumed search finds its Optuna study where the
+first run left it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow
+import pyarrow.fs as pafs
+
+from refilled.errors import UserError
+
+CACHE_ENV = "TUNE_REFILLED_CACHE"
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pyarrow.ArrowException, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{uri}: pyarrow cannot open this storage ({reason}): check the scheme "
+                        "(s3://, gs://, hdfs://, file://), the bucket and the credentials") from None
+
+
+def mirror(uri: str) -> Path:
+    """The local folder that mirrors the URI experiment `uri` on this machine."""
+    base = Path(os.environ.get(CACHE_ENV) or "~/.cache/tune-refilled").expanduser().resolve()
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return base / "mirrors" / hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:12] / name
+
+
+def list_files(uri: str) -> list[str]:
+    """Paths (relative to `uri`, '/'-separated) of every file under it."""
+    fs, root = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def exists(uri: str) -> bool:
+    fs, root = filesystem(uri)
+    return fs.get_file_info(root).type != pafs.FileType.NotFound
+
+
+def download(uri: str, local: Path, skip: Callable[[str], bool] = lambda rel: False) -> list[str]:
+    """Copy every file under `uri` (but those `skip` names) into `local`; returns their paths."""
+    fs, root = filesystem(uri)
+    copied = []
+    for rel in list_files(uri):
+        if skip(rel):
+            continue
+        target = local / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{root}/{rel}", str(target), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        copied.append(rel)
+    return copied
+
+
+def download_file(uri: str, target: Path) -> None:
+    fs, path = filesystem(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def upload(local: Path, uri: str, names: Iterable[str]) -> None:
+    """Copy the files or folders `names` of `local` (those that exist) to the same places under `uri`."""
+    fs, root = filesystem(uri)
+    for name in names:
+        source = local / name
+        if not source.exists():
+            continue
+        target = f"{root}/{name}"
+        if source.is_dir():
+            fs.create_dir(target, recursive=True)
+        else:
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(source), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def move(uri: str, source: str, target: str) -> None:
+    """Move the folder `source` under `uri` to `target` (object stores copy, then delete)."""
+    fs, root = filesystem(uri)
+    fs.create_dir(f"{root}/{target}".rsplit("/", 1)[0], recursive=True)
+    try:
+        fs.move(f"{root}/{source}", f"{root}/{target}")
+    except (pyarrow.ArrowException, OSError):
+        pafs.copy_files(f"{root}/{source}", f"{root}/{target}", source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(f"{root}/{source}")
+
+
+def is_checkpoint(rel: str) -> bool:
+    """Ray Tune's trial checkpoints: large, and not needed to read results."""
+    return any(part.startswith("checkpoint_") for part in rel.split("/"))
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where an experiment is: a folder, or a URI and the local mirror our files are made in."""
+    folder: Path
+    uri: str | None = None
+
+    @property
+    def location(self) -> str:
+        return self.uri or str(self.folder)
+
+    @property
+    def storage_path(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[0] if self.uri else str(self.folder.parent)
+
+    def exists(self) -> bool:
+        if self.uri:
+            return exists(self.uri)
+        return self.folder.exists() and any(self.folder.iterdir())
+
+    def pull(self, skip: Callable[[str], bool] = is_checkpoint) -> None:
+        """A fresh mirror of the URI experiment (Ray's checkpoints stay in storage)."""
+        if self.uri:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+            download(self.uri, self.folder, skip=skip)
+
+    def push(self, *names: str) -> None:
+        if self.uri:
+            upload(self.folder, self.uri, names)
+
+
+def experiment_place(location: str, name: str) -> Place:
+    """The experiment `name` in the storage `location` (a folder or a URI)."""
+    if is_uri(location):
+        uri = join(location, name)
+        filesystem(uri)  # refuses a URI pyarrow cannot open, in one line
+        return Place(mirror(uri), uri)
+    return Place(Path(location).expanduser().resolve() / name)
+
+
+def experiment_at(location: str | Path) -> Place:
+    """The experiment at a folder or a URI, to read: a URI is mirrored first (its
+    results and teacher; not Ray's checkpoints, not the teacher bank)."""
+    if not is_uri(location):
+        return Place(Path(location).expanduser().resolve())
+    uri = str(location).rstrip("/")
+    filesystem(uri)
+    place = Place(mirror(uri), uri)
+    place.pull(skip=lambda rel: is_checkpoint(rel) or rel.startswith("bank-"))
+    return place
