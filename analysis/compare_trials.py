@@ -163,7 +163,8 @@ def _experiments(experiments) -> list[Experiment]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compare_trials.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="experiment folder(s) made by `search`, or their URIs (s3://...)")
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
     p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
     p.add_argument("--sort", metavar="COLUMN[,COLUMN]", help="sort by these columns (default: best stage-2 "
                                                              "validation accuracy), descending unless --ascending")

@@ -359,7 +359,8 @@ def plot_all(experiments, out: str | Path) -> dict[str, tuple[Path, pd.DataFrame
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plot_trials.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="experiment folder(s) made by `search`, or their URIs (s3://...)")
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
     p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
     p.add_argument("--only", choices=list(PLOTS), action="append", help="make only this plot (repeatable)")
     return p

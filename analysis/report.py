@@ -159,7 +159,8 @@ def _pct(v) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="report.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="experiment folder(s) made by `search`, or their URIs (s3://...)")
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
     p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
     return p
 

@@ -374,9 +374,10 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=total,
                                   grace_period=min(settings.grace_period, total),
                                   reduction_factor=settings.reduction_factor)
+        searcher = make_searcher(settings, cfg, folder, name, in_memory=bool(place.uri))
         tuner = tune.Tuner(
             trainable, param_space=settings.param_space(),
-            tune_config=tune.TuneConfig(search_alg=make_searcher(settings, cfg, folder, name, in_memory=bool(place.uri)), scheduler=scheduler,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=settings.num_samples,
                                         max_concurrent_trials=settings.max_concurrent or None),
             run_config=tune.RunConfig(
