@@ -135,12 +135,14 @@ def mine_semihard_triplets(
 
 
 def group_triplets(
-    anchors: Tensor, positives: Tensor, negatives: Tensor
+    anchors: Tensor, positives: Tensor, negatives: Tensor, n_samples: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Group triplets by their (anchor, positive) pair, vectorised.
 
     Args:
         anchors, positives, negatives: 1-D integer tensors of length T.
+        n_samples: a bound on the indices (the batch size), if known: saves
+            reading their maximum back from the device.
 
     Returns:
         ``(group_anchor, group_positive, negatives_padded, mask)`` where, with
@@ -173,7 +175,7 @@ def group_triplets(
             torch.empty(0, 0, dtype=torch.long, device=device),
             torch.empty(0, 0, dtype=torch.bool, device=device),
         )
-    base = int(torch.maximum(a.max(), p.max()).item()) + 1
+    base = n_samples if n_samples is not None else int(torch.maximum(a.max(), p.max()).item()) + 1
     key = a * base + p
     uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     g = uniq.numel()
@@ -232,7 +234,7 @@ def _triplet_kl(ds: Tensor, dt: Tensor, a: Tensor, p: Tensor, n: Tensor, tau: fl
 
 def _tuple_kl(ds: Tensor, dt: Tensor, a: Tensor, p: Tensor, n: Tensor, tau: float) -> Tensor:
     """Mean over (anchor, positive) groups of KL(softmax_T || softmax_S)."""
-    ga, gp, negs, mask = group_triplets(a, p, n)
+    ga, gp, negs, mask = group_triplets(a, p, n, n_samples=ds.shape[0])
     negs = negs.clamp_min(0)  # padding -> a valid index; masked out below
     full_mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
 
@@ -397,12 +399,19 @@ def local_classifier_loss(
             f"{student_logits.shape[1]} classes"
         )
     with _fp32(student_logits.device):
-        present = labels.long().unique()
+        # the present classes as a mask over all C, not labels.unique(): no host sync on CUDA
+        n_classes = student_logits.shape[1]
+        present = torch.zeros(n_classes, dtype=torch.bool, device=labels.device)
+        present[labels.long()] = True
+        absent = ~present
         with torch.no_grad():
-            t_logits = teacher_emb.detach().float() @ centers.detach().float()[present].T
-            log_t = torch.log_softmax(t_logits / tau, dim=1)
-        log_s = torch.log_softmax(student_logits.float()[:, present] / tau, dim=1)
-        return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+            t_logits = teacher_emb.detach().float() @ centers.detach().float().T
+            log_t = torch.log_softmax((t_logits / tau).masked_fill(absent, float("-inf")), dim=1)
+        log_s = torch.log_softmax((student_logits.float() / tau).masked_fill(absent, float("-inf")), dim=1)
+        # KL over the present classes: absent ones have teacher probability 0, and their
+        # -inf log-probabilities become 0 first so that no inf - inf makes a NaN
+        log_t, log_s = log_t.masked_fill(absent, 0.0), log_s.masked_fill(absent, 0.0)
+        return (log_t.exp().masked_fill(absent, 0.0) * (log_t - log_s)).sum() / student_logits.shape[0]
 
 
 # ----------------------------------------------------------------------------

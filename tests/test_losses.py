@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from refilled.losses import (
     _group_triplets_loop,
@@ -199,6 +200,8 @@ def test_vectorised_grouping_on_mined_triplets_and_empty():
     a, p, n = mine_semihard_triplets(s, labels)
     assert a.numel() > 100
     assert _as_set(*group_triplets(a, p, n)) == _as_set(*_group_triplets_loop(a, p, n))
+    # the batch size as the index bound (no read-back of the maximum) groups the same
+    assert _as_set(*group_triplets(a, p, n, n_samples=64)) == _as_set(*group_triplets(a, p, n))
     e = torch.empty(0, dtype=torch.long)
     ga, gp, negs, mask = group_triplets(e, e, e)
     assert ga.numel() == gp.numel() == negs.numel() == mask.numel() == 0
@@ -314,6 +317,28 @@ def test_local_classifier_loss_hand_case():
     loss.backward()
     assert (student.grad[:, [1, 3]] == 0).all()
     assert student.grad[:, [0, 2]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("n_classes, n", [(5, 8), (100, 128), (10, 2)])
+def test_local_classifier_loss_equals_kl_over_the_present_classes(n_classes, n):
+    """The masked form (no labels.unique(), so no host sync) against the subset
+    form of the docstring: value and gradient."""
+    g = torch.Generator().manual_seed(n_classes)
+    logits = torch.randn(n, n_classes, generator=g, requires_grad=True)
+    t = torch.randn(n, 16, generator=g)
+    labels = torch.randint(0, n_classes, (n,), generator=g)
+    centers = class_centers(torch.randn(300, 16, generator=g), torch.randint(0, n_classes, (300,), generator=g),
+                            n_classes)
+    present = labels.unique()
+    ref = F.kl_div(torch.log_softmax(logits[:, present] / 2.0, 1), torch.log_softmax(t @ centers[present].T / 2.0, 1),
+                   reduction="batchmean", log_target=True)
+    got = local_classifier_loss(logits, t, labels, centers, 2.0)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-7)
+    (g_ref,), (g_got,) = torch.autograd.grad(ref, logits), torch.autograd.grad(got, logits)
+    assert torch.isfinite(g_got).all() and torch.allclose(g_got, g_ref, atol=1e-6)
+    absent = torch.ones(n_classes, dtype=torch.bool)
+    absent[present] = False
+    assert (g_got[:, absent] == 0).all()  # absent classes get no gradient
 
 
 def test_local_classifier_loss_ignores_absent_classes():
