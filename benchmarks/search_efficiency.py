@@ -37,7 +37,7 @@ def run(config: str, storage: str, name: str, num_samples: int, asha: dict) -> t
     section = {**experiment["search"], "num_samples": num_samples, "asha": asha}
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
-        folder = run_search(cfg, section, name=name, storage=storage, address=None, resume=False, teacher=None)
+        folder = run_search(cfg, section, name=name, storage_location=storage, address=None, resume=False, teacher=None)
     ray.shutdown()
     trials = load_trials(folder)
     return float(best_trial(trials)["best_val_accuracy_stage2"]), int(trials["epochs"].sum()), time.time() - start, len(trials)
