@@ -150,7 +150,7 @@ def export_study(folder: Path, name: str) -> None:
 
     import optuna
 
-    states = sorted(folder.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    states = sorted(folder.glob("searcher-state-*.pkl"))  # named by the run's start time: the last is the latest
     if not states:
         return
     with open(states[-1], "rb") as f:
