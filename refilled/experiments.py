@@ -56,7 +56,7 @@ def read_results(trial_folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _status(rows: list[dict], trial_folder: Path, running: bool) -> str:
+def _status(rows: list[dict], trial_folder: Path, ended: set[str] | None, trial_id: str) -> str:
     last = rows[-1] if rows else {}
     if last.get("diverged"):
         return "diverged"
@@ -64,20 +64,37 @@ def _status(rows: list[dict], trial_folder: Path, running: bool) -> str:
         return "finished"
     if any(trial_folder.glob("error.*")):
         return "errored"
-    return "running" if running else "stopped"
+    # short of its epochs: stopped by ASHA only if Ray's saved state says it ended
+    return "stopped" if ended is None or trial_id in ended else "running"
 
 
-def load_trials(folder: str | Path, running: bool = False) -> pd.DataFrame:
+def ended_in_ray_state(folder: Path) -> set[str] | None:
+    """Ids of the trials that Ray Tune's last saved experiment state has as ended
+    (TERMINATED or ERROR); None without a readable state. A trial short of its
+    epochs and not among them is running, or was when the search was interrupted."""
+    states = sorted(folder.glob("experiment_state-*.json"))  # named by start time: the last is the latest
+    if not states:
+        return None
+    try:
+        data = json.loads(states[-1].read_text())
+        trials = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in data["trial_data"]]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return {t.get("trial_id") for t in trials if t.get("status") in ("TERMINATED", "ERROR")}
+
+
+def load_trials(folder: str | Path) -> pd.DataFrame:
     """One row per trial of an experiment.
 
     Columns: experiment, trial_id, status (finished, stopped by ASHA, diverged,
-    errored), epochs (steps run across both stages), stopped_at (the step a
+    errored, running: still, or when the search was interrupted), epochs (steps run across both stages), stopped_at (the step a
     stopped trial ended at: its ASHA rung), best/last validation accuracy of
     each stage (stage 1: NCM, stage 2: classifier), reached_stage2, wall time
     (s), diverged_reason, and one `config/<key>` column per searched key.
     """
     folder = Path(folder)
     cfg, _ = experiment_config(folder)
+    ended = ended_in_ray_state(folder)
     records = []
     for trial_folder in _trial_folders(folder):
         params = json.loads((trial_folder / "params.json").read_text())
@@ -86,7 +103,7 @@ def load_trials(folder: str | Path, running: bool = False) -> pd.DataFrame:
         trial_id = rows[-1].get("trial_id") if rows else (named.group(1) if named else trial_folder.name)
         s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1" and "val_accuracy" in r]
         s2 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage2" and "val_accuracy" in r]
-        status = _status(rows, trial_folder, running)
+        status = _status(rows, trial_folder, ended, trial_id)
         epochs = max((r.get("step", 0) for r in rows if not r.get("diverged")), default=0)
         records.append({
             "experiment": folder.name, "trial_id": trial_id, "status": status, "epochs": epochs,

@@ -331,6 +331,12 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     before = {tf.name: len(results(tf)) for tf in trial_folders(folder) if finished(tf)}
     ids_before = {tf.name: results(tf)[-1]["trial_id"] for tf in trial_folders(folder) if finished(tf)}
     assert 3 <= len(before) < n
+    # ASHA stops nobody here: what the kill cut short reads as running (to resume), not as stopped
+    from refilled.experiments import load_trials
+
+    interrupted = load_trials(folder)
+    assert set(interrupted["status"]) <= {"finished", "running"}, interrupted[["trial_id", "status", "epochs"]]
+    assert (interrupted["status"] == "finished").sum() == len(before)
 
     resumed = RayRun().run(cli("search", "--resume", "--name", "resume", "--storage", str(storage)))
     assert resumed.returncode == 0, explain(resumed)
