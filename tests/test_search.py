@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "search_tiny.yaml"
 MARKER = "TUNE_REFILLED_TEST_RUN"
 CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
+CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
 SEARCHED = ["tau1", "tau2", "lambd", "lr1", "lr2", "flag_merge"]
 TOTAL_STEPS = 6  # n_training_epochs1 + n_training_epochs2 of search_tiny.yaml
 SEARCH_TIMEOUT = 420
@@ -90,7 +91,7 @@ class RayRun:
         self.marker = uuid.uuid4().hex
         # short: Ray puts unix sockets under it (at most 107 characters)
         self.tmp = tempfile.mkdtemp(prefix="trt-", dir="/tmp")
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", CRASH_ENV)}
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", CRASH_ENV, CRASH_MARKERS_ENV)}
         env.update({MARKER: self.marker, "RAY_TMPDIR": self.tmp, "PYTHONUNBUFFERED": "1",
                     "RAY_USAGE_STATS_ENABLED": "0"})
         env.update(extra_env)
@@ -301,6 +302,30 @@ def test_search_end_to_end(experiment):
     assert shown[len(numbers):] == ["-"] * (len(shown) - len(numbers)), shown
 
 
+def test_reused_worker_processes_give_the_same_trials(experiment, tmp_path):
+    """search.reuse_actors (on by default, as in the shared search) starts each trial in the
+    worker process of one that ended; the same search with a fresh process per trial
+    gives the same trials, losses and accuracies."""
+    config = tiny_experiment(tmp_path, "fresh", search={"reuse_actors": False})
+    storage = tmp_path / "storage"
+    result = RayRun().run(cli("search", "--config", str(config), "--storage", str(storage),
+                              "--teacher", str(experiment.teacher)))
+    assert result.returncode == 0, explain(result)
+    # ASHA's stops depend on which trial reaches a rung first, so compare each trial's
+    # epochs: the same configuration reports the same losses and accuracies
+    def curves(folder: Path) -> dict[tuple, list]:
+        return {tuple(sorted(params(tf).items())): [(r["step"], r["val_accuracy"], r["loss"]) for r in results(tf)]
+                for tf in trial_folders(folder)}
+
+    reused, fresh = curves(experiment.folder), curves(storage / "fresh")
+    assert reused.keys() == fresh.keys()  # the same TPE proposals
+    for config, rows in reused.items():
+        common = min(len(rows), len(fresh[config]))
+        assert common >= 2 and rows[:common] == fresh[config][:common], config
+    pids = {tf.name: {r["pid"] for r in results(tf)} for tf in trial_folders(experiment.folder)}
+    assert len(set().union(*pids.values())) < len(pids), pids  # the shared search did reuse processes
+
+
 # ----------------------------------------------------------------------------- resume after a kill
 
 def test_resume_after_killing_the_driver(experiment, tmp_path):
@@ -457,15 +482,17 @@ def faults(experiment, tmp_path_factory) -> SimpleNamespace:
                 # seed 1 draws lr2 = 0.05 for trials 2 and 3 (the sampler is random for its first trials)
                 "seed": 1, "space": {"tau1": {"loguniform": [0.5, 16]}, "lr2": {"choice": [0.05, 1.0e6]}}})
     storage = tmp / "storage"
-    result = RayRun(**{CRASH_ENV: "3"}).run(cli("search", "--config", str(config), "--storage", str(storage),
-                                                "--teacher", str(experiment.teacher)))
+    markers = tmp / "crash_markers"
+    markers.mkdir()
+    result = RayRun(**{CRASH_ENV: "3", CRASH_MARKERS_ENV: str(markers)}).run(
+        cli("search", "--config", str(config), "--storage", str(storage), "--teacher", str(experiment.teacher)))
     assert result.returncode == 0, explain(result)
     folder = storage / "faults"
     folders = trial_folders(folder)
     first = min(folders, key=trial_number)
     assert params(first)["lr2"] == 1.0e6
     return SimpleNamespace(folder=folder, result=result, first=first, others=[f for f in folders if f != first],
-                           table=pd.read_csv(folder / "trials.csv"))
+                           table=pd.read_csv(folder / "trials.csv"), markers=markers)
 
 
 def test_crashed_trial_resumes_from_its_checkpoint(faults):
@@ -473,7 +500,7 @@ def test_crashed_trial_resumes_from_its_checkpoint(faults):
     sane = [tf for tf in faults.others if params(tf)["lr2"] != 1.0e6]
     assert sane, "the seeded sampler gave every trial the absurd lr2; change the seed"
     for tf in sane:
-        assert (tf / "crashed_once").exists(), tf.name
+        assert (faults.markers / results(tf)[-1]["trial_id"]).exists(), tf.name
         rows = results(tf)
         steps = [r["step"] for r in rows]
         # crashed after computing step 3, before reporting it; retried from the step-2 checkpoint

@@ -379,7 +379,8 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
             trainable, param_space=settings.param_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=settings.num_samples,
-                                        max_concurrent_trials=settings.max_concurrent or None),
+                                        max_concurrent_trials=settings.max_concurrent or None,
+                                        reuse_actors=settings.reuse_actors),
             run_config=tune.RunConfig(
                 name=name, storage_path=place.storage_path, verbose=1,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
@@ -419,4 +420,5 @@ def search_section_of(settings: SearchSettings) -> dict[str, Any]:
             "asha": {"grace_period": settings.grace_period, "reduction_factor": settings.reduction_factor},
             "resources": {"cpu": settings.cpu, "gpu": settings.gpu}, "max_concurrent": settings.max_concurrent,
             "max_failures": settings.max_failures, "checkpoint_every": settings.checkpoint_every,
-            "keep_checkpoints": settings.keep_checkpoints, "seed": settings.seed}
+            "keep_checkpoints": settings.keep_checkpoints, "reuse_actors": settings.reuse_actors,
+            "seed": settings.seed}

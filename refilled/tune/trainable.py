@@ -30,7 +30,9 @@ from refilled.train import STAGE2, Diverged, build_student, global_centers, refi
 from refilled.runlog import STAGE_NAMES
 
 STATE_FILE = "state.pt"
-CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"  # fault injection for tests: crash once at this step
+# fault injection for tests: each trial crashes once at this step (markers in the folder CRASH_MARKERS_ENV names)
+CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
+CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
 
 
 def _report(metrics: dict[str, Any], snapshot: dict | None = None) -> None:
@@ -45,11 +47,15 @@ def _report(metrics: dict[str, Any], snapshot: dict | None = None) -> None:
 
 
 def _crash_once_for_tests(step: int) -> None:
-    """Raise once at step N when CRASH_ENV=N (a marker file in the trial folder
-    makes it once): how the tests show a retried trial resumes from its checkpoint."""
+    """Raise once per trial at step N when CRASH_ENV=N: how the tests show a retried
+    trial resumes from its checkpoint. The marker that makes it once is
+    <CRASH_MARKERS_ENV>/<trial id>: a retry may run in another worker process, whose
+    trial working directory need not be the first attempt's."""
     at = os.environ.get(CRASH_ENV)
-    marker = Path(tune.get_context().get_trial_dir()) / "crashed_once"
-    if at and int(at) == step and not marker.exists():
+    if not at or int(at) != step:
+        return
+    marker = Path(os.environ[CRASH_MARKERS_ENV]) / tune.get_context().get_trial_id()
+    if not marker.exists():
         marker.touch()
         raise RuntimeError(f"injected crash at step {step} ({CRASH_ENV})")
 
