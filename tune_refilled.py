@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from refilled.runtime import keep_freed_memory  # after parse_args: --help stays quick (no torch)
+
+    keep_freed_memory()  # this process trains (pretrain, train, retrain) or builds the bank
     try:
         return args.run(args)
     except UserError as e:

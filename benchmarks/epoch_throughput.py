@@ -52,7 +52,7 @@ from refilled.data.sources import CIFAR100_MEAN, CIFAR100_STD, ImageSet
 from refilled.data.splits import Task
 from refilled.method import LocalClassifierDistillation, RelationMatching
 from refilled.networks import build_network
-from refilled.runtime import autocast, prepare_model, resolve_device
+from refilled.runtime import autocast, keep_freed_memory, prepare_model, resolve_device
 from refilled.train import STAGE1, STAGE2, global_centers, train_epochs
 
 from _reference import cifar_loader, reference_epoch
@@ -108,20 +108,6 @@ def parse_args() -> argparse.Namespace:
 def sgd(params, cfg: Config, lr: float) -> torch.optim.SGD:
     """The optimiser both paths use (the project's and the authors': SGD, Nesterov momentum)."""
     return torch.optim.SGD(params, lr=lr, momentum=cfg.mo, weight_decay=cfg.wd, nesterov=True)
-
-
-def keep_heap() -> str:
-    """mallopt(M_MMAP_THRESHOLD, 1 GiB) and mallopt(M_TRIM_THRESHOLD, 2 GiB): big activation
-    buffers stay in the heap instead of being mmap'ed, page-faulted and unmapped each batch."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return "not glibc, --mallopt ignored"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
-    return "M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB" + ("" if ok else " (mallopt refused)")
 
 
 def random_cifar(n: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +231,8 @@ def main() -> None:
     device = resolve_device(args.device)
     print(machine(device))
     if args.mallopt:
-        print("glibc malloc: " + keep_heap())
+        print("glibc malloc: " + ("M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB (refilled.runtime.keep_freed_memory)"
+                                  if keep_freed_memory() else "not glibc or mallopt refused: --mallopt ignored"))
     print(f"data: {args.images} random uint8 images 3x32x32, {args.classes} classes; batch {args.batch_size}; "
           f"teacher WRN-{args.teacher_depth}-{args.teacher_width}, student WRN-{args.depth}-{args.width}; "
           f"device {device}")

@@ -35,8 +35,10 @@ def run_one(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_path: str, o
 
     from refilled.config import from_dict
     from refilled.run import train_once
+    from refilled.runtime import keep_freed_memory
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    keep_freed_memory()  # also when this runs as a Ray task
     cfg = from_dict({"seed": seed, "flag_tuning": False}, from_dict(cfg_dict))
     if kind == "student_alone":
         cfg = student_alone(cfg)

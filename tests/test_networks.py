@@ -164,6 +164,47 @@ def test_train_mode_dropout_is_active_for_wide_resnet():
     assert not torch.equal(net(x)[0], net(x)[0])
 
 
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_dropout_mask_keeps_the_distribution_and_scaling(p):
+    """The wide_resnet's dropout draws its mask as rand >= p (cheaper than bernoulli_
+    on CPU): a fraction p of zeros, survivors scaled by 1/(1-p), off in eval mode."""
+    net = build_network("wide_resnet", 6, depth=10, dropout_rate=p)
+    dropout = next(m for m in net.modules() if isinstance(m, torch.nn.Dropout))
+    x = torch.ones(400, 16, 8, 8).to(memory_format=torch.channels_last)
+    y = dropout.train()(x)
+    zeros = (y == 0).float().mean().item()
+    assert abs(zeros - p) < 0.01, zeros
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+    assert abs(y.mean().item() - 1.0) < 0.02  # the expectation is kept
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dropout.eval()(x), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 draw under autocast: same fraction
+        z = dropout.train()(x.bfloat16())
+    assert abs((z == 0).float().mean().item() - p) < 0.01
+
+
+def test_prepare_model_uses_channels_last_on_cpu_with_the_same_outputs():
+    from refilled.runtime import prepare_model
+
+    net = build_network("wide_resnet", 6, **SMALL["wide_resnet"]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        prepared = prepare_model(net, torch.device("cpu"))
+        assert prepared.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        out = prepared(x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_keep_freed_memory_sets_glibc_malloc():
+    import platform
+
+    from refilled.runtime import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
 @pytest.mark.parametrize("name", list(SMALL))
 def test_channels_last_and_bf16_autocast(name):
     net = build_network(name, 6, **SMALL[name]).eval()

@@ -72,7 +72,7 @@ def sample(aug: Augmentation, n: int, generator: torch.Generator, device) -> tor
 
 def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     x = (x.float() / 255 - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    return x.contiguous(memory_format=torch.channels_last)  # as the networks' weights (runtime.prepare_model)
 
 
 def crop_flip(images: torch.Tensor, variants: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:

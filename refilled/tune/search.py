@@ -35,7 +35,7 @@ from refilled.storage import Place, experiment_place
 from refilled.config import Config, from_dict, load_experiment
 from refilled.errors import UserError
 from refilled.experiments import EXPERIMENT_FILE, load_trials, write_best_config
-from refilled.runtime import resolve_device
+from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.tune.settings import SearchSettings, parse_search
 
 METRIC = "val_accuracy"
@@ -243,6 +243,7 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
     from refilled.run import bank_wanted, load_teacher_state, student_data
     from refilled.train import global_centers
 
+    keep_freed_memory()
     cfg = from_dict(cfg_dict)
     data = student_data(cfg, resolve_device("auto"))
     teacher = load_teacher_state(teacher_state, cfg, data)

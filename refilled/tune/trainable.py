@@ -24,7 +24,7 @@ from refilled import checkpoint
 from refilled.bank import TeacherBank, teacher_embeddings
 from refilled.config import Config, from_dict
 from refilled.run import load_teacher_state, student_data
-from refilled.runtime import resolve_device
+from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.stage1_cache import Stage1Cache, stage1_key
 from refilled.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
 from refilled.runlog import STAGE_NAMES
@@ -67,6 +67,7 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
     cfg: Config = from_dict(params, Config(**{**base, "point": tuple(base["point"])}))
     cfg = cfg.replace(flag_tuning=True, device="auto")  # searching never sees the test split
     torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
+    keep_freed_memory()
     device = resolve_device("auto")  # CUDA exactly when Ray gave this trial a GPU
     data = student_data(cfg, device)
     teacher_net = load_teacher_state(teacher, cfg, data)
