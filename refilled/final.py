@@ -78,12 +78,16 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {names[kind]} | {per_seed} | {r['mean']:.2%} ± {r['std']:.2%} |")
     if "gain" in results:
         lines.append(f"\nGain of REFILLED over the student alone: **{results['gain'] * 100:+.2f} points** "
-                     f"(mean over {len(results['refilled']['test_accuracy'])} seeds).")
+                     f"(mean over {_seeds(len(results['refilled']['test_accuracy']))}).")
     source = results.get("source", {})
     if source:
         lines.append(f"\nConfiguration: {source}. Each model is the one training ended with, tested once "
                      "on the test split (trained on train + validation).")
     return "\n".join(lines) + "\n"
+
+
+def _seeds(n: int) -> str:
+    return "1 seed" if n == 1 else f"{n} seeds"
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
