@@ -234,6 +234,9 @@ def test_search_end_to_end(experiment):
         assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
         row = table[table["trial_id"] == rows[-1]["trial_id"]].iloc[0]
         assert row["status"] == ("finished" if rows[-1]["step"] == TOTAL_STEPS else "stopped")
+        # the last keep_checkpoints (2) checkpoints are kept, the newest (last epoch) among them
+        kept = sorted(p.name for p in tf.glob("checkpoint_*"))
+        assert len(kept) == min(2, len(rows)) and kept[-1] == f"checkpoint_{len(rows) - 1:06d}", (tf.name, kept)
 
     # the Optuna study: pruned for the stopped trials, complete for the finished ones
     import optuna
@@ -331,7 +334,9 @@ def test_reused_worker_processes_give_the_same_trials(experiment, tmp_path):
 def test_resume_after_killing_the_driver(experiment, tmp_path):
     n = 6
     # grace_period = all epochs: ASHA stops nobody, so "finished" means every epoch ran
-    config = tiny_experiment(tmp_path, "resume", search={"num_samples": n, "max_concurrent": 1,
+    # a fresh worker per trial (reuse_actors off) keeps the search slow enough to be killed mid-way:
+    # results reach the storage folder the test watches only every ~10 s
+    config = tiny_experiment(tmp_path, "resume", search={"num_samples": n, "max_concurrent": 1, "reuse_actors": False,
                                                           "asha": {"grace_period": TOTAL_STEPS}})
     storage = tmp_path / "storage"
     folder = storage / "resume"
@@ -356,6 +361,16 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     before = {tf.name: len(results(tf)) for tf in trial_folders(folder) if finished(tf)}
     ids_before = {tf.name: results(tf)[-1]["trial_id"] for tf in trial_folders(folder) if finished(tf)}
     assert 3 <= len(before) < n
+    # the checkpoint Ray's saved state would resume each trial from survived the kill
+    import pyarrow.fs
+
+    from refilled.tune.callbacks import resumable_checkpoints
+
+    resumable = resumable_checkpoints(pyarrow.fs.LocalFileSystem(), str(folder))
+    assert resumable
+    for trial_dir, name in resumable.items():
+        present = sorted(p.name for p in (folder / trial_dir).iterdir())
+        assert (folder / trial_dir / name).is_dir(), (trial_dir, name, present)
     # ASHA stops nobody here: what the kill cut short reads as running (to resume), not as stopped
     from refilled.experiments import load_trials
 
@@ -410,7 +425,7 @@ def test_search_resume_retrain_and_report_with_storage_at_a_uri(experiment, tmp_
     import optuna
 
     n = 5
-    config = tiny_experiment(tmp_path, "remote", search={"num_samples": n, "max_concurrent": 1,
+    config = tiny_experiment(tmp_path, "remote", search={"num_samples": n, "max_concurrent": 1, "reuse_actors": False,
                                                           "asha": {"grace_period": TOTAL_STEPS}})
     bucket = tmp_path / "bucket"
     uri = f"file://{bucket}"
@@ -460,7 +475,8 @@ def test_search_resume_retrain_and_report_with_storage_at_a_uri(experiment, tmp_
     assert json.loads((folder / "retrain" / "results.json").read_text())["refilled"]["seeds"] == [0]
     assert any((folder / "retrain" / "refilled" / "seed0").iterdir())
 
-    report = RayRun(**cache).run([sys.executable, "analysis/report.py", f"{uri}/remote", "--out", str(tmp_path / "report")])
+    report = RayRun(**cache).run([sys.executable, "analysis/report.py", f"{uri}/remote",
+                                  "--out", str(tmp_path / "report")])
     assert report.returncode == 0, explain(report)
     board = pd.read_csv(tmp_path / "report" / "trials.csv")
     assert len(board) == n and set(board["experiment"]) == {"remote"}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import time
 from pathlib import Path
 
 import pyarrow.fs
@@ -43,3 +46,88 @@ class KeepLogsOfRetriedTrials(Callback):
         for file in files:
             pyarrow.fs.copy_files(str(file), f"{trial.storage.trial_fs_path}/{file.name}", destination_filesystem=fs)
 
+
+
+CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
+
+
+def checkpoints_to_delete(names: list[str], keep: int, protected: set[str]) -> list[str]:
+    """All checkpoint folders but the newest `keep` and the `protected` ones."""
+    ordered = sorted((n for n in names if CHECKPOINT_DIR.match(n)), key=lambda n: int(CHECKPOINT_DIR.match(n)[1]))
+    kept = set(ordered[-keep:]) | protected
+    return [n for n in ordered if n not in kept]
+
+
+def resumable_checkpoints(fs: pyarrow.fs.FileSystem, experiment: str) -> dict[str, str]:
+    """{trial folder: checkpoint folder} that Ray's last saved experiment state would
+    resume each trial from (the newest checkpoint its checkpoint manager knew)."""
+    selector = pyarrow.fs.FileSelector(experiment, allow_not_found=True)
+    states = sorted(i.path for i in fs.get_file_info(selector) if i.base_name.startswith("experiment_state-"))
+    if not states:
+        return {}
+    with fs.open_input_stream(states[-1]) as f:
+        data = json.loads(f.read())
+    out = {}
+    for entry in data.get("trial_data", []):
+        trial = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+        # the manager is cloudpickled (hex); the paths it holds are plain bytes inside
+        found = re.findall(r"checkpoint_(\d{6})", str(entry[1]) + bytes.fromhex(_hex_of(entry[1])).decode("latin-1"))
+        if found and trial.get("relative_logdir"):
+            out[trial["relative_logdir"]] = f"checkpoint_{max(found, key=int)}"
+    return out
+
+
+def _hex_of(metadata) -> str:
+    metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+    manager = (metadata or {}).get("checkpoint_manager") or {}
+    value = manager.get("value", "") if isinstance(manager, dict) else ""
+    return value if re.fullmatch(r"[0-9a-f]*", value) and len(value) % 2 == 0 else ""
+
+
+def prune_checkpoints(fs: pyarrow.fs.FileSystem, experiment: str, trial_dirs: list[str], keep: int) -> None:
+    """Delete the trials' checkpoints but the newest `keep` and the one a resume would use."""
+    protected = resumable_checkpoints(fs, experiment)
+    for trial_dir in trial_dirs:
+        selector = pyarrow.fs.FileSelector(f"{experiment}/{trial_dir}", allow_not_found=True)
+        names = [i.base_name for i in fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.Directory]
+        keep_also = {protected[trial_dir]} if trial_dir in protected else set()
+        for name in checkpoints_to_delete(names, keep, keep_also):
+            fs.delete_dir(f"{experiment}/{trial_dir}/{name}")
+
+
+class KeepLastCheckpoints(Callback):
+    """Ray's own CheckpointConfig(num_to_keep) deletes a trial's old checkpoint as soon
+    as a newer one arrives, while the experiment state it saves a moment later (in
+    the background) still names it: a driver killed in between leaves a state that
+    `--resume` cannot restore ("checkpoint does not exist"), and the trial errors.
+    Here Ray keeps every checkpoint, and this callback deletes the old ones every
+    few seconds and when a trial ends, sparing the one Ray's last *saved* state
+    would resume from."""
+
+    def __init__(self, keep: int, every_s: float = 5.0):
+        self.keep, self.every_s, self._last = keep, every_s, 0.0
+
+    def __getstate__(self):  # saved with Tune's state; a resumed driver's clock starts anew
+        return {**self.__dict__, "_last": 0.0}
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self._prune(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._prune([trial])
+
+    def on_experiment_end(self, trials, **info):
+        self._prune(trials)
+
+    def _prune(self, trials) -> None:
+        trials = [t for t in trials if getattr(t.storage, "trial_dir_name", None)]
+        if not trials:
+            return
+        storage = trials[0].storage
+        try:
+            prune_checkpoints(storage.storage_filesystem, storage.experiment_fs_path,
+                              [t.storage.trial_dir_name for t in trials], self.keep)
+        except (OSError, ValueError) as error:  # disk space is not worth a failed search
+            log.warning("pruning old checkpoints failed: %s", error)

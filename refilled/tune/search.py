@@ -28,14 +28,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs
 import yaml
 
 from refilled import checkpoint, storage
-from refilled.storage import Place, experiment_place
 from refilled.config import Config, from_dict, load_experiment
 from refilled.errors import UserError
 from refilled.experiments import EXPERIMENT_FILE, load_trials, write_best_config
 from refilled.runtime import keep_freed_memory, resolve_device
+from refilled.storage import Place, experiment_place
 from refilled.tune.settings import SearchSettings, parse_search
 
 METRIC = "val_accuracy"
@@ -341,7 +342,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from refilled.tune.callbacks import KeepLogsOfRetriedTrials
+    from refilled.tune.callbacks import KeepLastCheckpoints, KeepLogsOfRetriedTrials, prune_checkpoints
 
     place = experiment_place(storage_location, name)
     folder = place.folder
@@ -385,14 +386,17 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
             run_config=tune.RunConfig(
                 name=name, storage_path=place.storage_path, verbose=1,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                callbacks=[KeepLogsOfRetriedTrials()],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints)))
+                callbacks=[KeepLogsOfRetriedTrials(), KeepLastCheckpoints(settings.keep_checkpoints)],
+                # Ray keeps every checkpoint; KeepLastCheckpoints deletes the old ones safely
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
     grid = tuner.fit()
     if place.uri:  # the trials' results and the searcher's state, next to our files in the mirror
         storage.download(place.uri, folder, skip=storage.is_checkpoint)
         export_study(folder, name)
     if resume:
         set_aside_unknown_trials(place, {Path(r.path).name for r in grid if r.path})
+    fs, root = storage.filesystem(place.uri) if place.uri else (pyarrow.fs.LocalFileSystem(), str(folder))
+    prune_checkpoints(fs, root, [p.parent.name for p in folder.glob("*/params.json")], settings.keep_checkpoints)
     summarise(folder, place.uri)
     place.push("trials.csv", "best_config.yaml", "optuna.db")
     if place.uri:
