@@ -8,7 +8,8 @@ The experiment (`<storage>/<name>/`) holds everything a search makes:
     stage1_cache/       stage-1 results shared by trials with equal stage-1 settings (folders only)
     trials.csv          one row per trial: config, best stage-2 val accuracy, epochs, status
     best_config.yaml    the full config of the best trial (stage-2 validation accuracy)
-    <trial folders>     Ray Tune's: result.json, progress.csv, TensorBoard events, checkpoints
+    <trial folders>     Ray Tune's: result.json, progress.csv, TensorBoard events, the last
+                        keep_checkpoints checkpoints (callbacks.KeepLastCheckpoints)
 
 `--storage` is a folder (local, or a mount every node shares) or a URI pyarrow
 understands (s3://, gs://, ...). With a URI, Ray Tune writes the trials there
