@@ -100,22 +100,25 @@ class KeepLastCheckpoints(Callback):
     as a newer one arrives, while the experiment state it saves a moment later (in
     the background) still names it: a driver killed in between leaves a state that
     `--resume` cannot restore ("checkpoint does not exist"), and the trial errors.
-    Here Ray keeps every checkpoint, and this callback deletes the old ones every
-    few seconds and when a trial ends, sparing the one Ray's last *saved* state
-    would resume from."""
+    Here Ray keeps every checkpoint, and this callback deletes the old ones of
+    running trials every 30 s, of a trial when it ends, and of all at the end,
+    sparing the one Ray's last *saved* state would resume from."""
 
-    def __init__(self, keep: int, every_s: float = 5.0):
+    def __init__(self, keep: int, every_s: float = 30.0):
         self.keep, self.every_s, self._last = keep, every_s, 0.0
 
     def __getstate__(self):  # saved with Tune's state; a resumed driver's clock starts anew
         return {**self.__dict__, "_last": 0.0}
 
     def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self._last >= self.every_s:
+        if time.monotonic() - self._last >= self.every_s:  # few listings: storage may be an object store
             self._last = time.monotonic()
-            self._prune(trials)
+            self._prune([t for t in trials if t.status == "RUNNING"])  # ended ones were pruned as they ended
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._prune([trial])
+
+    def on_trial_error(self, iteration, trials, trial, **info):
         self._prune([trial])
 
     def on_experiment_end(self, trials, **info):
