@@ -26,8 +26,7 @@ import pandas as pd  # noqa: E402
 
 from refilled.config import Config  # noqa: E402
 from refilled.errors import UserError  # noqa: E402
-from refilled.experiments import (EXPERIMENT_FILE, experiment_config, is_experiment, load_trials,  # noqa: E402
-                                  read_results)
+from refilled.experiments import EXPERIMENT_FILE, experiment_config, load_trials, read_results  # noqa: E402
 from refilled.storage import experiment_at  # noqa: E402
 
 STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
@@ -85,9 +84,7 @@ def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     folders, names = [], []
     for p in paths:
         place = experiment_at(p)  # a URI is read from a local mirror
-        if not is_experiment(place.folder):
-            raise UserError(f"{place.location} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
-                            "pass the folder (or URI) `search` made, e.g. experiments/digits")
+        experiment_config(place.folder, place.location)  # refuses what is not an experiment, in one line
         if place.folder not in folders:
             folders.append(place.folder)
             names.append(place.location.rstrip("/").rsplit("/", 1)[-1])

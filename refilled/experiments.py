@@ -31,11 +31,13 @@ def is_experiment(folder: str | Path) -> bool:
     return (Path(folder) / EXPERIMENT_FILE).is_file()
 
 
-def experiment_config(folder: str | Path) -> tuple[Config, dict[str, Any]]:
+def experiment_config(folder: str | Path, location: str | None = None) -> tuple[Config, dict[str, Any]]:
+    """The experiment's config and experiment.yaml; `location` names it in the error
+    (the URI of an experiment read from its local mirror)."""
     folder = Path(folder)
     if not is_experiment(folder):
-        raise UserError(f"{folder} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
-                        "pass the folder `search` made, e.g. experiments/digits")
+        raise UserError(f"{location or folder} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
+                        "pass the folder (or URI) `search` made, e.g. experiments/digits")
     return load_experiment(folder / EXPERIMENT_FILE)
 
 
@@ -87,8 +89,8 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
     """One row per trial of an experiment.
 
     Columns: experiment, trial_id, status (finished, stopped by ASHA, diverged,
-    errored, running: still, or when the search was interrupted), epochs (steps run across both stages), stopped_at (the step a
-    stopped trial ended at: its ASHA rung), best/last validation accuracy of
+    errored, running: still, or when the search was interrupted), epochs (steps
+    run across both stages), stopped_at (the step a stopped trial ended at: its ASHA rung), best/last validation accuracy of
     each stage (stage 1: NCM, stage 2: classifier), reached_stage2, wall time
     (s), diverged_reason, and one `config/<key>` column per searched key.
     """

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from refilled import storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
-from refilled.experiments import EXPERIMENT_FILE, best_trial, is_experiment, load_trials, trial_config
+from refilled.experiments import best_trial, experiment_config, load_trials, trial_config
 from refilled.final import plan, retrain_local, run_one, summarise, write_results
 
 
@@ -53,9 +53,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
                         "written next to it (<experiment>/retrain)")
     place = storage.experiment_at(experiment)
     folder = place.folder
-    if not is_experiment(folder):
-        raise UserError(f"{place.location} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
-                        "pass the folder (or URI) `search` made, e.g. experiments/digits")
+    experiment_config(folder, place.location)  # refuses what is not an experiment
     teacher = folder / "teacher.pt"
     if not teacher.is_file():
         raise UserError(f"the experiment's teacher {place.location}/teacher.pt is missing: "
