@@ -10,6 +10,7 @@ trial folders that never reported an epoch added as rows of their own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -208,6 +209,15 @@ def out_dir(path: str | Path) -> Path:
     return folder
 
 
+def experiments_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments every analysis script takes: experiments and --out."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
+    p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
+    return p
+
+
 def run_cli(main, argv: list[str] | None = None) -> int:
     """Run a script's main: bad input is one line on stderr and exit code 2."""
     try:
@@ -218,4 +228,4 @@ def run_cli(main, argv: list[str] | None = None) -> int:
 
 
 __all__ = ["Experiment", "open_experiments", "trials", "all_trials", "curves", "retrain_results", "markdown_table",
-           "out_dir", "run_cli", "fmt", "METRIC", "STATUS_ORDER", "EXPERIMENT_FILE", "UserError"]
+           "out_dir", "experiments_parser", "run_cli", "fmt", "METRIC", "STATUS_ORDER", "EXPERIMENT_FILE", "UserError"]

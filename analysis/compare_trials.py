@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled`
 import pandas as pd  # noqa: E402
 
 from analysis.common import (METRIC, STATUS_ORDER, Experiment, UserError, all_trials, markdown_table,  # noqa: E402
-                             open_experiments, out_dir, retrain_results, run_cli)
+                             experiments_parser, open_experiments, out_dir, retrain_results, run_cli)
 
 # Column order of the leaderboard: FIRST, the searched values, METRICS, LAST.
 FIRST = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs", "total_epochs"]
@@ -161,11 +161,7 @@ def _experiments(experiments) -> list[Experiment]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compare_trials.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
-    p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
+    p = experiments_parser("compare_trials.py", __doc__)
     p.add_argument("--sort", metavar="COLUMN[,COLUMN]", help="sort by these columns (default: best stage-2 "
                                                              "validation accuracy), descending unless --ascending")
     p.add_argument("--ascending", action="store_true", help="sort ascending")

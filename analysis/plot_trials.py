@@ -39,7 +39,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,  # noqa: E402
-                             out_dir, run_cli)
+                             experiments_parser, out_dir, run_cli)
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
     "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),
@@ -357,11 +357,7 @@ def plot_all(experiments, out: str | Path) -> dict[str, tuple[Path, pd.DataFrame
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="plot_trials.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
-    p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
+    p = experiments_parser("plot_trials.py", __doc__)
     p.add_argument("--only", choices=list(PLOTS), action="append", help="make only this plot (repeatable)")
     return p
 

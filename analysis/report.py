@@ -28,7 +28,8 @@ if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled`
 
 import pandas as pd  # noqa: E402
 
-from analysis.common import markdown_table, open_experiments, out_dir, retrain_results, run_cli  # noqa: E402
+from analysis.common import (experiments_parser, markdown_table, open_experiments, out_dir,  # noqa: E402
+                             retrain_results, run_cli)
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables  # noqa: E402
 from analysis.plot_trials import PLOTS  # noqa: E402
 
@@ -157,11 +158,7 @@ def _pct(v) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="report.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
-    p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
+    p = experiments_parser("report.py", __doc__)
     return p
 
 
