@@ -70,19 +70,28 @@ def _status(rows: list[dict], trial_folder: Path, ended: set[str] | None, trial_
     return "stopped" if ended is None or trial_id in ended else "running"
 
 
+STATE_PREFIX = "experiment_state-"  # Ray Tune's saved experiment state, one per driver run
+
+
+def ray_state_trials(text: str) -> list[tuple[dict, Any]]:
+    """(trial, run metadata) per trial of a saved experiment_state-*.json: the trial
+    (trial_id, status, relative_logdir, ...) as a dict, the metadata as Ray wrote it."""
+    data = json.loads(text)
+    return [(json.loads(t[0]) if isinstance(t[0], str) else t[0], t[1]) for t in data["trial_data"]]
+
+
 def ended_in_ray_state(folder: Path) -> set[str] | None:
     """Ids of the trials that Ray Tune's last saved experiment state has as ended
     (TERMINATED or ERROR); None without a readable state. A trial short of its
     epochs and not among them is running, or was when the search was interrupted."""
-    states = sorted(folder.glob("experiment_state-*.json"))  # named by start time: the last is the latest
+    states = sorted(folder.glob(f"{STATE_PREFIX}*.json"))  # named by start time: the last is the latest
     if not states:
         return None
     try:
-        data = json.loads(states[-1].read_text())
-        trials = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in data["trial_data"]]
+        trials = ray_state_trials(states[-1].read_text())
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
-    return {t.get("trial_id") for t in trials if t.get("status") in ("TERMINATED", "ERROR")}
+    return {t.get("trial_id") for t, _ in trials if t.get("status") in ("TERMINATED", "ERROR")}
 
 
 def load_trials(folder: str | Path) -> pd.DataFrame:

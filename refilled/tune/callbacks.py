@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow.fs
 from ray.tune import Callback
 
+from refilled.experiments import STATE_PREFIX, ray_state_trials
+
 log = logging.getLogger(__name__)
 
 # The files Ray's JSON, CSV and TensorBoard loggers append to on the driver.
@@ -62,16 +64,15 @@ def resumable_checkpoints(fs: pyarrow.fs.FileSystem, experiment: str) -> dict[st
     """{trial folder: checkpoint folder} that Ray's last saved experiment state would
     resume each trial from (the newest checkpoint its checkpoint manager knew)."""
     selector = pyarrow.fs.FileSelector(experiment, allow_not_found=True)
-    states = sorted(i.path for i in fs.get_file_info(selector) if i.base_name.startswith("experiment_state-"))
+    states = sorted(i.path for i in fs.get_file_info(selector) if i.base_name.startswith(STATE_PREFIX))
     if not states:
         return {}
     with fs.open_input_stream(states[-1]) as f:
-        data = json.loads(f.read())
+        trials = ray_state_trials(f.read().decode())
     out = {}
-    for entry in data.get("trial_data", []):
-        trial = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+    for trial, metadata in trials:
         # the manager is cloudpickled (hex); the paths it holds are plain bytes inside
-        found = re.findall(r"checkpoint_(\d{6})", str(entry[1]) + bytes.fromhex(_hex_of(entry[1])).decode("latin-1"))
+        found = re.findall(r"checkpoint_(\d{6})", str(metadata) + bytes.fromhex(_hex_of(metadata)).decode("latin-1"))
         if found and trial.get("relative_logdir"):
             out[trial["relative_logdir"]] = f"checkpoint_{max(found, key=int)}"
     return out
