@@ -244,7 +244,8 @@ def load_experiment(path: str | Path) -> tuple[Config, dict[str, Any]]:
     A file without sections (only config keys) is read as a plain config.
     """
     data = read_yaml(path)
-    sections = {"config", "search", "retrain", "name", "description"}
+    sections = {"config", "search", "retrain", "name", "description",
+                "stage1_choice", "stage1_only"}  # written by a staged search into its experiment.yaml
     if "config" in data or set(data) <= sections:
         unknown = set(data) - sections
         if unknown:

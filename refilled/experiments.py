@@ -20,6 +20,7 @@ from refilled.config import Config, from_dict, load_experiment
 from refilled.errors import UserError
 
 EXPERIMENT_FILE = "experiment.yaml"
+STAGE1_SEARCH = "stage1_search"  # phase 1 of a staged search: a Ray experiment inside the experiment
 TRIAL_ID = re.compile(r"^[A-Za-z_]*?_([0-9a-f]{5,})_")  # Ray's trial folder: <trainable>_<id>_<n>_...
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation
@@ -98,13 +99,16 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
     """One row per trial of an experiment.
 
     Columns: experiment, trial_id, status (finished, stopped by ASHA, diverged,
-    errored, running: still, or when the search was interrupted), epochs (steps
-    run across both stages), stopped_at (the step a stopped trial ended at: its ASHA rung), best/last validation accuracy of
+    errored, running: still, or when the search was interrupted), epochs (the
+    step it reached, across both stages), epochs_run (the epochs it computed
+    itself: not stage-1 epochs replayed from the stage-1 cache or started from a
+    staged search's stage-1 choice), stopped_at (the step a stopped trial ended at: its ASHA rung), best/last validation accuracy of
     each stage (stage 1: NCM, stage 2: classifier), reached_stage2, wall time
     (s), diverged_reason, and one `config/<key>` column per searched key.
     """
     folder = Path(folder)
-    cfg, _ = experiment_config(folder)
+    cfg, data = experiment_config(folder)
+    total = cfg.n_training_epochs1 + (0 if data.get("stage1_only") else cfg.n_training_epochs2)
     ended = ended_in_ray_state(folder)
     records = []
     for trial_folder in _trial_folders(folder):
@@ -116,9 +120,12 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
         s2 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage2" and "val_accuracy" in r]
         status = _status(rows, trial_folder, ended, trial_id)
         epochs = max((r.get("step", 0) for r in rows if not r.get("diverged")), default=0)
+        # what the trial computed: not the stage-1 epochs it replayed from the stage-1 cache, nor
+        # those of the stage-1 choice a staged search's phase 2 starts from (never reported)
+        epochs_run = sum(1 for r in rows if not r.get("diverged") and r.get("stage1_cache") != "hit")
         records.append({
-            "experiment": folder.name, "trial_id": trial_id, "status": status, "epochs": epochs,
-            "total_epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
+            "experiment": folder.name, "trial_id": trial_id, "status": status, "epochs": epochs, "epochs_run": epochs_run,
+            "total_epochs": total,
             "stopped_at": epochs if status == "stopped" else None,
             "best_val_ncm_stage1": max(s1) if s1 else None, "last_val_ncm_stage1": s1[-1] if s1 else None,
             "best_val_accuracy_stage2": max(s2) if s2 else None, "last_val_accuracy_stage2": s2[-1] if s2 else None,
@@ -146,11 +153,11 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
 def trial_config(folder: str | Path, trial: pd.Series) -> Config:
     """The experiment's config with one trial's searched values applied."""
     cfg, _ = experiment_config(folder)
-    params = {k.split("/", 1)[1]: _plain(v) for k, v in trial.items() if k.startswith("config/") and _present(v)}
+    params = {k.split("/", 1)[1]: plain_value(v) for k, v in trial.items() if k.startswith("config/") and _present(v)}
     return from_dict(params, cfg)
 
 
-def _plain(v: Any) -> Any:
+def plain_value(v: Any) -> Any:
     """A Python value for a table cell: pandas hands out numpy scalars (np.True_,
     np.int64), which the config's type checks rightly refuse."""
     return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v

@@ -60,6 +60,9 @@ STAGE1_KEYS = [
     "loss_scale1", "margin", "wd", "mo",
 ]
 
+# Of those, the keys that act on stage 1 alone: a staged search chooses them in phase 1.
+STAGE1_ONLY = ("tau1", "lr1", "flag_merge", "loss_scale1", "margin", "n_training_epochs1")
+
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

@@ -27,3 +27,36 @@ def test_checkpoints_to_delete_keeps_the_newest_and_the_resumable_one():
     # the one Ray's saved state would resume from stays, even when older
     assert checkpoints_to_delete(names, 2, {"checkpoint_000003"}) == ["checkpoint_000004", "checkpoint_000005"]
     assert checkpoints_to_delete(names[:1], 2, set()) == []
+
+
+def test_staged_splits_the_space_into_stage1_and_stage2_keys():
+    base = make_tiny_config()
+    space = {"tau1": {"loguniform": [0.5, 16]}, "lr1": {"loguniform": [0.001, 0.1]},
+             "tau2": {"loguniform": [0.5, 8]}, "lambd": {"loguniform": [0.1, 100]}}
+    s = parse_search({"space": space, "num_samples": 6, "asha": {"grace_period": 4},
+                      "staged": {"num_samples": 3, "asha": {"grace_period": 2, "reduction_factor": 2}}}, base)
+    one, two = s.phase(1), s.phase(2, {"tau1": 2.0, "lr1": 0.01})
+    assert sorted(one.space) == ["lr1", "tau1"] and sorted(two.space) == ["lambd", "tau2"]
+    assert (one.num_samples, one.grace_period, one.reduction_factor) == (3, 2, 2)
+    assert (two.num_samples, two.grace_period) == (6, 4)
+    assert one.staged is None and two.staged is None
+    # phase 2's trials all get phase 1's choice as constants
+    assert two.param_space()["tau1"] == 2.0 and two.param_space()["lr1"] == 0.01
+    assert not isinstance(two.param_space()["tau2"], float)
+    assert parse_search({"space": space, "staged": True}, base).staged.num_samples == 8
+    assert parse_search({"space": space}, base).staged is None
+
+
+@pytest.mark.parametrize("section, needle", [
+    ({"space": {"tau1": {"loguniform": [0.5, 16]}, "wd": {"loguniform": [1e-5, 1e-3]},
+                "tau2": {"loguniform": [0.5, 8]}}, "staged": True}, "wd act on both stages"),
+    ({"space": {"tau2": {"loguniform": [0.5, 8]}}, "staged": True}, "needs keys of both phases"),
+    ({"space": {"tau1": {"loguniform": [0.5, 16]}}, "staged": True}, "needs keys of both phases"),
+    ({"staged": {"num_samples": 0}}, "num_samples and grace_period must be >= 1"),
+    ({"staged": {"grace": 3}}, "search.staged takes num_samples and asha"),
+    ({"staged": {"asha": {"grace_period": "5"}}}, "grace_period must be a number"),
+])
+def test_bad_staged_settings_are_one_line_errors(section, needle):
+    with pytest.raises(UserError, match=needle) as info:
+        parse_search(section, make_tiny_config())
+    assert "\n" not in str(info.value)

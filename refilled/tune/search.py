@@ -6,6 +6,9 @@ The experiment (`<storage>/<name>/`) holds everything a search makes:
     teacher.pt          the teacher, trained or copied once before any trial
     optuna.db           the Optuna study (SQLite; `optuna-dashboard sqlite:///.../optuna.db`)
     stage1_cache/       stage-1 results shared by trials with equal stage-1 settings (folders only)
+    stage1_search/      a staged search's phase 1 (search.staged): stage-1-only trials over the
+                        stage-1 keys, with their own experiment.yaml and optuna.db
+    stage1_choice.pt    the end-of-stage-1 student phase 1 chose; every phase-2 trial starts there
     trials.csv          one row per trial: config, best stage-2 val accuracy, epochs, status
     best_config.yaml    the full config of the best trial (stage-2 validation accuracy)
     <trial folders>     Ray Tune's: result.json, progress.csv, TensorBoard events, the last
@@ -16,6 +19,13 @@ understands (s3://, gs://, ...). With a URI, Ray Tune writes the trials there
 itself, and our files are made in a local mirror (refilled.storage) and copied
 up; the Optuna study lives in the searcher's state, which Ray saves there, and
 optuna.db is written from it at the end.
+
+A staged search (`search.staged`) runs two Ray Tune experiments: phase 1 in
+stage1_search/ searches the keys that act only on stage 1 (tau1, lr1, ...),
+ranked by validation NCM accuracy; phase 2, in the experiment itself, searches
+the others from the chosen end-of-stage-1 student, handed to every trial
+through the object store. Every trial of a joint search pays for a whole
+stage 1; a staged search pays for stage 1 once per phase-1 trial.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import yaml
 from refilled import checkpoint, storage
 from refilled.config import Config, from_dict, load_experiment
 from refilled.errors import UserError
-from refilled.experiments import EXPERIMENT_FILE, load_trials, write_best_config
+from refilled.experiments import EXPERIMENT_FILE, STAGE1_SEARCH, plain_value, load_trials, write_best_config
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.storage import Place, experiment_place
 from refilled.tune.settings import SearchSettings, parse_search
@@ -274,9 +284,12 @@ def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
     return target
 
 
-def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path):
+def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path, *,
+                  stage1: dict | None = None, stage1_only: bool = False):
     """The trial function with the teacher, its bank and the centres bound through
-    Ray's object store (tune.with_parameters), and the per-trial resources."""
+    Ray's object store (tune.with_parameters), and the per-trial resources.
+    `stage1`: the end-of-stage-1 snapshot every trial starts stage 2 from (phase 2 of
+    a staged search), also handed out through the object store."""
     import ray
     from ray import tune
 
@@ -303,12 +316,13 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
             np.save(centers_file, centers)
         place.push(bank_file.name, centers_file.name)
     # the stage-1 cache needs a folder every trial can lock; an object store has no locks
-    cache_dir = None if place.uri else str(folder / "stage1_cache")
-    if place.uri:
+    # (a staged search needs none: phase 1 searches stage 1, phase 2 starts from its choice)
+    cache_dir = None if place.uri or stage1 is not None or stage1_only else str(folder / "stage1_cache")
+    if place.uri and stage1 is None and not stage1_only:
         print("stage-1 cache: off (storage is a URI; trials with equal stage-1 settings each run stage 1)")
     fn = tune.with_parameters(refilled_trial, base=cfg.to_dict(), teacher=teacher_state,
                               bank=None if bank is None else np.ascontiguousarray(bank), centers=centers,
-                              cache_dir=cache_dir, checkpoint_every=settings.checkpoint_every,
+                              cache_dir=cache_dir, stage1=stage1, stage1_only=stage1_only, checkpoint_every=settings.checkpoint_every,
                               teacher_id=file_digest(teacher_path))
     return tune.with_resources(fn, {"cpu": settings.cpu, "gpu": settings.gpu})
 
@@ -336,21 +350,23 @@ def summarise(folder: Path, location: str | None = None) -> pd.DataFrame:
     return trials
 
 
+STAGE1_CHOICE = "stage1_choice.pt"  # phase 1's chosen end-of-stage-1 student, where phase 2 starts
+
+
 def run_search(cfg: Config, search_section: dict, *, name: str, storage_location: str, address: str | None,
                resume: bool, teacher: str | None) -> Path:
     """Run (or resume) the search; returns the folder that holds its results (for a
     URI experiment, the local mirror: everything in it is also in the URI)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from refilled.tune.callbacks import KeepLastCheckpoints, KeepLogsOfRetriedTrials, prune_checkpoints
 
     place = experiment_place(storage_location, name)
     folder = place.folder
+    data: dict = {}
     if resume:
         place.pull()
-        cfg, settings, _ = read_experiment(folder, place.location)
-        if not tune.Tuner.can_restore(place.location):
+        cfg, settings, data = read_experiment(folder, place.location)
+        restorable = tune.Tuner.can_restore(place.location)
+        if not restorable and not settings.staged:
             raise UserError(f"{place.location} has no Ray Tune state to resume: start a new search instead")
     else:
         settings = parse_search(search_section, cfg)
@@ -369,15 +385,40 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
         place.push(EXPERIMENT_FILE)
     teacher_path = prepare_teacher(cfg, folder, teacher)
     place.push(teacher_path.name)
-    trainable = trainable_for(cfg, settings, place, teacher_path)
-    total = cfg.n_training_epochs1 + cfg.n_training_epochs2
+    stage1, phase = None, settings
+    if settings.staged:
+        choice = data.get("stage1_choice") or run_stage1_phase(cfg, settings, place, name, teacher_path, resume)
+        stage1 = checkpoint.load(folder / STAGE1_CHOICE, "stage-1 choice")["snapshot"]
+        phase = settings.phase(2, choice["values"])
+        resume = resume and tune.Tuner.can_restore(place.location)
+    trainable = trainable_for(cfg, phase, place, teacher_path, stage1=stage1)
+    # phase 2 of a staged search starts at stage 2: ASHA's clock counts stage-2 epochs
+    max_t = cfg.n_training_epochs2 if stage1 is not None else cfg.n_training_epochs1 + cfg.n_training_epochs2
+    fit(trainable, phase, cfg, place, name, max_t=max_t, resume=resume)
+    summarise(folder, place.uri)
+    place.push("trials.csv", "best_config.yaml", "optuna.db")
+    if place.uri:
+        print(f"experiment: {place.uri} (local mirror: {folder})")
+    return folder
+
+
+def fit(trainable, settings: SearchSettings, cfg: Config, place: Place, study_name: str, *, max_t: int,
+        resume: bool) -> None:
+    """One Ray Tune run (new, or restored from `place`): Optuna samples, ASHA stops,
+    then the results are brought into the local folder and old checkpoints pruned."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from refilled.tune.callbacks import KeepLastCheckpoints, KeepLogsOfRetriedTrials, prune_checkpoints
+
+    folder = place.folder
     if resume:
         tuner = tune.Tuner.restore(place.location, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=total,
-                                  grace_period=min(settings.grace_period, total),
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
+                                  grace_period=min(settings.grace_period, max_t),
                                   reduction_factor=settings.reduction_factor)
-        searcher = make_searcher(settings, cfg, folder, name, in_memory=bool(place.uri))
+        searcher = make_searcher(settings, cfg, folder, study_name, in_memory=bool(place.uri))
         tuner = tune.Tuner(
             trainable, param_space=settings.param_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -385,7 +426,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
                                         max_concurrent_trials=settings.max_concurrent or None,
                                         reuse_actors=settings.reuse_actors),
             run_config=tune.RunConfig(
-                name=name, storage_path=place.storage_path, verbose=1,
+                name=place.location.rstrip("/").rsplit("/", 1)[-1], storage_path=place.storage_path, verbose=1,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 callbacks=[KeepLogsOfRetriedTrials(), KeepLastCheckpoints(settings.keep_checkpoints)],
                 # Ray keeps every checkpoint; KeepLastCheckpoints deletes the old ones safely
@@ -393,16 +434,78 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     grid = tuner.fit()
     if place.uri:  # the trials' results and the searcher's state, next to our files in the mirror
         storage.download(place.uri, folder, skip=storage.is_checkpoint)
-        export_study(folder, name)
+        export_study(folder, study_name)
     if resume:
         set_aside_unknown_trials(place, {Path(r.path).name for r in grid if r.path})
     fs, root = storage.filesystem(place.uri) if place.uri else (pyarrow.fs.LocalFileSystem(), str(folder))
     prune_checkpoints(fs, root, [p.parent.name for p in folder.glob("*/params.json")], settings.keep_checkpoints)
-    summarise(folder, place.uri)
-    place.push("trials.csv", "best_config.yaml", "optuna.db")
+
+
+def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: str, teacher_path: Path,
+                     resume: bool) -> dict[str, Any]:
+    """Phase 1 of a staged search: stage-1-only trials over the stage-1 keys, in
+    <experiment>/stage1_search, ranked by their last validation NCM accuracy. The
+    best one's end-of-stage-1 student is saved as stage1_choice.pt and its values
+    in experiment.yaml (`stage1_choice`), so a resumed search skips this phase."""
+    from ray import tune
+
+    sub = Place(place.folder / STAGE1_SEARCH, storage.join(place.uri, STAGE1_SEARCH) if place.uri else None)
+    phase = settings.phase(1)
+    resume = resume and tune.Tuner.can_restore(sub.location)
+    if resume:
+        sub.pull()
+    else:
+        sub.folder.mkdir(parents=True, exist_ok=True)
+        save_experiment(sub.folder, cfg, search_section_of(phase), {"stage1_only": True})
+        sub.push(EXPERIMENT_FILE)
+    print(f"phase 1 of 2 (staged search): stage 1 only, {phase.num_samples} trials over "
+          f"{', '.join(phase.space)}, ranked by validation NCM accuracy")
+    trainable = trainable_for(cfg, phase, place, teacher_path, stage1_only=True)
+    fit(trainable, phase, cfg, sub, f"{name}-stage1", max_t=cfg.n_training_epochs1, resume=resume)
+    sub.push("optuna.db")
+
+    trials = load_trials(sub.folder)
+    done = trials[trials["status"] == "finished"] if not trials.empty else trials
+    if done.empty:
+        raise UserError(f"no stage-1 trial of {sub.location} finished, so there is no embedding to start stage 2 "
+                        "from: see the trial errors above, or raise search.staged.num_samples")
+    best = done.sort_values(["last_val_ncm_stage1", "best_val_ncm_stage1"], ascending=False).iloc[0]
+    values = {k: plain_value(best[f"config/{k}"]) for k in phase.space}
+    trial_dir = Path(best["folder"]).name
+    state = _last_checkpoint_state(sub, trial_dir)
+    choice = {"trial_id": str(best["trial_id"]), "values": values,
+              "val_ncm_accuracy": float(best["last_val_ncm_stage1"])}
+    checkpoint.save({"kind": "stage1_choice", **choice, "snapshot": state}, place.folder / STAGE1_CHOICE)
+    _, _, data = read_experiment(place.folder)
+    data["stage1_choice"] = choice
+    tmp = place.folder / f".{EXPERIMENT_FILE}.tmp"
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, place.folder / EXPERIMENT_FILE)
+    place.push(STAGE1_CHOICE, EXPERIMENT_FILE)
+    print(f"phase 1 chose {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in values.items())} "
+          f"(trial {choice['trial_id']}, validation NCM accuracy {choice['val_ncm_accuracy']:.4f}); "
+          f"phase 2 of 2: stage 2 from that embedding")
+    return choice
+
+
+def _last_checkpoint_state(place: Place, trial_dir: str) -> dict:
+    """The trial's state at its newest checkpoint (for a finished trial: its last epoch)."""
+    from refilled.tune.callbacks import CHECKPOINT_DIR
+    from refilled.tune.trainable import STATE_FILE
+
     if place.uri:
-        print(f"experiment: {place.uri} (local mirror: {folder})")
-    return folder
+        names = {rel.split("/")[0] for rel in storage.list_files(storage.join(place.uri, trial_dir))}
+    else:
+        names = {p.name for p in (place.folder / trial_dir).iterdir()}
+    newest = max((n for n in names if CHECKPOINT_DIR.match(n)), key=lambda n: int(CHECKPOINT_DIR.match(n)[1]),
+                 default=None)
+    if newest is None:
+        raise UserError(f"stage-1 trial {trial_dir} in {place.location} has no checkpoint to start stage 2 from: "
+                        "run the search again")
+    path = place.folder / trial_dir / newest / STATE_FILE
+    if place.uri:
+        storage.download_file(storage.join(place.uri, trial_dir, newest, STATE_FILE), path)
+    return checkpoint.load(path, "stage-1 trial checkpoint")
 
 
 def set_aside_unknown_trials(place: Place, known: set[str]) -> None:
@@ -427,4 +530,8 @@ def search_section_of(settings: SearchSettings) -> dict[str, Any]:
             "resources": {"cpu": settings.cpu, "gpu": settings.gpu}, "max_concurrent": settings.max_concurrent,
             "max_failures": settings.max_failures, "checkpoint_every": settings.checkpoint_every,
             "keep_checkpoints": settings.keep_checkpoints, "reuse_actors": settings.reuse_actors,
-            "seed": settings.seed}
+            "seed": settings.seed,
+            **({"staged": {"num_samples": settings.staged.num_samples,
+                           "asha": {"grace_period": settings.staged.grace_period,
+                                    "reduction_factor": settings.staged.reduction_factor}}}
+               if settings.staged else {})}

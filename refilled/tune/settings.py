@@ -17,6 +17,14 @@ Example (search_spaces/digits.yaml)::
       keep_checkpoints: 2
       reuse_actors: true        # a trial runs in the process of the one before it (no start-up)
       seed: 0
+      staged:                   # optional: two phases instead of one joint search
+        num_samples: 8          # phase 1: stage 1 only, its keys (tau1, lr1, ...) ranked by NCM
+        asha: {grace_period: 5, reduction_factor: 3}
+
+A staged search first searches the keys that act only on stage 1
+(`STAGE1_ONLY`) with stage-1-only trials ranked by their last validation NCM
+accuracy, then searches the other keys with trials that all start stage 2
+from the chosen embedding (ASHA's clock then counts stage-2 epochs).
 """
 
 from __future__ import annotations
@@ -28,11 +36,20 @@ from ray import tune
 
 from refilled.config import FIELDS, NOT_SEARCHABLE, Config, coerce, from_dict
 from refilled.errors import UserError
+from refilled.stage1_cache import STAGE1_KEYS, STAGE1_ONLY
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 DEFAULT_SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "tau2": {"loguniform": [0.5, 8.0]},
                  "lambd": {"loguniform": [0.1, 100.0]}, "lr1": {"loguniform": [0.005, 0.2]},
                  "lr2": {"loguniform": [0.005, 0.2]}}
+
+
+@dataclass
+class StagedSettings:
+    """Phase 1 of a staged search: how many stage-1-only trials, and their ASHA."""
+    num_samples: int = 8
+    grace_period: int = 5
+    reduction_factor: float = 3
 
 
 @dataclass
@@ -53,6 +70,24 @@ class SearchSettings:
     # everything themselves, so results do not change.
     reuse_actors: bool = True
     seed: int = 0
+    staged: StagedSettings | None = None
+    fixed: dict[str, Any] = field(default_factory=dict)  # constants in every trial's config (phase 2)
+
+    def phase_spaces(self) -> tuple[dict, dict]:
+        """(stage-1-only keys, the others) of the space: phase 1 and phase 2 of a staged search."""
+        first = {k: v for k, v in self.space.items() if k in STAGE1_ONLY}
+        return first, {k: v for k, v in self.space.items() if k not in STAGE1_ONLY}
+
+    def phase(self, which: int, fixed: dict[str, Any] | None = None) -> "SearchSettings":
+        """The settings one phase of a staged search runs with: its part of the space
+        (phase 2 also gets phase 1's choice, `fixed`, as constants in every trial's config)."""
+        from dataclasses import replace
+
+        first, second = self.phase_spaces()
+        if which == 1:
+            return replace(self, space=first, num_samples=self.staged.num_samples, staged=None,
+                           grace_period=self.staged.grace_period, reduction_factor=self.staged.reduction_factor)
+        return replace(self, space=second, staged=None, fixed=dict(fixed or {}))
 
     def param_space(self) -> dict[str, Any]:
         """The space as Ray Tune domains (OptunaSearch turns them into Optuna's)."""
@@ -63,7 +98,7 @@ class SearchSettings:
                 out[key] = tune.choice(list(args))
             else:
                 out[key] = getattr(tune, kind)(*args)
-        return out
+        return {**self.fixed, **out}
 
     def is_log(self, key: str) -> bool:
         return next(iter(self.space[key])) in ("loguniform", "lograndint")
@@ -130,6 +165,8 @@ def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings
         s.space = {k: _check_distribution(k, v, base) for k, v in space.items()}
     else:
         s.space = {k: _check_distribution(k, v, base) for k, v in DEFAULT_SPACE.items()}
+    if "staged" in section:
+        s.staged = _parse_staged(section.pop("staged"), s)
     nested = {"asha": ("grace_period", "reduction_factor"), "resources": ("cpu", "gpu")}
     flat: dict[str, Any] = {}
     for name, keys in nested.items():
@@ -167,3 +204,34 @@ def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings
         raise UserError("search.max_failures and search.max_concurrent must be >= 0")
     s.first_point(base)
     return s
+
+
+def _parse_staged(section: Any, s: SearchSettings) -> StagedSettings | None:
+    if section is None or section is False:
+        return None
+    if section is True:
+        section = {}
+    if not isinstance(section, dict) or set(section) - {"num_samples", "asha"}:
+        raise UserError(f"search.staged takes num_samples and asha {{grace_period, reduction_factor}}, got {section!r}")
+    staged = StagedSettings()
+    asha = section.get("asha") or {}
+    if not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor"}:
+        raise UserError(f"search.staged.asha takes grace_period, reduction_factor, got {asha!r}")
+    for key, value in {"num_samples": section.get("num_samples"), **asha}.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"search.staged: {key} must be a number, got {value!r}")
+        setattr(staged, key, float(value) if key == "reduction_factor" else int(value))
+    if staged.num_samples < 1 or staged.grace_period < 1 or staged.reduction_factor <= 1:
+        raise UserError("search.staged: num_samples and grace_period must be >= 1, reduction_factor > 1")
+    first, second = s.phase_spaces()
+    both = sorted(set(s.space) & (set(STAGE1_KEYS) - set(STAGE1_ONLY)))
+    if both:
+        raise UserError(f"search.staged: {', '.join(both)} act on both stages, so phase 1 cannot choose them "
+                        "alone: fix them in the config section or drop staged")
+    if not first or not second:
+        raise UserError(f"search.staged needs keys of both phases in search.space: stage-1 keys "
+                        f"({', '.join(STAGE1_ONLY)}) and stage-2 keys (e.g. tau2, lambd, lr2); got "
+                        f"{', '.join(s.space)}")
+    return staged

@@ -61,9 +61,13 @@ def _crash_once_for_tests(step: int) -> None:
 
 
 def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dict[str, Any],
-                   bank: np.ndarray | None, centers: np.ndarray | None, cache_dir: str | None, checkpoint_every: int = 1,
+                   bank: np.ndarray | None, centers: np.ndarray | None, cache_dir: str | None,
+                   stage1: dict | None = None, stage1_only: bool = False, checkpoint_every: int = 1,
                    teacher_id: str = "") -> None:
-    """One trial. `params` are the searched values; `base` the experiment's config."""
+    """One trial. `params` are the searched values; `base` the experiment's config.
+    `stage1`: an end-of-stage-1 snapshot to start stage 2 from (phase 2 of a staged
+    search: the trial reports stage-2 epochs only, their steps continue stage 1's).
+    `stage1_only`: end after stage 1 (phase 1 of a staged search)."""
     cfg: Config = from_dict(params, Config(**{**base, "point": tuple(base["point"])}))
     cfg = cfg.replace(flag_tuning=True, device="auto")  # searching never sees the test split
     torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
@@ -79,7 +83,7 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
     else:
         centers = None
     student = build_student(cfg, data)
-    total = cfg.n_training_epochs1 + cfg.n_training_epochs2
+    total = cfg.n_training_epochs1 if stage1_only else cfg.n_training_epochs1 + cfg.n_training_epochs2
 
     resume = None
     ckpt = tune.get_checkpoint()
@@ -87,6 +91,8 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
         with ckpt.as_directory() as folder:
             resume = checkpoint.load(Path(folder) / STATE_FILE, "trial checkpoint")
 
+    if resume is None and stage1 is not None:
+        resume = stage1
     cache = Stage1Cache(cache_dir) if cache_dir and cfg.n_training_epochs1 > 0 else None
     step = 0
     # the number the search ranks trials by, reported so TensorBoard's HParams tab shows it too
@@ -103,6 +109,8 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
                 best2 = metrics["best_val_accuracy_stage2"] = max(best2, metrics["val_accuracy"])
             save = step == total or step % checkpoint_every == 0
             _report(metrics, {**epoch.snapshot(), "best_val_accuracy_stage2": best2} if save else None)
+            if step == total:
+                break  # stage1_only: stage 2 is not this trial's
     except Diverged as e:  # end this trial, recorded as diverged; the search goes on
         _report({"diverged": 1, "diverged_reason": str(e), "val_accuracy": 0.0, "step": step + 1,
                  "total_steps": total})
