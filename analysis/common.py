@@ -27,7 +27,8 @@ import pandas as pd  # noqa: E402
 
 from refilled.config import Config  # noqa: E402
 from refilled.errors import UserError  # noqa: E402
-from refilled.experiments import EXPERIMENT_FILE, experiment_config, load_trials, read_results  # noqa: E402
+from refilled.experiments import EXPERIMENT_FILE, STAGE1_SEARCH, experiment_config, load_trials, read_results  # noqa: E402
+from refilled.stage1_cache import STAGE1_ONLY  # noqa: E402
 from refilled.storage import experiment_at  # noqa: E402
 
 STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
@@ -55,6 +56,20 @@ class Experiment:
         return self.config.n_training_epochs1 + self.config.n_training_epochs2
 
     @property
+    def staged(self) -> bool:
+        """A staged search: its trials start at stage 2 from phase 1's choice (stage1_search/)."""
+        return bool((self.data.get("search") or {}).get("staged"))
+
+    @property
+    def stage1_search_epochs(self) -> int:
+        """Epochs phase 1 of a staged search computed (0 otherwise): part of what the search cost."""
+        phase1 = self.folder / STAGE1_SEARCH
+        if not self.staged or not (phase1 / EXPERIMENT_FILE).is_file():
+            return 0
+        table = load_trials(phase1)
+        return int(table["epochs_run"].sum()) if not table.empty else 0
+
+    @property
     def searched(self) -> list[str]:
         return list(self.space)
 
@@ -72,10 +87,13 @@ class Experiment:
         grace, rf = asha.get("grace_period"), asha.get("reduction_factor")
         if not grace or not rf or rf <= 1:
             return []
-        grace = min(int(grace), self.total_epochs)
+        # phase 2 of a staged search starts at stage 2: its ASHA counts stage-2 epochs
+        start = self.config.n_training_epochs1 if self.staged else 0
+        horizon = self.total_epochs - start
+        grace = min(int(grace), horizon)
         rungs, k = [], 0
-        while grace * rf ** k < self.total_epochs:
-            rungs.append(int(grace * rf ** k))
+        while grace * rf ** k < horizon:
+            rungs.append(start + int(grace * rf ** k))
             k += 1
         return rungs
 
@@ -95,8 +113,11 @@ def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     for folder, name in zip(folders, names):
         label = name if names.count(name) == 1 else f"{folder.parent.name}/{name}"
         cfg, data = experiment_config(folder)
-        space = (data.get("search") or {}).get("space") or {}
-        out.append(Experiment(folder, label, cfg, data, dict(space)))
+        search = data.get("search") or {}
+        space = dict(search.get("space") or {})
+        if search.get("staged"):  # phase 2's trials share phase 1's choice: those keys do not vary
+            space = {k: v for k, v in space.items() if k not in STAGE1_ONLY}
+        out.append(Experiment(folder, label, cfg, data, space))
     return out
 
 

@@ -296,8 +296,9 @@ def plot_importance(experiments, path: str | Path) -> pd.DataFrame:
 
 def efficiency(experiments) -> pd.DataFrame:
     """Trials in completion order with the epochs spent so far and the best stage-2
-    validation accuracy so far. Columns: experiment, order, trial_id, status, epochs,
-    cumulative_epochs, metric, best_so_far."""
+    validation accuracy so far. Columns: experiment, order, trial_id, status, epochs
+    (what the trial computed), cumulative_epochs (from phase 1's epochs for a staged
+    search), metric, best_so_far."""
     frames = []
     for exp in _experiments(experiments):
         table = all_trials([exp])
@@ -307,7 +308,8 @@ def efficiency(experiments) -> pd.DataFrame:
         t = t.sort_values(["_end", "_n"], kind="stable").reset_index(drop=True)
         frames.append(pd.DataFrame({
             "experiment": exp.label, "order": range(1, len(t) + 1), "trial_id": t["trial_id"], "status": t["status"],
-            "epochs": t["epochs"].astype(int), "cumulative_epochs": t["epochs"].astype(int).cumsum(),
+            "epochs": t["epochs_run"].astype(int),
+            "cumulative_epochs": exp.stage1_search_epochs + t["epochs_run"].astype(int).cumsum(),
             "metric": t[METRIC].astype(float), "best_so_far": t[METRIC].astype(float).cummax()}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -324,8 +326,9 @@ def plot_efficiency(experiments, path: str | Path) -> pd.DataFrame:
         colour = plt.get_cmap("tab10")(i % 10)
         full = len(rows) * exp.total_epochs
         spent = int(rows["cumulative_epochs"].iloc[-1])
+        phase1 = f", {exp.stage1_search_epochs} in phase 1" if exp.staged else ""
         ax.step(rows["cumulative_epochs"], rows["best_so_far"], where="post", color=colour, linewidth=2,
-                label=f"{exp.label}: best so far ({spent} epochs; {full} without ASHA)")
+                label=f"{exp.label}: best so far ({spent} epochs{phase1}; {full} without ASHA)")
         for status, part in rows.groupby("status"):
             ax.scatter(part["cumulative_epochs"], part["metric"], marker="o" if status == "stopped" else
                        MARKER.get(status, "o"), s=30, edgecolors=colour, alpha=0.7, linewidths=1.2,

@@ -705,3 +705,123 @@ def test_stage1_cache_is_shared_by_trials_with_equal_stage1_settings(experiment,
     assert stage1[0] == stage1[1] == stage1[2] and len(stage1[0]) == 2
     assert all(results(tf)[-1]["step"] == TOTAL_STEPS for tf in folders)
     assert len(list((storage / "cached" / "stage1_cache").glob("*.pt"))) == 1
+
+
+# ----------------------------------------------------------------------------- staged search
+
+STAGED = {"staged": {"num_samples": 3, "asha": {"grace_period": 1, "reduction_factor": 2}}}
+STAGE1_SEARCHED = ["tau1", "lr1", "flag_merge"]  # the stage-1-only keys of search_tiny.yaml's space
+
+
+def check_staged(folder: Path, n: int) -> None:
+    """What a finished staged search of search_tiny.yaml must hold."""
+    import optuna
+    import torch
+
+    from refilled import checkpoint
+    from refilled.experiments import load_trials
+
+    e1 = 2
+    phase1 = folder / "stage1_search"
+    firsts = trial_folders(phase1)
+    assert len(firsts) == 3
+    for tf in firsts:  # stage-1-only trials over the stage-1 keys
+        assert sorted(params(tf)) == sorted(STAGE1_SEARCHED), params(tf)
+        rows = results(tf)
+        assert {r["stage"] for r in rows} == {"stage1"} and all(r["total_steps"] == e1 for r in rows)
+    ranked = sorted((tf for tf in firsts if finished(tf)),
+                    key=lambda tf: (results(tf)[-1]["val_accuracy"], max(r["val_accuracy"] for r in results(tf))),
+                    reverse=True)
+    chosen = ranked[0]
+    data = yaml.safe_load((folder / "experiment.yaml").read_text())
+    choice = data["stage1_choice"]
+    assert choice["trial_id"] == results(chosen)[-1]["trial_id"]
+    assert same_params(choice["values"], params(chosen))
+    assert math.isclose(choice["val_ncm_accuracy"], results(chosen)[-1]["val_accuracy"], rel_tol=1e-6)
+    # phase 2 starts from exactly that trial's end-of-stage-1 student
+    newest = max(chosen.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[1]))
+    end_of_stage1 = checkpoint.load(newest / "state.pt", "checkpoint")
+    start = checkpoint.load(folder / "stage1_choice.pt", "choice")["snapshot"]
+    assert start["stage"] == end_of_stage1["stage"] == 1 and start["epoch"] == e1
+    assert all(torch.equal(start["student"][k], end_of_stage1["student"][k]) for k in end_of_stage1["student"])
+
+    seconds = trial_folders(folder)
+    assert len(seconds) == n
+    for tf in seconds:  # stage 2 only, from the chosen stage-1 values, steps going on from stage 1
+        p = params(tf)
+        assert same_params({k: p[k] for k in STAGE1_SEARCHED}, choice["values"])
+        rows = results(tf)
+        assert {r["stage"] for r in rows} == {"stage2"}
+        assert [r["step"] for r in rows] == list(range(e1 + 1, e1 + 1 + len(rows)))
+        assert [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1))
+    table = load_trials(folder)
+    assert (table["epochs_run"] == table["epochs"] - e1).all()
+    best = yaml.safe_load((folder / "best_config.yaml").read_text())["config"]
+    assert same_params({k: best[k] for k in STAGE1_SEARCHED}, choice["values"])
+    # one Optuna study per phase, each over its own keys
+    first_study = optuna.load_study(study_name=f"{folder.name}-stage1", storage=f"sqlite:///{phase1 / 'optuna.db'}")
+    assert len(first_study.trials) == 3 and all(sorted(t.params) == sorted(STAGE1_SEARCHED) for t in first_study.trials)
+    second = study(folder).trials
+    assert len(second) == n and all(sorted(t.params) == ["lambd", "lr2", "tau2"] for t in second)
+
+
+def test_staged_search(experiment, tmp_path):
+    """Phase 1 chooses tau1/lr1/flag_merge by NCM with stage-1-only trials; phase 2
+    searches tau2/lambd/lr2, every trial starting stage 2 from that choice."""
+    config = tiny_experiment(tmp_path, "staged", search={"num_samples": 4, **STAGED})
+    storage = tmp_path / "storage"
+    result = RayRun().run(cli("search", "--config", str(config), "--storage", str(storage),
+                              "--teacher", str(experiment.teacher)))
+    assert result.returncode == 0, explain(result)
+    assert "phase 1 of 2" in result.stdout and "phase 1 chose tau1=" in result.stdout
+    folder = storage / "staged"
+    check_staged(folder, 4)
+
+    # the analysis counts what the search computed: phase 1, then phase 2's stage-2 epochs
+    from analysis.common import open_experiments
+    from analysis.plot_trials import efficiency
+
+    exp, = open_experiments([folder])
+    phase1 = sum(len(results(tf)) for tf in trial_folders(folder / "stage1_search"))
+    phase2 = sum(len(results(tf)) for tf in trial_folders(folder))
+    assert exp.stage1_search_epochs == phase1
+    assert efficiency([exp])["cumulative_epochs"].iloc[-1] == phase1 + phase2
+    assert sorted(exp.searched) == ["lambd", "lr2", "tau2"]  # the stage-1 keys are constants in phase 2
+    assert exp.asha_rungs() == [2 + 2]  # phase 2: grace 2, factor 2 over its 4 stage-2 epochs, after stage 1
+
+
+def test_staged_search_at_a_uri_resumes_in_phase_2(experiment, tmp_path):
+    """Killed in phase 2 and resumed from another mirror: phase 1 is not run again,
+    and phase 2 goes on from the same choice (read back from the URI)."""
+    n = 5
+    config = tiny_experiment(tmp_path, "staged", search={"num_samples": n, "max_concurrent": 1,
+                                                          "reuse_actors": False, **STAGED,
+                                                          "asha": {"grace_period": TOTAL_STEPS}})
+    bucket = tmp_path / "bucket"
+    uri = f"file://{bucket}"
+    folder = bucket / "staged"
+    first = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-first"))
+    driver = first.popen(cli("search", "--config", str(config), "--storage", uri, "--teacher", str(experiment.teacher)))
+    try:  # killed once 2 phase-2 trials finished
+        deadline = time.monotonic() + SEARCH_TIMEOUT
+        while sum(finished(tf) for tf in trial_folders(folder)) < 2:
+            assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "2 phase-2 trials did not finish in time"
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.communicate()
+        first.cleanup()
+    phase1 = tree(folder / "stage1_search")
+    choice = (folder / "stage1_choice.pt").read_bytes()
+
+    resumed = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-second")).run(
+        cli("search", "--resume", "--storage", uri, "--name", "staged"))
+    assert resumed.returncode == 0, explain(resumed)
+    assert "phase 1 of 2" not in resumed.stdout
+    assert tree(folder / "stage1_search") == phase1 and (folder / "stage1_choice.pt").read_bytes() == choice
+    check_staged(folder, n)
+    assert (pd.read_csv(folder / "trials.csv")["status"] == "finished").all()
