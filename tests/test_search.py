@@ -789,6 +789,15 @@ def test_staged_search(experiment, tmp_path):
     assert sorted(exp.searched) == ["lambd", "lr2", "tau2"]  # the stage-1 keys are constants in phase 2
     assert exp.asha_rungs() == [2 + 2]  # phase 2: grace 2, factor 2 over its 4 stage-2 epochs, after stage 1
 
+    # the retrain runs both stages from scratch with phase 1's values and the best phase-2 trial's
+    retrained = RayRun().run(cli("retrain", "--experiment", str(folder), "--seeds", "1", "--no-baseline"))
+    assert retrained.returncode == 0, explain(retrained)
+    used = json.loads((folder / "retrain" / "results.json").read_text())["config"]
+    best = yaml.safe_load((folder / "best_config.yaml").read_text())["config"]
+    choice = yaml.safe_load((folder / "experiment.yaml").read_text())["stage1_choice"]["values"]
+    assert same_params({k: used[k] for k in choice}, choice)
+    assert same_params({k: used[k] for k in ("tau2", "lambd", "lr2")}, {k: best[k] for k in ("tau2", "lambd", "lr2")})
+
 
 def test_staged_search_at_a_uri_resumes_in_phase_2(experiment, tmp_path):
     """Killed in phase 2 and resumed from another mirror: phase 1 is not run again,
