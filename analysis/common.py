@@ -60,13 +60,17 @@ class Experiment:
         """A staged search: its trials start at stage 2 from phase 1's choice (stage1_search/)."""
         return bool((self.data.get("search") or {}).get("staged"))
 
+    def stage1_trials(self) -> pd.DataFrame:
+        """Phase 1's trials of a staged search (refilled.experiments.load_trials); empty otherwise."""
+        phase1 = self.folder / STAGE1_SEARCH
+        if not self.staged or not (phase1 / EXPERIMENT_FILE).is_file():
+            return pd.DataFrame()
+        return load_trials(phase1)
+
     @property
     def stage1_search_epochs(self) -> int:
         """Epochs phase 1 of a staged search computed (0 otherwise): part of what the search cost."""
-        phase1 = self.folder / STAGE1_SEARCH
-        if not self.staged or not (phase1 / EXPERIMENT_FILE).is_file():
-            return 0
-        table = load_trials(phase1)
+        table = self.stage1_trials()
         return int(table["epochs_run"].sum()) if not table.empty else 0
 
     @property

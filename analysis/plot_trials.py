@@ -39,7 +39,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,  # noqa: E402
-                             experiments_parser, out_dir, run_cli)
+                             experiments_parser, out_dir, read_results, run_cli)
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
     "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),
@@ -84,6 +84,26 @@ def _grid(n: int, max_cols: int = 3, size: tuple[float, float] = (5.0, 3.8)):
 
 # ----------------------------------------------------------------------------- (1) curves
 
+def _plot_phase1(ax, exp) -> None:
+    """A staged search's phase 1 in the stage-1 part of the plot: every stage-1-only
+    trial's NCM accuracy, the one phase 2 started from in black (phase 2's trials
+    report stage 2 only)."""
+    chosen = (exp.data.get("stage1_choice") or {}).get("trial_id")
+    for _, trial in exp.stage1_trials().iterrows():
+        rows = [r for r in read_results(Path(trial["folder"])) if "val_accuracy" in r and not r.get("diverged")]
+        if not rows:
+            continue
+        steps, accs = [r["step"] for r in rows], [r["val_accuracy"] for r in rows]
+        if str(trial["trial_id"]) == str(chosen):
+            ax.plot(steps, accs, color="black", linewidth=2.4, zorder=5)
+        else:
+            style = dict(STATUS_STYLE.get(trial["status"], STATUS_STYLE["running"]))
+            style.update(color="0.55")
+            ax.plot(steps, accs, **style)
+            if trial["status"] != "finished":
+                ax.plot(steps[-1], accs[-1], marker="x", color="0.55", markersize=6, linestyle="none")
+
+
 def plot_curves(experiments, path: str | Path) -> pd.DataFrame:
     """curves.png: every trial's validation accuracy per step; returns the long table plotted."""
     experiments = _experiments(experiments)
@@ -117,6 +137,8 @@ def plot_curves(experiments, path: str | Path) -> pd.DataFrame:
                             textcoords="offset points", xytext=(-8, 6), ha="right", fontsize=8)
         for rung in exp.asha_rungs():
             ax.axvline(rung, color="0.75", linestyle=":", linewidth=1)
+        if exp.staged:
+            _plot_phase1(ax, exp)
         if 0 < e1 < exp.total_epochs:
             ax.axvline(e1 + 0.5, color="tab:blue", linestyle="-", linewidth=1.2, alpha=0.7)
             ax.text(e1 + 0.5, 1.01, " stage 2 ", transform=ax.get_xaxis_transform(), ha="left", va="bottom",
@@ -125,7 +147,8 @@ def plot_curves(experiments, path: str | Path) -> pd.DataFrame:
                     fontsize=8, color="tab:blue")
         counts = table["status"].value_counts() if not table.empty else {}
         summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-        ax.set_title(f"{exp.label}: {len(table)} trials ({summary})", fontsize=10, pad=14)
+        phase1 = f"; phase 1: {len(exp.stage1_trials())} stage-1 trials" if exp.staged else ""
+        ax.set_title(f"{exp.label}: {len(table)} trials ({summary}){phase1}", fontsize=10, pad=14)
         ax.set_xlim(0.5, exp.total_epochs + 0.5)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step (epochs over both stages)")

@@ -34,7 +34,7 @@ from refilled.experiments import best_trial, load_trials  # noqa: E402
 
 
 def run(config: str, storage: str, name: str, num_samples: int, asha: dict, staged: dict | None = None,
-        seed: int | None = None) -> tuple[float, int, float, int]:
+        seed: int | None = None, start_with: str | None = None) -> tuple[float, int, float, int]:
     import ray
 
     from refilled.tune.search import STAGE1_SEARCH, run_search
@@ -43,6 +43,8 @@ def run(config: str, storage: str, name: str, num_samples: int, asha: dict, stag
     section = {**experiment["search"], "num_samples": num_samples, "asha": asha, "staged": staged}
     if seed is not None:
         section["seed"] = seed
+    if start_with is not None:
+        section["start_with"] = start_with
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
         folder = run_search(cfg, section, name=name, storage_location=storage, address=None, resume=False, teacher=None)
@@ -64,6 +66,9 @@ def main() -> None:
                    help="ASHA grace period of both phases of the staged variant when the file has no staged:, "
                         "in epochs of the phase's stage (default 5)")
     p.add_argument("--seed", type=int, help="Optuna's seed (search.seed; default: the experiment file's)")
+    p.add_argument("--start-with", choices=["config", "authors", "none"],
+                   help="search.start_with for every variant (default: the experiment file's); none: TPE "
+                        "proposes every trial, the file's config is not queued first")
     p.add_argument("--variants", default="full,asha40,asha10,staged", help="comma-separated subset to run")
     args = p.parse_args()
     cfg, experiment = load_experiment(args.config)
@@ -84,13 +89,14 @@ def main() -> None:
     variants = {k: v for k, v in variants.items() if k in chosen}
     with tempfile.TemporaryDirectory() as storage:
         rows = {name: run(args.config, storage, name, args.num_samples, asha, staged if name == "staged" else None,
-                          args.seed)
+                          args.seed, args.start_with)
                 for name, asha in variants.items()}
     best_full, epochs_full = rows["full"][0], rows["full"][1]
     print(f"{args.config}: {args.num_samples} TPE trials, {total} epochs each at full budget; staged: "
           f"{staged['num_samples']} stage-1 trials ({cfg.n_training_epochs1} epochs, ASHA {staged.get('asha')}) "
           f"then {args.num_samples} stage-2 trials ({cfg.n_training_epochs2} epochs)")
-    print(f"search seed {args.seed if args.seed is not None else experiment['search'].get('seed', 0)}")
+    print(f"search seed {args.seed if args.seed is not None else experiment['search'].get('seed', 0)}, "
+          f"start_with {args.start_with or experiment['search'].get('start_with', 'authors')}")
     print(f"{'variant':8} {'ASHA':>36} {'best val acc':>12} {'vs full':>8} {'epochs':>7} {'vs full':>8} {'wall s':>7}")
     for name, (best, epochs, wall, n) in rows.items():
         asha = variants[name]

@@ -788,6 +788,11 @@ def test_staged_search(experiment, tmp_path):
     assert efficiency([exp])["cumulative_epochs"].iloc[-1] == phase1 + phase2
     assert sorted(exp.searched) == ["lambd", "lr2", "tau2"]  # the stage-1 keys are constants in phase 2
     assert exp.asha_rungs() == [2 + 2]  # phase 2: grace 2, factor 2 over its 4 stage-2 epochs, after stage 1
+    assert len(exp.stage1_trials()) == 3
+    from analysis.plot_trials import plot_curves
+
+    plotted = plot_curves([exp], tmp_path / "curves.png")  # phase 1 drawn in the stage-1 part
+    assert set(plotted["stage"]) == {"stage2"} and (tmp_path / "curves.png").stat().st_size > 0
 
     # the retrain runs both stages from scratch with phase 1's values and the best phase-2 trial's
     retrained = RayRun().run(cli("retrain", "--experiment", str(folder), "--seeds", "1", "--no-baseline"))
