@@ -102,9 +102,10 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
     errored, running: still, or when the search was interrupted), epochs (the
     step it reached, across both stages), epochs_run (the epochs it computed
     itself: not stage-1 epochs replayed from the stage-1 cache or started from a
-    staged search's stage-1 choice), stopped_at (the step a stopped trial ended at: its ASHA rung), best/last validation accuracy of
-    each stage (stage 1: NCM, stage 2: classifier), reached_stage2, wall time
-    (s), diverged_reason, and one `config/<key>` column per searched key.
+    staged search's stage-1 choice), stopped_at (the step a stopped trial ended
+    at: its ASHA rung), best/last validation accuracy of each stage (stage 1:
+    NCM, stage 2: classifier), reached_stage2, wall time (s), diverged_reason,
+    and one `config/<key>` column per searched key.
     """
     folder = Path(folder)
     cfg, data = experiment_config(folder)
@@ -124,8 +125,8 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
         # those of the stage-1 choice a staged search's phase 2 starts from (never reported)
         epochs_run = sum(1 for r in rows if not r.get("diverged") and r.get("stage1_cache") != "hit")
         records.append({
-            "experiment": folder.name, "trial_id": trial_id, "status": status, "epochs": epochs, "epochs_run": epochs_run,
-            "total_epochs": total,
+            "experiment": folder.name, "trial_id": trial_id, "status": status, "epochs": epochs,
+            "epochs_run": epochs_run, "total_epochs": total,
             "stopped_at": epochs if status == "stopped" else None,
             "best_val_ncm_stage1": max(s1) if s1 else None, "last_val_ncm_stage1": s1[-1] if s1 else None,
             "best_val_accuracy_stage2": max(s2) if s2 else None, "last_val_accuracy_stage2": s2[-1] if s2 else None,

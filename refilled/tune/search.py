@@ -51,6 +51,7 @@ from refilled.storage import Place, experiment_place
 from refilled.tune.settings import SearchSettings, parse_search
 
 METRIC = "val_accuracy"
+STAGE1_CHOICE = "stage1_choice.pt"  # phase 1's chosen end-of-stage-1 student, where phase 2 starts
 
 
 # ----------------------------------------------------------------------------- experiment files
@@ -322,8 +323,8 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
         print("stage-1 cache: off (storage is a URI; trials with equal stage-1 settings each run stage 1)")
     fn = tune.with_parameters(refilled_trial, base=cfg.to_dict(), teacher=teacher_state,
                               bank=None if bank is None else np.ascontiguousarray(bank), centers=centers,
-                              cache_dir=cache_dir, stage1=stage1, stage1_only=stage1_only, checkpoint_every=settings.checkpoint_every,
-                              teacher_id=file_digest(teacher_path))
+                              cache_dir=cache_dir, stage1=stage1, stage1_only=stage1_only,
+                              checkpoint_every=settings.checkpoint_every, teacher_id=file_digest(teacher_path))
     return tune.with_resources(fn, {"cpu": settings.cpu, "gpu": settings.gpu})
 
 
@@ -350,9 +351,6 @@ def summarise(folder: Path, location: str | None = None) -> pd.DataFrame:
     return trials
 
 
-STAGE1_CHOICE = "stage1_choice.pt"  # phase 1's chosen end-of-stage-1 student, where phase 2 starts
-
-
 def run_search(cfg: Config, search_section: dict, *, name: str, storage_location: str, address: str | None,
                resume: bool, teacher: str | None) -> Path:
     """Run (or resume) the search; returns the folder that holds its results (for a
@@ -365,8 +363,8 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     if resume:
         place.pull()
         cfg, settings, data = read_experiment(folder, place.location)
-        restorable = tune.Tuner.can_restore(place.location)
-        if not restorable and not settings.staged:
+        # a staged search may have been interrupted in phase 1, before phase 2 had a state
+        if not settings.staged and not tune.Tuner.can_restore(place.location):
             raise UserError(f"{place.location} has no Ray Tune state to resume: start a new search instead")
     else:
         settings = parse_search(search_section, cfg)
@@ -476,12 +474,8 @@ def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: 
     choice = {"trial_id": str(best["trial_id"]), "values": values,
               "val_ncm_accuracy": float(best["last_val_ncm_stage1"])}
     checkpoint.save({"kind": "stage1_choice", **choice, "snapshot": state}, place.folder / STAGE1_CHOICE)
-    _, _, data = read_experiment(place.folder)
-    data["stage1_choice"] = choice
-    tmp = place.folder / f".{EXPERIMENT_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, place.folder / EXPERIMENT_FILE)
-    place.push(STAGE1_CHOICE, EXPERIMENT_FILE)
+    save_experiment(place.folder, cfg, search_section_of(settings), {"stage1_choice": choice})
+    place.push(STAGE1_CHOICE, EXPERIMENT_FILE)  # in this order: a stage1_choice in experiment.yaml has its file
     print(f"phase 1 chose {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in values.items())} "
           f"(trial {choice['trial_id']}, validation NCM accuracy {choice['val_ncm_accuracy']:.4f}); "
           f"phase 2 of 2: stage 2 from that embedding")
