@@ -27,7 +27,8 @@ import pandas as pd  # noqa: E402
 
 from refilled.config import Config  # noqa: E402
 from refilled.errors import UserError  # noqa: E402
-from refilled.experiments import EXPERIMENT_FILE, STAGE1_SEARCH, experiment_config, load_trials, read_results  # noqa: E402
+from refilled.experiments import (EXPERIMENT_FILE, STAGE1_SEARCH, experiment_config, load_trials,  # noqa: E402
+                                  read_results)
 from refilled.stage1_cache import STAGE1_ONLY  # noqa: E402
 from refilled.storage import experiment_at  # noqa: E402
 

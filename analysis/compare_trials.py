@@ -106,7 +106,8 @@ def experiment_summary(experiments) -> pd.DataFrame:
                "median_val_accuracy_stage2": float(statistics.median(reached[METRIC])) if len(reached) else None,
                "best_trial": best["trial_id"] if best is not None else None,
                # what the search computed: phase 1 of a staged search included, cache replays not
-               "total_epochs": exp.stage1_search_epochs + (int(table["epochs_run"].sum()) if not table.empty else 0),
+               "total_epochs": exp.stage1_search_epochs
+               + (int(table["epochs_run"].sum()) if not table.empty else 0),
                "epochs_without_asha": len(table) * exp.total_epochs,
                "trial_time_s": float(table["wall_time_s"].fillna(0).sum()) if not table.empty else 0.0,
                "wall_time_s": float(max(ends) - min(starts)) if len(starts) and len(ends) else None,

@@ -30,14 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refilled.config import load_experiment  # noqa: E402
-from refilled.experiments import best_trial, load_trials  # noqa: E402
+from refilled.experiments import STAGE1_SEARCH, best_trial, load_trials  # noqa: E402
 
 
 def run(config: str, storage: str, name: str, num_samples: int, asha: dict, staged: dict | None = None,
         seed: int | None = None, start_with: str | None = None) -> tuple[float, int, float, int]:
     import ray
 
-    from refilled.tune.search import STAGE1_SEARCH, run_search
+    from refilled.tune.search import run_search
 
     cfg, experiment = load_experiment(config)
     section = {**experiment["search"], "num_samples": num_samples, "asha": asha, "staged": staged}

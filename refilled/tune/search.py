@@ -476,7 +476,8 @@ def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: 
     checkpoint.save({"kind": "stage1_choice", **choice, "snapshot": state}, place.folder / STAGE1_CHOICE)
     save_experiment(place.folder, cfg, search_section_of(settings), {"stage1_choice": choice})
     place.push(STAGE1_CHOICE, EXPERIMENT_FILE)  # in this order: a stage1_choice in experiment.yaml has its file
-    print(f"phase 1 chose {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in values.items())} "
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    print(f"phase 1 chose {shown} "
           f"(trial {choice['trial_id']}, validation NCM accuracy {choice['val_ncm_accuracy']:.4f}); "
           f"phase 2 of 2: stage 2 from that embedding")
     return choice
