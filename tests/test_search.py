@@ -804,23 +804,14 @@ def test_staged_search(experiment, tmp_path):
     assert same_params({k: used[k] for k in ("tau2", "lambd", "lr2")}, {k: best[k] for k in ("tau2", "lambd", "lr2")})
 
 
-def test_staged_search_at_a_uri_resumes_in_phase_2(experiment, tmp_path):
-    """Killed in phase 2 and resumed from another mirror: phase 1 is not run again,
-    and phase 2 goes on from the same choice (read back from the URI)."""
-    n = 4
-    config = tiny_experiment(tmp_path, "staged", search={
-        "num_samples": n, "max_concurrent": 1, "reuse_actors": False, "asha": {"grace_period": TOTAL_STEPS},
-        "staged": {**STAGED["staged"], "num_samples": 2}})
-    bucket = tmp_path / "bucket"
-    uri = f"file://{bucket}"
-    folder = bucket / "staged"
-    first = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-first"))
-    driver = first.popen(cli("search", "--config", str(config), "--storage", uri, "--teacher", str(experiment.teacher)))
-    try:  # killed once 2 phase-2 trials finished
+def kill_when(run: RayRun, args: list[str], ready, what: str) -> None:
+    """Start a search and SIGKILL its driver (and its process group) once ready() holds."""
+    driver = run.popen(args)
+    try:
         deadline = time.monotonic() + SEARCH_TIMEOUT
-        while sum(finished(tf) for tf in trial_folders(folder)) < 2:
+        while not ready():
             assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "2 phase-2 trials did not finish in time"
+            assert time.monotonic() < deadline, f"{what} did not happen in time"
             time.sleep(0.5)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
@@ -828,14 +819,38 @@ def test_staged_search_at_a_uri_resumes_in_phase_2(experiment, tmp_path):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.communicate()
-        first.cleanup()
+        run.cleanup()
+
+
+def test_staged_search_at_a_uri_resumes_in_either_phase(experiment, tmp_path):
+    """Killed in phase 1, resumed from another mirror (phase 1's finished trials are not
+    run again), killed again in phase 2, resumed from a third mirror: phase 1 is not
+    touched, and phase 2 goes on from the same choice (read back from the URI)."""
+    n = 4
+    config = tiny_experiment(tmp_path, "staged", search={
+        "num_samples": n, "max_concurrent": 1, "reuse_actors": False, "asha": {"grace_period": TOTAL_STEPS},
+        "staged": {"num_samples": 4, "asha": {"grace_period": 2}}})  # phase 1: no trial stopped
+    bucket = tmp_path / "bucket"
+    uri = f"file://{bucket}"
+    folder = bucket / "staged"
+    resume = cli("search", "--resume", "--storage", uri, "--name", "staged")
+
+    kill_when(RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-first")),
+              cli("search", "--config", str(config), "--storage", uri, "--teacher", str(experiment.teacher)),
+              lambda: sum(finished(tf) for tf in trial_folders(folder / "stage1_search")) >= 2, "2 phase-1 trials")
+    assert not (folder / "stage1_choice.pt").exists()
+    done = {tf.name: len(results(tf)) for tf in trial_folders(folder / "stage1_search") if finished(tf)}
+
+    kill_when(RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-second")), resume,
+              lambda: sum(finished(tf) for tf in trial_folders(folder)) >= 2, "2 phase-2 trials")
+    for name, lines in done.items():  # phase 1's finished trials were not run again
+        assert len(results(folder / "stage1_search" / name)) == lines, name
     phase1 = tree(folder / "stage1_search")
     choice = (folder / "stage1_choice.pt").read_bytes()
 
-    resumed = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-second")).run(
-        cli("search", "--resume", "--storage", uri, "--name", "staged"))
+    resumed = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-third")).run(resume)
     assert resumed.returncode == 0, explain(resumed)
     assert "phase 1 of 2" not in resumed.stdout
     assert tree(folder / "stage1_search") == phase1 and (folder / "stage1_choice.pt").read_bytes() == choice
-    check_staged(folder, n, n1=2)
+    check_staged(folder, n, n1=4)
     assert (pd.read_csv(folder / "trials.csv")["status"] == "finished").all()

@@ -413,6 +413,8 @@ def fit(trainable, settings: SearchSettings, cfg: Config, place: Place, study_na
     if resume:
         tuner = tune.Tuner.restore(place.location, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        # a phase of a staged search killed before Ray saved any state starts again: its trials go aside
+        set_aside_unknown_trials(place, set())
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
                                   grace_period=min(settings.grace_period, max_t),
                                   reduction_factor=settings.reduction_factor)
