@@ -120,6 +120,26 @@ class RayRun:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def kill_when(run: RayRun, args: list[str], ready, what: str) -> int:
+    """Start a search and SIGKILL its driver (and its process group) once ready() holds;
+    end the run's Ray processes too. Returns the driver's exit status."""
+    driver = run.popen(args)
+    try:
+        deadline = time.monotonic() + SEARCH_TIMEOUT
+        while not ready():
+            assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, f"{what} did not happen in time"
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.communicate()
+        run.cleanup()
+    return driver.returncode
+
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "tune_refilled.py", *args]
 
@@ -341,22 +361,9 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     storage = tmp_path / "storage"
     folder = storage / "resume"
     args = cli("search", "--config", str(config), "--storage", str(storage), "--teacher", str(experiment.teacher))
-    run = RayRun()
-    driver = run.popen(args)
-    try:
-        deadline = time.monotonic() + SEARCH_TIMEOUT
-        while sum(finished(tf) for tf in trial_folders(folder)) < 3:
-            assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "3 trials did not finish in time"
-            time.sleep(0.5)
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and what shares its process group
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.communicate()
-        run.cleanup()  # Ray's own processes (workers have their own process groups)
-    assert driver.returncode == -signal.SIGKILL
+    status = kill_when(RayRun(), args, lambda: sum(finished(tf) for tf in trial_folders(folder)) >= 3,
+                       "3 finished trials")
+    assert status == -signal.SIGKILL
 
     before = {tf.name: len(results(tf)) for tf in trial_folders(folder) if finished(tf)}
     ids_before = {tf.name: results(tf)[-1]["trial_id"] for tf in trial_folders(folder) if finished(tf)}
@@ -430,22 +437,11 @@ def test_search_resume_retrain_and_report_with_storage_at_a_uri(experiment, tmp_
     bucket = tmp_path / "bucket"
     uri = f"file://{bucket}"
     folder = bucket / "remote"
-    first = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-first"))
-    driver = first.popen(cli("search", "--config", str(config), "--storage", uri, "--teacher", str(experiment.teacher)))
-    try:  # killed once 2 trials finished (as Ray's sync shows them at the URI)
-        deadline = time.monotonic() + SEARCH_TIMEOUT
-        while sum(finished(tf) for tf in trial_folders(folder)) < 2:
-            assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "2 trials did not finish in time"
-            time.sleep(0.5)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.communicate()
-        first.cleanup()
-    assert driver.returncode == -signal.SIGKILL
+    # killed once 2 trials finished (as Ray's sync shows them at the URI)
+    status = kill_when(RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-first")),
+                       cli("search", "--config", str(config), "--storage", uri, "--teacher", str(experiment.teacher)),
+                       lambda: sum(finished(tf) for tf in trial_folders(folder)) >= 2, "2 finished trials")
+    assert status == -signal.SIGKILL
     for name in ("experiment.yaml", "teacher.pt", "bank-tuning.npy", "tuner.pkl"):
         assert (folder / name).is_file(), name
     assert not (folder / "trials.csv").exists()
@@ -802,24 +798,6 @@ def test_staged_search(experiment, tmp_path):
     choice = yaml.safe_load((folder / "experiment.yaml").read_text())["stage1_choice"]["values"]
     assert same_params({k: used[k] for k in choice}, choice)
     assert same_params({k: used[k] for k in ("tau2", "lambd", "lr2")}, {k: best[k] for k in ("tau2", "lambd", "lr2")})
-
-
-def kill_when(run: RayRun, args: list[str], ready, what: str) -> None:
-    """Start a search and SIGKILL its driver (and its process group) once ready() holds."""
-    driver = run.popen(args)
-    try:
-        deadline = time.monotonic() + SEARCH_TIMEOUT
-        while not ready():
-            assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, f"{what} did not happen in time"
-            time.sleep(0.5)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.communicate()
-        run.cleanup()
 
 
 def test_staged_search_at_a_uri_resumes_in_either_phase(experiment, tmp_path):
