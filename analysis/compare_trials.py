@@ -120,6 +120,7 @@ def experiment_summary(experiments) -> pd.DataFrame:
                     row[f"test_{kind}_std"] = final[kind]["std"]
             if "gain" in final:
                 row["test_gain"] = final["gain"]
+                row["test_gain_se"] = final.get("gain_se")
         rows.append(row)
     return pd.DataFrame.from_records(rows)
 

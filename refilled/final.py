@@ -62,10 +62,24 @@ def summarise(runs: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, An
         if accs:
             out[kind] = {"test_accuracy": accs, "seeds": sorted(r["seed"] for r in runs if r["kind"] == kind),
                          "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-    if "student_alone" in out:
+    if "student_alone" in out and "refilled" in out:
         out["gain"] = out["refilled"]["mean"] - out["student_alone"]["mean"]
+        out.update(paired_gain(runs))
     out.update(extra)
     return out
+
+
+def paired_gain(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seed-by-seed differences (REFILLED - alone: both runs of a seed start from
+    the same initial student), their standard error and the seeds won.
+    The spread between seeds is large on small test sets, so the mean gain alone
+    says little without its standard error."""
+    acc = {(r["kind"], r["seed"]): r["test_accuracy"] for r in runs}
+    diffs = [acc["refilled", s] - acc["student_alone", s] for k, s in sorted(acc) if k == "refilled"
+             and ("student_alone", s) in acc]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"gain_paired_seeds": len(diffs), "gain_se": se, "gain_seeds_won": sum(d > 0 for d in diffs),
+            "gain_seeds_lost": sum(d < 0 for d in diffs)}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -78,12 +92,25 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {names[kind]} | {per_seed} | {r['mean']:.2%} ± {r['std']:.2%} |")
     if "gain" in results:
         lines.append(f"\nGain of REFILLED over the student alone: **{results['gain'] * 100:+.2f} points** "
-                     f"(mean over {_seeds(len(results['refilled']['test_accuracy']))}).")
+                     f"(mean over {_seeds(len(results['refilled']['test_accuracy']))}{_paired(results)}).")
     source = results.get("source", {})
     if source:
         lines.append(f"\nConfiguration: {source}. Each model is the one training ended with, tested once "
                      "on the test split (trained on train + validation).")
     return "\n".join(lines) + "\n"
+
+
+def _paired(results: dict[str, Any]) -> str:
+    n, se = results.get("gain_paired_seeds", 0), results.get("gain_se")
+    if not n:
+        return ""
+    text = f"; REFILLED ahead on {results['gain_seeds_won']} of {n} seeds, behind on {results['gain_seeds_lost']}"
+    if se is None:
+        return text + "; one seed: no standard error"
+    text += f"; standard error of the paired difference {se * 100:.2f} points"
+    if abs(results["gain"]) < 2 * se:
+        text += ": within two standard errors of zero, more seeds (`--seeds`) would tell them apart"
+    return text
 
 
 def _seeds(n: int) -> str:

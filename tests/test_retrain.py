@@ -97,6 +97,36 @@ def test_results_json_interface_and_arithmetic(retrained):
             assert metrics["summary"]["test_accuracy"] == pytest.approx(acc)
             assert metrics["epochs"][-1]["test_accuracy"] == pytest.approx(acc)
     assert results["gain"] == pytest.approx(results["refilled"]["mean"] - results["student_alone"]["mean"])
+    diffs = [a - b for a, b in zip(results["refilled"]["test_accuracy"], results["student_alone"]["test_accuracy"])]
+    assert results["gain_paired_seeds"] == 2
+    assert results["gain_se"] == pytest.approx(statistics.stdev(diffs) / 2 ** 0.5)
+    assert results["gain_seeds_won"] == sum(d > 0 for d in diffs)
+    assert results["gain_seeds_lost"] == sum(d < 0 for d in diffs)
+    assert "of 2 seeds" in (out / "summary.md").read_text()
+
+
+def _runs(refilled: list[float], alone: list[float]) -> list[dict]:
+    return ([{"kind": "refilled", "seed": s, "test_accuracy": a} for s, a in enumerate(refilled)]
+            + [{"kind": "student_alone", "seed": s, "test_accuracy": a} for s, a in enumerate(alone)])
+
+
+def test_gain_is_paired_by_seed_with_its_standard_error():
+    from refilled.final import markdown, summarise
+
+    # seed by seed: +0.00, +0.02, -0.01 -> mean 0.00333, stdev 0.01528, standard error 0.00882
+    results = summarise(_runs([0.90, 0.95, 0.97], [0.90, 0.93, 0.98]), {})
+    assert results["gain"] == pytest.approx(0.01 / 3)
+    assert results["gain_se"] == pytest.approx(0.0152753 / 3 ** 0.5, rel=1e-4)
+    assert (results["gain_seeds_won"], results["gain_seeds_lost"], results["gain_paired_seeds"]) == (1, 1, 3)
+    text = markdown(results)
+    assert "+0.33 points" in text and "ahead on 1 of 3 seeds, behind on 1" in text
+    assert "standard error of the paired difference 0.88 points" in text
+    assert "within two standard errors of zero" in text  # 0.33 < 2 * 0.88
+
+    clear = summarise(_runs([0.95, 0.96, 0.97], [0.90, 0.92, 0.93]), {})  # +5, +4, +4
+    assert clear["gain_seeds_won"] == 3 and "within two standard errors" not in markdown(clear)
+    one = summarise(_runs([0.95], [0.90]), {})
+    assert one["gain_se"] is None and "one seed: no standard error" in markdown(one)
 
 
 def test_test_split_read_only_at_the_end(retrained):

@@ -75,7 +75,9 @@ def add_retrain_command(sub) -> None:
                     "that reached stage 2) with flag_tuning off: train + validation, the full epoch budget, "
                     "the experiment's teacher, N seeds. The model each run ends with is tested once on the "
                     "test split. With the baseline (default) the student alone (cross-entropy, same epochs, "
-                    "same seeds) is trained too. Writes results.json and summary.md.")
+                    "same seeds) is trained too, and the gain is given seed by seed: its standard error and the seeds "
+                    "won and lost (on a small test set a few seeds rarely settle it). Writes results.json and "
+                    "summary.md.")
     p.add_argument("--experiment", required=True, metavar="PATH",
                    help="experiment made by `search`: its folder, or its URI (e.g. s3://bucket/experiments/digits)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
