@@ -198,9 +198,10 @@ def test_more_shots_than_images(source):
     with pytest.raises(UserError) as e:
         student_task(source, cfg(shots=10))  # class 4 has 9 training images
     msg = str(e.value)
-    assert "'shots'" in msg and "\n" not in msg and "9" in msg
-    with pytest.raises(UserError):
-        student_task(load_digits(), make_tiny_config(shots=1000))
+    assert "'shots'" in msg and "\n" not in msg and "9" in msg and "of class c4" in msg
+    with pytest.raises(UserError) as e:  # named by the data set's class, not the student's label 0
+        student_task(load_digits(), make_tiny_config(target_classes="5-9", shots=1000))
+    assert "training images of class 5:" in str(e.value)
 
 
 def test_shots_only_limit_the_student(source):

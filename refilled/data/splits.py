@@ -94,15 +94,17 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def limit_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
-    """Indices of `shots` images of each class, chosen at random once."""
+def limit_shots(labels: np.ndarray, shots: int, seed: int, names: list[str] | None = None) -> np.ndarray:
+    """Indices of `shots` images of each class, chosen at random once. `names`
+    (the data set's class names, by task label) make the error name the class."""
     rng = np.random.default_rng(seed)
     chosen = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         if len(idx) < shots:
+            name = names[c] if names is not None else c
             raise UserError(f"config key 'shots' = {shots} is more than the {len(idx)} training images "
-                            f"of class {c}: lower shots")
+                            f"of class {name}: lower shots")
         chosen.append(rng.permutation(idx)[:shots])
     return np.sort(np.concatenate(chosen))
 
@@ -136,7 +138,8 @@ def student_task(source: Source, cfg) -> Task:
     if len(pool.labels) == 0:
         raise UserError("config key 'target_classes' selects classes with no training images")
     if cfg.shots is not None:
-        pool = _subset(pool, list(range(len(classes))), limit_shots(pool.labels, cfg.shots, SPLIT_SEED))
+        names = [source.class_names[c] for c in classes]
+        pool = _subset(pool, list(range(len(classes))), limit_shots(pool.labels, cfg.shots, SPLIT_SEED, names))
     if not cfg.flag_tuning:
         return Task("student", classes, pool, _subset(source.test, classes), "test", source.mean, source.std)
     keep, held = stratified_split(pool.labels, cfg.val_fraction, SPLIT_SEED)
