@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,28 @@ def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{what} {path} not found: check the path (or run `tune_refilled.py pretrain` to make a teacher)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise UserError(f"{what} {path} is not a plain weights file and was refused ({first[:120]})") from None
+        raise UserError(f"{what} {path} is not a plain weights file and was refused ({_refusal(e)}): "
+                        "load only checkpoints that tune_refilled.py wrote") from None
     except Exception as e:  # damaged bytes surface as many types (KeyError, IndexError, RuntimeError, ...)
         raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({type(e).__name__}): "
                         "recreate it") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} holds a {type(obj).__name__}, not a tune-refilled checkpoint")
     return obj
+
+
+def _refusal(error: Exception) -> str:
+    """The reason in torch's weights_only refusal ("Unsupported global: GLOBAL os.system ...",
+    "Unsupported operand 149"), without the paragraphs of advice around it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"WeightsUnpickler error:(.*?)(?:Please use|Check the documentation|$)", text, re.S)
+    if found and found.group(1).strip():
+        reason = found.group(1)
+    else:  # other versions: the reason is the one paragraph that is not advice
+        advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reason = " ".join(p for p in re.split(r"\n\s*\n", text) if p.strip() and not p.strip().startswith(advice))
+    return " ".join(reason.split())[:160] or "unsupported content"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import shlex
 from pathlib import Path
 
@@ -120,10 +121,14 @@ def test_code_in_a_pickle_is_refused_and_never_runs(tmp_path, student_data, kind
         with open(path, "wb") as f:
             pickle.dump(payload, f, protocol=2)
     CALLED.clear()
-    with pytest.raises(UserError) as e:
+    with pytest.raises(UserError) as e, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         checkpoint.load(path, "teacher checkpoint")
     msg = one_line(e)
     assert str(path) in msg and "refused" in msg
+    assert "GLOBAL" in msg or "Unsupported" in msg  # torch's reason, without its paragraphs of advice
+    assert "Weights only load failed" not in msg and "documentation" not in msg
+    assert warned == []  # nothing but the one line reaches the terminal
     with pytest.raises(UserError):
         run.load_teacher(path, make_tiny_config(), student_data)
     assert not marker.exists() and CALLED == []
