@@ -75,8 +75,8 @@ def paired_gain(runs: list[dict[str, Any]]) -> dict[str, Any]:
     The spread between seeds is large on small test sets, so the mean gain alone
     says little without its standard error."""
     acc = {(r["kind"], r["seed"]): r["test_accuracy"] for r in runs}
-    diffs = [acc["refilled", s] - acc["student_alone", s] for k, s in sorted(acc) if k == "refilled"
-             and ("student_alone", s) in acc]
+    seeds = [s for k, s in sorted(acc) if k == "refilled" and ("student_alone", s) in acc]
+    diffs = [acc["refilled", s] - acc["student_alone", s] for s in seeds]
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
     return {"gain_paired_seeds": len(diffs), "gain_se": se, "gain_seeds_won": sum(d > 0 for d in diffs),
             "gain_seeds_lost": sum(d < 0 for d in diffs)}
