@@ -62,7 +62,7 @@ def summarise(runs: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, An
         if accs:
             out[kind] = {"test_accuracy": accs, "seeds": sorted(r["seed"] for r in runs if r["kind"] == kind),
                          "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-    if "student_alone" in out and "refilled" in out:
+    if "student_alone" in out:
         out["gain"] = out["refilled"]["mean"] - out["student_alone"]["mean"]
         out.update(paired_gain(runs))
     out.update(extra)
