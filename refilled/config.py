@@ -65,6 +65,7 @@ class Config:
     target_classes: str = "all"  # student's classes, e.g. "50-99"; overlap allowed
     shots: int | None = None  # labelled images per student class (middle-shot); None = all
     val_fraction: float = 0.1  # part of the training set held out when flag_tuning
+    split_seed: int = 0  # draws the shots and the validation part (the run's seed never does)
     # --- implementation choices -----------------------------------------------------
     loss_scale1: float = 500.0  # authors' effective multiplier of the stage-1 KL mean
     margin: float = 0.2  # semi-hard mining margin
@@ -91,7 +92,8 @@ class Config:
 
 FIELDS = {f.name: f for f in fields(Config)}
 # Tuning a non-tunable key (paths, device) makes no sense; the search refuses them.
-NOT_SEARCHABLE = {"data_root", "download", "device", "flag_tuning", "data_name"}
+NOT_SEARCHABLE = {"data_root", "download", "device", "flag_tuning", "data_name",
+                  "split_seed"}  # a search over image draws would select on luck
 
 
 def _type_name(f: dataclasses.Field) -> str:
@@ -199,6 +201,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'point' must be strictly increasing epochs >= 1, got {list(cfg.point)}")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"config key 'val_fraction' must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.split_seed < 0:
+        raise UserError(f"config key 'split_seed' must be >= 0, got {cfg.split_seed}")
     if cfg.shots is not None and cfg.shots < 1:
         raise UserError(f"config key 'shots' must be >= 1 or null, got {cfg.shots}")
     choices = {"class_order": ("natural", "cifar_fs"), "centers": ("global", "local"),

@@ -200,6 +200,7 @@ BAD = [
     ({"student_network_name": "vgg"}, "student_network_name"),
     ({"dropout_rate": 1.0}, "dropout_rate"),
     ({"val_fraction": 1.0}, "val_fraction"),
+    ({"split_seed": -1}, "split_seed"),
     ({"n_training_epochs2": 0}, "n_training_epochs2"),
     ({"n_training_epochs1": -1}, "n_training_epochs1"),
     ({"centers": "both"}, "centers"),

@@ -60,3 +60,10 @@ def test_bad_staged_settings_are_one_line_errors(section, needle):
     with pytest.raises(UserError, match=needle) as info:
         parse_search(section, make_tiny_config())
     assert "\n" not in str(info.value)
+
+
+def test_split_seed_cannot_be_searched():
+    # a search over image draws would pick the luckiest draw, not better settings
+    with pytest.raises(UserError, match="'split_seed' cannot be searched") as info:
+        parse_search({"space": {"split_seed": {"choice": [0, 1, 2]}}}, make_tiny_config())
+    assert "\n" not in str(info.value)

@@ -8,7 +8,6 @@ import pytest
 from conftest import make_tiny_config
 from refilled.data.sources import ImageSet, Source, load_digits
 from refilled.data.splits import (
-    SPLIT_SEED,
     cifar_fs_order,
     class_order,
     parse_positions,
@@ -271,8 +270,19 @@ def test_tuning_split_on_digits():
     assert len(f.eval.labels) == int(np.isin(digits.test.labels, [5, 6, 7, 8, 9]).sum())
 
 
-def test_split_seed_is_fixed():
-    assert SPLIT_SEED == 0
+def test_split_seed_draws_other_shots_and_another_validation_part():
+    digits = load_digits()
+    first = student_task(digits, make_tiny_config(flag_tuning=True))  # split_seed 0
+    again = student_task(digits, make_tiny_config(flag_tuning=True, seed=7))
+    other = student_task(digits, make_tiny_config(flag_tuning=True, split_seed=1))
+    assert image_keys(again.train) == image_keys(first.train) and image_keys(again.eval) == image_keys(first.eval)
+    assert set(image_keys(other.train)) != set(image_keys(first.train))
+    assert set(image_keys(other.eval)) != set(image_keys(first.eval))
+    # still 10 shots a class, 3 of them validation; the test split does not move
+    assert np.bincount(other.eval.labels).tolist() == [3] * 5 and np.bincount(other.train.labels).tolist() == [7] * 5
+    final, final_other = (student_task(digits, make_tiny_config(flag_tuning=False, split_seed=s)) for s in (0, 1))
+    assert image_keys(final.eval) == image_keys(final_other.eval)
+    assert sorted(image_keys(final_other.train)) == sorted(image_keys(other.train) + image_keys(other.eval))
 
 
 def test_target_with_no_training_images():

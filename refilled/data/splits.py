@@ -8,8 +8,10 @@ From a data set (`Source`) to the two tasks a REFILLED run needs:
   evaluation split; off, the student trains on all of them (train +
   validation) and is evaluated on the official test part.
 
-Every split is deterministic: it depends on `split_seed`, never on the run's
-`seed`, so all trials and retrain seeds of an experiment see the same images.
+Every split is deterministic: it depends on the config's `split_seed`, never
+on the run's `seed`, so all trials and retrain seeds of an experiment see the
+same images. Another `split_seed` draws other shots and another validation
+part, which shows how much a result owes to the particular images.
 """
 
 from __future__ import annotations
@@ -22,9 +24,6 @@ import numpy as np
 
 from refilled.data.sources import ImageSet, Source
 from refilled.errors import UserError
-
-SPLIT_SEED = 0  # fixed: shot subsets and validation parts are the same in every run
-
 
 @dataclass
 class Task:
@@ -139,10 +138,10 @@ def student_task(source: Source, cfg) -> Task:
         raise UserError("config key 'target_classes' selects classes with no training images")
     if cfg.shots is not None:
         names = [source.class_names[c] for c in classes]
-        pool = _subset(pool, list(range(len(classes))), limit_shots(pool.labels, cfg.shots, SPLIT_SEED, names))
+        pool = _subset(pool, list(range(len(classes))), limit_shots(pool.labels, cfg.shots, cfg.split_seed, names))
     if not cfg.flag_tuning:
         return Task("student", classes, pool, _subset(source.test, classes), "test", source.mean, source.std)
-    keep, held = stratified_split(pool.labels, cfg.val_fraction, SPLIT_SEED)
+    keep, held = stratified_split(pool.labels, cfg.val_fraction, cfg.split_seed)
     everything = list(range(len(classes)))
     return Task("student", classes, _subset(pool, everything, keep), _subset(pool, everything, held),
                 "validation", source.mean, source.std)
