@@ -25,6 +25,7 @@ import numpy as np
 from refilled.data.sources import ImageSet, Source
 from refilled.errors import UserError
 
+
 @dataclass
 class Task:
     """One classification task, labels remapped to 0..n_classes-1."""
