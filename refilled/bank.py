@@ -107,7 +107,7 @@ def teacher_embeddings(teacher: torch.nn.Module, bank: TeacherBank | None, count
     @torch.no_grad()
     def run(b: Batch) -> torch.Tensor:
         if counter is not None:
-            counter["teacher_forward_images"] = counter.get("teacher_forward_images", 0) + len(b.y)
+            counter["teacher_forward_images"] = counter.get("teacher_forward_images", 0) + len(b.x)
         return teacher.embed(b.x).float()
 
     return run

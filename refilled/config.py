@@ -70,6 +70,7 @@ class Config:
     loss_scale1: float = 500.0  # authors' effective multiplier of the stage-1 KL mean
     margin: float = 0.2  # semi-hard mining margin
     centers: str = "global"  # "global" (whole training split) or "local" (per batch)
+    transfer_set: bool = False  # stage 2 also distils on the student's unlabelled images (not in SPEC)
     teacher_bank: str = "auto"  # "auto", "on" or "off": look up teacher embeddings
     seed: int = 0
     device: str = "auto"  # "auto", "cpu" or "cuda"
@@ -210,6 +211,12 @@ def validate(cfg: Config) -> Config:
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise UserError(f"config key '{k}' must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
+    if cfg.transfer_set and cfg.shots is None:
+        raise UserError("config key 'transfer_set' needs 'shots': the transfer set is the training "
+                        "images outside the shots, and without shots there are none")
+    if cfg.transfer_set and cfg.centers != "global":
+        raise UserError("config key 'transfer_set' needs centers: global (an unlabelled image has no "
+                        "class in the batch to take local centres from)")
     if cfg.class_order == "cifar_fs" and cfg.data_name != "CIFAR-100":
         raise UserError("config key 'class_order': cifar_fs is the CIFAR-100 order; use 'natural' here")
     return cfg

@@ -365,7 +365,7 @@ def class_centers(teacher_emb: Tensor, labels: Tensor, n_classes: int) -> Tensor
 def local_classifier_loss(
     student_logits: Tensor,
     teacher_emb: Tensor,
-    labels: Tensor,
+    labels: Tensor | None,
     centers: Tensor,
     tau: float,
 ) -> Tensor:
@@ -377,11 +377,13 @@ def local_classifier_loss(
     is the batch mean of
     ``KL(softmax(teacher_logits / tau) || softmax(student_logits[:, present] / tau))``
     with the KL summed over the present classes. No ``tau**2`` factor.
+    ``labels=None`` (images without labels: a transfer set) lets every class
+    take part.
 
     Args:
         student_logits: (N, C) student logits over all C classes.
         teacher_emb: (N, D) teacher embeddings.
-        labels: (N,) labels in ``[0, C)``.
+        labels: (N,) labels in ``[0, C)``, or None for all C classes.
         centers: (C, D) class centres, e.g. global ones from
             :func:`class_centers` on the training split, or local ones from
             ``class_centers(teacher_emb, labels, C)`` on this batch.
@@ -392,7 +394,8 @@ def local_classifier_loss(
     """
     _check_tau(tau)
     _check_batch("student_logits", student_logits, "teacher_emb", teacher_emb)
-    _check_batch("student_logits", student_logits, "labels", labels)
+    if labels is not None:
+        _check_batch("student_logits", student_logits, "labels", labels)
     if centers.shape[0] != student_logits.shape[1]:
         raise ValueError(
             f"centers has {centers.shape[0]} rows but student_logits has "
@@ -401,8 +404,11 @@ def local_classifier_loss(
     with _fp32(student_logits.device):
         # the present classes as a mask over all C, not labels.unique(): no host sync on CUDA
         n_classes = student_logits.shape[1]
-        present = torch.zeros(n_classes, dtype=torch.bool, device=labels.device)
-        present[labels.long()] = True
+        if labels is None:
+            present = torch.ones(n_classes, dtype=torch.bool, device=student_logits.device)
+        else:
+            present = torch.zeros(n_classes, dtype=torch.bool, device=labels.device)
+            present[labels.long()] = True
         absent = ~present
         with torch.no_grad():
             t_logits = teacher_emb.detach().float() @ centers.detach().float().T

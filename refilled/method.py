@@ -46,12 +46,14 @@ class LocalClassifierDistillation:
     `centers` are the global class centres (n_classes, D); None means "local":
     centres from each batch's own teacher embeddings (the paper's first form).
     With lambd == 0 it is the student trained alone, and the teacher is not asked.
+    `transfer` (teacher embeddings of transfer-set batches, `cfg.transfer_set`):
+    the same KL, over all classes, on the unlabelled images a batch carries.
     """
 
     def __init__(self, student, teacher: TeacherEmbeddings, centers: torch.Tensor | None,
-                 n_classes: int, tau: float, lambd: float):
+                 n_classes: int, tau: float, lambd: float, transfer: TeacherEmbeddings | None = None):
         self.student, self.teacher, self.centers = student, teacher, centers
-        self.n_classes, self.tau, self.lambd = n_classes, tau, lambd
+        self.n_classes, self.tau, self.lambd, self.transfer = n_classes, tau, lambd, transfer
 
     def __call__(self, b: Batch):
         t = self.teacher(b) if self.lambd > 0 else None  # before the student's forward, as above
@@ -61,4 +63,9 @@ class LocalClassifierDistillation:
             t = t.to(logits.device)
             centers = self.centers if self.centers is not None else class_centers(t, b.y, self.n_classes)
             losses["local_kd"] = self.lambd * local_classifier_loss(logits, t, b.y, centers, self.tau)
+        if b.unlabelled is not None:
+            t = self.transfer(b.unlabelled)
+            _, unlabelled_logits = self.student(b.unlabelled.x)
+            losses["transfer_kd"] = self.lambd * local_classifier_loss(
+                unlabelled_logits, t.to(unlabelled_logits.device), None, self.centers, self.tau)
         return logits, losses

@@ -124,6 +124,12 @@ def teacher_inputs(cfg: Config, data: DeviceTask, teacher: Network, bank: Teache
     return fn, centers
 
 
+def transfer_teacher(data: DeviceTask, teacher: Network) -> TeacherEmbeddings | None:
+    """Teacher embeddings of transfer-set batches, None without a transfer set. A
+    teacher forward: the bank holds the labelled training images only."""
+    return None if data.unlabelled_x is None else teacher_embeddings(teacher, None)
+
+
 def default_teacher_path(cfg: Config, folder: str | Path = "runs/teachers") -> Path:
     """Where a teacher for this config is kept by default: one per teacher setting."""
     return Path(folder) / f"{cfg.data_name}-{cfg.teacher_network_name}-{cfg.digest(TEACHER_KEYS)}.pt"
@@ -173,15 +179,17 @@ def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, p
     data = student_data(cfg)
     needs_teacher = cfg.n_training_epochs1 > 0 or cfg.lambd > 0
     inputs: tuple = (None, None)
+    transfer = None
     if needs_teacher:
         teacher = load_teacher(ensure_teacher(cfg, teacher_path, progress=progress), cfg, data)
         bank = TeacherBank.build(teacher, data, progress=progress) if bank_wanted(cfg, data) else None
         inputs = teacher_inputs(cfg, data, teacher, bank)
+        transfer = transfer_teacher(data, teacher)
     student = build_student(cfg, data)
     log = RunLog(out, cfg.to_dict())
     bar = tqdm(total=cfg.n_training_epochs1 + cfg.n_training_epochs2, unit="epoch", disable=not progress)
     last: dict[str, Any] = {}
-    for epoch in refilled_epochs(cfg, data, student, *inputs):
+    for epoch in refilled_epochs(cfg, data, student, *inputs, transfer=transfer):
         record = log.add(epoch)
         last.update({k: v for k, v in record.items() if "accuracy" in k})
         bar.set_description(record["stage"])

@@ -82,16 +82,17 @@ def _sgd(params, cfg: Config, lr: float) -> torch.optim.SGD:
 
 
 def train_epochs(method, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float], data: DeviceTask,
-                 *, n_epochs: int, batch_size: int, seed: int, stage: int, start: int = 0
-                 ) -> Iterator[tuple[int, dict[str, float]]]:
-    """The one training loop every stage shares. Yields (epoch, metrics)."""
+                 *, n_epochs: int, batch_size: int, seed: int, stage: int, start: int = 0,
+                 unlabelled: bool = False) -> Iterator[tuple[int, dict[str, float]]]:
+    """The one training loop every stage shares. Yields (epoch, metrics).
+    `unlabelled`: batches carry transfer-set images too (DeviceTask.train_batches)."""
     for epoch in range(start, n_epochs):
         lr = lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         generator = epoch_generator(seed, stage, epoch, data.device)
         sums: dict[str, torch.Tensor] = {}
-        for batch in data.train_batches(generator, batch_size):
+        for batch in data.train_batches(generator, batch_size, unlabelled):
             with autocast(data.device):
                 _, losses = method(batch)
             loss = sum(losses.values())
@@ -138,7 +139,8 @@ def _prefix(data: DeviceTask) -> str:
 
 
 def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: TeacherEmbeddings | None,
-                    centers: torch.Tensor | None = None, resume: dict[str, Any] | None = None) -> Iterator[Epoch]:
+                    centers: torch.Tensor | None = None, resume: dict[str, Any] | None = None,
+                    transfer: TeacherEmbeddings | None = None) -> Iterator[Epoch]:
     """Stage 1 then stage 2 of one REFILLED run, an Epoch at a time.
 
     With flag_tuning on, every epoch is evaluated on the validation split
@@ -150,6 +152,8 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
     when nothing needs it (no stage 1, lambd 0: the student trained alone).
     `centers`: global class centres, or None for local (per-batch) centres.
     `resume`: a snapshot from an earlier Epoch of this run.
+    `transfer`: teacher embeddings of transfer-set batches (a teacher forward, no
+    bank), given when `cfg.transfer_set` is on; stage 2 then distils on them too.
     """
     e1, e2 = cfg.n_training_epochs1, cfg.n_training_epochs2
     tuning = data.task.eval_split == "validation"
@@ -180,14 +184,16 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
             yield Epoch(STAGE1, epoch, epoch, metrics, snapshot(STAGE1, epoch, optimizer))
         stage, start, resume = STAGE2, 0, None
 
-    method = LocalClassifierDistillation(student, teacher, centers, data.n_classes, cfg.tau2, cfg.lambd)
+    with_transfer = transfer is not None and cfg.lambd > 0  # lambd 0: the student alone, no teacher
+    method = LocalClassifierDistillation(student, teacher, centers, data.n_classes, cfg.tau2, cfg.lambd,
+                                         transfer if with_transfer else None)
     optimizer = _sgd(student.parameters(), cfg, cfg.lr2)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
     student.train()
     for epoch, metrics in train_epochs(method, optimizer, multistep(cfg.lr2, cfg.point, cfg.gamma), data,
                                        n_epochs=e2, batch_size=cfg.batch_size, seed=cfg.seed,
-                                       stage=STAGE2, start=start):
+                                       stage=STAGE2, start=start, unlabelled=with_transfer):
         if tuning:
             metrics["val_accuracy"] = evaluate.accuracy(student, data)
         elif epoch == e2:

@@ -201,6 +201,8 @@ BAD = [
     ({"dropout_rate": 1.0}, "dropout_rate"),
     ({"val_fraction": 1.0}, "val_fraction"),
     ({"split_seed": -1}, "split_seed"),
+    ({"transfer_set": True}, "transfer_set"),  # no shots: no images outside them
+    ({"transfer_set": True, "shots": 5, "centers": "local"}, "transfer_set"),
     ({"n_training_epochs2": 0}, "n_training_epochs2"),
     ({"n_training_epochs1": -1}, "n_training_epochs1"),
     ({"centers": "both"}, "centers"),

@@ -341,6 +341,23 @@ def test_local_classifier_loss_equals_kl_over_the_present_classes(n_classes, n):
     assert (g_got[:, absent] == 0).all()  # absent classes get no gradient
 
 
+def test_local_classifier_loss_without_labels_takes_every_class():
+    """labels=None (a transfer-set batch): the KL over all C classes, value and gradient."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 4, generator=g, requires_grad=True)
+    t = torch.randn(6, 8, generator=g)
+    centers = class_centers(torch.randn(40, 8, generator=g), torch.arange(40) % 4, 4)
+    ref = F.kl_div(torch.log_softmax(logits / 2.0, 1), torch.log_softmax(t @ centers.T / 2.0, 1),
+                   reduction="batchmean", log_target=True)
+    got = local_classifier_loss(logits, t, None, centers, 2.0)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5) and got.item() > 0
+    (g_got,) = torch.autograd.grad(got, logits)
+    assert (g_got != 0).all()  # every class takes part
+    # the same as a labelled batch in which every class is present
+    assert got.item() == pytest.approx(local_classifier_loss(logits, t, torch.tensor([0, 1, 2, 3, 0, 1]),
+                                                             centers, 2.0).item(), rel=1e-6)
+
+
 def test_local_classifier_loss_ignores_absent_classes():
     g = torch.Generator().manual_seed(0)
     t = torch.randn(16, 10, generator=g)

@@ -291,3 +291,27 @@ def test_target_with_no_training_images():
     with pytest.raises(UserError) as e:
         student_task(src, cfg(target_classes="1"))
     assert "'target_classes'" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- transfer set
+
+@pytest.mark.parametrize("tuning", [False, True])
+def test_transfer_set_is_the_training_images_outside_the_shots(source, tuning):
+    s = student_task(source, cfg(shots=8, flag_tuning=tuning, transfer_set=True, target_classes="0-3"))
+    labelled = set(image_keys(s.train)) | (set(image_keys(s.eval)) if tuning else set())
+    unlabelled = set(image_keys(s.unlabelled))
+    pool = {k for k, c in zip(image_keys(source.train), source.train.labels) if c < 4}
+    assert not unlabelled & labelled  # never a shot, never a validation image
+    assert not unlabelled & set(image_keys(source.test))
+    assert unlabelled | labelled == pool and len(s.unlabelled.labels) == len(unlabelled)
+    assert np.bincount(s.unlabelled.labels).tolist() == [n - 8 for n in TRAIN_COUNTS[:4]]
+    check_remap(s)
+    # the shots are those without a transfer set
+    plain = student_task(source, cfg(shots=8, flag_tuning=tuning, target_classes="0-3"))
+    assert plain.unlabelled is None and image_keys(plain.train) == image_keys(s.train)
+
+
+def test_a_transfer_set_needs_images_outside_the_shots(source):
+    with pytest.raises(UserError, match="'transfer_set': shots = 9 leaves no training images") as e:
+        student_task(source, cfg(shots=9, target_classes="4", transfer_set=True))
+    assert "\n" not in str(e.value)

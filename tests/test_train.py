@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -188,6 +189,71 @@ def test_teacher_forward_gives_the_same_run_as_the_bank(world):
     b = records(cfg, world, teacher="forward")
     for (_, _, _, x), (_, _, _, y) in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=5e-2)
+
+
+# ----------------------------------------------------------------------------- transfer set
+
+@pytest.fixture(scope="module")
+def transfer_world(teacher_path):
+    """The tuning split with a transfer set (the images of digits 5-9 outside the shots)."""
+    cfg = make_tiny_config(flag_tuning=True, transfer_set=True)
+    data = run.student_data(cfg)
+    teacher = run.load_teacher(teacher_path, cfg, data)
+    bank = TeacherBank.build(teacher, data, progress=False)
+    return cfg, data, teacher, bank, global_centers(teacher, bank, data)
+
+
+def transfer_epochs(cfg, transfer_world, student=None, resume=None):
+    _, data, teacher, bank, centers = transfer_world
+    student = student if student is not None else build_student(cfg, data)
+    return refilled_epochs(cfg, data, student, teacher_embeddings(teacher, bank), centers, resume,
+                           run.transfer_teacher(data, teacher))
+
+
+def test_batches_carry_transfer_images_and_keep_the_labelled_stream(transfer_world):
+    _, data, *_ = transfer_world
+    assert data.unlabelled_x is not None and len(data.unlabelled_x) > data.n_train
+    without = list(data.train_batches(torch.Generator().manual_seed(3), 16))
+    with_u = list(data.train_batches(torch.Generator().manual_seed(3), 16, unlabelled=True))
+    assert len(with_u) == len(without)
+    for a, b in zip(without, with_u):
+        assert torch.equal(a.idx, b.idx) and torch.equal(a.params, b.params) and torch.equal(a.x, b.x)
+        assert a.unlabelled is None and b.unlabelled.y is None
+        assert len(b.unlabelled.x) == 16 and b.unlabelled.x.shape[1:] == b.x.shape[1:]
+        assert int(b.unlabelled.idx.max()) < len(data.unlabelled_x)
+
+
+def test_transfer_set_adds_a_named_stage2_term_and_leaves_stage1_alone(transfer_world, world):
+    cfg = transfer_world[0]
+    got = [(e.stage, e.epoch, e.step, dict(e.metrics)) for e in transfer_epochs(cfg, transfer_world)]
+    for stage, _, _, m in got:
+        losses = {k for k in m if k.startswith("loss/")}
+        assert losses == ({"loss/relation"} if stage == STAGE1 else {"loss/ce", "loss/local_kd", "loss/transfer_kd"})
+        assert m["loss"] == pytest.approx(sum(m[k] for k in losses), rel=1e-6) and math.isfinite(m["loss"])
+    assert all(m["loss/transfer_kd"] > 0 for s, *_, m in got if s == STAGE2)
+    without = plain(make_tiny_config(flag_tuning=True), world)
+    assert got[:2] == without[:2]  # the same shots, the same stage 1
+    assert got[2][3]["loss/ce"] != without[2][3]["loss/ce"]
+
+
+def test_transfer_set_with_lambd_zero_is_the_student_alone(transfer_world):
+    cfg = transfer_world[0].replace(n_training_epochs1=0, lambd=0.0)
+    got = [dict(e.metrics) for e in transfer_epochs(cfg, transfer_world)]
+    assert all({k for k in m if k.startswith("loss/")} == {"loss/ce"} for m in got)
+
+
+def test_transfer_set_run_resumes_exactly(transfer_world):
+    cfg, data = transfer_world[:2]
+    full, snap = [], None
+    for e in transfer_epochs(cfg, transfer_world):
+        full.append((e.stage, e.epoch, e.step, dict(e.metrics)))
+        if (e.stage, e.epoch) == (STAGE2, 1):
+            snap = copy.deepcopy(e.snapshot())
+    resumed = [(e.stage, e.epoch, e.step, dict(e.metrics))
+               for e in transfer_epochs(cfg, transfer_world, build_student(cfg.replace(seed=5), data), snap)]
+    assert [r[:3] for r in resumed] == [r[:3] for r in full[3:]]
+    for (*_, got), (*_, want) in zip(resumed, full[3:]):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- divergence

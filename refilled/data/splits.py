@@ -37,6 +37,7 @@ class Task:
     eval_split: str  # "validation" or "test"
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    unlabelled: ImageSet | None = None  # transfer set: images of the classes outside the shots
 
     @property
     def n_classes(self) -> int:
@@ -137,12 +138,21 @@ def student_task(source: Source, cfg) -> Task:
     pool = _subset(source.train, classes)
     if len(pool.labels) == 0:
         raise UserError("config key 'target_classes' selects classes with no training images")
+    everything = list(range(len(classes)))
+    unlabelled = None
     if cfg.shots is not None:
         names = [source.class_names[c] for c in classes]
-        pool = _subset(pool, list(range(len(classes))), limit_shots(pool.labels, cfg.shots, cfg.split_seed, names))
+        shots = limit_shots(pool.labels, cfg.shots, cfg.split_seed, names)
+        if cfg.transfer_set:  # never the validation part: that is carved from the shots
+            rest = np.setdiff1d(np.arange(len(pool.labels)), shots)
+            if len(rest) == 0:
+                raise UserError(f"config key 'transfer_set': shots = {cfg.shots} leaves no training images "
+                                "outside the shots; lower shots or set transfer_set false")
+            unlabelled = _subset(pool, everything, rest)
+        pool = _subset(pool, everything, shots)
     if not cfg.flag_tuning:
-        return Task("student", classes, pool, _subset(source.test, classes), "test", source.mean, source.std)
+        return Task("student", classes, pool, _subset(source.test, classes), "test", source.mean, source.std,
+                    unlabelled)
     keep, held = stratified_split(pool.labels, cfg.val_fraction, cfg.split_seed)
-    everything = list(range(len(classes)))
     return Task("student", classes, _subset(pool, everything, keep), _subset(pool, everything, held),
-                "validation", source.mean, source.std)
+                "validation", source.mean, source.std, unlabelled)

@@ -23,7 +23,7 @@ from ray import tune
 from refilled import checkpoint
 from refilled.bank import TeacherBank, teacher_embeddings
 from refilled.config import Config, from_dict
-from refilled.run import load_teacher_state, student_data
+from refilled.run import load_teacher_state, student_data, transfer_teacher
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.stage1_cache import Stage1Cache, stage1_key
 from refilled.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
@@ -101,7 +101,7 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
         if cache and resume is None:
             resume = _stage1_from_cache(cfg, data, student, fn, centers, cache, stage1_key(cfg, teacher_id),
                                         checkpoint_every, total)
-        for epoch in refilled_epochs(cfg, data, student, fn, centers, resume):
+        for epoch in refilled_epochs(cfg, data, student, fn, centers, resume, transfer_teacher(data, teacher_net)):
             _crash_once_for_tests(epoch.step)
             step = epoch.step
             metrics = _metrics(epoch, total)
