@@ -84,7 +84,8 @@ def paired_gain(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| model | test accuracy per seed | mean ± std |", "|---|---|---|"]
-    names = {"refilled": "REFILLED (tuned)", "student_alone": "student alone (cross-entropy)"}
+    tuned = "trial_id" in results.get("source", {})  # not so for `retrain --config FILE`
+    names = {"refilled": "REFILLED (tuned)" if tuned else "REFILLED", "student_alone": "student alone (cross-entropy)"}
     for kind in RUN_KINDS:
         if kind in results:
             r = results[kind]

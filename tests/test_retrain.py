@@ -129,6 +129,14 @@ def test_gain_is_paired_by_seed_with_its_standard_error():
     assert one["gain_se"] is None and "one seed: no standard error" in markdown(one)
 
 
+def test_a_config_file_is_not_called_tuned():
+    from refilled.final import markdown, summarise
+
+    runs = _runs([0.95], [0.90])
+    assert "| REFILLED (tuned) |" in markdown(summarise(runs, {"source": {"experiment": "e", "trial_id": "abc"}}))
+    assert "| REFILLED |" in markdown(summarise(runs, {"source": {"config_file": "digits.yaml"}}))
+
+
 def test_test_split_read_only_at_the_end(retrained):
     out, _ = retrained
     for kind in ("refilled", "student_alone"):
