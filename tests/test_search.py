@@ -201,6 +201,52 @@ def finished(trial_folder: Path) -> bool:
     return bool(rows) and not rows[-1].get("diverged") and rows[-1]["step"] == rows[-1]["total_steps"]
 
 
+def saved_state(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """What the last experiment state Ray saved in `folder` holds: {trial folder: status}
+    and {trial folder: the checkpoint a resume starts it from}."""
+    import pyarrow.fs
+
+    from refilled.experiments import STATE_PREFIX, ray_state_trials
+    from refilled.tune.callbacks import resumable_checkpoints
+
+    state = sorted(folder.glob(f"{STATE_PREFIX}*.json"))[-1]
+    saved = {t["relative_logdir"]: t["status"] for t, _ in ray_state_trials(state.read_text())}
+    return saved, resumable_checkpoints(pyarrow.fs.LocalFileSystem(), str(folder))
+
+
+def check_run_again_from_saved_state(folder: Path, before: dict[str, list[dict]], saved: dict[str, str],
+                                     resumable: dict[str, str]) -> None:
+    """After a kill and a resume: Ray saves its experiment state every 10 s or more, and a
+    resume goes on from that state. The trials it has as ended were not run again; the
+    others (running, or finished after that save) ran again from the checkpoint it knew
+    (a result names the checkpoint saved with it), and each epoch run twice reported the
+    same both times (the checkpoint holds every random state); a trial it did not know was
+    set aside and its configuration run anew. `before`: each trial's results at the kill."""
+    def measured(row: dict) -> tuple:
+        return row["step"], row["val_accuracy"], row["loss"]
+
+    for name, rows in before.items():
+        if name not in saved:
+            assert (folder / "interrupted_trials" / name).is_dir() and not (folder / name).exists(), name
+            assert any(same_params(params(tf), rows[-1]["config"]) for tf in trial_folders(folder)), name
+            continue
+        now = results(folder / name)
+        assert now[-1]["trial_id"] == rows[-1]["trial_id"], name
+        assert [measured(r) for r in now[:len(rows)]] == [measured(r) for r in rows], name
+        again = now[len(rows):]
+        if saved[name] in ("TERMINATED", "ERROR"):
+            assert not again, name
+            continue
+        restart = 1
+        if name in resumable:
+            saved_at = [r["step"] for r in rows if r.get("checkpoint_dir_name") == resumable[name]]
+            assert saved_at, (name, resumable[name], "is not among the results stored before the kill")
+            restart = saved_at[0] + 1
+        assert [r["step"] for r in again] == list(range(restart, rows[-1]["total_steps"] + 1)), (name, resumable.get(name))
+        twice = [r for r in again if r["step"] <= len(rows)]
+        assert [measured(r) for r in twice] == [measured(rows[r["step"] - 1]) for r in twice], name
+
+
 def study(folder: Path):
     import optuna
 
@@ -365,15 +411,11 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
                        "3 finished trials")
     assert status == -signal.SIGKILL
 
-    before = {tf.name: len(results(tf)) for tf in trial_folders(folder) if finished(tf)}
-    ids_before = {tf.name: results(tf)[-1]["trial_id"] for tf in trial_folders(folder) if finished(tf)}
-    assert 3 <= len(before) < n
+    before = {tf.name: results(tf) for tf in trial_folders(folder) if results(tf)}
+    finished_before = [tf.name for tf in trial_folders(folder) if finished(tf)]
+    assert 3 <= len(finished_before) < n
+    saved, resumable = saved_state(folder)
     # the checkpoint Ray's saved state would resume each trial from survived the kill
-    import pyarrow.fs
-
-    from refilled.tune.callbacks import resumable_checkpoints
-
-    resumable = resumable_checkpoints(pyarrow.fs.LocalFileSystem(), str(folder))
     assert resumable
     for trial_dir, name in resumable.items():
         present = sorted(p.name for p in (folder / trial_dir).iterdir())
@@ -383,7 +425,7 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
 
     interrupted = load_trials(folder)
     assert set(interrupted["status"]) <= {"finished", "running"}, interrupted[["trial_id", "status", "epochs"]]
-    assert (interrupted["status"] == "finished").sum() == len(before)
+    assert (interrupted["status"] == "finished").sum() == len(finished_before)
 
     resumed = RayRun().run(cli("search", "--resume", "--name", "resume", "--storage", str(storage)))
     assert resumed.returncode == 0, explain(resumed)
@@ -392,11 +434,8 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     table = pd.read_csv(folder / "trials.csv")
     assert len(table) == n and len(folders) == n
     assert (table["status"] == "finished").all(), table[["trial_id", "status", "epochs"]]
-    # the trials finished before the kill were not run again
-    for name, lines in before.items():
-        assert len(results(folder / name)) == lines, name
-        assert results(folder / name)[-1]["trial_id"] == ids_before[name]
-    assert set(ids_before.values()) <= set(table["trial_id"])
+    check_run_again_from_saved_state(folder, before, saved, resumable)
+    assert {rows[-1]["trial_id"] for name, rows in before.items() if name in saved} <= set(table["trial_id"])
     for tf in folders:  # every trial ran every epoch
         steps = [r["step"] for r in results(tf)]
         assert set(steps) == set(range(1, TOTAL_STEPS + 1)), (tf.name, steps)
@@ -817,12 +856,12 @@ def test_staged_search_at_a_uri_resumes_in_either_phase(experiment, tmp_path):
               cli("search", "--config", str(config), "--storage", uri, "--teacher", str(experiment.teacher)),
               lambda: sum(finished(tf) for tf in trial_folders(folder / "stage1_search")) >= 2, "2 phase-1 trials")
     assert not (folder / "stage1_choice.pt").exists()
-    done = {tf.name: len(results(tf)) for tf in trial_folders(folder / "stage1_search") if finished(tf)}
+    before = {tf.name: results(tf) for tf in trial_folders(folder / "stage1_search") if results(tf)}
+    saved, resumable = saved_state(folder / "stage1_search")
 
     kill_when(RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-second")), resume,
               lambda: sum(finished(tf) for tf in trial_folders(folder)) >= 2, "2 phase-2 trials")
-    for name, lines in done.items():  # phase 1's finished trials were not run again
-        assert len(results(folder / "stage1_search" / name)) == lines, name
+    check_run_again_from_saved_state(folder / "stage1_search", before, saved, resumable)
     phase1 = tree(folder / "stage1_search")
     choice = (folder / "stage1_choice.pt").read_bytes()
 
