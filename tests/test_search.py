@@ -524,18 +524,19 @@ def test_search_resume_retrain_and_report_with_storage_at_a_uri(experiment, tmp_
 
 @pytest.fixture(scope="module")
 def faults(experiment, tmp_path_factory) -> SimpleNamespace:
-    """3 trials, each crashing once after step 3 (max_failures 1). The first
-    (start_with: config) has lr2 = 1e6: its stage-2 loss becomes NaN."""
+    """3 trials, each crashing once while at step 4 (max_failures 1), with a checkpoint
+    every 2 steps. The first (start_with: config) has lr2 = 1e6: its stage-2 loss becomes NaN."""
     tmp = tmp_path_factory.mktemp("faults")
     config = tiny_experiment(
         tmp, "faults", config={"lr2": 1.0e6},
         search={"num_samples": 3, "max_concurrent": 2, "max_failures": 1, "asha": {"grace_period": TOTAL_STEPS},
+                "checkpoint_every": 2,
                 # seed 1 draws lr2 = 0.05 for trials 2 and 3 (the sampler is random for its first trials)
                 "seed": 1, "space": {"tau1": {"loguniform": [0.5, 16]}, "lr2": {"choice": [0.05, 1.0e6]}}})
     storage = tmp / "storage"
     markers = tmp / "crash_markers"
     markers.mkdir()
-    result = RayRun(**{CRASH_ENV: "3", CRASH_MARKERS_ENV: str(markers)}).run(
+    result = RayRun(**{CRASH_ENV: "4", CRASH_MARKERS_ENV: str(markers)}).run(
         cli("search", "--config", str(config), "--storage", str(storage), "--teacher", str(experiment.teacher)))
     assert result.returncode == 0, explain(result)
     folder = storage / "faults"
@@ -554,15 +555,22 @@ def test_crashed_trial_resumes_from_its_checkpoint(faults):
         assert (faults.markers / results(tf)[-1]["trial_id"]).exists(), tf.name
         rows = results(tf)
         steps = [r["step"] for r in rows]
-        # crashed after computing step 3, before reporting it; retried from the step-2 checkpoint
-        assert steps == list(range(1, TOTAL_STEPS + 1)), steps
-        assert steps.count(1) == 1
+        # crashed after computing step 4, before reporting it; retried from the step-2 checkpoint
+        # (step 3 saved none): step 3 (stage 2's first epoch) ran twice and reported the
+        # same both times, as the checkpoint holds every random state (data order, augmentation,
+        # the transfer set's draws, dropout)
+        assert steps == [1, 2, 3, 3, 4, 5, 6], steps
         assert [r["training_iteration"] for r in rows] == steps
+        measured = ("stage", "stage_epoch", "lr", "loss", "loss/ce", "loss/local_kd", "loss/transfer_kd",
+                    "val_accuracy", "best_val_accuracy_stage2")
+        first, again = ({k: r[k] for k in measured} for r in rows if r["step"] == 3)
+        assert first == again and first["stage"] == "stage2", (first, again)
+        assert rows[1]["checkpoint_dir_name"] and rows[2]["checkpoint_dir_name"] is None
         assert finished(tf)
         row = faults.table[faults.table["trial_id"] == rows[-1]["trial_id"]].iloc[0]
         assert row["status"] == "finished" and row["epochs"] == TOTAL_STEPS
         # the injected crash happened there: Ray Tune recorded it (error.txt), then retried the trial
-        assert any("injected crash at step 3" in p.read_text(errors="replace") for p in tf.glob("error*.txt")), \
+        assert any("injected crash at step 4" in p.read_text(errors="replace") for p in tf.glob("error*.txt")), \
             sorted(p.name for p in tf.iterdir())
 
 
