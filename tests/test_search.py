@@ -848,8 +848,8 @@ def test_staged_search(experiment, tmp_path):
 
 
 def test_staged_search_at_a_uri_resumes_in_either_phase(experiment, tmp_path):
-    """Killed in phase 1, resumed from another mirror (phase 1's finished trials are not
-    run again), killed again in phase 2, resumed from a third mirror: phase 1 is not
+    """Killed in phase 1, resumed from another mirror (phase 1 goes on from Ray's saved
+    state), killed again in phase 2, resumed from a third mirror: phase 1 is not
     touched, and phase 2 goes on from the same choice (read back from the URI)."""
     n = 4
     config = tiny_experiment(tmp_path, "staged", search={
