@@ -184,9 +184,9 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
             yield Epoch(STAGE1, epoch, epoch, metrics, snapshot(STAGE1, epoch, optimizer))
         stage, start, resume = STAGE2, 0, None
 
-    with_transfer = transfer is not None and cfg.lambd > 0  # lambd 0: the student alone, no teacher
-    method = LocalClassifierDistillation(student, teacher, centers, data.n_classes, cfg.tau2, cfg.lambd,
-                                         transfer if with_transfer else None)
+    # the method distils on the transfer set only when batches carry it; lambd 0: the student alone
+    with_transfer = transfer is not None and cfg.lambd > 0
+    method = LocalClassifierDistillation(student, teacher, centers, data.n_classes, cfg.tau2, cfg.lambd, transfer)
     optimizer = _sgd(student.parameters(), cfg, cfg.lr2)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
