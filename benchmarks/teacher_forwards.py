@@ -75,7 +75,7 @@ def search(base, n_trials: int, use_bank: bool, seed: int) -> dict:
     """Run a search of n_trials trials; return its teacher-forward counts."""
     data = student_data(base, torch.device("cpu"))
     teacher = build_teacher(base, data).eval()
-    hook = Counted(teacher.features)
+    hook = Counted(teacher.conv1)  # the stem: every image of every forward
     counter: dict = {}
     bank, bank_images = None, 0
     if use_bank:

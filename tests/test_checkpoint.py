@@ -204,16 +204,17 @@ def test_teacher_of_other_source_classes(teacher_path, student_data, source):
 
 def test_teacher_weights_not_matching_recorded_arch(tmp_path, teacher_path, student_data):
     raw = checkpoint.load(teacher_path)
-    raw["model"] = {k: v for k, v in raw["model"].items() if not k.startswith("classifier.")}
+    raw["model"] = {k: v for k, v in raw["model"].items() if not k.startswith("fc.")}
     path = checkpoint.save(raw, tmp_path / "broken.pt")
     with pytest.raises(UserError) as e:
         run.load_teacher(path, make_tiny_config(), student_data)
-    assert "does not match" in one_line(e)
+    assert "does not hold a wide_resnet depth 10 width 1" in one_line(e) and "lacks fc.weight" in one_line(e)
     raw = checkpoint.load(teacher_path)
-    raw["model"]["classifier.weight"] = torch.zeros(7, raw["model"]["classifier.weight"].shape[1])
+    raw["model"]["fc.weight"] = torch.zeros(7, raw["model"]["fc.weight"].shape[1])
     path = checkpoint.save(raw, tmp_path / "other_count.pt")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as e:
         run.load_teacher(path, make_tiny_config(), student_data)
+    assert "fc.weight is (7, 64) in the file, (5, 64) here" in one_line(e)
 
 
 def test_other_kind_of_checkpoint_is_no_teacher(tmp_path, student_data):

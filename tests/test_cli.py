@@ -139,7 +139,7 @@ def test_train_end_to_end(results, ws):
     # the student
     student = checkpoint.load(out / "student.pt")
     assert student["kind"] == "student" and student["stage"] == 2 and student["epoch"] == 3
-    assert student["arch"]["n_classes"] == 5 and "classifier.weight" in student["student"]
+    assert student["arch"]["n_classes"] == 5 and "fc.weight" in student["student"]
     # TensorBoard events
     assert list(out.glob("events.out.tfevents.*"))
     scalars = _scalars(out)
