@@ -165,7 +165,7 @@ def time_ours(variant: str, args, data, warm, teacher_fn, centers, device) -> tu
         method = LocalClassifierDistillation(student, teacher_fn, centers, data.n_classes, cfg.tau2, cfg.lambd)
         optimizer, stage = sgd(student.parameters(), cfg, cfg.lr2), STAGE2
     else:
-        method = RelationMatching(student, teacher_fn, cfg.tau1, cfg.loss_scale1, variant == "stage1_tuple", cfg.margin)
+        method = RelationMatching(student, teacher_fn, cfg.tau1, cfg.stage1_scale, variant == "stage1_tuple", cfg.margin)
         optimizer, stage = sgd(student.feature_parameters(), cfg, cfg.lr1), STAGE1
 
     def epoch(on):
@@ -190,7 +190,7 @@ def time_reference(variant: str, args, images, labels, teacher, centers, device
     lr = cfg.lr2 if variant == "stage2" else cfg.lr1
     optimizer = sgd(student.parameters(), cfg, lr)
     loader = cifar_loader(images, labels, CIFAR100_MEAN, CIFAR100_STD, args.batch_size, args.seed)
-    kw = dict(tau1=cfg.tau1, scale=cfg.loss_scale1, tau2=cfg.tau2, lambd=cfg.lambd, centers=centers,
+    kw = dict(tau1=cfg.tau1, scale=cfg.stage1_scale, tau2=cfg.tau2, lambd=cfg.lambd, centers=centers,
               n_classes=args.classes, device=device)
     reference_epoch(variant, loader, teacher, student, optimizer, Sections(device),
                     max_batches=args.warmup_batches, **kw)
@@ -210,7 +210,7 @@ def profile_ours(args, warm, teacher_fn, device) -> None:
     cfg = Config()
     student = prepare_model(new_student(args, warm.n_classes, device, args.seed), device)
     student.train()
-    method = RelationMatching(student, teacher_fn, cfg.tau1, cfg.loss_scale1, False, cfg.margin)
+    method = RelationMatching(student, teacher_fn, cfg.tau1, cfg.stage1_scale, False, cfg.margin)
     optimizer = sgd(student.feature_parameters(), cfg, cfg.lr1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for _ in train_epochs(method, optimizer, lambda e: 0.05, warm, n_epochs=1, batch_size=args.batch_size,

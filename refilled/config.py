@@ -54,9 +54,12 @@ class Config:
     teacher_width: int = 2
     teacher_ca: float = 1.0
     teacher_dropout_rate: float = 0.3
-    teacher_lr: float = 0.1
+    teacher_lr: float = 0.1  # the authors' pretrain.py: SGD Nesterov, multi-step decay
+    teacher_point: tuple[int, ...] = (100, 140, 180)
+    teacher_gamma: float = 0.2
     teacher_epochs: int = 200
     teacher_batch_size: int = 128
+    teacher_val_fraction: float = 0.1  # source training images that choose the teacher's epoch
     # --- data ---------------------------------------------------------------------
     data_root: str = "data"
     download: bool = False
@@ -67,7 +70,8 @@ class Config:
     val_fraction: float = 0.1  # part of the training set held out when flag_tuning
     split_seed: int = 0  # draws the shots and the validation part (the run's seed never does)
     # --- implementation choices -----------------------------------------------------
-    loss_scale1: float = 500.0  # authors' effective multiplier of the stage-1 KL mean
+    loss_scale1: float | None = None  # stage-1 KL multiplier; None: the authors' (500 triplets, 1000 tuples)
+    tuple_negatives: str = "all"  # flag_merge: "all" (padded groups) or "smallest" (cut to the batch's smallest, GKD)
     margin: float = 0.2  # semi-hard mining margin
     centers: str = "global"  # "global" (whole training split) or "local" (per batch)
     transfer_set: bool = False  # stage 2 also distils on the student's unlabelled images (not in SPEC)
@@ -80,8 +84,17 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["point"] = list(self.point)
+        d["point"], d["teacher_point"] = list(self.point), list(self.teacher_point)
         return d
+
+    @property
+    def stage1_scale(self) -> float:
+        """The stage-1 loss multiplier: loss_scale1, or the authors' for the form. Their
+        triplet form is 1000 x a KL averaged over 2T entries (500 x the mean over
+        triplets); their tuple form 1000 x the mean over (anchor, positive) groups."""
+        if self.loss_scale1 is not None:
+            return self.loss_scale1
+        return 1000.0 if self.flag_merge else 500.0
 
     def digest(self, keys: list[str] | None = None) -> str:
         """Short stable hash of some (default all) settings, for cache keys."""
@@ -132,7 +145,9 @@ def coerce(key: str, value: Any) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise bad from None
-    if kind == "float":
+    if kind == "float | None" and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    if kind in ("float", "float | None"):
         if isinstance(value, bool):
             raise bad
         try:
@@ -179,9 +194,10 @@ def validate(cfg: Config) -> Config:
     for k in ("teacher_network_name", "student_network_name"):
         if getattr(cfg, k) not in NETWORKS:
             raise UserError(f"config key '{k}' must be one of {', '.join(NETWORKS)}, got {getattr(cfg, k)!r}")
-    _positive(cfg, "tau1", "tau2", "lr1", "lr2", "teacher_lr", "gamma", "batch_size",
-              "teacher_batch_size", "width", "teacher_width", "ca", "teacher_ca",
-              "loss_scale1", "margin")
+    _positive(cfg, "tau1", "tau2", "lr1", "lr2", "teacher_lr", "gamma", "teacher_gamma", "batch_size",
+              "teacher_batch_size", "width", "teacher_width", "ca", "teacher_ca", "margin")
+    if cfg.loss_scale1 is not None and not cfg.loss_scale1 > 0:
+        raise UserError(f"config key 'loss_scale1' must be > 0 or null (the authors' scale), got {cfg.loss_scale1}")
     for k in ("lambd", "wd", "mo", "n_training_epochs1", "n_training_epochs2", "teacher_epochs"):
         if getattr(cfg, k) < 0:
             raise UserError(f"config key '{k}' must be >= 0, got {getattr(cfg, k)}")
@@ -195,18 +211,25 @@ def validate(cfg: Config) -> Config:
         if net == "wide_resnet" and (depth < 10 or (depth - 4) % 6):
             raise UserError(f"config key '{prefix}depth': wide_resnet depth must be 6n+4 "
                             f"(10, 16, 22, 28, 40, ...), got {depth}")
-        if net == "resnet" and (depth < 8 or (depth - 2) % 6 not in (0, 2)):
-            raise UserError(f"config key '{prefix}depth': resnet depth must be 6n+2 or 6n+4 "
-                            f"(16, 20, 32, 56, 110, ...), got {depth}")
-    if any(b <= a for a, b in zip(cfg.point, cfg.point[1:])) or any(p < 1 for p in cfg.point):
-        raise UserError(f"config key 'point' must be strictly increasing epochs >= 1, got {list(cfg.point)}")
-    if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"config key 'val_fraction' must be in (0, 1), got {cfg.val_fraction}")
+        if net == "resnet" and (depth < 8 or (depth - 2) % 6):
+            raise UserError(f"config key '{prefix}depth': resnet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...) "
+                            f"as the authors' resnet.py asserts, got {depth}")
+        if net == "mobile_net" and int(32 * getattr(cfg, prefix + "ca")) < 1:
+            raise UserError(f"config key '{prefix}ca' must be >= 1/32 (the stem has int(32 * ca) channels), "
+                            f"got {getattr(cfg, prefix + 'ca')}")
+    for key in ("point", "teacher_point"):
+        points = getattr(cfg, key)
+        if any(b <= a for a, b in zip(points, points[1:])) or any(p < 1 for p in points):
+            raise UserError(f"config key '{key}' must be strictly increasing epochs >= 1, got {list(points)}")
+    for key in ("val_fraction", "teacher_val_fraction"):
+        if not 0 < getattr(cfg, key) < 1:
+            raise UserError(f"config key '{key}' must be in (0, 1), got {getattr(cfg, key)}")
     if cfg.split_seed < 0:
         raise UserError(f"config key 'split_seed' must be >= 0, got {cfg.split_seed}")
     if cfg.shots is not None and cfg.shots < 1:
         raise UserError(f"config key 'shots' must be >= 1 or null, got {cfg.shots}")
     choices = {"class_order": ("natural", "cifar_fs"), "centers": ("global", "local"),
+               "tuple_negatives": ("all", "smallest"),
                "teacher_bank": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:

@@ -232,9 +232,14 @@ def _triplet_kl(ds: Tensor, dt: Tensor, a: Tensor, p: Tensor, n: Tensor, tau: fl
     return kl.mean()
 
 
-def _tuple_kl(ds: Tensor, dt: Tensor, a: Tensor, p: Tensor, n: Tensor, tau: float) -> Tensor:
-    """Mean over (anchor, positive) groups of KL(softmax_T || softmax_S)."""
+def _tuple_kl(ds: Tensor, dt: Tensor, a: Tensor, p: Tensor, n: Tensor, tau: float,
+              smallest: bool = False) -> Tensor:
+    """Mean over (anchor, positive) groups of KL(softmax_T || softmax_S). `smallest`:
+    every group keeps only its first K negatives (mining order), K the smallest group's."""
     ga, gp, negs, mask = group_triplets(a, p, n, n_samples=ds.shape[0])
+    if smallest:
+        k = int(mask.sum(dim=1).min().item())
+        negs, mask = negs[:, :k], mask[:, :k]
     negs = negs.clamp_min(0)  # padding -> a valid index; masked out below
     full_mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
 
@@ -258,6 +263,7 @@ def relation_loss_on_triplets(
     tau: float,
     *,
     tuples: bool = False,
+    smallest: bool = False,
 ) -> Tensor:
     """Stage-1 relationship-matching loss on given triplets.
 
@@ -277,7 +283,7 @@ def relation_loss_on_triplets(
             dt = _pairwise_dist(zt)
         a, p, n = anchors.long(), positives.long(), negatives.long()
         if tuples:
-            return _tuple_kl(ds, dt, a, p, n, tau)
+            return _tuple_kl(ds, dt, a, p, n, tau, smallest)
         return _triplet_kl(ds, dt, a, p, n, tau)
 
 
@@ -288,6 +294,7 @@ def relation_loss(
     tau: float,
     *,
     tuples: bool = False,
+    smallest: bool = False,
     margin: float = 0.2,
 ) -> Tensor:
     """REFILLED stage-1 loss: match the teacher's triplet relations.
@@ -300,6 +307,10 @@ def relation_loss(
         tau: temperature ``tau1`` (> 0).
         tuples: False for the triplet form, True for the tuple form (the
             authors' ``flag_merge``).
+        smallest: tuple form only: cut every group to the batch's smallest
+            number of negatives K, keeping each group's first K in mining
+            order (the journal code, njulus/GKD); False pads and masks the
+            groups, so every mined negative counts (the CVPR code).
         margin: semi-hard mining margin.
 
     Both embeddings are L2-normalised here. Semi-hard triplets are mined on the
@@ -319,13 +330,14 @@ def relation_loss(
 
     Returns:
         A float32 scalar, the *unscaled* mean (multiply it by the stage-1 loss
-        scale yourself). If no triplet is mined it is 0 but still connected to
+        scale yourself: the authors' is 500 for the triplet form, 1000 for the
+        tuple form, ``Config.stage1_scale``). If no triplet is mined it is 0 but still connected to
         ``student_emb``, so ``backward()`` works.
     """
     _check_batch("student_emb", student_emb, "labels", labels)
     a, p, n = mine_semihard_triplets(student_emb, labels, margin)
     return relation_loss_on_triplets(
-        student_emb, teacher_emb, a, p, n, tau, tuples=tuples
+        student_emb, teacher_emb, a, p, n, tau, tuples=tuples, smallest=smallest
     )
 
 

@@ -29,14 +29,15 @@ class RelationMatching:
     """Stage 1: the student's embedding learns the teacher's triplet relations."""
 
     def __init__(self, student, teacher: TeacherEmbeddings, tau: float, scale: float,
-                 tuples: bool = False, margin: float = 0.2):
+                 tuples: bool = False, margin: float = 0.2, smallest: bool = False):
         self.student, self.teacher = student, teacher
-        self.tau, self.scale, self.tuples, self.margin = tau, scale, tuples, margin
+        self.tau, self.scale, self.tuples, self.margin, self.smallest = tau, scale, tuples, margin, smallest
 
     def __call__(self, b: Batch):
         teacher = self.teacher(b)  # before the student's forward: less memory held while it runs
         emb = self.student.embed(b.x)
-        loss = relation_loss(emb, teacher, b.y, self.tau, tuples=self.tuples, margin=self.margin)
+        loss = relation_loss(emb, teacher, b.y, self.tau, tuples=self.tuples, smallest=self.smallest,
+                             margin=self.margin)
         return emb, {"relation": self.scale * loss}
 
 

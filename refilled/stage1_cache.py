@@ -57,11 +57,11 @@ STAGE1_KEYS = [
     "data_name", "class_order", "target_classes", "shots", "val_fraction", "split_seed", "flag_tuning",
     "student_network_name", "depth", "width", "ca", "dropout_rate",
     "tau1", "lr1", "n_training_epochs1", "batch_size", "seed", "flag_merge",
-    "loss_scale1", "margin", "wd", "mo",
+    "loss_scale1", "tuple_negatives", "margin", "wd", "mo",
 ]
 
 # Of those, the keys that act on stage 1 alone: a staged search chooses them in phase 1.
-STAGE1_ONLY = ("tau1", "lr1", "flag_merge", "loss_scale1", "margin", "n_training_epochs1")
+STAGE1_ONLY = ("tau1", "lr1", "flag_merge", "loss_scale1", "tuple_negatives", "margin", "n_training_epochs1")
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

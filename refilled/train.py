@@ -112,17 +112,30 @@ def train_epochs(method, optimizer: torch.optim.Optimizer, lr_at: Callable[[int]
 
 
 def pretrain_teacher(cfg: Config, data: DeviceTask, teacher: Network) -> Iterator[Epoch]:
-    """Supervised teacher training on the source task (SGD Nesterov, cosine to 0).
+    """Supervised teacher training on the source task, as the authors' pretrain.py:
+    SGD Nesterov from teacher_lr, multi-step decay at teacher_point by teacher_gamma.
 
-    The last epoch's metrics carry `test_accuracy` on the source task's test split."""
+    Every epoch is evaluated on the validation part (`val_accuracy`); the epoch
+    with the highest (the first of equals, as theirs) is kept: once the last
+    epoch has been yielded, its weights are loaded back into `teacher`, and the
+    last Epoch's metrics name it (`chosen_epoch`, `chosen_val_accuracy`). The
+    authors choose it on the test part; the test part is not read here."""
     optimizer = _sgd(teacher.parameters(), cfg, cfg.teacher_lr)
     teacher.train()
-    for epoch, metrics in train_epochs(CrossEntropy(teacher), optimizer, cosine(cfg.teacher_lr, 0.0, cfg.teacher_epochs),
+    best, best_state, best_epoch = -1.0, None, 0
+    for epoch, metrics in train_epochs(CrossEntropy(teacher), optimizer,
+                                       multistep(cfg.teacher_lr, cfg.teacher_point, cfg.teacher_gamma),
                                        data, n_epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch_size,
                                        seed=cfg.seed, stage=TEACHER):
+        metrics["val_accuracy"] = evaluate.accuracy(teacher, data)
+        if metrics["val_accuracy"] > best:
+            best, best_epoch = metrics["val_accuracy"], epoch
+            best_state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
         if epoch == cfg.teacher_epochs:
-            metrics[f"{_prefix(data)}accuracy"] = evaluate.accuracy(teacher, data)
+            metrics.update(chosen_epoch=best_epoch, chosen_val_accuracy=best)
         yield Epoch(TEACHER, epoch, epoch, metrics, lambda: {"model": teacher.state_dict()})
+    if best_state is not None:
+        teacher.load_state_dict(best_state)
 
 
 def global_centers(teacher: Network, bank: TeacherBank | None, data: DeviceTask) -> torch.Tensor:
@@ -132,10 +145,6 @@ def global_centers(teacher: Network, bank: TeacherBank | None, data: DeviceTask)
     else:
         emb, labels = evaluate.embed_all(teacher, data, "train")
     return class_centers(emb, labels, data.n_classes)
-
-
-def _prefix(data: DeviceTask) -> str:
-    return "val_" if data.task.eval_split == "validation" else "test_"
 
 
 def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: TeacherEmbeddings | None,
@@ -169,7 +178,8 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
                         "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "arch": student.arch}
 
     if stage == STAGE1 and e1 > 0:
-        method = RelationMatching(student, teacher, cfg.tau1, cfg.loss_scale1, cfg.flag_merge, cfg.margin)
+        method = RelationMatching(student, teacher, cfg.tau1, cfg.stage1_scale, cfg.flag_merge, cfg.margin,
+                                  smallest=cfg.tuple_negatives == "smallest")
         optimizer = _sgd(student.feature_parameters(), cfg, cfg.lr1)
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])

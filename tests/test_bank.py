@@ -102,8 +102,8 @@ def test_unaugmented_is_the_identity_variant(setup):
 def test_stage1_loss_with_bank_equals_loss_with_teacher(setup, tuples):
     cfg, data, teacher, bank = setup
     student = build_student(cfg, data).eval()  # eval: no dropout, the same embedding twice
-    with_bank = RelationMatching(student, teacher_embeddings(teacher, bank), cfg.tau1, cfg.loss_scale1, tuples)
-    with_teacher = RelationMatching(student, teacher_embeddings(teacher, None), cfg.tau1, cfg.loss_scale1, tuples)
+    with_bank = RelationMatching(student, teacher_embeddings(teacher, bank), cfg.tau1, cfg.stage1_scale, tuples)
+    with_teacher = RelationMatching(student, teacher_embeddings(teacher, None), cfg.tau1, cfg.stage1_scale, tuples)
     nonzero = 0
     for b in some_batches(data, n=3, seed=1):
         _, la = with_bank(b)

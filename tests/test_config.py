@@ -54,10 +54,21 @@ def test_defaults_are_the_authors(key):
 def test_default_config_validates_and_teacher_defaults():
     cfg = from_dict({})
     assert cfg == Config()
-    # SPEC: the authors' WRN teacher is WRN-40-2, pre-trained with lr 0.1, 200 epochs, batch 128
+    # SPEC and the authors' pretrain.py: the WRN teacher is WRN-40-2, pre-trained with SGD Nesterov
+    # lr 0.1, multi-step decay at (100, 140, 180) by 0.2, 200 epochs, batch 128
     assert (cfg.teacher_depth, cfg.teacher_width, cfg.teacher_lr, cfg.teacher_epochs, cfg.teacher_batch_size) == \
         (40, 2, 0.1, 200, 128)
-    assert cfg.loss_scale1 == 500 and cfg.margin == 0.2
+    assert cfg.teacher_point == (100, 140, 180) and cfg.teacher_gamma == 0.2
+    assert cfg.loss_scale1 is None and cfg.margin == 0.2 and cfg.tuple_negatives == "all"
+
+
+def test_stage1_scale_is_the_authors_for_each_form_unless_set():
+    # their triplet form: 1000 x KLDivLoss(batchmean) over the (2T, 1) stack of [p, 1-p] = 500 x the
+    # mean over triplets; their tuple form (flag_merge): 1000 x the mean over groups
+    assert Config().stage1_scale == 500.0
+    assert Config(flag_merge=True).stage1_scale == 1000.0
+    assert from_dict({"flag_merge": True, "loss_scale1": 250}).stage1_scale == 250.0
+    assert from_dict({"loss_scale1": "null"}).loss_scale1 is None
 
 
 def test_to_dict_and_digest():
@@ -108,6 +119,18 @@ def test_every_shipped_file_loads(path):
     cfg, sections = load_experiment(path)
     assert isinstance(cfg, Config)
     assert isinstance(read_yaml(path), dict)
+
+
+def test_crosstask_file_is_the_journal_codes_setting():
+    """njulus/GKD: CIFAR-FS order, teacher on positions 0-49, student on 50-99; tuple form at
+    1000 x, groups cut to the batch's smallest K; milestones (50, 100, 150); tau2 1, lambd 1,
+    batch 256; the teacher pre-trained with the same milestones."""
+    cfg, _ = load_experiment(REPO / "search_spaces" / "cifar100_crosstask.yaml")
+    assert (cfg.class_order, cfg.source_classes, cfg.target_classes) == ("cifar_fs", "0-49", "50-99")
+    assert cfg.flag_merge and cfg.tuple_negatives == "smallest" and cfg.stage1_scale == 1000.0
+    assert cfg.point == (50, 100, 150) and cfg.gamma == 0.2 and cfg.teacher_point == (50, 100, 150)
+    assert (cfg.tau1, cfg.tau2, cfg.lambd, cfg.batch_size, cfg.lr1, cfg.lr2) == (4, 1, 1, 256, 0.1, 0.1)
+    assert (cfg.student_network_name, cfg.depth) == ("resnet", 14)  # their ResNet-16 without its failing assert
 
 
 def test_tiny_experiment_file(tiny_yaml):
@@ -191,6 +214,12 @@ BAD = [
     ({"depth": 15}, "depth"),
     ({"teacher_depth": 15}, "teacher_depth"),
     ({"student_network_name": "resnet", "depth": 17}, "depth"),
+    ({"student_network_name": "resnet", "depth": 16}, "depth"),  # the journal code's ResNet-16 fails their assert
+    ({"student_network_name": "mobile_net", "ca": 0.01}, "ca"),
+    ({"loss_scale1": 0}, "loss_scale1"),
+    ({"tuple_negatives": "some"}, "tuple_negatives"),
+    ({"teacher_point": [50, 50]}, "teacher_point"),
+    ({"teacher_val_fraction": 1.0}, "teacher_val_fraction"),
     ({"teacher_network_name": "resnet", "teacher_depth": 17}, "teacher_depth"),
     ({"point": [140, 100]}, "point"),
     ({"point": [0, 10]}, "point"),
@@ -236,7 +265,7 @@ def test_bad_values_in_a_file_name_file_and_key(tmp_path, values, key):
 def test_valid_depths_accepted():
     assert from_dict({"depth": 10}).depth == 10
     assert from_dict({"depth": 40, "width": 2}).depth == 40
-    for d in (8, 16, 20, 32, 56, 110):
+    for d in (8, 14, 20, 32, 56, 110):
         assert from_dict({"student_network_name": "resnet", "depth": d}).depth == d
     # mobile_net ignores depth
     assert from_dict({"student_network_name": "mobile_net", "depth": 15}).depth == 15

@@ -129,6 +129,29 @@ def test_tuple_form_matches_hand_computation(tau):
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-9)
 
 
+def test_tuple_form_cut_to_the_smallest_group_keeps_the_first_negatives():
+    # Groups (0,1) -> [3, 2], (2,3) -> [1], (3,2) -> [1]: the smallest has K = 1, so the journal
+    # code's form keeps (0,1) -> [3], the first in mining order; the padded form keeps both.
+    a, p, n = (torch.tensor(v) for v in ([0, 0, 2, 3], [1, 1, 3, 2], [3, 2, 1, 1]))
+    for tau in (0.5, 4.0):
+        cut = relation_loss_on_triplets(_t(STUDENT4), _t(TEACHER4), a, p, n, tau, tuples=True, smallest=True)
+        kept = {(0, 1, 3), (2, 3, 1), (3, 2, 1)}
+        assert cut.item() == pytest.approx(_hand_tuple_loss(STUDENT4, TEACHER4, kept, tau), rel=1e-4)
+        padded = relation_loss_on_triplets(_t(STUDENT4), _t(TEACHER4), a, p, n, tau, tuples=True)
+        assert padded.item() == pytest.approx(_hand_tuple_loss(STUDENT4, TEACHER4, TRIPLETS4, tau), rel=1e-4)
+        assert cut.item() != pytest.approx(padded.item(), rel=1e-3)
+
+
+def test_tuple_form_cut_on_mined_batches_uses_every_group_once():
+    s, t, labels = _random_batch(5)
+    a, p, n = mine_semihard_triplets(s, labels)
+    ga, gp, negs, mask = group_triplets(a, p, n)
+    k = int(mask.sum(1).min())
+    kept = {(x, y, z) for x, y, row in zip(ga.tolist(), gp.tolist(), negs[:, :k].tolist()) for z in row}
+    cut = relation_loss(s, t, labels, 2.0, tuples=True, smallest=True)
+    assert cut.item() == pytest.approx(_hand_tuple_loss(s.tolist(), t.tolist(), kept, 2.0), rel=1e-4)
+
+
 def test_three_point_case_one_triplet():
     # a=(1,0), p at angle .3 (same label), n at angle .45: only (0,1,2) is semi-hard.
     student = _polar([0.0, 0.3, 0.45], [1.0, 2.0, 0.3])

@@ -133,12 +133,17 @@ def test_teacher_and_student_class_sets(source, teacher_spec, student_spec, rela
         assert t.classes == s.classes == list(range(6))
     for task in (t, s):
         check_remap(task)
-        assert task.eval_split == "test"
         assert (task.mean, task.std) == (source.mean, source.std)
-    # teacher: all official training and test images of its classes
-    assert len(t.train.labels) == sum(TRAIN_COUNTS[c] for c in t.classes)
-    assert len(t.eval.labels) == sum(TEST_COUNTS[c] for c in t.classes)
-    assert set(image_keys(t.eval)) == {k for k, lab in zip(image_keys(source.test), source.test.labels)
+    assert s.eval_split == "test"
+    # teacher: the official training images of its classes, split into train and a validation part
+    # that chooses its epoch (teacher_val_fraction); its test part is every test image of its classes
+    assert t.eval_split == "validation"
+    assert len(t.train.labels) + len(t.eval.labels) == sum(TRAIN_COUNTS[c] for c in t.classes)
+    assert not set(image_keys(t.train)) & set(image_keys(t.eval))
+    assert set(image_keys(t.train)) | set(image_keys(t.eval)) == {
+        k for k, lab in zip(image_keys(source.train), source.train.labels) if lab in t.classes}
+    assert len(t.test.labels) == sum(TEST_COUNTS[c] for c in t.classes)
+    assert set(image_keys(t.test)) == {k for k, lab in zip(image_keys(source.test), source.test.labels)
                                         if lab in t.classes}
 
 
@@ -205,7 +210,8 @@ def test_more_shots_than_images(source):
 
 def test_shots_only_limit_the_student(source):
     c = cfg(shots=3, source_classes="0-2", target_classes="3-5")
-    assert len(teacher_task(source, c).train.labels) == sum(TRAIN_COUNTS[:3])
+    t = teacher_task(source, c)
+    assert len(t.train.labels) + len(t.eval.labels) == sum(TRAIN_COUNTS[:3])
 
 
 # ----------------------------------------------------------------------------- tuning split

@@ -124,9 +124,9 @@ def test_key_ignores_stage2_settings():
 # (CIFAR-100, so that class_order cifar_fs is valid).
 ALTERNATIVES = dict(
     data_name="digits", class_order="cifar_fs", target_classes="50-99", shots=10, val_fraction=0.2,
-    split_seed=1, flag_tuning=True, student_network_name="resnet", depth=28, width=2, ca=0.5, dropout_rate=0.0,
+    split_seed=1, flag_tuning=True, student_network_name="mobile_net", depth=28, width=2, ca=0.5, dropout_rate=0.0,
     tau1=2.0, lr1=0.05, n_training_epochs1=100, batch_size=64, seed=1, flag_merge=True,
-    loss_scale1=100.0, margin=0.1, wd=1e-4, mo=0.0,
+    loss_scale1=100.0, tuple_negatives="smallest", margin=0.1, wd=1e-4, mo=0.0,
 )
 
 

@@ -139,11 +139,11 @@ def test_stage1_trains_only_the_feature_extractor(world):
     cfg = make_tiny_config()
     data, t, bank, c = world[False]
     student = build_student(cfg, data)
-    classifier = {k: v.detach().clone() for k, v in student.classifier.state_dict().items()}
+    classifier = {k: v.detach().clone() for k, v in student.fc.state_dict().items()}
     features = [p.detach().clone() for p in student.feature_parameters()]
     seen_stage2 = False
     for e in refilled_epochs(cfg, data, student, teacher_embeddings(t, bank), c):
-        now = student.classifier.state_dict()
+        now = student.fc.state_dict()
         if e.stage == STAGE1:
             for k in classifier:
                 assert torch.equal(now[k], classifier[k]), "stage 1 changed the classifier"
@@ -174,6 +174,17 @@ def test_tuple_variant_runs(world):
     assert len(got) == 5 and all(math.isfinite(m["loss"]) for *_, m in got)
     base = plain(make_tiny_config(), world)
     assert [m["loss"] for *_, m in got][:2] != [m["loss"] for *_, m in base][:2]
+
+
+def test_stage1_loss_is_at_the_authors_scale_of_each_form(world):
+    """The tuple form at 1000 x its mean, the triplet form at 500 x (Config.stage1_scale): with a
+    learning rate too small to move the student, the logged stage-1 loss is the scale times one loss."""
+    def relation(**kw):
+        return records(make_tiny_config(lr1=1e-12, n_training_epochs2=1, **kw), world)[0][3]["loss/relation"]
+
+    assert relation(flag_merge=True) == pytest.approx(2 * relation(flag_merge=True, loss_scale1=500), rel=1e-5)
+    assert relation() == pytest.approx(relation(loss_scale1=500), rel=1e-6)
+    assert relation(flag_merge=True, tuple_negatives="smallest") != pytest.approx(relation(flag_merge=True), rel=1e-3)
 
 
 def test_local_centres_run(world):
@@ -317,3 +328,29 @@ def test_learning_rate_schedules(world):
     want2 = _torch_schedule(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2, 4], gamma=0.2), 0.07, 5)
     assert lr2 == pytest.approx(want2, rel=1e-9)
     assert lr2 == pytest.approx([0.07, 0.07, 0.014, 0.014, 0.0028])
+
+
+def test_teacher_pretraining_is_the_authors_recipe_with_the_epoch_chosen_on_validation():
+    """pretrain.py's schedule (multi-step at teacher_point by teacher_gamma), every epoch judged on
+    the validation part, the best one's weights kept; the test part is not read while training."""
+    from refilled import evaluate
+    from refilled.train import build_teacher, pretrain_teacher
+
+    # lr 0.5: the best validation epoch is not the last (0.95 at epoch 4, 0.92 at 5)
+    cfg = make_tiny_config(teacher_epochs=5, teacher_point=(2, 4), teacher_gamma=0.2, teacher_lr=0.5)
+    data = run.teacher_data(cfg)
+    assert data.task.eval_split == "validation" and data.test_x is not None
+    val, train = set(map(tuple, data.eval_x.flatten(1).tolist())), set(map(tuple, data.train_x.flatten(1).tolist()))
+    assert not val & train  # the validation part is carved out of the training images
+    teacher = build_teacher(cfg, data)
+    read_test = []
+    real_views = type(data).views
+    data.views = lambda split, *a: read_test.append(split == "test") or real_views(data, split, *a)
+    epochs = list(pretrain_teacher(cfg, data, teacher))
+    assert not any(read_test)
+    want = _torch_schedule(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2, 4], gamma=0.2), 0.5, 5)
+    assert [e.metrics["lr"] for e in epochs] == pytest.approx(want, rel=1e-9)
+    accs = [e.metrics["val_accuracy"] for e in epochs]
+    chosen = epochs[-1].metrics["chosen_epoch"]
+    assert chosen == accs.index(max(accs)) + 1 < 5 and epochs[-1].metrics["chosen_val_accuracy"] == max(accs)
+    assert evaluate.accuracy(teacher, data) == max(accs)  # the chosen epoch's weights are the teacher's now

@@ -39,6 +39,8 @@ class DeviceTask:
     mean: torch.Tensor
     std: torch.Tensor
     unlabelled_x: torch.Tensor | None = None  # the transfer set's images; their labels never leave the host
+    test_x: torch.Tensor | None = None  # a teacher task's test part (Task.test)
+    test_y: torch.Tensor | None = None
 
     @property
     def n_classes(self) -> int:
@@ -70,8 +72,9 @@ class DeviceTask:
             yield Batch(idx, p, x, self.train_y[idx], u)
 
     def views(self, split: str, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Unaugmented (evaluation-view) batches of 'train' or 'eval' images, in order."""
-        xs, ys = (self.train_x, self.train_y) if split == "train" else (self.eval_x, self.eval_y)
+        """Unaugmented (evaluation-view) batches of 'train', 'eval' or 'test' images, in order."""
+        xs, ys = {"train": (self.train_x, self.train_y), "eval": (self.eval_x, self.eval_y),
+                  "test": (self.test_x, self.test_y)}[split]
         for start in range(0, len(ys), batch_size):
             yield augment.eval_view(xs[start:start + batch_size], self.aug, self.mean, self.std), ys[start:start + batch_size]
 
@@ -85,4 +88,5 @@ def to_device(task: Task, aug: Augmentation, device: torch.device) -> DeviceTask
                       put(task.eval.images), put(task.eval.labels),
                       torch.tensor(task.mean, device=device).view(shape),
                       torch.tensor(task.std, device=device).view(shape),
-                      None if task.unlabelled is None else put(task.unlabelled.images))
+                      None if task.unlabelled is None else put(task.unlabelled.images),
+                      *((None, None) if task.test is None else (put(task.test.images), put(task.test.labels))))

@@ -38,6 +38,7 @@ class Task:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     unlabelled: ImageSet | None = None  # transfer set: images of the classes outside the shots
+    test: ImageSet | None = None  # the teacher's: its test part, read once for the report
 
     @property
     def n_classes(self) -> int:
@@ -126,10 +127,17 @@ def task_classes(source: Source, cfg, key: str) -> list[int]:
 
 
 def teacher_task(source: Source, cfg) -> Task:
-    """The teacher's task: source classes, official train part, test part to report on."""
+    """The teacher's task: the source classes' official training part less a stratified
+    validation part (`teacher_val_fraction`, drawn by `split_seed`) that chooses the
+    epoch kept, and their test part, read once to report the kept epoch's accuracy.
+    (The authors' pretrain.py trains on the whole training part and keeps the epoch
+    best on the test part.)"""
     classes = task_classes(source, cfg, "source_classes")
-    return Task("teacher", classes, _subset(source.train, classes), _subset(source.test, classes),
-                "test", source.mean, source.std)
+    pool = _subset(source.train, classes)
+    keep, held = stratified_split(pool.labels, cfg.teacher_val_fraction, cfg.split_seed)
+    everything = list(range(len(classes)))
+    return Task("teacher", classes, _subset(pool, everything, keep), _subset(pool, everything, held),
+                "validation", source.mean, source.std, test=_subset(source.test, classes))
 
 
 def student_task(source: Source, cfg) -> Task:

@@ -68,7 +68,7 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
     `stage1`: an end-of-stage-1 snapshot to start stage 2 from (phase 2 of a staged
     search: the trial reports stage-2 epochs only, their steps continue stage 1's).
     `stage1_only`: end after stage 1 (phase 1 of a staged search)."""
-    cfg: Config = from_dict(params, Config(**{**base, "point": tuple(base["point"])}))
+    cfg: Config = from_dict(params, from_dict(base))
     cfg = cfg.replace(flag_tuning=True, device="auto")  # searching never sees the test split
     torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
     keep_freed_memory()
