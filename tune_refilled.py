@@ -85,7 +85,8 @@ def cmd_pretrain(args) -> int:
 
     out = Path(args.out) if args.out else None
     path, metrics = pretrain(cfg, out, force=args.force)
-    print(f"teacher saved to {path}; test accuracy on the source task: {metrics['test_accuracy']:.4f}")
+    print(f"teacher saved to {path}: epoch {metrics['chosen_epoch']} of {cfg.teacher_epochs}, chosen on validation "
+          f"({metrics['chosen_val_accuracy']:.4f}); its test accuracy on the source task: {metrics['test_accuracy']:.4f}")
     return 0
 
 
@@ -110,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("pretrain", help="train the teacher on the source task and save it",
-                       description="Train the teacher on the source classes (teacher_* keys), save it "
-                                   "and print its test accuracy on the source task.")
+                       description="Train the teacher on the source classes as the authors' pretrain.py does "
+                                   "(teacher_* keys: SGD Nesterov, multi-step decay at teacher_point), keep the "
+                                   "epoch with the best accuracy on a validation part of the source training images "
+                                   "(teacher_val_fraction; the authors choose it on test), save it and print its "
+                                   "test accuracy on the source task.")
     add_config_args(p)
     p.add_argument("--out", metavar="PATH", help="where to save the teacher (default: runs/teachers/<data>-<net>-<hash>.pt, "
                                                  "which train/search reuse)")
@@ -125,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--tuning it trains on train and reports validation accuracy every epoch.")
     add_config_args(p)
     p.add_argument("--tuning", action="store_true", help="use the tuning splits (flag_tuning: train / validation)")
-    p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint (default: the one `pretrain` makes "
-                                                     "for this config; trained first if missing)")
+    p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint: one `pretrain` made, or an authors' "
+                                                     "released .model file (its architecture from the teacher_* "
+                                                     "keys; another architecture or class count is refused). "
+                                                     "Default: the one `pretrain` makes for this config, trained "
+                                                     "first if missing")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/train-<time>)")
     p.add_argument("--force", action="store_true", help="write into an existing, non-empty --out")
     p.set_defaults(run=cmd_train)

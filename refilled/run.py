@@ -22,14 +22,15 @@ from refilled.data.device import DeviceTask, to_device
 from refilled.data.sources import Source, load_source
 from refilled.data.splits import student_task, task_classes, teacher_task
 from refilled.errors import UserError
-from refilled.networks import Network
+from refilled.networks import FAMILY_ARGS, Network, authors_state_dict, load_weights
 from refilled.runtime import resolve_device
 from refilled.train import build_student, build_teacher, global_centers
 
 # The settings that decide which teacher a config needs.
 TEACHER_KEYS = ["data_name", "class_order", "source_classes", "teacher_network_name", "teacher_depth",
-                "teacher_width", "teacher_ca", "teacher_dropout_rate", "teacher_lr", "teacher_epochs",
-                "teacher_batch_size", "wd", "mo", "seed"]
+                "teacher_width", "teacher_ca", "teacher_dropout_rate", "teacher_lr", "teacher_point",
+                "teacher_gamma", "teacher_epochs", "teacher_batch_size", "teacher_val_fraction", "split_seed",
+                "wd", "mo", "seed"]
 
 
 @lru_cache(maxsize=2)
@@ -59,23 +60,36 @@ def teacher_checkpoint(cfg: Config, data: DeviceTask, teacher: Network, metrics:
 
 
 def _expected_arch(cfg: Config) -> dict[str, Any]:
-    arch = {"name": cfg.teacher_network_name}
-    if cfg.teacher_network_name == "mobile_net":
-        arch["ca"] = cfg.teacher_ca
-    else:
-        arch.update(depth=cfg.teacher_depth, width=cfg.teacher_width)
-    return arch
+    """The config's teacher architecture, as Network.arch names it (the family's arguments)."""
+    name = cfg.teacher_network_name
+    return {"name": name, **{k: getattr(cfg, "teacher_" + k) for k in FAMILY_ARGS[name]}}
+
+
+def read_teacher(path: str | Path, cfg: Config) -> dict[str, Any]:
+    """A teacher checkpoint: one `pretrain` wrote, or one of the authors' released
+    networks ({"state_dict", "validating_accuracy", "epoch"}), taken as the teacher the
+    config describes (teacher_* keys, its source classes) and returned in our format."""
+    ckpt = checkpoint.load(path, "teacher checkpoint")
+    if "kind" in ckpt or "state_dict" not in ckpt:
+        return ckpt
+    classes = task_classes(source_for(cfg), cfg, "source_classes")
+    return {"kind": "teacher", "model": authors_state_dict(ckpt, path), "arch": _expected_arch(cfg),
+            "classes": classes, "data_name": cfg.data_name, "origin": f"the authors' checkpoint {path}",
+            "metrics": {"authors_validating_accuracy": ckpt.get("validating_accuracy"),
+                        "authors_epoch": ckpt.get("epoch")}}
 
 
 def load_teacher(path: str | Path, cfg: Config, data: DeviceTask) -> Network:
-    """Load a teacher checkpoint and check it fits this config's teacher and source classes."""
-    return load_teacher_state(checkpoint.load(path, "teacher checkpoint"), cfg, data, path)
+    """Load a teacher checkpoint (ours or the authors') and check it fits this config's
+    teacher and source classes."""
+    return load_teacher_state(read_teacher(path, cfg), cfg, data, path)
 
 
 def load_teacher_state(ckpt: dict[str, Any], cfg: Config, data: DeviceTask, path: str | Path = "teacher") -> Network:
     """A frozen teacher, in eval mode, from a loaded teacher checkpoint (checked against cfg)."""
     if ckpt.get("kind") != "teacher" or "model" not in ckpt or "arch" not in ckpt:
-        raise UserError(f"{path} is not a teacher checkpoint (make one with `tune_refilled.py pretrain`)")
+        raise UserError(f"{path} is not a teacher checkpoint (make one with `tune_refilled.py pretrain`, "
+                        "or give one of the authors' released .model files)")
     want, got = _expected_arch(cfg), ckpt["arch"]
     diff = [k for k in want if got.get(k) != want[k]]
     if diff:
@@ -88,11 +102,7 @@ def load_teacher_state(ckpt: dict[str, Any], cfg: Config, data: DeviceTask, path
         raise UserError(f"teacher checkpoint {path} was trained on {ckpt.get('data_name')} classes "
                         f"{_short(ckpt.get('classes', []))}, but the config's source classes are "
                         f"{cfg.data_name} {_short(source_classes)}: pretrain a teacher for this config")
-    teacher = build_teacher(cfg, data, n_classes=len(ckpt["classes"]))
-    try:
-        teacher.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UserError(f"teacher checkpoint {path} does not match its recorded architecture: recreate it") from None
+    teacher = load_weights(build_teacher(cfg, data, n_classes=len(ckpt["classes"])), ckpt["model"], path)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -139,7 +149,9 @@ def default_teacher_path(cfg: Config, folder: str | Path = "runs/teachers") -> P
 
 def pretrain(cfg: Config, out: Path | None = None, *, force: bool = False, progress: bool = True
              ) -> tuple[Path, dict[str, float]]:
-    """Train the teacher on the source task, save it atomically, return (path, metrics)."""
+    """Train the teacher on the source task, keep the epoch best on its validation part,
+    test that one once, save it atomically; return (path, metrics)."""
+    from refilled import evaluate
     from refilled.train import pretrain_teacher
 
     out = Path(out) if out else default_teacher_path(cfg)
@@ -149,11 +161,12 @@ def pretrain(cfg: Config, out: Path | None = None, *, force: bool = False, progr
     teacher = build_teacher(cfg, data)
     bar = tqdm(total=cfg.teacher_epochs, desc="teacher", unit="epoch", disable=not progress)
     metrics: dict[str, float] = {}
-    for epoch in pretrain_teacher(cfg, data, teacher):
+    for epoch in pretrain_teacher(cfg, data, teacher):  # ends with the chosen epoch's weights loaded
         metrics = epoch.metrics
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{metrics['val_accuracy']:.3f}")
         bar.update()
     bar.close()
+    metrics["test_accuracy"] = evaluate.accuracy(teacher, data, "test")
     checkpoint.save(teacher_checkpoint(cfg, data, teacher, metrics), out)
     return out, metrics
 

@@ -24,8 +24,10 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start Ray on this machine")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment (--name/--storage) without rerunning finished trials")
-    p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint to use (default: the one `pretrain` makes; "
-                                                     "pretrained into the experiment if missing)")
+    p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint to use: one `pretrain` made, or an authors' "
+                                                     "released .model file (architecture from the teacher_* keys); "
+                                                     "default: the one `pretrain` makes, pretrained into the "
+                                                     "experiment if missing")
     p.add_argument("--num-samples", type=int, help="number of trials (search.num_samples)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (search.resources.cpu)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed, e.g. 0.25 (search.resources.gpu)")
@@ -90,6 +92,9 @@ def add_retrain_command(sub) -> None:
                    help="also train the student alone for comparison (default: on)")
     p.add_argument("--force", action="store_true", help="replace results already in --out")
     p.add_argument("--address", help="Ray cluster to run the seeds on as tasks ('auto' or host:port)")
+    p.add_argument("--teacher", metavar="FILE", help="use this teacher instead of the experiment's: one `pretrain` "
+                                                     "made, or an authors' released .model file (its architecture "
+                                                     "from the config's teacher_* keys)")
     p.set_defaults(run=cmd_retrain)
 
 
@@ -98,7 +103,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from refilled.tune.retrain import retrain
 
     results, written = retrain(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial, config=args.config,
-                      baseline=args.baseline, force=args.force, address=args.address)
+                      baseline=args.baseline, force=args.force, address=args.address, teacher_file=args.teacher)
     print(markdown(results))
     print(f"wrote {written}/results.json and summary.md")
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from refilled import storage
+from refilled import checkpoint, storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
 from refilled.experiments import best_trial, experiment_config, load_trials, trial_config
@@ -44,7 +44,8 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
 
 
 def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, config: str | None,
-            baseline: bool, force: bool, address: str | None) -> tuple[dict[str, Any], str]:
+            baseline: bool, force: bool, address: str | None, teacher_file: str | None = None
+            ) -> tuple[dict[str, Any], str]:
     """Returns results.json's content and where it was written (a folder or a URI)."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
@@ -64,7 +65,15 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
     if (out_dir / "results.json").exists() and not force:
         raise UserError(f"{shown} already holds results: pass --force to replace them or --out for another folder")
     cfg, source = choose_config(folder, trial, config)
+    if teacher_file:  # checked before anything is written
+        from refilled.run import load_teacher_state, read_teacher, student_data
+
+        given = read_teacher(teacher_file, cfg)
+        load_teacher_state(given, cfg, student_data(cfg.replace(device="cpu")), teacher_file)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if teacher_file:
+        teacher = checkpoint.save(given, out_dir / "teacher.pt")  # ours or the authors', in our format
+        source["teacher"] = str(teacher_file)
     runs = plan(cfg, seeds, baseline, out_dir)
     bar = tqdm(total=len(runs), desc="final runs", unit="run")
 
@@ -73,7 +82,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
         bar.update()
 
     if address:
-        results = _retrain_on_cluster(cfg, place, runs, out_dir, upload_to, address, done)
+        results = _retrain_on_cluster(cfg, place, runs, out_dir, upload_to, address, done, teacher)
     else:
         results = retrain_local(cfg, teacher, seeds, baseline, out_dir, done)
     bar.close()
@@ -87,7 +96,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
 
 
 def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, upload_to: str | None,
-                        address: str, done) -> list[dict]:
+                        address: str, done, teacher: Path) -> list[dict]:
     """Each seed is a Ray task. A folder experiment must be on storage all nodes see;
     with a URI experiment each task reads the teacher from it and uploads its run."""
     import ray
@@ -99,14 +108,17 @@ def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, 
     resources = {"num_cpus": settings.cpu, "num_gpus": settings.gpu}
     if upload_to:
         task = ray.remote(**resources)(_run_one_at_uri)
-        teacher = storage.join(place.uri, "teacher.pt")
-        pending = [task.remote(cfg.to_dict(), kind, seed, teacher,
+        if teacher.parent == out_dir:  # --teacher: up beside the runs, where every task finds it
+            place.push("retrain")
+            teacher_uri = storage.join(upload_to, "teacher.pt")
+        else:
+            teacher_uri = storage.join(place.uri, "teacher.pt")
+        pending = [task.remote(cfg.to_dict(), kind, seed, teacher_uri,
                                storage.join(upload_to, folder.relative_to(out_dir).as_posix()))
                    for kind, seed, folder in runs]
     else:
         task = ray.remote(**resources)(run_one)
-        teacher = str(place.folder / "teacher.pt")
-        pending = [task.remote(cfg.to_dict(), kind, seed, teacher, str(folder)) for kind, seed, folder in runs]
+        pending = [task.remote(cfg.to_dict(), kind, seed, str(teacher), str(folder)) for kind, seed, folder in runs]
     results = []
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

@@ -268,16 +268,18 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
 
 
 def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
-    """Copy the given (or default) teacher into the experiment, or pretrain it there."""
-    from refilled.run import default_teacher_path, pretrain, student_data, load_teacher
+    """Copy the given (or default) teacher into the experiment (an authors' checkpoint
+    in our format), or pretrain it there."""
+    from refilled.run import default_teacher_path, load_teacher_state, pretrain, read_teacher, student_data
 
     target = folder / "teacher.pt"
     if target.exists():
         return target
     source = Path(teacher) if teacher else default_teacher_path(cfg)
     if teacher or source.is_file():
-        load_teacher(source, cfg, student_data(cfg.replace(device="cpu")))  # refuse a wrong teacher early
-        shutil.copyfile(source, target)
+        state = read_teacher(source, cfg)
+        load_teacher_state(state, cfg, student_data(cfg.replace(device="cpu")), source)  # refuse a wrong one early
+        checkpoint.save(state, target)
         print(f"teacher: {source} (copied into the experiment)")
     else:
         print("teacher: none for this config yet, pretraining it (once for the whole search)")
