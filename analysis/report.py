@@ -106,8 +106,9 @@ def make_report(experiments, out: str | Path) -> dict[str, Any]:
     lines.append("")
 
     lines += ["## Final retrain: tuned REFILLED against the student alone", "",
-              "The best configuration retrained on train + validation with the full epoch budget, "
-              "tested once on the test split with the model training ended with.", ""]
+              "The best configuration retrained with the full epoch budget (on train + validation, or on "
+              "the shots the search tuned, as each summary says), tested once on the test split with the "
+              "model training ended with.", ""]
     for exp in experiments:
         if len(experiments) > 1:
             lines += [f"### {exp.label}", ""]

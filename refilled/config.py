@@ -63,10 +63,12 @@ class Config:
     # --- data ---------------------------------------------------------------------
     data_root: str = "data"
     download: bool = False
+    image_size: int | None = None  # digits only: upsampled to this side, 3 channels (None: 8, their own)
     class_order: str = "natural"  # "natural" or "cifar_fs" (CIFAR-100 cross-task order)
     source_classes: str = "all"  # teacher's classes: positions in class_order, e.g. "0-49"
     target_classes: str = "all"  # student's classes, e.g. "50-99"; overlap allowed
     shots: int | None = None  # labelled images per student class (middle-shot); None = all
+    val_per_class: int | None = None  # with shots: validation images a class from outside the shots
     val_fraction: float = 0.1  # part of the training set held out when flag_tuning
     split_seed: int = 0  # draws the shots and the validation part (the run's seed never does)
     # --- implementation choices -----------------------------------------------------
@@ -106,7 +108,7 @@ class Config:
 
 FIELDS = {f.name: f for f in fields(Config)}
 # Tuning a non-tunable key (paths, device) makes no sense; the search refuses them.
-NOT_SEARCHABLE = {"data_root", "download", "device", "flag_tuning", "data_name",
+NOT_SEARCHABLE = {"data_root", "download", "device", "flag_tuning", "data_name", "image_size", "val_per_class",
                   "split_seed"}  # a search over image draws would select on luck
 
 
@@ -228,6 +230,13 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'split_seed' must be >= 0, got {cfg.split_seed}")
     if cfg.shots is not None and cfg.shots < 1:
         raise UserError(f"config key 'shots' must be >= 1 or null, got {cfg.shots}")
+    if cfg.val_per_class is not None and (cfg.val_per_class < 1 or cfg.shots is None):
+        raise UserError(f"config key 'val_per_class' must be >= 1 and needs 'shots' (validation images are "
+                        f"taken from outside the shots), got {cfg.val_per_class} with shots {cfg.shots}")
+    native = {"CIFAR-100": 32, "CUB-200": 224}.get(cfg.data_name)
+    if cfg.image_size is not None and (cfg.image_size < 8 if native is None else cfg.image_size != native):
+        allowed = f"null or {native} (its own size)" if native else "null (8, their own size) or >= 8"
+        raise UserError(f"config key 'image_size' for {cfg.data_name} must be {allowed}, got {cfg.image_size}")
     choices = {"class_order": ("natural", "cifar_fs"), "centers": ("global", "local"),
                "tuple_negatives": ("all", "smallest"),
                "teacher_bank": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda")}

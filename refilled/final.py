@@ -1,7 +1,8 @@
 """The final, honestly tested model: retrain a configuration with flag_tuning off.
 
-Each seed trains both stages on train + validation with the full epoch budget
-and the experiment's teacher, and the model it ENDS with is tested once on the
+Each seed trains both stages on train + validation (or, with `val_per_class`,
+on the same shots the search trained on) with the full epoch budget and the
+experiment's teacher, and the model it ENDS with is tested once on the
 test split: no epoch is selected on test. The student alone (cross-entropy,
 same total epochs, same seeds) is trained beside it, so the gain is measured.
 """
@@ -26,6 +27,14 @@ def student_alone(cfg: Config) -> Config:
     e1 = cfg.n_training_epochs1
     return cfg.replace(n_training_epochs1=0, lambd=0.0, n_training_epochs2=e1 + cfg.n_training_epochs2,
                        point=tuple(p + e1 for p in cfg.point))
+
+
+def trained_on(cfg: Config) -> str:
+    """What the final runs train on, in words (results.json, summary.md, the report)."""
+    if cfg.val_per_class is not None:
+        return (f"the same {cfg.shots} labelled images a class as the search, as tuned "
+                "(its validation images are not trained on)")
+    return "train + validation"
 
 
 def run_one(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_path: str, out: str,
@@ -97,7 +106,7 @@ def markdown(results: dict[str, Any]) -> str:
     source = results.get("source", {})
     if source:
         lines.append(f"\nConfiguration: {source}. Each model is the one training ended with, tested once "
-                     "on the test split (trained on train + validation).")
+                     f"on the test split (trained on {results.get('trained_on', 'train + validation')}).")
     return "\n".join(lines) + "\n"
 
 

@@ -27,29 +27,29 @@ from refilled.runtime import resolve_device
 from refilled.train import build_student, build_teacher, global_centers
 
 # The settings that decide which teacher a config needs.
-TEACHER_KEYS = ["data_name", "class_order", "source_classes", "teacher_network_name", "teacher_depth",
+TEACHER_KEYS = ["data_name", "image_size", "class_order", "source_classes", "teacher_network_name", "teacher_depth",
                 "teacher_width", "teacher_ca", "teacher_dropout_rate", "teacher_lr", "teacher_point",
                 "teacher_gamma", "teacher_epochs", "teacher_batch_size", "teacher_val_fraction", "split_seed",
                 "wd", "mo", "seed"]
 
 
 @lru_cache(maxsize=2)
-def _source(data_name: str, root: str, download: bool) -> Source:
-    return load_source(data_name, root, download)
+def _source(data_name: str, root: str, download: bool, image_size: int | None) -> Source:
+    return load_source(data_name, root, download, image_size)
 
 
 def source_for(cfg: Config) -> Source:
-    return _source(cfg.data_name, str(cfg.data_root), cfg.download)
+    return _source(cfg.data_name, str(cfg.data_root), cfg.download, cfg.image_size)
 
 
 def teacher_data(cfg: Config, device: torch.device | None = None) -> DeviceTask:
     device = device or resolve_device(cfg.device)
-    return to_device(teacher_task(source_for(cfg), cfg), augment.for_data(cfg.data_name), device)
+    return to_device(teacher_task(source_for(cfg), cfg), augment.for_data(cfg.data_name, cfg.image_size), device)
 
 
 def student_data(cfg: Config, device: torch.device | None = None) -> DeviceTask:
     device = device or resolve_device(cfg.device)
-    return to_device(student_task(source_for(cfg), cfg), augment.for_data(cfg.data_name), device)
+    return to_device(student_task(source_for(cfg), cfg), augment.for_data(cfg.data_name, cfg.image_size), device)
 
 
 # ----------------------------------------------------------------------------- teachers

@@ -54,7 +54,8 @@ from refilled.errors import UserError
 # `teacher_id`). Stage-2 keys (tau2, lambd, lr2, point, gamma, centers,
 # n_training_epochs2) are deliberately absent.
 STAGE1_KEYS = [
-    "data_name", "class_order", "target_classes", "shots", "val_fraction", "split_seed", "flag_tuning",
+    "data_name", "image_size", "class_order", "target_classes", "shots", "val_per_class", "val_fraction",
+    "split_seed", "flag_tuning",
     "student_network_name", "depth", "width", "ca", "dropout_rate",
     "tau1", "lr1", "n_training_epochs1", "batch_size", "seed", "flag_merge",
     "loss_scale1", "tuple_negatives", "margin", "wd", "mo",

@@ -50,6 +50,8 @@ def test_augmentations_per_data_set():
     assert (cifar.kind, cifar.pad, cifar.flip, cifar.n_variants) == ("crop_flip", 4, True, 162)
     digits = augment.for_data("digits")
     assert digits.kind == "crop_flip" and digits.flip is False and digits.n_variants == (2 * digits.pad + 1) ** 2
+    digits32 = augment.for_data("digits", 32)  # CIFAR's crops at CIFAR's size, no flip
+    assert (digits32.pad, digits32.flip, digits32.n_variants) == (4, False, 81)
     cub = augment.for_data("CUB-200")
     assert (cub.kind, cub.out_size, cub.flip, cub.n_variants, cub.identity_variant) == \
         ("resized_crop", 224, True, None, None)

@@ -218,6 +218,10 @@ BAD = [
     ({"student_network_name": "mobile_net", "ca": 0.01}, "ca"),
     ({"loss_scale1": 0}, "loss_scale1"),
     ({"tuple_negatives": "some"}, "tuple_negatives"),
+    ({"image_size": 64}, "image_size"),  # CIFAR-100 is 32 px
+    ({"data_name": "digits", "image_size": 4}, "image_size"),
+    ({"val_per_class": 10}, "val_per_class"),  # needs shots
+    ({"shots": 5, "val_per_class": 0}, "val_per_class"),
     ({"teacher_point": [50, 50]}, "teacher_point"),
     ({"teacher_val_fraction": 1.0}, "teacher_val_fraction"),
     ({"teacher_network_name": "resnet", "teacher_depth": 17}, "teacher_depth"),

@@ -359,6 +359,21 @@ def test_digits():
     assert abs(pixels.mean() - src.mean[0]) < 1e-4 and abs(pixels.std() - src.std[0]) < 1e-4
 
 
+def test_digits_upsampled_to_the_authors_input():
+    small, big = load_digits(), load_source("digits", image_size=32)
+    _check_imageset(big.train, (3, 32, 32))
+    _check_imageset(big.test, (3, 32, 32))
+    np.testing.assert_array_equal(big.train.labels, small.train.labels)  # the same images, the same split
+    np.testing.assert_array_equal(big.train.images[:, 0], big.train.images[:, 2])  # three equal channels
+    # bilinear upsampling (smooth): every 4x4 block averages back to close to its 8x8 pixel
+    blocks = big.test.images[:, 0].astype(np.float64).reshape(-1, 8, 4, 8, 4).mean(axis=(2, 4))
+    assert np.corrcoef(blocks.ravel(), small.test.images[:, 0].ravel())[0, 1] > 0.95
+    pixels = big.train.images.astype(np.float64) / 255
+    assert len(big.mean) == 3 and abs(pixels.mean() - big.mean[0]) < 1e-4 and abs(pixels.std() - big.std[0]) < 1e-4
+    with pytest.raises(UserError, match="image_size"):
+        load_digits(4)
+
+
 # --------------------------------------------------------------------------- #
 # names
 # --------------------------------------------------------------------------- #

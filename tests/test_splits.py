@@ -243,6 +243,28 @@ def test_tuning_split_is_disjoint_stratified_deterministic(source, shots):
         np.testing.assert_array_equal(other.eval.labels, s.eval.labels)
 
 
+def test_validation_outside_the_shots_keeps_the_regime(source):
+    """val_per_class: validation images from outside the shots; tuning and final runs
+    train on the same shots, and neither part holds a test image."""
+    c = cfg(shots=3, val_per_class=4)
+    tuning, final = student_task(source, c.replace(flag_tuning=True)), student_task(source, c)
+    assert tuning.eval_split == "validation" and final.eval_split == "test"
+    assert image_keys(tuning.train) == image_keys(final.train) and len(tuning.train.labels) == 3 * 6
+    assert np.bincount(tuning.eval.labels).tolist() == [4] * 6
+    assert not set(image_keys(tuning.eval)) & set(image_keys(tuning.train))
+    assert set(image_keys(tuning.eval)) <= set(image_keys(source.train))
+    # the shots are those without validation part: the same split_seed draws the same shots
+    assert image_keys(final.train) == image_keys(student_task(source, cfg(shots=3)).train)
+    other = student_task(source, c.replace(flag_tuning=True, split_seed=5))
+    assert image_keys(other.eval) != image_keys(tuning.eval)
+    # a transfer set never holds a validation image
+    with_transfer = student_task(source, c.replace(flag_tuning=True, transfer_set=True))
+    assert not set(image_keys(with_transfer.unlabelled)) & set(image_keys(tuning.eval))
+    assert not set(image_keys(with_transfer.unlabelled)) & set(image_keys(tuning.train))
+    with pytest.raises(UserError, match="val_per_class.*outside its 3 shots"):
+        student_task(source, cfg(shots=3, val_per_class=max(TRAIN_COUNTS)))
+
+
 def test_val_fraction_changes_the_split(source):
     small = student_task(source, cfg(flag_tuning=True, val_fraction=0.1))
     large = student_task(source, cfg(flag_tuning=True, val_fraction=0.5))

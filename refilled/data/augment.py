@@ -42,12 +42,13 @@ class Augmentation:
         return (self.pad * (2 * self.pad + 1) + self.pad) * (2 if self.flip else 1)
 
 
-def for_data(data_name: str) -> Augmentation:
-    """The authors' training augmentation for each data set (SPEC.md)."""
+def for_data(data_name: str, image_size: int | None = None) -> Augmentation:
+    """The authors' training augmentation for each data set (SPEC.md); digits get
+    CIFAR's crops, padded by an eighth of their side (4 px at 32, 1 px at 8), no flip."""
     if data_name == "CIFAR-100":
         return Augmentation("crop_flip", pad=4, flip=True)
     if data_name == "digits":
-        return Augmentation("crop_flip", pad=1, flip=False)  # a flipped 2 is no 2
+        return Augmentation("crop_flip", pad=max(1, (image_size or 8) // 8), flip=False)  # a flipped 2 is no 2
     if data_name == "CUB-200":
         return Augmentation("resized_crop", flip=True, out_size=224)
     raise ValueError(data_name)

@@ -93,18 +93,20 @@ def canonical_data_name(data_name: str) -> str:
     return _ALIASES[key]
 
 
-def load_source(data_name: str, root: str | Path = "data", download: bool = False) -> Source:
+def load_source(data_name: str, root: str | Path = "data", download: bool = False,
+                image_size: int | None = None) -> Source:
     """Load a data set by name; `root` is the folder that holds the data sets.
 
     `download` only applies to CIFAR-100 (CUB-200 has no automatic download,
-    digits ships with scikit-learn).
+    digits ships with scikit-learn). `image_size` only to digits (8, their own
+    size, by default); CIFAR-100 is 32 px and CUB-200 cropped to 224.
     """
     name = canonical_data_name(data_name)
     if name == "CIFAR-100":
         return load_cifar100(root, download=download)
     if name == "CUB-200":
         return load_cub200(root)
-    return load_digits()
+    return load_digits(image_size or 8)
 
 
 # --------------------------------------------------------------------------- #
@@ -457,12 +459,16 @@ def digits_split(labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarr
     return train_idx, test_idx
 
 
-def load_digits() -> Source:
+def load_digits(image_size: int = 8) -> Source:
     """scikit-learn's bundled digits (never downloads): 1797 images of 1x8x8.
 
     Values 0..16 become uint8 round(v * 255 / 16). There is no official test
     split, so `test` is the fixed stratified 30% part of `digits_split()`
     (seed 20200617) and `train` the remaining 70%.
+
+    With `image_size` above 8 the images are upsampled (bilinear) to that side
+    and given three equal channels: the input the authors' networks are built
+    for (3x32x32); the normalisation is then the upsampled train part's own.
     """
     from sklearn.datasets import load_digits as sk_load_digits
 
@@ -471,11 +477,27 @@ def load_digits() -> Source:
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
     labels = bunch.target.astype(np.int64)
     train_idx, test_idx = digits_split(labels)
+    mean, std = DIGITS_MEAN, DIGITS_STD
+    if image_size != 8:
+        images = _upsample(images, image_size)
+        train = images[train_idx].astype(np.float64) / 255
+        mean, std = (round(float(train.mean()), 4),) * 3, (round(float(train.std()), 4),) * 3
     return Source(
         name="digits",
         train=ImageSet(images=np.ascontiguousarray(images[train_idx]), labels=labels[train_idx]),
         test=ImageSet(images=np.ascontiguousarray(images[test_idx]), labels=labels[test_idx]),
         class_names=[str(d) for d in range(10)],
-        mean=DIGITS_MEAN,
-        std=DIGITS_STD,
+        mean=mean,
+        std=std,
     )
+
+
+def _upsample(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, 1, 8, 8) -> uint8 (N, 3, size, size), bilinear, the grey channel three times."""
+    import torch
+    import torch.nn.functional as F
+
+    if size < 8:
+        raise UserError(f"config key 'image_size' for digits must be >= 8 (their own size), got {size}")
+    x = F.interpolate(torch.from_numpy(images).float(), size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1).numpy()

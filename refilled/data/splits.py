@@ -96,7 +96,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def limit_shots(labels: np.ndarray, shots: int, seed: int, names: list[str] | None = None) -> np.ndarray:
+def limit_shots(labels: np.ndarray, shots: int, seed, names: list[str] | None = None) -> np.ndarray:
     """Indices of `shots` images of each class, chosen at random once. `names`
     (the data set's class names, by task label) make the error name the class."""
     rng = np.random.default_rng(seed)
@@ -141,18 +141,33 @@ def teacher_task(source: Source, cfg) -> Task:
 
 
 def student_task(source: Source, cfg) -> Task:
-    """The student's task, with shots and the flag_tuning split applied."""
+    """The student's task, with shots and the flag_tuning split applied.
+
+    With `val_per_class` (and shots) the validation part is that many other
+    training images a class, outside the shots, and both the tuning run and the
+    final run train on the same shots: the regime that is tuned is the one that
+    is tested. Without it the validation part is carved from the shots
+    (`val_fraction`), and the final run trains on all of them."""
     classes = task_classes(source, cfg, "target_classes")
     pool = _subset(source.train, classes)
     if len(pool.labels) == 0:
         raise UserError("config key 'target_classes' selects classes with no training images")
     everything = list(range(len(classes)))
-    unlabelled = None
+    unlabelled = validation = None
     if cfg.shots is not None:
         names = [source.class_names[c] for c in classes]
         shots = limit_shots(pool.labels, cfg.shots, cfg.split_seed, names)
-        if cfg.transfer_set:  # never the validation part: that is carved from the shots
-            rest = np.setdiff1d(np.arange(len(pool.labels)), shots)
+        rest = np.setdiff1d(np.arange(len(pool.labels)), shots)
+        if cfg.val_per_class is not None:
+            try:  # another stream than the shots': the same split_seed draws both
+                held = rest[limit_shots(pool.labels[rest], cfg.val_per_class, (cfg.split_seed, 1), names)]
+            except UserError:
+                raise UserError(f"config key 'val_per_class' = {cfg.val_per_class} is more than the training "
+                                f"images some class has outside its {cfg.shots} shots: lower val_per_class or "
+                                "shots") from None
+            validation = _subset(pool, everything, held)
+            rest = np.setdiff1d(rest, held)
+        if cfg.transfer_set:  # never a validation image
             if len(rest) == 0:
                 raise UserError(f"config key 'transfer_set': shots = {cfg.shots} leaves no training images "
                                 "outside the shots; lower shots or set transfer_set false")
@@ -161,6 +176,8 @@ def student_task(source: Source, cfg) -> Task:
     if not cfg.flag_tuning:
         return Task("student", classes, pool, _subset(source.test, classes), "test", source.mean, source.std,
                     unlabelled)
+    if validation is not None:
+        return Task("student", classes, pool, validation, "validation", source.mean, source.std, unlabelled)
     keep, held = stratified_split(pool.labels, cfg.val_fraction, cfg.split_seed)
     return Task("student", classes, _subset(pool, everything, keep), _subset(pool, everything, held),
                 "validation", source.mean, source.std, unlabelled)

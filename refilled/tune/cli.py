@@ -72,9 +72,10 @@ def cmd_search(args: argparse.Namespace, config_from_args) -> int:
 
 def add_retrain_command(sub) -> None:
     p = sub.add_parser(
-        "retrain", help="retrain the best configuration on train+validation and test it",
+        "retrain", help="retrain the best configuration on train+validation (or the tuned shots) and test it",
         description="Retrain an experiment's best configuration (stage-2 validation accuracy among trials "
-                    "that reached stage 2) with flag_tuning off: train + validation, the full epoch budget, "
+                    "that reached stage 2) with flag_tuning off: train + validation (with val_per_class: the same "
+                    "shots the search trained on, so that the tuned regime is the tested one), the full epoch budget, "
                     "the experiment's teacher, N seeds. The model each run ends with is tested once on the "
                     "test split. With the baseline (default) the student alone (cross-entropy, same epochs, "
                     "same seeds) is trained too, and the gain is given seed by seed: its standard error and the seeds "

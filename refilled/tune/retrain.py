@@ -19,7 +19,7 @@ from refilled import checkpoint, storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
 from refilled.experiments import best_trial, experiment_config, load_trials, trial_config
-from refilled.final import plan, retrain_local, run_one, summarise, write_results
+from refilled.final import plan, retrain_local, run_one, summarise, trained_on, write_results
 
 
 def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -> tuple[Config, dict[str, Any]]:
@@ -88,7 +88,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
     bar.close()
     summary = summarise(results, {"source": source, "config": cfg.to_dict(),
                                   "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
-                                  "eval_split": "test", "trained_on": "train+validation"})
+                                  "eval_split": "test", "trained_on": trained_on(cfg)})
     write_results(out_dir, summary)
     if upload_to:
         place.push("retrain")
