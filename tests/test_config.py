@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from refilled.config import FIELDS, Config, from_dict, load_experiment, parse_overrides, read_yaml
@@ -131,6 +132,22 @@ def test_crosstask_file_is_the_journal_codes_setting():
     assert cfg.point == (50, 100, 150) and cfg.gamma == 0.2 and cfg.teacher_point == (50, 100, 150)
     assert (cfg.tau1, cfg.tau2, cfg.lambd, cfg.batch_size, cfg.lr1, cfg.lr2) == (4, 1, 1, 256, 0.1, 0.1)
     assert (cfg.student_network_name, cfg.depth) == ("resnet", 14)  # their ResNet-16 without its failing assert
+
+
+def test_embedded_default_is_the_papers_cross_task_setting():
+    """Teacher and student on disjoint digits, few shots, no transfer set, the authors' input
+    size; trials ranked on at least 150 validation images outside the shots (one image moves
+    the metric by under a point), and the final run trains on the same shots."""
+    from refilled.data.splits import student_task
+    from refilled.run import source_for
+
+    cfg, _ = load_experiment(REPO / "search_spaces" / "digits.yaml")
+    assert (cfg.source_classes, cfg.target_classes, cfg.transfer_set, cfg.image_size) == ("0-4", "5-9", False, 32)
+    assert cfg.shots == 5
+    tuning = student_task(source_for(cfg), cfg.replace(flag_tuning=True))
+    final = student_task(source_for(cfg), cfg)
+    assert len(tuning.eval.labels) >= 150 and tuning.eval.images.shape[1:] == (3, 32, 32)
+    assert np.array_equal(tuning.train.images, final.train.images)
 
 
 def test_tiny_experiment_file(tiny_yaml):
