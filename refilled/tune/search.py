@@ -50,6 +50,7 @@ from refilled.experiment_file import EXPERIMENT_FILE
 from refilled.experiments import STAGE1_SEARCH, load_trials, plain_value, write_best_config
 from refilled.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
+from refilled.tune.searcher import STUDY_FILE, StudySearcher
 from refilled.tune.settings import SearchSettings, parse_search
 from refilled.tune.trial_inputs import prepare_teacher, trainable_for
 
@@ -136,7 +137,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     max_t = cfg.n_training_epochs2 if stage1 is not None else cfg.n_training_epochs1 + cfg.n_training_epochs2
     fit(trainable, phase, cfg, place, name, max_t=max_t, resume=resume)
     summarise(folder, place.uri)
-    place.push("trials.csv", "best_config.yaml", "optuna.db")
+    place.push("trials.csv", "best_config.yaml", STUDY_FILE)
     if place.uri:
         print(f"experiment: {place.uri} (local mirror: {folder})")
     return folder
@@ -151,7 +152,6 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
     from ray.tune.schedulers import ASHAScheduler
 
     from refilled.tune.callbacks import KeepLastCheckpoints, KeepLogsOfRetriedTrials, TrialRecords
-    from refilled.tune.searcher import StudySearcher
 
     place = experiment.part(sub) if sub else experiment
     folder = place.folder
@@ -181,8 +181,8 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
                 # Ray keeps every checkpoint; KeepLastCheckpoints deletes the old ones safely
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
     grid = tuner.fit()
-    if place.uri:  # the trials' results and records, next to our files in the mirror
-        storage.download(place.uri, folder, skip=storage.is_checkpoint)
+    if place.uri:  # the trials' results and records, next to our files in the mirror (whose study is current)
+        storage.download(place.uri, folder, skip=lambda rel: storage.is_checkpoint(rel) or rel.endswith(STUDY_FILE))
     if resume:
         set_aside_unknown_trials(place, {Path(r.path).name for r in grid if r.path})
 
@@ -209,7 +209,7 @@ def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: 
     trainable = trainable_for(cfg, phase, place, teacher_path, stage1_only=True)
     fit(trainable, phase, cfg, place, f"{name}-stage1", max_t=cfg.n_training_epochs1, resume=resume,
         sub=STAGE1_SEARCH)
-    sub.push("optuna.db")
+    sub.push(STUDY_FILE)
 
     trials = load_trials(sub.folder)
     done = trials[trials["status"] == "finished"] if not trials.empty else trials
