@@ -764,6 +764,23 @@ def test_unreachable_address(tmp_path, capsys):
     assert not storage.exists()
 
 
+@pytest.mark.parametrize("ray_address", ["", "127.0.0.1:{port}"])
+def test_address_auto_without_a_cluster(tmp_path, capsys, monkeypatch, ray_address):
+    """--address auto joins the cluster `ray start` runs here (or RAY_ADDRESS names): with none,
+    one line at once. Ray keeps what `ray start` left under RAY_TMPDIR: an empty one here."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
+    if ray_address:
+        monkeypatch.setenv("RAY_ADDRESS", ray_address.format(port=free_port()))
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    storage = tmp_path / "storage"
+    start = time.monotonic()
+    line = main_error(capsys, "search", "--config", str(TINY), "--storage", str(storage), "--address", "auto")
+    assert "cannot connect to the Ray cluster at --address auto" in line, line
+    assert time.monotonic() - start < 60
+    assert not storage.exists()
+
+
 def test_more_gpus_per_trial_than_this_machine_has(tmp_path, capsys):
     import torch
 
