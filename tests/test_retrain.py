@@ -173,7 +173,7 @@ def test_retrains_the_best_trial(retrained, experiment):
         ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm_stage1"], ascending=False).iloc[0]
     results = json.loads((out / "results.json").read_text())
     assert results["source"]["trial_id"] == top["trial_id"]
-    params = json.loads(next(experiment.glob(f"*_{top['trial_id']}_*/params.json")).read_text())
+    params = json.loads((experiment / f"trial_{top['trial_id']}" / "params.json").read_text())
     for seed in (0, 1):
         cfg = config_of(out / "refilled" / f"seed{seed}" / "config.yaml")
         assert cfg == {**best, "seed": seed, "flag_tuning": False}
@@ -212,7 +212,7 @@ def test_trial_choice_without_baseline(experiment, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"refilled", "source"} and "student_alone" not in results and "gain" not in results
     assert results["source"]["trial_id"] == other["trial_id"]
-    params = json.loads(next(experiment.glob(f"*_{other['trial_id']}_*/params.json")).read_text())
+    params = json.loads((experiment / f"trial_{other['trial_id']}" / "params.json").read_text())
     cfg = config_of(out / "refilled" / "seed0" / "config.yaml")
     assert {k: cfg[k] for k in SEARCHED} == pytest.approx(params)
 
