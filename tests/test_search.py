@@ -593,6 +593,7 @@ def test_crashed_trial_resumes_from_its_checkpoint(faults):
         assert finished(tf)
         row = faults.table[faults.table["trial_id"] == rows[-1]["trial_id"]].iloc[0]
         assert row["status"] == "finished" and row["epochs"] == TOTAL_STEPS
+        assert record(tf)["retries"] == 1 and record(tf)["status"] == "finished", record(tf)
         # the injected crash happened there: Ray Tune recorded it (error.txt), then retried the trial
         assert any("injected crash at step 4" in p.read_text(errors="replace") for p in tf.glob("error*.txt")), \
             sorted(p.name for p in tf.iterdir())
@@ -622,6 +623,7 @@ def test_nan_trial_ends_as_diverged_and_the_search_goes_on(faults):
     assert "diverged" in reason and re.search(r"\b(nan|inf)\b", reason), reason
     last = results(faults.first)[-1]
     assert last["diverged"] == 1 and last["step"] < TOTAL_STEPS
+    assert record(faults.first)["status"] == "diverged" and record(faults.first)["reason"] == reason
 
     ot_trials = study(faults.folder).trials
     assert len(ot_trials) == len(table) == 3
@@ -684,8 +686,8 @@ def test_two_node_local_cluster(experiment, tmp_path):
     assert len(folders) == 2 and all(finished(tf) for tf in folders)
     nodes = {r["node_id"] for tf in folders for r in results(tf)}
     assert len(nodes) == 2, nodes  # one trial on each 1-CPU node
-    for tf in folders:  # a trial stays on its node
-        assert len({r["node_id"] for r in results(tf)}) == 1
+    for tf in folders:  # a trial stays on its node, as its record says
+        assert {r["node_id"] for r in results(tf)} == {record(tf)["node_id"]}
     assert len(pd.read_csv(folder / "trials.csv")) == 2
     assert (folder / "best_config.yaml").is_file()
     assert not _marked_pids(cluster.marker)
