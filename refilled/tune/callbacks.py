@@ -210,9 +210,15 @@ class KeepLogsOfRetriedTrials(Callback):
     results reported just before the crash went missing from result.json (a gap
     before the checkpoint the trial resumes from). Tune runs user callbacks before
     its loggers, so on a restart this uploads the driver's copy first, each file
-    under a temporary name and then moved in place (on a file system, a copy Tune
-    makes meanwhile lands on the old file, not on ours). A first start (no files
-    on the driver yet) or a resumed experiment (a new driver) has nothing to upload."""
+    under a temporary name and then moved in place, so that the loggers never read
+    half of ours. A first start (no files on the driver yet) or a resumed
+    experiment (a new driver) has nothing to upload.
+
+    Left open: a copy Tune started before the crash's last results were logged and
+    still writes when the trial restarts (a slow object store) could land after
+    ours. Ray has no public way to wait for its copies; its loggers' files on the
+    driver do not change between the crash and the restart, so any copy Tune starts
+    after the crash writes what ours does."""
 
     def __init__(self, location: str):
         self.location = location
