@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,6 @@ from refilled.storage import experiment_at  # noqa: E402
 STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
 METRIC = "best_val_accuracy_stage2"  # the final metric of a trial (what the search ranks by)
 LOG_KINDS = ("loguniform", "lograndint")
-_TRIAL_INDEX = re.compile(r"_([0-9a-f]{8})_(\d+)_")  # refilled_trial_<id>_<n>_<params>_<date>
 
 
 @dataclass
@@ -87,20 +85,13 @@ class Experiment:
         return bool(dist) and next(iter(dist)) == "choice"
 
     def asha_rungs(self) -> list[int]:
-        """The steps where ASHA compares trials (Ray's ASHAScheduler milestones)."""
-        asha = (self.data.get("search") or {}).get("asha") or {}
-        grace, rf = asha.get("grace_period"), asha.get("reduction_factor")
-        if not grace or not rf or rf <= 1:
+        """The steps at which ASHA stopped trials of this experiment, as their records
+        have them: where it compared trials and cut (a rung at which it cut nobody does
+        not show)."""
+        table = load_trials(self.folder)
+        if table.empty:
             return []
-        # phase 2 of a staged search starts at stage 2: its ASHA counts stage-2 epochs
-        start = self.config.n_training_epochs1 if self.staged else 0
-        horizon = self.total_epochs - start
-        grace = min(int(grace), horizon)
-        rungs, k = [], 0
-        while grace * rf ** k < horizon:
-            rungs.append(start + int(grace * rf ** k))
-            k += 1
-        return rungs
+        return sorted({int(v) for v in pd.to_numeric(table["stopped_at"], errors="coerce").dropna()})
 
 
 def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
@@ -126,11 +117,6 @@ def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     return out
 
 
-def _trial_index(folder: Path) -> int | None:
-    m = _TRIAL_INDEX.search(folder.name)
-    return int(m.group(2)) if m else None
-
-
 def _times(rows: list[dict]) -> tuple[float | None, float | None]:
     """(start, end) of a trial as unix times, from its result rows."""
     if not rows:
@@ -145,15 +131,15 @@ def trials(exp: Experiment) -> pd.DataFrame:
     """One row per trial folder of an experiment (refilled.experiments.load_trials;
     trials that never reported are there too, with 0 epochs).
 
-    Adds: trial (Ray's trial number, the order trials were started), start_time and
-    end_time (unix seconds), searched values without the `config/` prefix.
+    Adds: trial (the trial's number in its record: the order Tune created it in),
+    start_time and end_time (unix seconds), searched values without the `config/` prefix.
     """
     table = load_trials(exp.folder)
     if table.empty:
         return table
     table["experiment"] = exp.label
     table["trial_id"] = table["trial_id"].astype(str)
-    table["trial"] = [_trial_index(Path(f)) for f in table["folder"]]
+    table = table.rename(columns={"number": "trial"})
     starts, ends = zip(*(_times(read_results(Path(f))) for f in table["folder"]))
     table["start_time"], table["end_time"] = list(starts), list(ends)
     table["stopped_at"] = pd.to_numeric(table["stopped_at"], errors="coerce").astype("Int64")

@@ -2,7 +2,8 @@
 """Plots of one or more tune-refilled experiments (matplotlib, PNG).
 
   curves.png      validation accuracy of every trial over steps (stage-1 NCM, then
-                  stage-2 classifier), stage boundary and ASHA rungs marked,
+                  stage-2 classifier), stage boundary and the steps where ASHA
+                  stopped trials (its rungs, from the trials' records) marked,
                   stopped trials grey and dashed with an x where ASHA stopped them;
                   one panel per experiment
   params.png      each searched parameter against the final metric (best stage-2
@@ -158,7 +159,7 @@ def plot_curves(experiments, path: str | Path) -> pd.DataFrame:
                Line2D([], [], marker="x", **STATUS_STYLE["stopped"], label="stopped by ASHA (x: stop)"),
                Line2D([], [], color="black", linewidth=2.4, label="best trial"),
                Line2D([], [], color="tab:blue", linewidth=1.2, alpha=0.7, label="stage boundary"),
-               Line2D([], [], color="0.75", linestyle=":", label="ASHA rung")]
+               Line2D([], [], color="0.75", linestyle=":", label="ASHA rung (a stop)")]
     if (data["status"] == "diverged").any():
         handles.append(Line2D([], [], marker="v", **STATUS_STYLE["diverged"], label="diverged"))
     if (data["status"] == "errored").any():

@@ -38,7 +38,8 @@ TOP = 10
 PLOT_TEXT = {
     "curves": ("Validation accuracy of every trial",
                "Stage 1 (NCM accuracy of the embedding) then stage 2 (the classifier), over steps; the blue line "
-               "is the stage boundary, dotted lines the ASHA rungs; grey dashed trials were stopped by ASHA "
+               "is the stage boundary, dotted lines the steps where ASHA stopped trials (its rungs); grey dashed "
+               "trials were stopped by ASHA "
                "(x where they stopped); black is the best trial."),
     "params": ("Searched parameters against the final metric",
                "Each trial's best stage-2 validation accuracy against its value of each searched parameter "

@@ -1,27 +1,28 @@
 """Reading a finished (or running) search back from its experiment folder.
 
-Needs no Ray: the trial folders Ray Tune writes hold `params.json` (the
-searched values) and `result.json` (one JSON line per reported epoch), which is
-all the leaderboard, the best config and the analysis scripts need.
+Needs no Ray: the trial folders hold `params.json` (the searched values) and
+`result.json` (one JSON line per reported epoch), which Ray Tune's loggers
+write, and our own `trial_record.json` (refilled.trial_records: status, why it
+ended, its newest checkpoint, ...), which is all the leaderboard, the best
+config and the analysis scripts need.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
 
-from refilled.config import Config, from_dict, load_experiment
+from refilled import experiment_file, trial_records
+from refilled.config import Config, from_dict
 from refilled.errors import UserError
+from refilled.experiment_file import EXPERIMENT_FILE  # noqa: F401 (re-exported for the analysis scripts)
 
-EXPERIMENT_FILE = "experiment.yaml"
 STAGE1_SEARCH = "stage1_search"  # phase 1 of a staged search: a Ray experiment inside the experiment
-TRIAL_ID = re.compile(r"^[A-Za-z_]*?_([0-9a-f]{5,})_")  # Ray's trial folder: <trainable>_<id>_<n>_...
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation
 # sets make many) go to the one that ended higher, then to the better embedding.
@@ -29,17 +30,13 @@ RANKING = ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm
 
 
 def is_experiment(folder: str | Path) -> bool:
-    return (Path(folder) / EXPERIMENT_FILE).is_file()
+    return experiment_file.exists(folder)
 
 
 def experiment_config(folder: str | Path, location: str | None = None) -> tuple[Config, dict[str, Any]]:
     """The experiment's config and experiment.yaml; `location` names it in the error
     (the URI of an experiment read from its local mirror)."""
-    folder = Path(folder)
-    if not is_experiment(folder):
-        raise UserError(f"{location or folder} is not a tune-refilled experiment (no {EXPERIMENT_FILE}): "
-                        "pass the folder (or URI) `search` made, e.g. experiments/digits")
-    return load_experiment(folder / EXPERIMENT_FILE)
+    return experiment_file.read(folder, location)
 
 
 def _trial_folders(folder: Path) -> list[Path]:
@@ -59,81 +56,58 @@ def read_results(trial_folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _status(rows: list[dict], trial_folder: Path, ended: set[str] | None, trial_id: str) -> str:
-    last = rows[-1] if rows else {}
-    if last.get("diverged"):
-        return "diverged"
-    if rows and last.get("step", 0) >= last.get("total_steps", math.inf):
-        return "finished"
-    if any(trial_folder.glob("error.*")):
-        return "errored"
-    # short of its epochs: stopped by ASHA only if Ray's saved state says it ended
-    return "stopped" if ended is None or trial_id in ended else "running"
-
-
-STATE_PREFIX = "experiment_state-"  # Ray Tune's saved experiment state, one per driver run
-
-
-def ray_state_trials(text: str) -> list[tuple[dict, Any]]:
-    """(trial, run metadata) per trial of a saved experiment_state-*.json: the trial
-    (trial_id, status, relative_logdir, ...) as a dict, the metadata as Ray wrote it."""
-    data = json.loads(text)
-    return [(json.loads(t[0]) if isinstance(t[0], str) else t[0], t[1]) for t in data["trial_data"]]
-
-
-def ended_in_ray_state(folder: Path) -> set[str] | None:
-    """Ids of the trials that Ray Tune's last saved experiment state has as ended
-    (TERMINATED or ERROR); None without a readable state. A trial short of its
-    epochs and not among them is running, or was when the search was interrupted."""
-    states = sorted(folder.glob(f"{STATE_PREFIX}*.json"))  # named by start time: the last is the latest
-    if not states:
-        return None
-    try:
-        trials = ray_state_trials(states[-1].read_text())
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
-    return {t.get("trial_id") for t, _ in trials if t.get("status") in ("TERMINATED", "ERROR")}
+def _status(rows: list[dict], record: dict[str, Any]) -> str:
+    """What the trial's own reports say (diverged, or every step run), else what its
+    record says (stopped by ASHA, errored); running otherwise: still, or when the
+    search was interrupted."""
+    if rows and trial_records.ending(rows[-1]) in ("diverged", "finished"):
+        return trial_records.ending(rows[-1])
+    status = record.get("status")
+    return status if status in trial_records.ENDED else "running"
 
 
 def load_trials(folder: str | Path) -> pd.DataFrame:
     """One row per trial of an experiment.
 
-    Columns: experiment, trial_id, status (finished, stopped by ASHA, diverged,
-    errored, running: still, or when the search was interrupted), epochs (the
+    Columns: experiment, trial_id, number (the order Tune created it in), status
+    (finished, stopped by ASHA, diverged, errored, running: still, or when the
+    search was interrupted), epochs (the
     step it reached, across both stages), epochs_run (the epochs it computed
     itself: not stage-1 epochs replayed from the stage-1 cache or started from a
     staged search's stage-1 choice), stopped_at (the step a stopped trial ended
     at: its ASHA rung), best/last validation accuracy of each stage (stage 1:
     NCM, stage 2: classifier), reached_stage2, wall time (s), diverged_reason,
-    and one `config/<key>` column per searched key.
+    node, checkpoint (its newest checkpoint folder), and one `config/<key>`
+    column per searched key.
     """
     folder = Path(folder)
     cfg, data = experiment_config(folder)
     total = cfg.n_training_epochs1 + (0 if data.get("stage1_only") else cfg.n_training_epochs2)
-    ended = ended_in_ray_state(folder)
     records = []
     for trial_folder in _trial_folders(folder):
         params = json.loads((trial_folder / "params.json").read_text())
         rows = read_results(trial_folder)
-        named = TRIAL_ID.search(trial_folder.name)  # a trial that never reported is still a trial
-        trial_id = rows[-1].get("trial_id") if rows else (named.group(1) if named else trial_folder.name)
+        record = trial_records.read(trial_folder)
+        # a trial that never reported is still a trial
+        trial_id = record.get("trial_id") or (rows[-1].get("trial_id") if rows else trial_folder.name)
         s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1" and "val_accuracy" in r]
         s2 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage2" and "val_accuracy" in r]
-        status = _status(rows, trial_folder, ended, trial_id)
+        status = _status(rows, record)
         epochs = max((r.get("step", 0) for r in rows if not r.get("diverged")), default=0)
         # what the trial computed: not the stage-1 epochs it replayed from the stage-1 cache, nor
         # those of the stage-1 choice a staged search's phase 2 starts from (never reported)
         epochs_run = sum(1 for r in rows if not r.get("diverged") and r.get("stage1_cache") != "hit")
         records.append({
-            "experiment": folder.name, "trial_id": trial_id, "status": status, "epochs": epochs,
-            "epochs_run": epochs_run, "total_epochs": total,
-            "stopped_at": epochs if status == "stopped" else None,
+            "experiment": folder.name, "trial_id": trial_id, "number": record.get("number"), "status": status,
+            "epochs": epochs, "epochs_run": epochs_run, "total_epochs": total,
+            "stopped_at": record.get("stopped_at", epochs) if status == "stopped" else None,
             "best_val_ncm_stage1": max(s1) if s1 else None, "last_val_ncm_stage1": s1[-1] if s1 else None,
             "best_val_accuracy_stage2": max(s2) if s2 else None, "last_val_accuracy_stage2": s2[-1] if s2 else None,
             "reached_stage2": bool(s2), "wall_time_s": rows[-1].get("time_total_s") if rows else None,
             "diverged_reason": rows[-1].get("diverged_reason") if rows else None,
             "stage1_cache": next((r["stage1_cache"] for r in rows if "stage1_cache" in r), None),
-            "node": rows[-1].get("node_ip") if rows else None, "folder": str(trial_folder),
+            "node": record.get("node") or (rows[-1].get("node_ip") if rows else None),
+            "checkpoint": record.get("checkpoint"), "folder": str(trial_folder),
             **{f"config/{k}": v for k, v in params.items()},
         })
     table = pd.DataFrame.from_records(records)

@@ -144,6 +144,10 @@ class Place:
         if self.uri:
             upload(self.folder, self.uri, names)
 
+    def part(self, name: str) -> "Place":
+        """The folder `name` inside this experiment, as a place of its own (a staged search's phase 1)."""
+        return Place(self.folder / name, join(self.uri, name) if self.uri else None)
+
 
 def experiment_place(location: str, name: str) -> Place:
     """The experiment `name` in the storage `location` (a folder or a URI)."""
@@ -152,6 +156,15 @@ def experiment_place(location: str, name: str) -> Place:
         filesystem(uri)  # refuses a URI pyarrow cannot open, in one line
         return Place(mirror(uri), uri)
     return Place(Path(location).expanduser().resolve() / name)
+
+
+def place_in(location: str, sub: str = "") -> Place:
+    """The experiment at `location` (a folder or a URI, as Place.location gives it), or
+    its part `sub` (a staged search's stage1_search). The mirror of a URI is this
+    machine's: what a resumed driver, perhaps elsewhere, must use."""
+    uri = location.rstrip("/") if is_uri(location) else None
+    place = Place(mirror(uri), uri) if uri else Place(Path(location))
+    return place.part(sub) if sub else place
 
 
 def experiment_at(location: str | Path) -> Place:

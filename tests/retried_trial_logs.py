@@ -1,19 +1,26 @@
 """A real Tune run whose one trial crashes once at step 3 and is retried from its
 step-2 checkpoint, with the experiment's storage copy of result.json left at step 1
-when the trial restarts (what a sync in flight at that moment leaves). Prints the
-steps result.json ends with. `--without-fix` runs the same without our callback.
+when the trial restarts (what a copy Tune made a while before leaves there). Prints
+the steps result.json ends with: with our callback, every step the trial reported.
 
     python tests/retried_trial_logs.py STORAGE [--without-fix]
+
+`--without-fix` runs the same without our callback (to see what it prevents).
 """
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-from ray import tune
+# Tune saves and uploads its state once at the start, then not again during this short run:
+# nothing but this script writes the storage copy of result.json until the end
+os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "3600"
 
-from refilled.tune.callbacks import KeepLogsOfRetriedTrials
+from ray import tune  # noqa: E402
+
+from refilled.tune.callbacks import KeepLogsOfRetriedTrials  # noqa: E402
 
 STORAGE = Path(sys.argv[1])
 WITH_FIX = "--without-fix" not in sys.argv
@@ -38,13 +45,13 @@ class StaleStorageOnRestart(KeepLogsOfRetriedTrials):
     def on_trial_start(self, iteration, trials, trial, **info):
         staged = Path(trial.local_path, "result.json")
         if staged.exists():  # a restart: leave the storage copy at step 1
-            trial.storage.syncer.wait()
-            Path(trial.storage.trial_fs_path, "result.json").write_text(staged.read_text().splitlines()[0] + "\n")
+            Path(trial.path).mkdir(parents=True, exist_ok=True)
+            Path(trial.path, "result.json").write_text(staged.read_text().splitlines()[0] + "\n")
             if WITH_FIX:
                 super().on_trial_start(iteration, trials, trial, **info)
 
 
 grid = tune.Tuner(trial, run_config=tune.RunConfig(
-    name="retried", storage_path=str(STORAGE), callbacks=[StaleStorageOnRestart()],
+    name="retried", storage_path=str(STORAGE), callbacks=[StaleStorageOnRestart(str(STORAGE))],
     failure_config=tune.FailureConfig(max_failures=1))).fit()
 print("STEPS", [json.loads(line)["step"] for line in Path(grid[0].path, "result.json").read_text().splitlines()])

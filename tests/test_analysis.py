@@ -2,7 +2,8 @@
 
 Two real tiny digits searches (tests/analysis_tiny.yaml: 6 trials; a variant
 with 4 trials and another search seed) are run once per session through the
-CLI, as a user would; everything here reads their experiment folders.
+CLI, as a user would; the tests that read their experiment folders are marked
+slow. Refusals of bad input run the scripts' main() in this process.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def check_leaderboard(board: pd.DataFrame, exp: Path, both_kinds: bool = True) -
 
 # ----------------------------------------------------------------------------- leaderboard
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_leaderboard_of_one_experiment(exp1, tmp_path):
     out = tmp_path / "one"
     result = run("analysis/compare_trials.py", str(exp1), "--out", str(out))
@@ -137,6 +140,8 @@ def test_leaderboard_of_one_experiment(exp1, tmp_path):
     assert board["rank"].to_list() == list(range(1, len(board) + 1))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_leaderboard_sort_filter_top(exp1, tmp_path):
     from analysis.compare_trials import leaderboard
 
@@ -160,17 +165,25 @@ def test_leaderboard_sort_filter_top(exp1, tmp_path):
     assert 1 <= len(cli) <= 2 and set(cli["status"]) == {"stopped"} and cli["stopped_at"].is_monotonic_increasing
 
 
-def test_scripts_refuse_a_folder_that_is_not_an_experiment(tmp_path):
-    for script in ("compare_trials.py", "plot_trials.py", "report.py"):
-        result = run(f"analysis/{script}", str(tmp_path), "--out", str(tmp_path / "out"))
-        assert result.returncode == 2, (script, result.stderr)
-        assert "not a tune-refilled experiment" in result.stderr and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-    for script in ("compare_trials.py", "plot_trials.py", "report.py"):
-        result = run(f"analysis/{script}", "--help")
-        assert result.returncode == 0 and "--out" in result.stdout and "EXPERIMENT" in result.stdout
+def test_scripts_refuse_a_folder_that_is_not_an_experiment(tmp_path, capsys):
+    from analysis import compare_trials, plot_trials, report
+    from analysis.common import run_cli
+
+    for script in (compare_trials, plot_trials, report):
+        code = run_cli(script.main, [str(tmp_path), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2, (script.__name__, err)
+        assert "not a tune-refilled experiment" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    for script in (compare_trials, plot_trials, report):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(script.main, ["--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and "--out" in out and "EXPERIMENT" in out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_two_experiments_side_by_side(exp1, exp2, tmp_path):
     out = tmp_path / "two"
     result = run("analysis/compare_trials.py", str(exp1), str(exp2), "--out", str(out))
@@ -199,6 +212,8 @@ def test_two_experiments_side_by_side(exp1, exp2, tmp_path):
 
 # ----------------------------------------------------------------------------- plots and importance
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_plots_are_real_images(exp1, exp2, tmp_path):
     out = tmp_path / "plots"
     result = run("analysis/plot_trials.py", str(exp1), str(exp2), "--out", str(out))
@@ -207,6 +222,8 @@ def test_plots_are_real_images(exp1, exp2, tmp_path):
         check_image(out / f"{name}.png")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_plot_data_of_one_experiment(exp1, tmp_path):
     from analysis.plot_trials import plot_all
 
@@ -230,6 +247,8 @@ def test_plot_data_of_one_experiment(exp1, tmp_path):
     assert [order[t] for t in eff["trial_id"]] == sorted(ends)  # completion order
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_importance_from_the_optuna_study(exp1, exp2, tmp_path):
     import optuna
 
@@ -256,6 +275,8 @@ def test_importance_from_the_optuna_study(exp1, exp2, tmp_path):
 
 # ----------------------------------------------------------------------------- report
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_report_links_resolve(exp1, exp2, tmp_path):
     # exp2 gets a real final retrain (one seed, no baseline), exp1 none: both cases in one report
     retrain = run(str(REPO / "tune_refilled.py"), "retrain", "--experiment", str(exp2), "--seeds", "1",
@@ -289,6 +310,8 @@ def test_report_links_resolve(exp1, exp2, tmp_path):
 
 # ----------------------------------------------------------------------------- TensorBoard
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_tensorboard_event_files(exp1):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer

@@ -1,23 +1,30 @@
-"""tune_refilled.py as a user runs it: subprocesses, exit codes, files written, one-line errors.
+"""tune_refilled.py as a user runs it: exit codes, files written, one-line errors.
 
-All commands of this module are started once, a few at a time (`results`), and
-each test then checks one of them.
+The end-to-end commands (pretrain, train) run as subprocesses, as users run
+them, two at a time (`runs`, marked slow); help and bad input run the CLI's
+main() in this process (`results`: refused before anything trains). Each test
+then checks one of them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import tune_refilled
 from refilled import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+END_TO_END = ("pretrain", "train", "train_tuning")  # subprocesses that train
 
 
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -76,9 +83,27 @@ def commands(ws) -> dict[str, list]:
     }
 
 
+def run_main(args: list) -> SimpleNamespace:
+    """The CLI's main() in this process, its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = tune_refilled.main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, usage errors
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def results(ws):
-    todo = commands(ws)
+    """Help and bad input, in this process."""
+    return {name: run_main(args) for name, args in commands(ws).items() if name not in END_TO_END}
+
+
+@pytest.fixture(scope="module")
+def runs(ws):
+    """The end-to-end commands, as subprocesses, two at a time."""
+    todo = {name: args for name, args in commands(ws).items() if name in END_TO_END}
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_cli, args) for name, args in todo.items()}
         return {name: f.result() for name, f in futures.items()}
@@ -91,8 +116,10 @@ def ok(r: subprocess.CompletedProcess) -> None:
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_pretrain_end_to_end(results, ws):
-    r = results["pretrain"]
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pretrain_end_to_end(runs, ws):
+    r = runs["pretrain"]
     ok(r)
     assert "teacher saved to" in r.stdout and "test accuracy" in r.stdout
     acc = float(r.stdout.strip().rsplit(" ", 1)[-1])
@@ -112,8 +139,10 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_train_end_to_end(results, ws):
-    r = results["train"]
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_end_to_end(runs, ws):
+    r = runs["train"]
     ok(r)
     out = ws["dir"] / "run"
     assert "test_accuracy=" in r.stdout and "metrics.json" in r.stdout
@@ -152,8 +181,10 @@ def test_train_end_to_end(results, ws):
     assert scalars["stage2/loss/ce"][0][1] == pytest.approx(epochs[2]["loss/ce"], rel=1e-5)
 
 
-def test_train_tuning_reports_validation(results, ws):
-    r = results["train_tuning"]
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_tuning_reports_validation(runs, ws):
+    r = runs["train_tuning"]
     ok(r)
     assert "val_accuracy=" in r.stdout and "test_" not in r.stdout
     metrics = json.loads((ws["dir"] / "run_tuning" / "metrics.json").read_text())

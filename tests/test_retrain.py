@@ -69,6 +69,8 @@ def retrained(experiment) -> tuple[Path, subprocess.CompletedProcess]:
     return experiment / "retrain", result
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_one_folder_per_seed_and_kind(retrained):
     out, result = retrained
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/seed*")) == [
@@ -83,6 +85,8 @@ def test_one_folder_per_seed_and_kind(retrained):
     assert "REFILLED (tuned)" in result.stdout and "student alone" in result.stdout  # the summary is printed
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_results_json_interface_and_arithmetic(retrained):
     out, _ = retrained
     results = json.loads((out / "results.json").read_text())
@@ -137,6 +141,8 @@ def test_a_config_file_is_not_called_tuned():
     assert "| REFILLED |" in markdown(summarise(runs, {"source": {"config_file": "digits.yaml"}}))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_test_split_read_only_at_the_end(retrained):
     out, _ = retrained
     for kind in ("refilled", "student_alone"):
@@ -157,6 +163,8 @@ def test_test_split_read_only_at_the_end(retrained):
                     assert evaluated == set(), e
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_retrains_the_best_trial(retrained, experiment):
     out, _ = retrained
     best = config_of(experiment / "best_config.yaml")
@@ -165,7 +173,7 @@ def test_retrains_the_best_trial(retrained, experiment):
         ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm_stage1"], ascending=False).iloc[0]
     results = json.loads((out / "results.json").read_text())
     assert results["source"]["trial_id"] == top["trial_id"]
-    params = json.loads(next(experiment.glob(f"*_{top['trial_id']}_*/params.json")).read_text())
+    params = json.loads((experiment / f"trial_{top['trial_id']}" / "params.json").read_text())
     for seed in (0, 1):
         cfg = config_of(out / "refilled" / f"seed{seed}" / "config.yaml")
         assert cfg == {**best, "seed": seed, "flag_tuning": False}
@@ -173,6 +181,8 @@ def test_retrains_the_best_trial(retrained, experiment):
         assert (cfg["n_training_epochs1"], cfg["n_training_epochs2"]) == (E1, E2)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_baseline_is_the_student_alone_with_the_same_budget(retrained):
     out, _ = retrained
     for seed in (0, 1):
@@ -186,6 +196,8 @@ def test_baseline_is_the_student_alone_with_the_same_budget(retrained):
         assert {k: alone[k] for k in same} == same
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_trial_choice_without_baseline(experiment, tmp_path):
     board = read_board(experiment / "trials.csv")
     reached = board[board["best_val_accuracy_stage2"].notna()]
@@ -200,13 +212,15 @@ def test_trial_choice_without_baseline(experiment, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"refilled", "source"} and "student_alone" not in results and "gain" not in results
     assert results["source"]["trial_id"] == other["trial_id"]
-    params = json.loads(next(experiment.glob(f"*_{other['trial_id']}_*/params.json")).read_text())
+    params = json.loads((experiment / f"trial_{other['trial_id']}" / "params.json").read_text())
     cfg = config_of(out / "refilled" / "seed0" / "config.yaml")
     assert {k: cfg[k] for k in SEARCHED} == pytest.approx(params)
 
 
 # ----------------------------------------------------------------------------- refusals
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_refuses_an_experiment_without_stage_2(experiment, tmp_path):
     """A copy of the real experiment whose trials' results are cut after stage 1."""
     copy = tmp_path / "stage1_only"
@@ -225,12 +239,16 @@ def test_refuses_an_experiment_without_stage_2(experiment, tmp_path):
     assert not (copy / "retrain" / "results.json").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_refuses_a_missing_teacher(experiment, tmp_path):
     copy = copy_experiment(experiment, tmp_path / "no_teacher", teacher=False)
     one_line_refusal(retrain("--experiment", str(copy), "--seeds", "1"), "teacher")
     assert not (copy / "retrain").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_refuses_to_overwrite_results_without_force(retrained, experiment):
     out, _ = retrained
     before = (out / "results.json").read_bytes()
@@ -239,11 +257,17 @@ def test_refuses_to_overwrite_results_without_force(retrained, experiment):
     assert (out / "results.json").read_bytes() == before and (out / "results.json").stat().st_mtime_ns == mtime
 
 
-def test_refuses_a_folder_that_is_not_an_experiment(tmp_path):
-    one_line_refusal(retrain("--experiment", str(tmp_path), "--seeds", "1"), "not a tune-refilled experiment")
-    one_line_refusal(retrain("--experiment", str(tmp_path / "missing")), "not a tune-refilled experiment")
+def test_refuses_a_folder_that_is_not_an_experiment(tmp_path, capsys):
+    import tune_refilled
+
+    for args in (["--experiment", str(tmp_path), "--seeds", "1"], ["--experiment", str(tmp_path / "missing")]):
+        code = tune_refilled.main(["retrain", *args])
+        out, err = capsys.readouterr()
+        one_line_refusal(subprocess.CompletedProcess(args, code, out, err), "not a tune-refilled experiment")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_refuses_bad_trial_and_seeds(experiment, tmp_path):
     one_line_refusal(retrain("--experiment", str(experiment), "--trial", "nosuchid", "--out", str(tmp_path / "x")),
                      "--trial nosuchid")

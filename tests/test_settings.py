@@ -22,11 +22,11 @@ def test_reuse_actors_takes_only_true_or_false(value):
 def test_checkpoints_to_delete_keeps_the_newest_and_the_resumable_one():
     from refilled.tune.callbacks import checkpoints_to_delete
 
-    names = [f"checkpoint_{i:06d}" for i in (3, 10, 4, 5, 6)] + ["params.json", "checkpoint_tmp"]
-    assert checkpoints_to_delete(names, 2, set()) == ["checkpoint_000003", "checkpoint_000004", "checkpoint_000005"]
-    # the one Ray's saved state would resume from stays, even when older
-    assert checkpoints_to_delete(names, 2, {"checkpoint_000003"}) == ["checkpoint_000004", "checkpoint_000005"]
-    assert checkpoints_to_delete(names[:1], 2, set()) == []
+    known = [f"trial_a/checkpoint_{i:06d}" for i in (3, 4, 5, 6, 10)]  # in the order they were reported
+    assert checkpoints_to_delete(known, 2, set()) == known[:3]
+    # the ones Tune's last saved states would resume from stay, even when older
+    assert checkpoints_to_delete(known, 2, {known[0], known[2]}) == [known[1]]
+    assert checkpoints_to_delete(known[:1], 2, set()) == []
 
 
 def test_staged_splits_the_space_into_stage1_and_stage2_keys():
@@ -40,9 +40,8 @@ def test_staged_splits_the_space_into_stage1_and_stage2_keys():
     assert (one.num_samples, one.grace_period, one.reduction_factor) == (3, 2, 2)
     assert (two.num_samples, two.grace_period) == (6, 4)
     assert one.staged is None and two.staged is None
-    # phase 2's trials all get phase 1's choice as constants
-    assert two.param_space()["tau1"] == 2.0 and two.param_space()["lr1"] == 0.01
-    assert not isinstance(two.param_space()["tau2"], float)
+    # phase 2's trials all get phase 1's choice as constants; the searcher draws the rest
+    assert two.param_space() == {"tau1": 2.0, "lr1": 0.01} and one.param_space() == {}
     assert parse_search({"space": space, "staged": True}, base).staged.num_samples == 8
     assert parse_search({"space": space}, base).staged is None
 

@@ -206,6 +206,7 @@ def _trial_process(folder: str, key: str, barrier, out: str) -> None:
                                      "history": entry["history"]}))
 
 
+@pytest.mark.slow  # two trial processes, each starting torch and its data: ~17 s on two cores
 def test_two_processes_compute_a_key_once(tmp_path):
     folder = tmp_path / "stage1_cache"
     key = stage1_key(tiny(), TEACHER_ID)

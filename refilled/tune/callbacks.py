@@ -1,17 +1,22 @@
-"""Driver-side Tune callbacks."""
+"""Driver-side Tune callbacks: trial records, checkpoint pruning, logs of retried trials.
+
+They learn what they need from Tune's public callback hooks and keep their own
+state through `get_state`/`set_state`, which Tune calls when it saves its
+experiment state (every 10 s or more) and when `--resume` restores it. Ray's
+own state files are never read.
+"""
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
-import re
-import time
 from pathlib import Path
 
 import pyarrow.fs
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
-from refilled.experiments import STATE_PREFIX, ray_state_trials
+from refilled import storage, trial_records
 
 log = logging.getLogger(__name__)
 
@@ -19,119 +24,214 @@ log = logging.getLogger(__name__)
 LOG_FILES = ("result.json", "progress.csv", "events.out.tfevents.*")
 
 
-class KeepLogsOfRetriedTrials(Callback):
-    """Put a restarting trial's complete log files into storage before Ray's
-    loggers read them back from there.
+def storage_of(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The experiment's storage (a folder or a URI) and its path there."""
+    if storage.is_uri(location):
+        return storage.filesystem(location)
+    return pyarrow.fs.LocalFileSystem(), str(Path(location))
 
-    Ray's loggers append to a staging copy on the driver that a background sync
-    copies to the experiment's storage now and then. When a crashed trial
-    restarts, the loggers start again from the storage copy, which may be behind
-    the staging copy or half-written by a sync in flight: the results reported
-    just before the crash went missing from result.json (a gap before the
-    checkpoint the trial resumes from). Tune runs user callbacks before its
-    loggers, so on a restart this waits for the sync and uploads the staging copy
-    first. A first start (no staging files) or a resumed experiment (staging
-    gone with the old driver) has nothing to upload."""
+
+def checkpoints_to_delete(known: list[str], keep: int, spared: set[str]) -> list[str]:
+    """Of a trial's checkpoints (oldest first), all but the newest `keep` and the spared ones."""
+    kept = set(known[-keep:]) | spared
+    return [c for c in known if c not in kept]
+
+
+class TrialRecords(Callback):
+    """Write each trial's record (refilled.trial_records) into its folder as it changes.
+
+    The record goes into the trial's folder on the driver (`trial.local_path`),
+    which Tune copies to the experiment's storage with its logs and its state.
+    At each state save the record also notes what Tune saved (`at_last_save`):
+    where a resume would continue the trial from."""
+
+    def __init__(self):
+        self._records: dict[str, dict] = {}  # trial id -> record
+        self._folders: dict[str, str] = {}  # trial id -> its folder on this driver (not saved: a new driver has others)
+
+    def __getstate__(self):  # pickled into Tune's tuner.pkl: a resumed driver starts without folders
+        return {**self.__dict__, "_folders": {}}
+
+    def _write(self, trial: Trial) -> None:
+        if trial.local_path:
+            self._folders[trial.trial_id] = trial.local_path
+            trial_records.write(trial.local_path, self._records[trial.trial_id])
+
+    def _record(self, trial: Trial, trials: list[Trial]) -> dict:
+        if trial.trial_id not in self._records:
+            # Tune's trial list is in creation order: number the trials it holds that have no number yet
+            for t in [*trials, trial]:
+                if t.trial_id not in self._records:
+                    self._records[t.trial_id] = {"trial_id": t.trial_id, "number": len(self._records) + 1,
+                                                 "status": "pending", "retries": 0}
+        return self._records[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if not getattr(trial.storage, "trial_dir_name", None):
+        self._record(trial, trials).update(status="running", reason=None, stopped_at=None)
+        self._write(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        record = self._record(trial, trials)
+        record.update(step=result.get("step"), total_steps=result.get("total_steps"),
+                      node=result.get("node_ip"), node_id=result.get("node_id"))
+        self._write(trial)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self._record(trial, trials)["checkpoint"] = Path(checkpoint.path).name
+        self._write(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        record = self._record(trial, trials)
+        record.update(retries=record.get("retries", 0) + 1, status="running",
+                      reason="crashed, retried from its last checkpoint")
+        self._write(trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        record = self._record(trial, trials)
+        last = trial.last_result or {}
+        status = trial_records.ending(last)
+        reasons = {"finished": "ran every step",
+                   "diverged": last.get("diverged_reason") or "diverged",
+                   "stopped": f"stopped by ASHA at step {last.get('step')}"}
+        record.update(status=status, reason=reasons[status],
+                      stopped_at=last.get("step") if status == "stopped" else None)
+        self._write(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        record = self._record(trial, trials)
+        record.update(status="errored", reason="raised an error after its retries (error.txt in its folder)")
+        self._write(trial)
+
+    def get_state(self) -> dict:
+        # Tune has just written its experiment state, and uploads it with these records
+        for trial_id, record in self._records.items():
+            saved = {"status": record.get("status"), "checkpoint": record.get("checkpoint")}
+            if record.get("at_last_save") != saved:
+                record["at_last_save"] = saved
+                if trial_id in self._folders:
+                    trial_records.write(self._folders[trial_id], record)
+        return {"records": copy.deepcopy(self._records)}
+
+    def set_state(self, state: dict) -> None:
+        self._records = copy.deepcopy(state.get("records", {}))
+
+
+class KeepLastCheckpoints(Callback):
+    """Delete each trial's checkpoints but the newest `keep` and the ones a --resume needs.
+
+    Ray's CheckpointConfig(num_to_keep) deletes an old checkpoint as soon as a newer
+    one arrives, while the experiment state Tune uploads a moment later may still
+    name it: a driver killed in between leaves a state `--resume` cannot restore.
+    Here Ray keeps every checkpoint, and this callback deletes the old ones itself,
+    sparing the newest checkpoint of each trial at each of the last two state saves
+    (Tune uploads a state after saving it; the one before covers an upload still in
+    flight when the driver dies). At the end, after Tune's last state save has been
+    uploaded, only the newest `keep` of each trial stay."""
+
+    SAVES = 2  # state saves whose checkpoints are spared
+
+    def __init__(self, location: str, keep: int):
+        self.location, self.keep = location, keep
+        self._checkpoints: dict[str, list[str]] = {}  # trial id -> checkpoint paths in the experiment, oldest first
+        self._saved: list[dict[str, str]] = []  # trial id -> its newest checkpoint, at the last SAVES saves
+        self._ended_since_save = False
+        self._prune_all = False
+
+    def __getstate__(self):  # pickled into Tune's tuner.pkl: the storage connection is opened anew
+        return {k: v for k, v in self.__dict__.items() if k != "_fs"}
+
+    def _filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        if getattr(self, "_fs", None) is None:
+            self._fs = storage_of(self.location)
+        return self._fs
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        _, root = self._filesystem()
+        path = Path(checkpoint.path).as_posix()
+        if not path.startswith(root.rstrip("/") + "/"):
+            return  # not under this experiment (moved?): never ours to delete
+        known = self._checkpoints.setdefault(trial.trial_id, [])
+        relative = path[len(root.rstrip("/")) + 1:]
+        if relative in known:  # a resumed trial writes a folder name again: it is the newest now
+            known.remove(relative)
+        known.append(relative)
+        self._prune([trial.trial_id], self._saved)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended_since_save = True
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended_since_save = True
+
+    def get_state(self) -> dict:
+        self._saved = (self._saved + [{t: c[-1] for t, c in self._checkpoints.items() if c}])[-self.SAVES:]
+        self._ended_since_save = False
+        self._prune_all = True  # what the save before last spared may go now
+        return {"checkpoints": copy.deepcopy(self._checkpoints), "saved": copy.deepcopy(self._saved)}
+
+    def set_state(self, state: dict) -> None:
+        self._checkpoints = copy.deepcopy(state.get("checkpoints", {}))
+        self._saved = copy.deepcopy(state.get("saved", []))
+
+    def on_step_end(self, iteration, trials, **info):
+        if self._prune_all:
+            self._prune_all = False
+            self._prune(list(self._checkpoints), self._saved)
+
+    def on_experiment_end(self, trials, **info):
+        # Tune saves and uploads its state one last time (waiting for the upload) before this
+        # hook; if every trial had ended by then, that state resumes nothing from an older checkpoint
+        ended = all(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+        spared = self._saved[-1:] if ended and not self._ended_since_save else self._saved
+        self._prune(list(self._checkpoints), spared)
+
+    def _prune(self, trial_ids: list[str], spared: list[dict[str, str]]) -> None:
+        fs, root = self._filesystem()
+        for trial_id in trial_ids:
+            known = self._checkpoints.get(trial_id, [])
+            for relative in checkpoints_to_delete(known, self.keep, {s[trial_id] for s in spared if trial_id in s}):
+                try:
+                    fs.delete_dir(f"{root.rstrip('/')}/{relative}")
+                except FileNotFoundError:
+                    pass
+                except OSError as error:  # disk space is not worth a failed search
+                    log.warning("deleting the old checkpoint %s failed: %s", relative, error)
+                    continue
+                known.remove(relative)
+
+
+class KeepLogsOfRetriedTrials(Callback):
+    """Put a restarting trial's complete log files into storage before Ray's loggers
+    read them back from there.
+
+    Ray's loggers append to a copy in the trial's folder on the driver, which Tune
+    copies to the experiment's storage now and then. When a crashed trial restarts,
+    the loggers start again from the storage copy, which may be behind: the
+    results reported just before the crash went missing from result.json (a gap
+    before the checkpoint the trial resumes from). Tune runs user callbacks before
+    its loggers, so on a restart this uploads the driver's copy first, each file
+    under a temporary name and then moved in place, so that the loggers never read
+    half of ours. A first start (no files on the driver yet) or a resumed
+    experiment (a new driver) has nothing to upload.
+
+    Left open: a copy Tune started before the crash's last results were logged and
+    still writes when the trial restarts (a slow object store) could land after
+    ours. Ray has no public way to wait for its copies; its loggers' files on the
+    driver do not change between the crash and the restart, so any copy Tune starts
+    after the crash writes what ours does."""
+
+    def __init__(self, location: str):
+        self.location = location
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if not trial.local_path or not trial.path:
             return
         files = [f for pattern in LOG_FILES for f in Path(trial.local_path).glob(pattern)]
         if not files:
             return
-        try:
-            trial.storage.syncer.wait()  # the experiment's syncer (trials share it)
-        except Exception as error:  # a failed sync is Ray's to report; ours still runs
-            log.warning("waiting for the experiment sync failed: %s", error)
-        fs = trial.storage.storage_filesystem
-        fs.create_dir(trial.storage.trial_fs_path, recursive=True)
+        fs, _ = storage_of(self.location)
+        fs.create_dir(trial.path, recursive=True)
         for file in files:
-            pyarrow.fs.copy_files(str(file), f"{trial.storage.trial_fs_path}/{file.name}", destination_filesystem=fs)
-
-
-
-CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
-
-
-def checkpoints_to_delete(names: list[str], keep: int, protected: set[str]) -> list[str]:
-    """All checkpoint folders but the newest `keep` and the `protected` ones."""
-    ordered = sorted((n for n in names if CHECKPOINT_DIR.match(n)), key=lambda n: int(CHECKPOINT_DIR.match(n)[1]))
-    kept = set(ordered[-keep:]) | protected
-    return [n for n in ordered if n not in kept]
-
-
-def resumable_checkpoints(fs: pyarrow.fs.FileSystem, experiment: str) -> dict[str, str]:
-    """{trial folder: checkpoint folder} that Ray's last saved experiment state would
-    resume each trial from (the newest checkpoint its checkpoint manager knew)."""
-    selector = pyarrow.fs.FileSelector(experiment, allow_not_found=True)
-    states = sorted(i.path for i in fs.get_file_info(selector) if i.base_name.startswith(STATE_PREFIX))
-    if not states:
-        return {}
-    with fs.open_input_stream(states[-1]) as f:
-        trials = ray_state_trials(f.read().decode())
-    out = {}
-    for trial, metadata in trials:
-        # the manager is cloudpickled (hex); the paths it holds are plain bytes inside
-        found = re.findall(r"checkpoint_(\d{6})", str(metadata) + bytes.fromhex(_hex_of(metadata)).decode("latin-1"))
-        if found and trial.get("relative_logdir"):
-            out[trial["relative_logdir"]] = f"checkpoint_{max(found, key=int)}"
-    return out
-
-
-def _hex_of(metadata) -> str:
-    metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
-    manager = (metadata or {}).get("checkpoint_manager") or {}
-    value = manager.get("value", "") if isinstance(manager, dict) else ""
-    return value if re.fullmatch(r"[0-9a-f]*", value) and len(value) % 2 == 0 else ""
-
-
-def prune_checkpoints(fs: pyarrow.fs.FileSystem, experiment: str, trial_dirs: list[str], keep: int) -> None:
-    """Delete the trials' checkpoints but the newest `keep` and the one a resume would use."""
-    protected = resumable_checkpoints(fs, experiment)
-    for trial_dir in trial_dirs:
-        selector = pyarrow.fs.FileSelector(f"{experiment}/{trial_dir}", allow_not_found=True)
-        names = [i.base_name for i in fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.Directory]
-        keep_also = {protected[trial_dir]} if trial_dir in protected else set()
-        for name in checkpoints_to_delete(names, keep, keep_also):
-            fs.delete_dir(f"{experiment}/{trial_dir}/{name}")
-
-
-class KeepLastCheckpoints(Callback):
-    """Ray's own CheckpointConfig(num_to_keep) deletes a trial's old checkpoint as soon
-    as a newer one arrives, while the experiment state it saves a moment later (in
-    the background) still names it: a driver killed in between leaves a state that
-    `--resume` cannot restore ("checkpoint does not exist"), and the trial errors.
-    Here Ray keeps every checkpoint, and this callback deletes the old ones of
-    running trials every 30 s, of a trial when it ends, and of all at the end,
-    sparing the one Ray's last *saved* state would resume from."""
-
-    def __init__(self, keep: int, every_s: float = 30.0):
-        self.keep, self.every_s, self._last = keep, every_s, 0.0
-
-    def __getstate__(self):  # saved with Tune's state; a resumed driver's clock starts anew
-        return {**self.__dict__, "_last": 0.0}
-
-    def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self._last >= self.every_s:  # few listings: storage may be an object store
-            self._last = time.monotonic()
-            self._prune([t for t in trials if t.status == "RUNNING"])  # ended ones were pruned as they ended
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._prune([trial])
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._prune([trial])
-
-    def on_experiment_end(self, trials, **info):
-        self._prune(trials)
-
-    def _prune(self, trials) -> None:
-        trials = [t for t in trials if getattr(t.storage, "trial_dir_name", None)]
-        if not trials:
-            return
-        storage = trials[0].storage
-        try:
-            prune_checkpoints(storage.storage_filesystem, storage.experiment_fs_path,
-                              [t.storage.trial_dir_name for t in trials], self.keep)
-        except (OSError, ValueError) as error:  # disk space is not worth a failed search
-            log.warning("pruning old checkpoints failed: %s", error)
+            target = f"{trial.path}/{file.name}"
+            pyarrow.fs.copy_files(str(file), f"{target}.uploading", destination_filesystem=fs)
+            fs.move(f"{target}.uploading", target)

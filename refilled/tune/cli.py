@@ -41,14 +41,16 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
 
 
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
+    from refilled import experiment_file
     from refilled.errors import UserError
-    from refilled.tune.search import check_is_experiment, experiment_place, run_search
+    from refilled.storage import experiment_place
+    from refilled.tune.search import run_search
 
     if args.resume:
         if not args.name and not args.config:
             raise UserError("--resume needs --name (and --storage if not the default) of the experiment to continue")
         name = args.name or Path(args.config).stem
-        check_is_experiment(experiment_place(args.storage, name))
+        experiment_file.check(experiment_place(args.storage, name))
         cfg, section = None, None
     else:
         if not args.config:

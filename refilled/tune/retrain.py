@@ -101,7 +101,8 @@ def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, 
     with a URI experiment each task reads the teacher from it and uploads its run."""
     import ray
 
-    from refilled.tune.search import connect, read_experiment
+    from refilled.tune.cluster import connect
+    from refilled.tune.search import read_experiment
 
     connect(address)
     _, settings, _ = read_experiment(place.folder)

@@ -4,7 +4,8 @@ Example (search_spaces/digits.yaml)::
 
     search:
       num_samples: 16
-      space:
+      space:                    # loguniform, uniform, randint, lograndint ([low, high): high
+                                # excluded, as Ray's tune.randint), choice
         tau1:  {loguniform: [0.5, 16]}
         lambd: {loguniform: [0.1, 100]}
         flag_merge: {choice: [false, true]}
@@ -31,8 +32,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-from ray import tune
 
 from refilled.config import FIELDS, NOT_SEARCHABLE, Config, coerce, from_dict
 from refilled.errors import UserError
@@ -90,15 +89,9 @@ class SearchSettings:
         return replace(self, space=second, staged=None, fixed=dict(fixed or {}))
 
     def param_space(self) -> dict[str, Any]:
-        """The space as Ray Tune domains (OptunaSearch turns them into Optuna's)."""
-        out = {}
-        for key, dist in self.space.items():
-            (kind, args), = dist.items()
-            if kind == "choice":
-                out[key] = tune.choice(list(args))
-            else:
-                out[key] = getattr(tune, kind)(*args)
-        return {**self.fixed, **out}
+        """Tune's param_space: the constants every trial gets (phase 2: phase 1's choice).
+        The searched keys come from the searcher (refilled.tune.searcher), which owns the space."""
+        return dict(self.fixed)
 
     def is_log(self, key: str) -> bool:
         return next(iter(self.space[key])) in ("loguniform", "lograndint")
@@ -111,11 +104,29 @@ class SearchSettings:
         point = {k: getattr(source, k) for k in self.space}
         for key, value in point.items():
             (kind, args), = self.space[key].items()
-            inside = value in args if kind == "choice" else args[0] <= value <= args[1]
+            if kind == "choice":
+                inside = value in args
+            elif kind.endswith("randint"):  # [low, high): high excluded, as Ray's tune.randint
+                inside = args[0] <= value < args[1]
+            else:
+                inside = args[0] <= value <= args[1]
             if not inside:
                 raise UserError(f"search.start_with '{self.start_with}' puts {key}={value} outside its space "
                                 f"{self.space[key]}: widen the space or use start_with: none")
         return point
+
+
+    def to_section(self) -> dict[str, Any]:
+        """The `search:` section these settings read back from (experiment.yaml)."""
+        return {"space": self.space, "num_samples": self.num_samples, "start_with": self.start_with,
+                "asha": {"grace_period": self.grace_period, "reduction_factor": self.reduction_factor},
+                "resources": {"cpu": self.cpu, "gpu": self.gpu}, "max_concurrent": self.max_concurrent,
+                "max_failures": self.max_failures, "checkpoint_every": self.checkpoint_every,
+                "keep_checkpoints": self.keep_checkpoints, "reuse_actors": self.reuse_actors, "seed": self.seed,
+                **({"staged": {"num_samples": self.staged.num_samples,
+                               "asha": {"grace_period": self.staged.grace_period,
+                                        "reduction_factor": self.staged.reduction_factor}}}
+                   if self.staged else {})}
 
 
 def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:

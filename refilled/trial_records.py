@@ -1,0 +1,65 @@
+"""One small JSON record per trial: what the project knows about it, in its own words.
+
+The search's driver writes `trial_<id>/trial_record.json` from Tune's callback
+hooks (refilled.tune.callbacks.TrialRecords); the readers (experiments,
+analysis, a resumed search) need no Ray. Fields:
+
+    trial_id       Tune's trial id
+    number         the order Tune created the trial in, from 1
+    status         running, finished, stopped (by ASHA), diverged, errored
+    reason         why it ended, in words
+    step           the last step (epoch across both stages) it reported
+    total_steps    the steps it was to run
+    stopped_at     the step ASHA stopped it at (a rung), or null
+    checkpoint     its newest checkpoint folder
+    retries        how often it was restarted after a crash
+    node, node_id  where it ran last (IP address; Ray's node id)
+    at_last_save   status and checkpoint at Tune's last saved experiment state:
+                   where `--resume` continues it from (a trial that ended
+                   after that save runs its last epochs again)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+RECORD_FILE = "trial_record.json"
+ENDED = ("finished", "stopped", "diverged", "errored")
+
+
+def folder_name(trial_id: str) -> str:
+    """The trial's folder in the experiment (Tune's trial_dirname_creator)."""
+    return f"trial_{trial_id}"
+
+
+def ending(last: dict[str, Any] | None) -> str:
+    """How a trial that returned ended, from its last report: diverged, finished, or
+    stopped (short of its steps: ASHA stopped it)."""
+    last = last or {}
+    if last.get("diverged"):
+        return "diverged"
+    if last.get("step", 0) >= last.get("total_steps", math.inf):
+        return "finished"
+    return "stopped"
+
+
+def write(folder: str | Path, record: dict[str, Any]) -> None:
+    """Replace the record atomically: a copy made meanwhile sees the old or the new one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RECORD_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, folder / RECORD_FILE)
+
+
+def read(folder: str | Path) -> dict[str, Any]:
+    """The trial's record; {} for a folder without one (or a damaged one)."""
+    try:
+        record = json.loads((Path(folder) / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}

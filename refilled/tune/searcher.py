@@ -1,0 +1,184 @@
+"""The search's Tune searcher: an Optuna study (TPE), driven through its ask-and-tell interface.
+
+The study lives in `optuna.db` (SQLite) in the experiment folder; for an
+experiment at a URI, in the local mirror, uploaded to the URI whenever Tune
+saves its state (`save`, just before Tune uploads its own), so that a resume
+from another machine finds the study as that state knew it.
+
+Each Tune trial gets one Optuna trial: asked (`study.ask`; the first may be a
+given point, `study.enqueue_trial`), its validation accuracy reported every
+epoch (`Trial.report`: TPE also learns from pruned trials), and told once how
+it ended: COMPLETE (every step), PRUNED (ASHA stopped it short of its steps)
+or FAIL (diverged, errored). Tune saves only which Optuna trial each Tune
+trial is; everything else is in the study.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from refilled import storage, trial_records
+
+STUDY_FILE = "optuna.db"
+
+
+def distributions(space: dict[str, dict[str, list]]) -> dict[str, BaseDistribution]:
+    """The search space (refilled.tune.settings) as Optuna's distributions."""
+    out: dict[str, BaseDistribution] = {}
+    for key, dist in space.items():
+        (kind, args), = dist.items()
+        if kind == "choice":
+            out[key] = CategoricalDistribution(list(args))
+        elif kind in ("uniform", "loguniform"):
+            out[key] = FloatDistribution(float(args[0]), float(args[1]), log=kind == "loguniform")
+        else:  # randint, lograndint: [low, high), high excluded, as Ray's tune.randint
+            out[key] = IntDistribution(int(args[0]), int(args[1]) - 1, log=kind == "lograndint")
+    return out
+
+
+def outcome(result: dict | None, error: bool, metric: str) -> tuple[TrialState, float | None]:
+    """How a trial that ended is told to Optuna, and with what value."""
+    value = None if result is None else result.get(metric)
+    if error or result is None or value is None or not math.isfinite(value):
+        return TrialState.FAIL, None
+    ending = trial_records.ending(result)
+    if ending == "diverged":
+        return TrialState.FAIL, None
+    if ending == "stopped":
+        return TrialState.PRUNED, None
+    return TrialState.COMPLETE, float(value)
+
+
+def study_seed(seed: int, size: int) -> int:
+    """The sampler's seed for a study that already holds `size` trials: a new driver's
+    sampler starts its random stream again, and with the search's own seed it would
+    draw the points the first driver drew."""
+    return seed if size == 0 else seed * 1_000_003 + size
+
+
+class StudySearcher(Searcher):
+    """Optuna's TPE behind Tune's Searcher interface, over a study of our own.
+
+    `experiment` and `sub` say where the study is: the experiment's location (a
+    folder, or a URI whose mirror on this machine holds the file) and, for a staged
+    search's phase 1, its part (stage1_search). Tune pickles this object into its
+    experiment, so a resumed driver, perhaps on another machine, finds the study
+    through its own mirror."""
+
+    def __init__(self, space: dict[str, dict[str, list]], *, metric: str, study_name: str, experiment: str,
+                 sub: str = "", seed: int = 0, first: dict[str, Any] | None = None, step_key: str = "step"):
+        super().__init__(metric=metric, mode="max")
+        self.space, self.study_name, self.experiment, self.sub = space, study_name, experiment, sub
+        self.seed, self.first, self.step_key = seed, first, step_key
+        self._numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number: all that Tune saves
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._study: optuna.Study | None = None
+        self._asked: dict[str, optuna.trial.Trial] = {}  # asked by this driver, not yet told: report() needs them
+        self._reported: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
+        self._unclaimed: list[tuple[int, dict]] = []  # asked by a killed driver after Tune's last save
+
+    def __getstate__(self):  # Tune pickles the searcher into its experiment: no open study in it
+        state = self.__dict__.copy()
+        for name in ("_study", "_asked", "_reported", "_unclaimed"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    # ----------------------------------------------------------------------------- the study
+
+    @property
+    def place(self) -> storage.Place:
+        return storage.place_in(self.experiment, self.sub)
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = self._open()
+        return self._study
+
+    def _open(self) -> optuna.Study:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        folder = self.place.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{folder / STUDY_FILE}"
+        size = 0
+        if self.study_name in optuna.get_all_study_names(storage=url):
+            size = len(optuna.load_study(study_name=self.study_name, storage=url).get_trials(deepcopy=False))
+        study = optuna.create_study(study_name=self.study_name, storage=url, direction="maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=study_seed(self.seed, size)),
+                                    load_if_exists=True)
+        if size == 0 and self.first:
+            study.enqueue_trial(self.first)  # the first ask gets it
+        return study
+
+    # ----------------------------------------------------------------------------- Tune's Searcher
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._unclaimed:
+            number, params = self._unclaimed.pop(0)
+        else:
+            trial = self.study.ask(distributions(self.space))
+            self._asked[trial_id] = trial
+            number, params = trial.number, trial.params
+        self._numbers[trial_id] = number
+        return dict(params)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Trials asked before a resume have no Trial object in this driver (Optuna hands
+        # one out at ask only): they keep the values reported before, and are told their end.
+        trial = self._asked.get(trial_id)
+        value, step = result.get(self.metric), result.get(self.step_key)
+        if trial is None or value is None or step is None or result.get("diverged") or not math.isfinite(value):
+            return
+        if step <= self._reported.get(trial_id, -1):
+            return  # a retried trial reports its epochs after the checkpoint again: Optuna has them
+        trial.report(float(value), int(step))
+        self._reported[trial_id] = int(step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        number = self._numbers.get(trial_id)
+        if number is None:
+            return
+        if result and not error:  # Tune hands the result ASHA stopped the trial on here, not to on_trial_result
+            self.on_trial_result(trial_id, result)
+        state, value = outcome(result, error, self.metric)
+        # skip_if_finished: after --resume, a trial told just before the driver was killed ends again
+        self.study.tell(number, value, state=state, skip_if_finished=True)
+        self._asked.pop(trial_id, None)
+        self._reported.pop(trial_id, None)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps({"trials": self._numbers}))
+        place = self.place
+        if place.uri and (place.folder / STUDY_FILE).is_file():
+            place.push(STUDY_FILE)  # before Tune uploads the state that names these trials
+
+    def restore(self, checkpoint_path: str) -> None:
+        """--resume: Tune saves its state every 10 s or more, so a driver killed in
+        between leaves Optuna trials asked after the last save, which the restored map
+        does not know (still RUNNING in the study). They are handed to the next trials
+        Tune asks for (same parameters) instead of asking Optuna anew, so the study
+        holds each trial once; one with incomplete parameters is told FAIL."""
+        self._numbers = {k: int(v) for k, v in json.loads(Path(checkpoint_path).read_text())["trials"].items()}
+        known = set(self._numbers.values())
+        self._unclaimed = []
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number in known:
+                continue
+            if set(trial.params) == set(self.space):
+                self._unclaimed.append((trial.number, dict(trial.params)))
+            else:
+                self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)

@@ -1,0 +1,106 @@
+"""What every trial of a search gets: the teacher, its embedding bank, the class centres.
+
+The driver trains (or copies) the teacher into the experiment once, computes the
+bank and the centres once as a Ray task, and binds them to the trial function
+through Ray's object store (`tune.with_parameters`), with the per-trial resources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from refilled import checkpoint
+from refilled.config import Config, from_dict
+from refilled.runtime import keep_freed_memory, resolve_device
+from refilled.storage import Place
+from refilled.tune.settings import SearchSettings
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+
+
+def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Runs as a Ray task (on a GPU when trials get one): the teacher's embedding bank
+    of the tuning split and the global class centres."""
+    import torch
+
+    from refilled.bank import TeacherBank
+    from refilled.run import bank_wanted, load_teacher_state, student_data
+    from refilled.train import global_centers
+
+    keep_freed_memory()
+    cfg = from_dict(cfg_dict)
+    data = student_data(cfg, resolve_device("auto"))
+    teacher = load_teacher_state(teacher_state, cfg, data)
+    bank = TeacherBank.build(teacher, data, progress=False) if bank_wanted(cfg, data) else None
+    centers = global_centers(teacher, bank.to(data.device) if bank else None, data) if cfg.centers == "global" else None
+    as_np = (lambda t: None if t is None else t.detach().cpu().numpy())
+    return (None if bank is None else np.asarray(bank.embeddings.cpu() if torch.is_tensor(bank.embeddings)
+                                                 else bank.embeddings)), as_np(centers)
+
+
+def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
+    """Copy the given (or default) teacher into the experiment (an authors' checkpoint
+    in our format), or pretrain it there."""
+    from refilled.run import default_teacher_path, load_teacher_state, pretrain, read_teacher, student_data
+
+    target = folder / "teacher.pt"
+    if target.exists():
+        return target
+    source = Path(teacher) if teacher else default_teacher_path(cfg)
+    if teacher or source.is_file():
+        state = read_teacher(source, cfg)
+        load_teacher_state(state, cfg, student_data(cfg.replace(device="cpu")), source)  # refuse a wrong one early
+        checkpoint.save(state, target)
+        print(f"teacher: {source} (copied into the experiment)")
+    else:
+        print("teacher: none for this config yet, pretraining it (once for the whole search)")
+        pretrain(cfg, target)
+    return target
+
+
+def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path, *,
+                  stage1: dict | None = None, stage1_only: bool = False):
+    """The trial function with the teacher, its bank and the centres bound through
+    Ray's object store (tune.with_parameters), and the per-trial resources.
+    `stage1`: the end-of-stage-1 snapshot every trial starts stage 2 from (phase 2 of
+    a staged search), also handed out through the object store."""
+    import ray
+    from ray import tune
+
+    from refilled.tune.trainable import refilled_trial
+
+    folder = place.folder
+    teacher_state = checkpoint.load(teacher_path, "teacher checkpoint")
+    bank_file, centers_file = folder / "bank-tuning.npy", folder / "centers-tuning.npy"
+    tuning_cfg = cfg.replace(flag_tuning=True)
+    if bank_file.exists() or centers_file.exists():
+        bank = np.load(bank_file, mmap_mode="r") if bank_file.exists() else None
+        centers = np.load(centers_file) if centers_file.exists() else None
+    else:
+        task = ray.remote(num_cpus=settings.cpu, num_gpus=settings.gpu)(_build_bank_task)
+        bank, centers = ray.get(task.remote(teacher_state, tuning_cfg.to_dict()))
+        if bank is not None:
+            np.save(bank_file, bank)
+            print(f"teacher bank: {bank.shape[0]} images x {bank.shape[1]} augmentations computed once "
+                  f"({bank.nbytes / 2**20:.1f} MiB, {bank_file.name})")
+        else:
+            print(f"teacher bank: off ({cfg.data_name} augmentation is not a finite set, or teacher_bank=off): "
+                  "trials run the teacher")
+        if centers is not None:
+            np.save(centers_file, centers)
+        place.push(bank_file.name, centers_file.name)
+    # the stage-1 cache needs a folder every trial can lock; an object store has no locks
+    # (a staged search needs none: phase 1 searches stage 1, phase 2 starts from its choice)
+    cache_dir = None if place.uri or stage1 is not None or stage1_only else str(folder / "stage1_cache")
+    if place.uri and stage1 is None and not stage1_only:
+        print("stage-1 cache: off (storage is a URI; trials with equal stage-1 settings each run stage 1)")
+    fn = tune.with_parameters(refilled_trial, base=cfg.to_dict(), teacher=teacher_state,
+                              bank=None if bank is None else np.ascontiguousarray(bank), centers=centers,
+                              cache_dir=cache_dir, stage1=stage1, stage1_only=stage1_only,
+                              checkpoint_every=settings.checkpoint_every, teacher_id=file_digest(teacher_path))
+    return tune.with_resources(fn, {"cpu": settings.cpu, "gpu": settings.gpu})

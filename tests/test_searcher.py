@@ -1,0 +1,145 @@
+"""The search's Optuna searcher (refilled.tune.searcher) driven as Tune drives it, without a
+Ray cluster: real Optuna studies in SQLite, Tune's trial ids made up, Tune's saved
+state a file, a killed driver an object that is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from refilled.tune.searcher import STUDY_FILE, StudySearcher, distributions
+
+SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"uniform": [0.0, 10.0]},
+         "flag_merge": {"choice": [False, True]}, "depth": {"randint": [10, 12]}}
+FIRST = {"tau1": 4.0, "lambd": 1.0, "flag_merge": False, "depth": 10}
+TOTAL = 6
+
+
+def make(tmp_path, **changes) -> StudySearcher:
+    """A searcher as `search` makes one, pickled as Tune pickles it into its experiment."""
+    kwargs = dict(metric="val_accuracy", study_name="s", experiment=str(tmp_path), seed=0, first=FIRST)
+    return pickle.loads(pickle.dumps(StudySearcher(SPACE, **{**kwargs, **changes})))
+
+
+def report(searcher: StudySearcher, trial_id: str, steps: range, value=lambda step: step / 10) -> dict:
+    """Tune's results for these steps; the last one is returned (Tune ends a trial with it)."""
+    result = {}
+    for step in steps:
+        result = {"val_accuracy": value(step), "step": step, "total_steps": TOTAL, "diverged": 0}
+        searcher.on_trial_result(trial_id, result)
+    return result
+
+
+def study(tmp_path) -> optuna.Study:
+    return optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / STUDY_FILE}")
+
+
+def test_the_space_as_optuna_distributions():
+    d = distributions(SPACE)
+    assert d["tau1"] == optuna.distributions.FloatDistribution(0.5, 16.0, log=True)
+    assert d["lambd"] == optuna.distributions.FloatDistribution(0.0, 10.0)
+    assert d["flag_merge"] == optuna.distributions.CategoricalDistribution([False, True])
+    assert d["depth"] == optuna.distributions.IntDistribution(10, 11)  # high excluded, as Ray's tune.randint
+
+
+def test_each_trial_is_asked_reported_and_told_how_it_ended(tmp_path):
+    searcher = make(tmp_path)
+    ids = ["t1", "t2", "t3", "t4", "t5"]
+    configs = {i: searcher.suggest(i) for i in ids}
+    assert configs["t1"] == FIRST  # the given first point
+    assert all(set(c) == set(SPACE) for c in configs.values())
+    # ran every step; stopped by ASHA at step 4 (the result it stopped on goes to on_trial_complete);
+    # diverged; errored; stopped with a NaN
+    searcher.on_trial_complete("t1", report(searcher, "t1", range(1, TOTAL + 1)))
+    report(searcher, "t2", range(1, 4))
+    searcher.on_trial_complete("t2", {"val_accuracy": 0.4, "step": 4, "total_steps": TOTAL, "diverged": 0})
+    searcher.on_trial_complete("t3", {"val_accuracy": 0.0, "step": 3, "total_steps": TOTAL, "diverged": 1})
+    report(searcher, "t4", range(1, 3))
+    searcher.on_trial_complete("t4", None, error=True)
+    searcher.on_trial_complete("t5", {"val_accuracy": math.nan, "step": 2, "total_steps": TOTAL, "diverged": 0})
+
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                        TrialState.FAIL, TrialState.FAIL]
+    assert trials[0].value == pytest.approx(0.6) and trials[0].params == FIRST
+    assert trials[1].intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3), 4: 0.4}  # TPE learns from it
+    assert [t.params for t in trials] == [configs[i] for i in ids]
+    # told once: Tune telling again (a resumed driver) changes nothing
+    searcher.on_trial_complete("t2", {"val_accuracy": 0.9, "step": TOTAL, "total_steps": TOTAL, "diverged": 0})
+    assert study(tmp_path).trials[1].state == TrialState.PRUNED
+
+
+def test_a_retried_trial_reports_each_step_once(tmp_path, recwarn):
+    searcher = make(tmp_path)
+    searcher.suggest("t1")
+    report(searcher, "t1", range(1, 5))
+    report(searcher, "t1", range(3, 5), value=lambda step: 0.99)  # the epochs after its checkpoint, again
+    assert study(tmp_path).trials[0].intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3), 4: 0.4}
+    assert not [w for w in recwarn if "already reported" in str(w.message)]
+
+
+def test_tune_saves_only_which_optuna_trial_each_tune_trial_is(tmp_path):
+    searcher = make(tmp_path)
+    searcher.suggest("t1")
+    searcher.suggest("t2")
+    searcher.save(str(tmp_path / "state"))
+    assert json.loads((tmp_path / "state").read_text()) == {"trials": {"t1": 0, "t2": 1}}
+    state = pickle.dumps(searcher)  # what Tune's tuner.pkl would hold: no open study
+    assert b"sqlite" not in state and b"Trial" not in state
+
+
+def test_a_resumed_driver_hands_out_the_trials_the_killed_one_asked_and_tells_each_once(tmp_path):
+    first = make(tmp_path)
+    known = {i: first.suggest(i) for i in ("t1", "t2", "t3")}
+    first.on_trial_complete("t1", report(first, "t1", range(1, TOTAL + 1)))
+    first.save(str(tmp_path / "state"))  # Tune's last state save before the kill
+    first.on_trial_complete("t2", report(first, "t2", range(1, TOTAL + 1)))  # told after it
+    unknown = [first.suggest(i) for i in ("t4", "t5")]  # asked after it: Tune's state has no t4, t5
+    del first  # the driver is killed
+
+    second = make(tmp_path)  # Tune's pickled searcher, restored from its last state
+    second.restore(str(tmp_path / "state"))
+    assert [second.suggest(i) for i in ("n1", "n2")] == unknown  # same parameters, same Optuna trials
+    fresh = second.suggest("n3")
+    assert fresh not in [*known.values(), *unknown]  # a new sampler seed: not the first driver's draws again
+    # Tune resumes t2 and t3 from their checkpoints: t2 was told already, t3 not yet
+    second.on_trial_complete("t2", report(second, "t2", range(4, TOTAL + 1), value=lambda step: 0.5))
+    second.on_trial_complete("t3", report(second, "t3", range(1, TOTAL + 1)))
+    for i in ("n1", "n2", "n3"):
+        second.on_trial_complete(i, report(second, i, range(1, TOTAL + 1)))
+
+    trials = study(tmp_path).trials
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert trials[1].value == pytest.approx(0.6)  # told once, by the first driver
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+
+
+def test_an_unclaimed_trial_without_all_its_parameters_is_failed(tmp_path):
+    first = make(tmp_path)
+    first.suggest("t1")
+    first.save(str(tmp_path / "state"))
+    first.study.ask()  # a trial the killed driver created but never gave parameters
+    second = make(tmp_path)
+    second.restore(str(tmp_path / "state"))
+    assert [t.state for t in study(tmp_path).trials] == [TrialState.RUNNING, TrialState.FAIL]
+    assert second.suggest("n1")  # asked anew
+    assert len(study(tmp_path).trials) == 3
+
+
+def test_at_a_uri_the_study_goes_up_whenever_tune_saves(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNE_REFILLED_CACHE", str(tmp_path / "cache"))
+    bucket = tmp_path / "bucket"
+    uri = f"file://{bucket}/exp"
+    searcher = make(tmp_path, experiment=uri, sub="stage1_search")
+    searcher.suggest("t1")
+    assert not (bucket / "exp" / "stage1_search" / STUDY_FILE).exists()
+    searcher.save(str(tmp_path / "state"))
+    uploaded = optuna.load_study(study_name="s", storage=f"sqlite:///{bucket / 'exp' / 'stage1_search' / STUDY_FILE}")
+    assert [t.params for t in uploaded.trials] == [FIRST]
+    assert list((tmp_path / "cache").rglob(STUDY_FILE))  # made in the mirror
