@@ -184,6 +184,20 @@ def ensure_teacher(cfg: Config, path: str | Path | None, *, progress: bool = Tru
     return path
 
 
+_BANKS: dict[tuple, TeacherBank] = {}
+
+
+def _bank(teacher_path: Path, cfg: Config, teacher: Network, data: DeviceTask, progress: bool) -> TeacherBank:
+    """The teacher bank of `data`, built once per process for a teacher file and a
+    student split: the seeds of a final retrain share it (the seed changes neither)."""
+    key = (str(Path(teacher_path).resolve()), Path(teacher_path).stat().st_mtime_ns,
+           cfg.replace(seed=0).digest(), str(data.device))
+    if key not in _BANKS:
+        _BANKS.clear()  # one at a time: a bank can be large
+        _BANKS[key] = TeacherBank.build(teacher, data, progress=progress)
+    return _BANKS[key]
+
+
 def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """One REFILLED run (the authors' main.py): TensorBoard, metrics.json and student.pt in `out`."""
     from refilled.runlog import RunLog
@@ -194,8 +208,9 @@ def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, p
     inputs: tuple = (None, None)
     transfer = None
     if needs_teacher:
-        teacher = load_teacher(ensure_teacher(cfg, teacher_path, progress=progress), cfg, data)
-        bank = TeacherBank.build(teacher, data, progress=progress) if bank_wanted(cfg, data) else None
+        path = ensure_teacher(cfg, teacher_path, progress=progress)
+        teacher = load_teacher(path, cfg, data)
+        bank = _bank(path, cfg, teacher, data, progress) if bank_wanted(cfg, data) else None
         inputs = teacher_inputs(cfg, data, teacher, bank)
         transfer = transfer_teacher(data, teacher)
     student = build_student(cfg, data)
