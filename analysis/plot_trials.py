@@ -9,8 +9,10 @@
   params.png      each searched parameter against the final metric (best stage-2
                   validation accuracy); log x axis where the space is log,
                   categorical parameters as strip plots
-  importance.png  parameter importance from each experiment's Optuna study
-                  (optuna.importance.get_param_importances, fANOVA; sums to 1)
+  importance.png  fANOVA parameter importance (Optuna's; sums to 1) over the trials
+                  at the deepest step at least 8 reached (finished, or an ASHA
+                  rung with the stopped ones), error bars over 5 fANOVA seeds;
+                  with too few trials, a notice instead of bars
   efficiency.png  best-so-far stage-2 validation accuracy against the epochs the
                   search had spent (trials in completion order)
 
@@ -40,7 +42,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,  # noqa: E402
-                             experiments_parser, out_dir, read_results, run_cli)
+                             experiments_parser, out_dir, read_results, run_cli, trials)
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
     "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),
@@ -260,35 +262,69 @@ def plot_params(experiments, path: str | Path) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- (3) importance
 
-def importances(exp: Experiment, seed: int = 0) -> pd.DataFrame:
-    """Optuna's parameter importances (fANOVA, normalised: they sum to 1) of the
-    experiment's study (<exp>/optuna.db, study name = the folder name).
-    Columns: experiment, param, importance, trials (the finished trials it used); largest first."""
+MIN_TRIALS = 8  # fANOVA's forest on fewer trials says more about the forest than about the parameters
+FANOVA_SEEDS = 5  # importances over several forests: their spread is the error bar
+
+
+def importance_sample(exp: Experiment) -> tuple[pd.DataFrame, str]:
+    """The trials fANOVA is fitted on, and at what: every trial that reached the deepest
+    step enough of them (MIN_TRIALS) reached, with its stage-2 validation accuracy at that
+    step. The deepest is where finished trials end (when enough finished); else an ASHA
+    rung, with the trials stopped there included. Columns: trial_id, the searched
+    parameters, value. A UserError says when too few trials reached any step."""
+    table, curve = trials(exp), curves([exp])
+    curve = curve[curve["stage"] == "stage2"] if not curve.empty else curve
+    if table.empty or curve.empty:
+        raise UserError(f"{exp.label}: no trial reached stage 2, so there is nothing to fit importances on")
+    steps = sorted({int(v) for v in table["stopped_at"].dropna()} | {int(curve["step"].max())}, reverse=True)
+    params = [p for p in exp.searched if p in table.columns]
+    reached = 0
+    for step in steps:
+        at = curve[curve["step"] == step].drop_duplicates("trial_id", keep="last")
+        reached = max(reached, len(at))
+        if len(at) >= MIN_TRIALS:
+            sample = at[["trial_id", "val_accuracy"]].rename(columns={"val_accuracy": "value"})
+            sample = sample.merge(table[["trial_id", *params]], on="trial_id")
+            where = "finished" if step == steps[0] else f"at the ASHA rung of step {step}, stopped ones included"
+            return sample, f"{len(sample)} trials {where}"
+    raise UserError(f"{exp.label}: too few trials for parameter importance (at most {reached} reached the same "
+                    f"step; fANOVA needs {MIN_TRIALS}): run more trials (search.num_samples) to see it")
+
+
+def importances(exp: Experiment) -> pd.DataFrame:
+    """fANOVA importances (Optuna's, normalised: they sum to 1) of the searched parameters
+    for the stage-2 validation accuracy, on `importance_sample`, mean and standard
+    deviation over FANOVA_SEEDS forests. Columns: experiment, param, importance,
+    importance_std, trials, sample (in words); largest first."""
     import optuna
 
-    db = exp.folder / "optuna.db"
-    if not db.is_file():
-        raise UserError(f"{exp.folder} has no optuna.db: parameter importance needs the search's Optuna study")
+    from refilled.tune.settings import distributions
+
+    sample, described = importance_sample(exp)
+    params = [p for p in exp.searched if p in sample.columns]
+    dists = distributions({p: exp.space[p] for p in params})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{db}"
-    names = optuna.get_all_study_names(storage)
-    name = exp.name if exp.name in names else (names[0] if len(names) == 1 else None)
-    if name is None:
-        raise UserError(f"{db} has no study named {exp.name} (it has: {', '.join(names) or 'none'})")
-    study = optuna.load_study(study_name=name, storage=storage)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 2:
-        raise UserError(f"{exp.label}: Optuna's importance needs at least 2 finished trials, the study has "
-                        f"{len(complete)} (trials stopped by ASHA are PRUNED and do not count)")
-    values = optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))
-    return pd.DataFrame({"experiment": exp.label, "param": list(values), "importance": list(values.values()),
-                         "trials": len(complete)})
+    study = optuna.create_study(direction="maximize")  # in memory: the sample as finished trials
+    for _, row in sample.iterrows():
+        values = {p: plain(row[p]) for p in params}
+        study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=float(row["value"])))
+    runs = pd.DataFrame([optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed), normalize=True)
+        for seed in range(FANOVA_SEEDS)])
+    out = pd.DataFrame({"experiment": exp.label, "param": runs.columns, "importance": runs.mean().values,
+                        "importance_std": runs.std(ddof=1).values, "trials": len(sample), "sample": described})
+    return out.sort_values("importance", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def plain(v):
+    """A table cell as the Python value Optuna's distributions accept."""
+    return v.item() if hasattr(v, "item") else v
 
 
 def plot_importance(experiments, path: str | Path) -> pd.DataFrame:
-    """importance.png: a bar chart per experiment; returns experiment, param, importance
-    (experiments whose study cannot give importances get a note in their panel and no rows)."""
+    """importance.png: a bar chart per experiment, error bars the spread over fANOVA seeds;
+    returns experiment, param, importance, importance_std, trials, sample (an experiment
+    with too few trials gets the notice in its panel and no rows)."""
     experiments = _experiments(experiments)
     fig, axes = _grid(len(experiments), max_cols=2, size=(5.5, 3.6))
     frames = []
@@ -302,18 +338,18 @@ def plot_importance(experiments, path: str | Path) -> pd.DataFrame:
             continue
         frames.append(imp)
         order = imp.sort_values("importance")
-        ax.barh(order["param"], order["importance"], color="tab:blue")
-        for y, v in enumerate(order["importance"]):
-            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
-        ax.set_xlim(0, max(1.0, order["importance"].max() * 1.15))
-        ax.set_xlabel("importance (fANOVA, sums to 1)")
-        ax.set_title(f"{exp.label}: importance for stage-2 val accuracy\n(Optuna fANOVA over "
-                     f"{int(imp['trials'].iloc[0])} finished trials)", fontsize=10)
+        ax.barh(order["param"], order["importance"], xerr=order["importance_std"], color="tab:blue",
+                ecolor="0.2", capsize=3)
+        for y, (v, e) in enumerate(zip(order["importance"], order["importance_std"])):
+            ax.text(v + e, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_xlim(0, max(1.0, float((order["importance"] + order["importance_std"]).max()) * 1.2))
+        ax.set_xlabel(f"importance (fANOVA, sums to 1; bars: ±1 std over {FANOVA_SEEDS} seeds)")
+        ax.set_title(f"{exp.label}: importance for stage-2 val accuracy\n({imp['sample'].iloc[0]})", fontsize=10)
         ax.grid(alpha=0.25, axis="x")
     fig.tight_layout()
     _save(fig, Path(path))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["experiment", "param",
-                                                                                     "importance"])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["experiment", "param", "importance", "importance_std", "trials", "sample"])
 
 
 # ----------------------------------------------------------------------------- (4) efficiency

@@ -3,7 +3,8 @@
 
 Writes into --out: trials.csv/.md (leaderboard), experiments.csv/.md (with
 several experiments), curves.png, params.png, importance.png, efficiency.png,
-importance.csv, each experiment's best_config.yaml and final retrain summary
+selection.png (the optimism gap), cost.png (accuracy against device hours),
+importance.csv, selection.csv, cost.csv, each experiment's best_config.yaml and final retrain summary
 (<exp>/retrain/results.json + summary.md, when `retrain` has run), and
 index.md that links and embeds them all (relative links: the folder can be
 moved or published as is).
@@ -32,6 +33,8 @@ from analysis.common import (experiments_parser, markdown_table, open_experiment
                              retrain_results, run_cli)
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables  # noqa: E402
 from analysis.plot_trials import PLOTS  # noqa: E402
+from analysis.selection_cost import plot_cost, plot_selection  # noqa: E402
+from refilled import cost  # noqa: E402
 
 SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
 TOP = 10
@@ -45,8 +48,10 @@ PLOT_TEXT = {
                "Each trial's best stage-2 validation accuracy against its value of each searched parameter "
                "(log axes where the space is log); hollow: stopped by ASHA; star: the best trial."),
     "importance": ("Parameter importance",
-                   "Optuna's fANOVA importance of each parameter for the stage-2 validation accuracy, from the "
-                   "study's finished trials (trials ASHA stopped are pruned and not used); it sums to 1."),
+                   "Optuna's fANOVA importance of each parameter for the stage-2 validation accuracy (it sums to "
+                   "1), fitted on every trial that reached the deepest step at least 8 trials reached: the "
+                   "finished ones, or an ASHA rung with the trials stopped there; error bars: the spread over 5 "
+                   "fANOVA seeds."),
     "efficiency": ("Search efficiency",
                    "Best stage-2 validation accuracy found so far against the epochs the search had spent, "
                    "trials in the order they ended."),
@@ -93,6 +98,12 @@ def make_report(experiments, out: str | Path) -> dict[str, Any]:
     importance = made["importance"]
     if not importance.empty:
         importance.to_csv(folder / "importance.csv", index=False)
+    made["selection"] = plot_selection(experiments, folder / "selection.png")
+    made["cost"] = plot_cost(experiments, folder / "cost.png")
+    if not made["selection"].empty:
+        made["selection"].to_csv(folder / "selection.csv", index=False)
+    ledgers = pd.concat([cost.ledger(e.folder).assign(experiment=e.label) for e in experiments], ignore_index=True)
+    ledgers.to_csv(folder / "cost.csv", index=False)
 
     labels = ", ".join(e.label for e in experiments)
     lines = [f"# tune-refilled report: {labels}", "",
@@ -105,6 +116,9 @@ def make_report(experiments, out: str | Path) -> dict[str, Any]:
                      f"best stage-2 validation accuracy {_pct(row['best_val_accuracy_stage2'])} "
                      f"(trial {row['best_trial'] or '-'})")
     lines.append("")
+
+    lines += _selection_section(experiments, made["selection"])
+    lines += _cost_section(experiments, ledgers)
 
     lines += ["## Final retrain: tuned REFILLED against the student alone", "",
               "The best configuration retrained with the full epoch budget (on train + validation, or on "
@@ -138,11 +152,10 @@ def make_report(experiments, out: str | Path) -> dict[str, Any]:
         lines += [f"## {title}", "", text, "", f"![{title}]({name}.png)", ""]
         if name == "importance":
             if importance.empty:
-                lines += ["No importance: the study needs at least 2 finished trials.", ""]
+                lines += ["No importance: too few trials reached the same step (fANOVA needs 8); the plot "
+                          "says how many did.", ""]
             else:
-                wide = importance.pivot_table(index="param", columns="experiment", values="importance", sort=False)
-                lines += [markdown_table(wide.reset_index(), digits=3),
-                          "File: [importance.csv](importance.csv)", ""]
+                lines += [markdown_table(importance, digits=3), "File: [importance.csv](importance.csv)", ""]
 
     lines += ["## Browse further", ""]
     for exp in experiments:
@@ -153,6 +166,46 @@ def make_report(experiments, out: str | Path) -> dict[str, Any]:
     index.write_text("\n".join(lines) + "\n")
     made["index"] = index
     return made
+
+
+def _selection_section(experiments, selection: pd.DataFrame) -> list[str]:
+    """The optimism gap: each candidate's search score beside its re-evaluated one, and
+    for the retrained winner the search, re-evaluated and final test scores."""
+    lines = ["## Choosing the winner: the optimism gap", "",
+             "The search keeps the best of many noisy validation scores, so the winner's score is optimistic. "
+             "The top trials ran again on the tuning splits with more seeds; the best mean won "
+             "(`search.select`). Search score: the best epoch's validation accuracy, which the search ranked on; "
+             "re-evaluated: the validation accuracy each run ended with, mean ± std over the seeds.", ""]
+    if selection.empty:
+        return lines + ["No re-evaluation in these experiments (search.select.top_k 0, or the search has not "
+                        "ended).", ""]
+    shown = selection[["experiment", "trial_id", "chosen", "val_accuracy_search", "val_accuracy_reeval_mean",
+                       "val_accuracy_reeval_std", "seeds"]]
+    lines += [markdown_table(shown), "![the optimism gap](selection.png)", ""]
+    for _, row in selection[selection["chosen"]].iterrows():
+        test = row["test_accuracy_mean"]
+        lines.append(f"- **{row['experiment']}**, winner {row['trial_id']}: {_pct(row['val_accuracy_search'])} in "
+                     f"the search, {_pct(row['val_accuracy_reeval_mean'])} re-evaluated (gap "
+                     f"{(row['val_accuracy_search'] - row['val_accuracy_reeval_mean']) * 100:+.2f} points), "
+                     + (f"{_pct(test)} on test after the final retrain." if pd.notna(test) else
+                        "no final retrain of it yet."))
+    return lines + ["", "Files: [selection.csv](selection.csv)", ""]
+
+
+def _cost_section(experiments, ledgers: pd.DataFrame) -> list[str]:
+    lines = ["## What the search cost", "",
+             "Device hours: wall hours times the CPUs or GPUs Ray gave each run (a quarter GPU for an hour is "
+             "0.25); teacher pre-training, the teacher bank, every trial by stage, and the re-evaluation "
+             "([cost.csv](cost.csv)).", ""]
+    rows = []
+    for exp in experiments:
+        mine = ledgers[ledgers["experiment"] == exp.label]
+        spent = cost.totals(mine)
+        rows.append({"experiment": exp.label, "device_hours": spent["device_hours"],
+                     **{k: v for k, v in spent.items() if k not in ("device_hours", "wall_hours")},
+                     "reeval_device_hours": float(mine[mine["stage"].str.startswith("reeval")]["device_s"].sum())
+                     / 3600, "wall_hours": spent["wall_hours"]})
+    return lines + [markdown_table(pd.DataFrame(rows), digits=3), "![accuracy against device hours](cost.png)", ""]
 
 
 def _pct(v) -> str:

@@ -39,7 +39,7 @@ def experiment_config(folder: str | Path, location: str | None = None) -> tuple[
     return experiment_file.read(folder, location)
 
 
-def _trial_folders(folder: Path) -> list[Path]:
+def trial_folders(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.glob("*/params.json"))
 
 
@@ -84,7 +84,7 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
     cfg, data = experiment_config(folder)
     total = cfg.n_training_epochs1 + (0 if data.get("stage1_only") else cfg.n_training_epochs2)
     records = []
-    for trial_folder in _trial_folders(folder):
+    for trial_folder in trial_folders(folder):
         params = json.loads((trial_folder / "params.json").read_text())
         rows = read_results(trial_folder)
         record = trial_records.read(trial_folder)
@@ -116,13 +116,76 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
     return table.sort_values(RANKING, ascending=False, na_position="last").reset_index(drop=True)
 
 
-def best_trial(trials: pd.DataFrame) -> pd.Series:
-    """The trial with the best stage-2 validation accuracy among those that reached stage 2."""
+def ranked(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials that can be chosen (they reached stage 2 and did not diverge), best first
+    by the search's ranking (RANKING)."""
     reached = trials[trials["reached_stage2"] & (trials["status"] != "diverged")] if not trials.empty else trials
     if reached.empty:
         raise UserError("no trial of this experiment reached stage 2, so there is no stage-2 validation "
                         "accuracy to choose by: run a longer search (more samples or a larger grace_period)")
-    return reached.sort_values(RANKING, ascending=False).iloc[0]
+    return reached.sort_values(RANKING, ascending=False)
+
+
+def best_trial(trials: pd.DataFrame) -> pd.Series:
+    """The trial with the best stage-2 validation accuracy among those that reached stage 2."""
+    return ranked(trials).iloc[0]
+
+
+SELECTION_FILE = "selection.csv"  # the re-evaluation of the top trials (refilled.tune.selection)
+SELECTION_DIR = "selection"  # its runs: <trial_id>-seed<S>.json, and their folders
+
+
+def reeval_results(folder: str | Path) -> list[dict[str, Any]]:
+    """Every re-evaluation run finished so far (trial_id, seed, val_accuracy, epochs, wall_s, device, device_s)."""
+    out = []
+    for path in sorted((Path(folder) / SELECTION_DIR).glob("*-seed*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except ValueError:
+            raise UserError(f"{path} is damaged: delete it and run `search --resume` to run it again") from None
+    return out
+
+
+def read_selection(folder: str | Path) -> pd.DataFrame | None:
+    """selection.csv, best re-evaluated mean first; None when the search made none."""
+    path = Path(folder) / SELECTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path, dtype={"trial_id": str})
+    except (ValueError, pd.errors.ParserError):
+        raise UserError(f"{path} is damaged: delete it and run `search --resume` to re-evaluate again") from None
+    return table.sort_values("val_accuracy_reeval_mean", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def chosen_trial(folder: str | Path, trials: pd.DataFrame) -> pd.Series:
+    """The trial the search chose: the re-evaluation's winner when there is one (the
+    best mean over more seeds), else the best single stage-2 validation score."""
+    selection = read_selection(folder)
+    if selection is not None and not selection.empty:
+        match = trials[trials["trial_id"].astype(str) == str(selection.iloc[0]["trial_id"])]
+        if not match.empty:
+            return match.iloc[0]
+    return best_trial(trials)
+
+
+def top_configs(location: str | Path, n: int) -> list[dict[str, Any]]:
+    """The full configs of an experiment's `n` best trials, best first: in the order of
+    its re-evaluation, then of its search ranking (a warm start: search.start_with)."""
+    from refilled.storage import experiment_at
+
+    place = experiment_at(location)
+    experiment_config(place.folder, place.location)  # refuses what is not an experiment
+    trials = load_trials(place.folder)
+    if trials.empty:
+        raise UserError(f"search.start_with: {place.location} has no trial results to start from")
+    order = list(ranked(trials)["trial_id"].astype(str))
+    selection = read_selection(place.folder)
+    if selection is not None:
+        first = [t for t in selection["trial_id"].astype(str) if t in order]
+        order = first + [t for t in order if t not in first]
+    by_id = {str(row["trial_id"]): row for _, row in trials.iterrows()}
+    return [trial_config(place.folder, by_id[t]).to_dict() for t in order[:n]]
 
 
 def trial_config(folder: str | Path, trial: pd.Series) -> Config:
@@ -142,13 +205,15 @@ def _present(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def write_best_config(folder: str | Path, trials: pd.DataFrame) -> tuple[Path, Config, pd.Series]:
+def write_best_config(folder: str | Path, trials: pd.DataFrame, reeval: str = "") -> tuple[Path, Config, pd.Series]:
+    """best_config.yaml: the chosen trial's full config (`reeval`: how its re-evaluation went, for the header)."""
     folder = Path(folder)
-    best = best_trial(trials)
+    best = chosen_trial(folder, trials)
     cfg = trial_config(folder, best)
     path = folder / "best_config.yaml"
-    header = (f"# best trial {best['trial_id']} of {folder.name}: stage-2 validation accuracy "
-              f"{best['best_val_accuracy_stage2']:.4f} ({best['status']}, {best['epochs']} epochs)\n")
+    header = (f"# {'chosen' if reeval else 'best'} trial {best['trial_id']} of {folder.name}: stage-2 validation "
+              f"accuracy {best['best_val_accuracy_stage2']:.4f} in the search ({best['status']}, {best['epochs']} "
+              f"epochs){'; ' + reeval if reeval else ''}\n")
     tmp = folder / ".best_config.yaml.tmp"
     tmp.write_text(header + yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
     tmp.replace(path)

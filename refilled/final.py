@@ -38,24 +38,47 @@ def trained_on(cfg: Config) -> str:
 
 
 def run_one(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_path: str, out: str,
-            progress: bool = False) -> dict[str, Any]:
-    """One final run (a plain function, so it can also run as a Ray task)."""
+            progress: bool = False, tuning: bool = False) -> dict[str, Any]:
+    """One final run (a plain function, so it can also run as a Ray task); with `tuning`,
+    a run on the tuning splits instead, judged on validation (the search's re-evaluation).
+    Returns its accuracy on its split (test_accuracy or val_accuracy, of the model
+    training ended with), its folder, and what it took (wall_s, device)."""
+    import time
+
     import torch
 
     from refilled.config import from_dict
     from refilled.run import train_once
-    from refilled.runtime import keep_freed_memory
+    from refilled.runtime import keep_freed_memory, resolve_device
 
+    start = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     keep_freed_memory()  # also when this runs as a Ray task
-    cfg = from_dict({"seed": seed, "flag_tuning": False}, from_dict(cfg_dict))
+    cfg = from_dict({"seed": seed, "flag_tuning": tuning}, from_dict(cfg_dict))
     if kind == "student_alone":
         cfg = student_alone(cfg)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
     summary = train_once(cfg, folder, teacher_path=teacher_path, progress=progress)
-    return {"kind": kind, "seed": seed, "test_accuracy": summary["test_accuracy"], "folder": str(folder)}
+    accuracy = "val_accuracy" if tuning else "test_accuracy"
+    return {"kind": kind, "seed": seed, accuracy: summary[accuracy], "folder": str(folder),
+            "wall_s": time.perf_counter() - start, "device": resolve_device(cfg.device).type}
+
+
+def run_one_at_uri(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_uri: str, out_uri: str,
+                   tuning: bool = False) -> dict[str, Any]:
+    """run_one on a node that sees only the URI: teacher down, run folder up."""
+    import tempfile
+
+    from refilled import storage
+
+    with tempfile.TemporaryDirectory(prefix="tune-refilled-") as tmp:
+        local = Path(tmp)
+        storage.download_file(teacher_uri, local / "teacher.pt")
+        result = run_one(cfg_dict, kind, seed, str(local / "teacher.pt"), str(local / "run"), tuning=tuning)
+        storage.upload(local / "run", out_uri, [p.name for p in (local / "run").iterdir()])
+    return {**result, "folder": out_uri}
 
 
 def plan(cfg: Config, seeds: int, baseline: bool, out: Path) -> list[tuple[str, int, Path]]:

@@ -13,7 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from refilled.tune.searcher import STUDY_FILE, StudySearcher, distributions
+from refilled import cost
+from refilled.tune.searcher import STUDY_FILE, StudySearcher
+from refilled.tune.settings import distributions
 
 SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"uniform": [0.0, 10.0]},
          "flag_merge": {"choice": [False, True]}, "depth": {"randint": [10, 12]}}
@@ -23,7 +25,7 @@ TOTAL = 6
 
 def make(tmp_path, **changes) -> StudySearcher:
     """A searcher as `search` makes one, pickled as Tune pickles it into its experiment."""
-    kwargs = dict(metric="val_accuracy", study_name="s", experiment=str(tmp_path), seed=0, first=FIRST)
+    kwargs = dict(metric="val_accuracy", study_name="s", experiment=str(tmp_path), seed=0, first=[FIRST])
     return pickle.loads(pickle.dumps(StudySearcher(SPACE, **{**kwargs, **changes})))
 
 
@@ -143,3 +145,31 @@ def test_at_a_uri_the_study_goes_up_whenever_tune_saves(tmp_path, monkeypatch):
     uploaded = optuna.load_study(study_name="s", storage=f"sqlite:///{bucket / 'exp' / 'stage1_search' / STUDY_FILE}")
     assert [t.params for t in uploaded.trials] == [FIRST]
     assert list((tmp_path / "cache").rglob(STUDY_FILE))  # made in the mirror
+
+
+def test_several_first_points_run_first_in_order(tmp_path):
+    """A warm start (search.start_with: an earlier experiment) queues its top trials."""
+    second = {**FIRST, "tau1": 8.0, "depth": 11}
+    searcher = make(tmp_path, first=[FIRST, second])
+    assert [searcher.suggest("a"), searcher.suggest("b")] == [FIRST, second]
+    assert set(searcher.suggest("c")) == set(SPACE)
+
+
+def test_no_new_trial_once_the_budget_is_spent(tmp_path, capsys):
+    """search.budget_hours: what the experiment's ledger holds when the driver starts (here a
+    teacher bank of 30 device seconds), plus every result's cost_device_s since."""
+    from ray.tune.search import Searcher
+
+    cost.add_driver_cost(tmp_path, "teacher_bank", "bank", 30.0, "cpu", 1.0)
+    searcher = make(tmp_path, budget_hours=60 / 3600)  # one device minute
+    assert searcher.suggest("a") is not None
+    for step in (1, 2):
+        searcher.on_trial_result("a", {"val_accuracy": 0.5, "step": step, "total_steps": TOTAL, "diverged": 0,
+                                       "cost_device_s": 10.0})
+    assert searcher.suggest("b") is not None  # 50 s of 60
+    searcher.on_trial_result("a", {"val_accuracy": 0.5, "step": 3, "total_steps": TOTAL, "diverged": 0,
+                                   "cost_device_s": 10.0})
+    assert searcher.suggest("c") == Searcher.FINISHED and searcher.suggest("d") == Searcher.FINISHED
+    assert capsys.readouterr().out.count("search.budget_hours spent (0.0167 of 0.0167 device hours)") == 1
+    # a resumed driver counts the ledger again: the results the trials wrote are in it
+    assert make(tmp_path, budget_hours=1.0).suggest("e") is not None

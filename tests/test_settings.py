@@ -66,3 +66,33 @@ def test_split_seed_cannot_be_searched():
     with pytest.raises(UserError, match="'split_seed' cannot be searched") as info:
         parse_search({"space": {"split_seed": {"choice": [0, 1, 2]}}}, make_tiny_config())
     assert "\n" not in str(info.value)
+
+
+def test_selection_and_budget_settings_read_back_as_written():
+    s = parse_search({"select": {"top_k": 5, "seeds": 2}, "budget_hours": 1.5}, make_tiny_config())
+    assert (s.select_top_k, s.select_seeds, s.budget_hours) == (5, 2, 1.5)
+    again = parse_search(s.to_section(), make_tiny_config())
+    assert (again.select_top_k, again.select_seeds, again.budget_hours) == (5, 2, 1.5)
+    default = parse_search({}, make_tiny_config())
+    assert (default.select_top_k, default.select_seeds, default.budget_hours) == (3, 3, None)
+    assert parse_search({"select": {"top_k": 0}}, make_tiny_config()).select_top_k == 0  # the best single trial
+
+
+@pytest.mark.parametrize("section,needle", [
+    ({"select": {"top_k": -1}}, "top_k must be >= 0"),
+    ({"select": {"seeds": 0}}, "seeds >= 1"),
+    ({"select": {"k": 3}}, "search.select takes top_k, seeds"),
+    ({"budget_hours": 0}, "budget_hours must be a number of device hours > 0"),
+    ({"budget_hours": "lots"}, "budget_hours"),
+    ({"start_with": 3}, "start_with must be authors, config, none or an experiment"),
+])
+def test_bad_selection_budget_or_start_are_one_line_errors(section, needle):
+    with pytest.raises(UserError) as e:
+        parse_search(section, make_tiny_config())
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_start_with_an_experiment_that_is_none_is_refused_when_read(tmp_path):
+    s = parse_search({"start_with": str(tmp_path / "nowhere")}, make_tiny_config())  # read when the search starts
+    with pytest.raises(UserError, match="not a tune-refilled experiment"):
+        s.first_points(make_tiny_config())

@@ -9,7 +9,6 @@ to it; on a cluster, each task fetches the teacher and uploads its run itself.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ from tqdm import tqdm
 from refilled import checkpoint, storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
-from refilled.experiments import best_trial, experiment_config, load_trials, trial_config
-from refilled.final import plan, retrain_local, run_one, summarise, trained_on, write_results
+from refilled.experiments import chosen_trial, experiment_config, load_trials, read_selection, trial_config
+from refilled.final import plan, retrain_local, run_one, run_one_at_uri, summarise, trained_on, write_results
 
 
 def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -> tuple[Config, dict[str, Any]]:
@@ -37,9 +36,15 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
                             f"known ids: {', '.join(trials['trial_id'].astype(str))}")
         row = match.iloc[0]
     else:
-        row = best_trial(trials)
+        row = chosen_trial(folder, trials)
     source = {"experiment": folder.name, "trial_id": str(row["trial_id"]),
               "val_accuracy_stage2": round(float(row["best_val_accuracy_stage2"]), 4)}
+    selection = read_selection(folder)
+    if selection is not None:
+        mine = selection[selection["trial_id"].astype(str) == str(row["trial_id"])]
+        if not mine.empty:  # what the search saw against what more seeds gave: the optimism gap
+            source["val_accuracy_reeval_mean"] = round(float(mine.iloc[0]["val_accuracy_reeval_mean"]), 4)
+            source["reeval_seeds"] = str(mine.iloc[0]["seeds"])
     return trial_config(folder, row), source
 
 
@@ -108,7 +113,7 @@ def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, 
     _, settings, _ = read_experiment(place.folder)
     resources = {"num_cpus": settings.cpu, "num_gpus": settings.gpu}
     if upload_to:
-        task = ray.remote(**resources)(_run_one_at_uri)
+        task = ray.remote(**resources)(run_one_at_uri)
         if teacher.parent == out_dir:  # --teacher: up beside the runs, where every task finds it
             place.push("retrain")
             teacher_uri = storage.join(upload_to, "teacher.pt")
@@ -126,13 +131,3 @@ def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, 
         results.append(ray.get(ready[0]))
         done(results[-1])
     return results
-
-
-def _run_one_at_uri(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_uri: str, out_uri: str) -> dict[str, Any]:
-    """run_one on a node that sees only the URI: teacher down, run folder up."""
-    with tempfile.TemporaryDirectory(prefix="tune-refilled-") as tmp:
-        local = Path(tmp)
-        storage.download_file(teacher_uri, local / "teacher.pt")
-        result = run_one(cfg_dict, kind, seed, str(local / "teacher.pt"), str(local / "run"))
-        storage.upload(local / "run", out_uri, [p.name for p in (local / "run").iterdir()])
-    return {**result, "folder": out_uri}

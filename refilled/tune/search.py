@@ -43,14 +43,16 @@ from typing import Any
 
 import pandas as pd
 
-from refilled import checkpoint, experiment_file, storage, trial_records
+from refilled import checkpoint, cost, experiment_file, storage, trial_records
 from refilled.config import Config
 from refilled.errors import UserError
 from refilled.experiment_file import EXPERIMENT_FILE
-from refilled.experiments import STAGE1_SEARCH, load_trials, plain_value, write_best_config
+from refilled.cost import DRIVER_FILE
+from refilled.experiments import SELECTION_FILE, STAGE1_SEARCH, load_trials, plain_value, write_best_config
 from refilled.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.searcher import STUDY_FILE, StudySearcher
+from refilled.tune.selection import reevaluate
 from refilled.tune.settings import SearchSettings, parse_search
 from refilled.tune.trial_inputs import prepare_teacher, trainable_for
 
@@ -71,25 +73,52 @@ def trial_folder_name(trial) -> str:
 
 # ----------------------------------------------------------------------------- results
 
-def summarise(folder: Path, location: str | None = None) -> pd.DataFrame:
-    """Write trials.csv and best_config.yaml; print the sorted table and the best config."""
+def summarise(folder: Path) -> pd.DataFrame:
+    """Write trials.csv; print the sorted table."""
     trials = load_trials(folder)
     if trials.empty or not (trials["epochs"] > 0).any():
         raise UserError(f"the search in {folder} reported no epoch: see the trial errors above")
     trials.to_csv(folder / "trials.csv", index=False)
-    searched = [c for c in trials.columns if c.startswith("config/")]
-    shown = trials[searched + ["best_val_accuracy_stage2", "epochs", "status"]].rename(
-        columns=lambda c: c.removeprefix("config/"))
     with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.4g}".format):
         print(f"\n{len(trials)} trials, best stage-2 validation accuracy first "
               f"({', '.join(f'{n} {s}' for s, n in trials['status'].value_counts().items())}):")
-        print(shown.to_string(index=False, na_rep="-"))
-    path, cfg, best = write_best_config(folder, trials)
-    print(f"\nbest config ({best['trial_id']}, stage-2 val accuracy {best['best_val_accuracy_stage2']:.4f}) "
-          f"written to {f'{location}/{path.name}' if location else path}:")
+        print(_shown(trials, ["best_val_accuracy_stage2", "epochs", "status"]).to_string(index=False, na_rep="-"))
+    return trials
+
+
+def _shown(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    searched = [c for c in table.columns if c.startswith("config/")]
+    return table[searched + columns].rename(columns=lambda c: c.removeprefix("config/"))
+
+
+def choose(folder: Path, trials: pd.DataFrame, settings: SearchSettings, place: Place, teacher_path: Path,
+           location: str | None = None) -> None:
+    """Re-evaluate the top trials (search.select) and write the winner's best_config.yaml."""
+    reeval = ""
+    if settings.select_top_k:
+        table = reevaluate(trials, settings, place, teacher_path)
+        with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
+            print(f"\nre-evaluation ({SELECTION_FILE}), best mean first:")
+            print(table.to_string(index=False))
+        top = table.iloc[0]
+        reeval = (f"re-evaluated over seeds {top['seeds']}: {top['val_accuracy_reeval_mean']:.4f} ± "
+                  f"{top['val_accuracy_reeval_std']:.4f}, the best mean of the {len(table)} best trials")
+    path, cfg, best = write_best_config(folder, trials, reeval)
+    print(f"\nchosen config ({best['trial_id']}, stage-2 val accuracy {best['best_val_accuracy_stage2']:.4f} in the "
+          f"search{'; ' + reeval if reeval else ''}) written to {f'{location}/{path.name}' if location else path}:")
+    searched = [c for c in trials.columns if c.startswith("config/")]
     print("  " + ", ".join(f"{k.removeprefix('config/')}={best[k]:.4g}" if isinstance(best[k], float)
                            else f"{k.removeprefix('config/')}={best[k]}" for k in searched))
-    return trials
+
+
+def write_cost(folder: Path) -> None:
+    """cost.csv: what every trial, the teacher, the bank and the re-evaluation took."""
+    table = cost.ledger(folder)
+    table.to_csv(folder / cost.COST_FILE, index=False)
+    spent = cost.totals(table)
+    by_device = ", ".join(f"{v:.3g} {k.removesuffix('_hours')} hours" for k, v in spent.items()
+                          if k.endswith("_hours") and k not in ("wall_hours", "device_hours"))
+    print(f"cost ({cost.COST_FILE}): {by_device} of device time, {spent['wall_hours']:.3g} hours of run wall time")
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -125,7 +154,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
         experiment_file.write(folder, cfg, settings.to_section())
         place.push(EXPERIMENT_FILE)
     teacher_path = prepare_teacher(cfg, folder, teacher)
-    place.push(teacher_path.name)
+    place.push(teacher_path.name, DRIVER_FILE)
     stage1, phase = None, settings
     if settings.staged:
         choice = data.get("stage1_choice") or run_stage1_phase(cfg, settings, place, name, teacher_path, resume)
@@ -136,8 +165,11 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     # phase 2 of a staged search starts at stage 2: ASHA's clock counts stage-2 epochs
     max_t = cfg.n_training_epochs2 if stage1 is not None else cfg.n_training_epochs1 + cfg.n_training_epochs2
     fit(trainable, phase, cfg, place, name, max_t=max_t, resume=resume)
-    summarise(folder, place.uri)
-    place.push("trials.csv", "best_config.yaml", STUDY_FILE)
+    trials = summarise(folder)
+    place.push("trials.csv", STUDY_FILE)
+    choose(folder, trials, settings, place, teacher_path, place.uri)
+    write_cost(folder)
+    place.push("best_config.yaml", cost.COST_FILE)
     if place.uri:
         print(f"experiment: {place.uri} (local mirror: {folder})")
     return folder
@@ -165,7 +197,7 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
                                   reduction_factor=settings.reduction_factor)
         searcher = StudySearcher(settings.space, metric=METRIC, study_name=study_name,
                                  experiment=experiment.location, sub=sub, seed=settings.seed,
-                                 first=settings.first_point(cfg))
+                                 first=settings.first_points(cfg), budget_hours=settings.budget_hours)
         tuner = tune.Tuner(
             trainable, param_space=settings.param_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,

@@ -21,27 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from refilled import storage, trial_records
+from refilled.tune.settings import distributions
 
 STUDY_FILE = "optuna.db"
-
-
-def distributions(space: dict[str, dict[str, list]]) -> dict[str, BaseDistribution]:
-    """The search space (refilled.tune.settings) as Optuna's distributions."""
-    out: dict[str, BaseDistribution] = {}
-    for key, dist in space.items():
-        (kind, args), = dist.items()
-        if kind == "choice":
-            out[key] = CategoricalDistribution(list(args))
-        elif kind in ("uniform", "loguniform"):
-            out[key] = FloatDistribution(float(args[0]), float(args[1]), log=kind == "loguniform")
-        else:  # randint, lograndint: [low, high), high excluded, as Ray's tune.randint
-            out[key] = IntDistribution(int(args[0]), int(args[1]) - 1, log=kind == "lograndint")
-    return out
 
 
 def outcome(result: dict | None, error: bool, metric: str) -> tuple[TrialState, float | None]:
@@ -74,10 +60,12 @@ class StudySearcher(Searcher):
     through its own mirror."""
 
     def __init__(self, space: dict[str, dict[str, list]], *, metric: str, study_name: str, experiment: str,
-                 sub: str = "", seed: int = 0, first: dict[str, Any] | None = None, step_key: str = "step"):
+                 sub: str = "", seed: int = 0, first: list[dict[str, Any]] | None = None, step_key: str = "step",
+                 budget_hours: float | None = None):
         super().__init__(metric=metric, mode="max")
         self.space, self.study_name, self.experiment, self.sub = space, study_name, experiment, sub
-        self.seed, self.first, self.step_key = seed, first, step_key
+        self.seed, self.first, self.step_key = seed, list(first or []), step_key
+        self.budget_hours = budget_hours
         self._numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number: all that Tune saves
         self._init_runtime()
 
@@ -86,10 +74,12 @@ class StudySearcher(Searcher):
         self._asked: dict[str, optuna.trial.Trial] = {}  # asked by this driver, not yet told: report() needs them
         self._reported: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
         self._unclaimed: list[tuple[int, dict]] = []  # asked by a killed driver after Tune's last save
+        self._spent_s: float | None = None  # device seconds spent: the ledger's, then each result's
+        self._said_spent = False
 
     def __getstate__(self):  # Tune pickles the searcher into its experiment: no open study in it
         state = self.__dict__.copy()
-        for name in ("_study", "_asked", "_reported", "_unclaimed"):
+        for name in ("_study", "_asked", "_reported", "_unclaimed", "_spent_s", "_said_spent"):
             state.pop(name, None)
         return state
 
@@ -120,13 +110,32 @@ class StudySearcher(Searcher):
         study = optuna.create_study(study_name=self.study_name, storage=url, direction="maximize",
                                     sampler=optuna.samplers.TPESampler(seed=study_seed(self.seed, size)),
                                     load_if_exists=True)
-        if size == 0 and self.first:
-            study.enqueue_trial(self.first)  # the first ask gets it
+        if size == 0:
+            for point in self.first:  # the first asks get them, in order
+                study.enqueue_trial(point)
         return study
+
+    def budget_spent(self) -> bool:
+        """Whether search.budget_hours is spent: the experiment's ledger when this driver
+        started (teacher, bank, phase 1, the trials of an interrupted run), plus what the
+        trials have reported since."""
+        if self.budget_hours is None:
+            return False
+        if self._spent_s is None:
+            from refilled.cost import ledger
+
+            self._spent_s = float(ledger(storage.place_in(self.experiment).folder)["device_s"].sum())
+        return self._spent_s >= self.budget_hours * 3600
 
     # ----------------------------------------------------------------------------- Tune's Searcher
 
     def suggest(self, trial_id: str) -> dict | None:
+        if self.budget_spent():
+            if not self._said_spent:
+                print(f"search.budget_hours spent ({self._spent_s / 3600:.3g} of {self.budget_hours:.3g} device "
+                      "hours): no new trial starts; the running ones finish")
+                self._said_spent = True
+            return Searcher.FINISHED
         if self._unclaimed:
             number, params = self._unclaimed.pop(0)
         else:
@@ -137,6 +146,11 @@ class StudySearcher(Searcher):
         return dict(params)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._spent_s is not None:
+            self._spent_s += float(result.get("cost_device_s") or 0.0)
+        self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict) -> None:
         # Trials asked before a resume have no Trial object in this driver (Optuna hands
         # one out at ask only): they keep the values reported before, and are told their end.
         trial = self._asked.get(trial_id)
@@ -153,7 +167,7 @@ class StudySearcher(Searcher):
         if number is None:
             return
         if result and not error:  # Tune hands the result ASHA stopped the trial on here, not to on_trial_result
-            self.on_trial_result(trial_id, result)
+            self._report(trial_id, result)
         state, value = outcome(result, error, self.metric)
         # skip_if_finished: after --resume, a trial told just before the driver was killed ends again
         self.study.tell(number, value, state=state, skip_if_finished=True)

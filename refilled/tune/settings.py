@@ -9,7 +9,8 @@ Example (search_spaces/digits.yaml)::
         tau1:  {loguniform: [0.5, 16]}
         lambd: {loguniform: [0.1, 100]}
         flag_merge: {choice: [false, true]}
-      start_with: authors       # first trial: the authors' defaults (or: config, none)
+      start_with: authors       # first trial: the authors' defaults (or: config, none, or an
+                                # earlier experiment's folder or URI: its top trials run first)
       asha: {grace_period: 10, reduction_factor: 3}
       resources: {cpu: 1, gpu: 0}   # per trial; gpu may be fractional (0.25)
       max_concurrent: 2
@@ -18,6 +19,8 @@ Example (search_spaces/digits.yaml)::
       keep_checkpoints: 2
       reuse_actors: true        # a trial runs in the process of the one before it (no start-up)
       seed: 0
+      select: {top_k: 3, seeds: 3}  # re-run the 3 best trials with 3 more seeds; the best mean wins
+      budget_hours: 10          # optional: no new trial once this many device hours are spent
       staged:                   # optional: two phases instead of one joint search
         num_samples: 8          # phase 1: stage 1 only, its keys (tau1, lr1, ...) ranked by NCM
         asha: {grace_period: 5, reduction_factor: 3}
@@ -70,6 +73,9 @@ class SearchSettings:
     reuse_actors: bool = True
     seed: int = 0
     staged: StagedSettings | None = None
+    select_top_k: int = 3  # trials re-evaluated after the search (0: the best single trial wins)
+    select_seeds: int = 3  # seeds each of them runs again with
+    budget_hours: float | None = None  # device hours after which no new trial starts
     fixed: dict[str, Any] = field(default_factory=dict)  # constants in every trial's config (phase 2)
 
     def phase_spaces(self) -> tuple[dict, dict]:
@@ -96,25 +102,38 @@ class SearchSettings:
     def is_log(self, key: str) -> bool:
         return next(iter(self.space[key])) in ("loguniform", "lograndint")
 
-    def first_point(self, cfg: Config) -> dict[str, Any] | None:
-        """The configuration queued as the first trial, or None."""
+    def first_points(self, cfg: Config) -> list[dict[str, Any]]:
+        """The configurations queued as the first trials: the authors' defaults, the
+        config's values, none, or the top trials of an earlier experiment (its
+        re-evaluated ranking when it has one), each restricted to this space."""
         if self.start_with == "none":
-            return None
-        source = Config() if self.start_with == "authors" else cfg
-        point = {k: getattr(source, k) for k in self.space}
-        for key, value in point.items():
-            (kind, args), = self.space[key].items()
-            if kind == "choice":
-                inside = value in args
-            elif kind.endswith("randint"):  # [low, high): high excluded, as Ray's tune.randint
-                inside = args[0] <= value < args[1]
-            else:
-                inside = args[0] <= value <= args[1]
-            if not inside:
-                raise UserError(f"search.start_with '{self.start_with}' puts {key}={value} outside its space "
-                                f"{self.space[key]}: widen the space or use start_with: none")
-        return point
+            return []
+        if self.start_with in ("authors", "config"):
+            source = Config() if self.start_with == "authors" else cfg
+            point = {k: getattr(source, k) for k in self.space}
+            for key, value in point.items():
+                if not self.inside(key, value):
+                    raise UserError(f"search.start_with '{self.start_with}' puts {key}={value} outside its space "
+                                    f"{self.space[key]}: widen the space or use start_with: none")
+            return [point]
+        from refilled.experiments import top_configs
 
+        points = []
+        for values in top_configs(self.start_with, max(self.select_top_k, 3)):
+            point = {k: values[k] for k in self.space if k in values}
+            if len(point) == len(self.space) and all(self.inside(k, v) for k, v in point.items()) \
+                    and point not in points:
+                points.append(point)
+        return points
+
+    def inside(self, key: str, value: Any) -> bool:
+        """Whether `value` lies in the space of `key`."""
+        (kind, args), = self.space[key].items()
+        if kind == "choice":
+            return value in args
+        if kind.endswith("randint"):  # [low, high): high excluded, as Ray's tune.randint
+            return args[0] <= value < args[1]
+        return args[0] <= value <= args[1]
 
     def to_section(self) -> dict[str, Any]:
         """The `search:` section these settings read back from (experiment.yaml)."""
@@ -123,10 +142,29 @@ class SearchSettings:
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "max_concurrent": self.max_concurrent,
                 "max_failures": self.max_failures, "checkpoint_every": self.checkpoint_every,
                 "keep_checkpoints": self.keep_checkpoints, "reuse_actors": self.reuse_actors, "seed": self.seed,
+                "select": {"top_k": self.select_top_k, "seeds": self.select_seeds},
+                **({"budget_hours": self.budget_hours} if self.budget_hours is not None else {}),
                 **({"staged": {"num_samples": self.staged.num_samples,
                                "asha": {"grace_period": self.staged.grace_period,
                                         "reduction_factor": self.staged.reduction_factor}}}
                    if self.staged else {})}
+
+
+def distributions(space: dict[str, dict[str, list]]) -> dict:
+    """The search space as Optuna's distributions (the searcher asks with them; the
+    analysis rebuilds trials with them)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for key, dist in space.items():
+        (kind, args), = dist.items()
+        if kind == "choice":
+            out[key] = CategoricalDistribution(list(args))
+        elif kind in ("uniform", "loguniform"):
+            out[key] = FloatDistribution(float(args[0]), float(args[1]), log=kind == "loguniform")
+        else:  # randint, lograndint: [low, high), high excluded, as Ray's tune.randint
+            out[key] = IntDistribution(int(args[0]), int(args[1]) - 1, log=kind == "lograndint")
+    return out
 
 
 def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:
@@ -178,26 +216,32 @@ def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings
         s.space = {k: _check_distribution(k, v, base) for k, v in DEFAULT_SPACE.items()}
     if "staged" in section:
         s.staged = _parse_staged(section.pop("staged"), s)
-    nested = {"asha": ("grace_period", "reduction_factor"), "resources": ("cpu", "gpu")}
+    nested = {"asha": ("grace_period", "reduction_factor"), "resources": ("cpu", "gpu"),
+              "select": ("top_k", "seeds")}
     flat: dict[str, Any] = {}
     for name, keys in nested.items():
         sub = section.pop(name, None) or {}
         if not isinstance(sub, dict) or set(sub) - set(keys):
             raise UserError(f"search.{name} takes {', '.join(keys)}, got {sub}")
-        flat.update(sub)
+        flat.update({f"select_{k}" if name == "select" else k: v for k, v in sub.items()})
     flat.update(section)
     numbers = {"num_samples": int, "grace_period": int, "reduction_factor": float, "cpu": float, "gpu": float,
                "max_concurrent": int, "max_failures": int, "checkpoint_every": int, "keep_checkpoints": int,
-               "seed": int}
+               "seed": int, "select_top_k": int, "select_seeds": int}
     for key, value in flat.items():
         if key == "reuse_actors":
             if not isinstance(value, bool):
                 raise UserError(f"search.reuse_actors must be true or false, got {value!r}")
             s.reuse_actors = value
         elif key == "start_with":
-            if value not in ("authors", "config", "none", None):
-                raise UserError(f"search.start_with must be authors, config or none, got {value!r}")
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"search.start_with must be authors, config, none or an experiment's folder "
+                                f"or URI, got {value!r}")
             s.start_with = value or "none"
+        elif key == "budget_hours":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise UserError(f"search.budget_hours must be a number of device hours > 0, got {value!r}")
+            s.budget_hours = None if value is None else float(value)
         elif key in numbers:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"search.{key} must be a number, got {value!r}")
@@ -213,7 +257,11 @@ def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings
         raise UserError(f"search.resources: cpu must be > 0 and gpu >= 0 (fractions only below 1), got cpu={s.cpu} gpu={s.gpu}")
     if s.max_failures < 0 or s.max_concurrent < 0:
         raise UserError("search.max_failures and search.max_concurrent must be >= 0")
-    s.first_point(base)
+    if s.select_top_k < 0 or s.select_seeds < 1:
+        raise UserError(f"search.select: top_k must be >= 0 (0: no re-evaluation) and seeds >= 1, "
+                        f"got top_k={s.select_top_k} seeds={s.select_seeds}")
+    if s.start_with in ("authors", "config"):
+        s.first_points(base)  # an earlier experiment is read when the search starts
     return s
 
 

@@ -23,6 +23,7 @@ from ray import tune
 from refilled import checkpoint
 from refilled.bank import TeacherBank, teacher_embeddings
 from refilled.config import Config, from_dict
+from refilled.cost import Clock, device_units
 from refilled.run import load_teacher_state, student_data, transfer_teacher
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.stage1_cache import Stage1Cache, stage1_key
@@ -35,9 +36,10 @@ CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
 CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
 
 
-def _report(metrics: dict[str, Any], snapshot: dict | None = None) -> None:
-    # Ray's node_ip is the same for nodes that share a machine; the node id tells them apart
-    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
+def _report(clock: Clock, metrics: dict[str, Any], snapshot: dict | None = None) -> None:
+    # Ray's node_ip is the same for nodes that share a machine; the node id tells them apart;
+    # the clock says what computing this report took (refilled.cost)
+    metrics = {**metrics, **clock.lap(), "node_id": ray.get_runtime_context().get_node_id()}
     if snapshot is None:
         tune.report(metrics)
         return
@@ -70,9 +72,11 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
     `stage1_only`: end after stage 1 (phase 1 of a staged search)."""
     cfg: Config = from_dict(params, from_dict(base))
     cfg = cfg.replace(flag_tuning=True, device="auto")  # searching never sees the test split
-    torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
+    resources = tune.get_context().get_trial_resources().required_resources
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
     keep_freed_memory()
     device = resolve_device("auto")  # CUDA exactly when Ray gave this trial a GPU
+    clock = Clock(device.type, device_units(device.type, resources.get("CPU", 1), resources.get("GPU", 0)))
     data = student_data(cfg, device)
     teacher_net = load_teacher_state(teacher, cfg, data)
     lookup = TeacherBank(bank).to(device) if bank is not None else None
@@ -100,7 +104,7 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
     try:
         if cache and resume is None:
             resume = _stage1_from_cache(cfg, data, student, fn, centers, cache, stage1_key(cfg, teacher_id),
-                                        checkpoint_every, total)
+                                        checkpoint_every, total, clock)
         for epoch in refilled_epochs(cfg, data, student, fn, centers, resume, transfer_teacher(data, teacher_net)):
             _crash_once_for_tests(epoch.step)
             step = epoch.step
@@ -108,12 +112,12 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
             if epoch.stage == STAGE2:
                 best2 = metrics["best_val_accuracy_stage2"] = max(best2, metrics["val_accuracy"])
             save = step == total or step % checkpoint_every == 0
-            _report(metrics, {**epoch.snapshot(), "best_val_accuracy_stage2": best2} if save else None)
+            _report(clock, metrics, {**epoch.snapshot(), "best_val_accuracy_stage2": best2} if save else None)
             if step == total:
                 break  # stage1_only: stage 2 is not this trial's
     except Diverged as e:  # end this trial, recorded as diverged; the search goes on
-        _report({"diverged": 1, "diverged_reason": str(e), "val_accuracy": 0.0, "step": step + 1,
-                 "total_steps": total})
+        _report(clock, {"diverged": 1, "diverged_reason": str(e), "val_accuracy": 0.0, "step": step + 1,
+                        "total_steps": total})
 
 
 def _metrics(epoch, total: int) -> dict[str, Any]:
@@ -121,7 +125,7 @@ def _metrics(epoch, total: int) -> dict[str, Any]:
             "total_steps": total, "diverged": 0, **epoch.metrics}
 
 
-def _stage1_from_cache(cfg, data, student, fn, centers, cache, key, checkpoint_every, total) -> dict:
+def _stage1_from_cache(cfg, data, student, fn, centers, cache, key, checkpoint_every, total, clock) -> dict:
     """The end-of-stage-1 snapshot: another trial's, replayed epoch by epoch so ASHA
     sees the same reports it would have, or computed here (under the key's lock) and stored."""
     hit = cache.lookup(key)
@@ -129,13 +133,14 @@ def _stage1_from_cache(cfg, data, student, fn, centers, cache, key, checkpoint_e
         with cache.computing(key):
             hit = cache.lookup(key)  # another trial may have stored it while we waited
             if hit is None:
-                return _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total)
-    for record in hit["history"]:
-        _report({**record, "stage1_cache": "hit"})
+                return _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total,
+                                             clock)
+    for record in hit["history"]:  # costs what the replay takes: the clock overwrites the record's cost
+        _report(clock, {**record, "stage1_cache": "hit"})
     return hit["snapshot"]
 
 
-def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total) -> dict:
+def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total, clock) -> dict:
     """Run stage 1 (reporting every epoch as usual), store it for other trials, return its snapshot."""
     history, snapshot = [], None
     for epoch in refilled_epochs(cfg, data, student, fn, centers):
@@ -143,7 +148,7 @@ def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoin
         metrics = _metrics(epoch, total)
         history.append(metrics)
         snapshot = epoch.snapshot()
-        _report({**metrics, "stage1_cache": "miss"}, snapshot if epoch.step % checkpoint_every == 0 else None)
+        _report(clock, {**metrics, "stage1_cache": "miss"}, snapshot if epoch.step % checkpoint_every == 0 else None)
         if epoch.epoch == cfg.n_training_epochs1:
             break  # stage 1 is done; stage 2 resumes from the snapshot
     cache.store(key, snapshot, history)

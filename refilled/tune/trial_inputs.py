@@ -14,6 +14,7 @@ import numpy as np
 
 from refilled import checkpoint
 from refilled.config import Config, from_dict
+from refilled.cost import DRIVER_FILE, add_driver_cost, device_units
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.storage import Place
 from refilled.tune.settings import SearchSettings
@@ -23,15 +24,18 @@ def file_digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
 
 
-def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | None, np.ndarray | None, float, str]:
     """Runs as a Ray task (on a GPU when trials get one): the teacher's embedding bank
-    of the tuning split and the global class centres."""
+    of the tuning split and the global class centres, the seconds it took and the device."""
+    import time
+
     import torch
 
     from refilled.bank import TeacherBank
     from refilled.run import bank_wanted, load_teacher_state, student_data
     from refilled.train import global_centers
 
+    start = time.perf_counter()
     keep_freed_memory()
     cfg = from_dict(cfg_dict)
     data = student_data(cfg, resolve_device("auto"))
@@ -40,7 +44,8 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
     centers = global_centers(teacher, bank.to(data.device) if bank else None, data) if cfg.centers == "global" else None
     as_np = (lambda t: None if t is None else t.detach().cpu().numpy())
     return (None if bank is None else np.asarray(bank.embeddings.cpu() if torch.is_tensor(bank.embeddings)
-                                                 else bank.embeddings)), as_np(centers)
+                                                 else bank.embeddings)), as_np(centers), \
+        time.perf_counter() - start, data.device.type
 
 
 def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
@@ -58,8 +63,16 @@ def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
         checkpoint.save(state, target)
         print(f"teacher: {source} (copied into the experiment)")
     else:
+        import time
+
+        import torch
+
         print("teacher: none for this config yet, pretraining it (once for the whole search)")
+        start = time.perf_counter()
         pretrain(cfg, target)
+        device = resolve_device(cfg.device).type
+        add_driver_cost(folder, "teacher", "pretrain", time.perf_counter() - start, device,
+                        device_units(device, torch.get_num_threads(), 1))
     return target
 
 
@@ -83,7 +96,8 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
         centers = np.load(centers_file) if centers_file.exists() else None
     else:
         task = ray.remote(num_cpus=settings.cpu, num_gpus=settings.gpu)(_build_bank_task)
-        bank, centers = ray.get(task.remote(teacher_state, tuning_cfg.to_dict()))
+        bank, centers, wall_s, device = ray.get(task.remote(teacher_state, tuning_cfg.to_dict()))
+        add_driver_cost(folder, "teacher_bank", "bank", wall_s, device, device_units(device, settings.cpu, settings.gpu))
         if bank is not None:
             np.save(bank_file, bank)
             print(f"teacher bank: {bank.shape[0]} images x {bank.shape[1]} augmentations computed once "
@@ -93,7 +107,7 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
                   "trials run the teacher")
         if centers is not None:
             np.save(centers_file, centers)
-        place.push(bank_file.name, centers_file.name)
+        place.push(bank_file.name, centers_file.name, DRIVER_FILE)
     # the stage-1 cache needs a folder every trial can lock; an object store has no locks
     # (a staged search needs none: phase 1 searches stage 1, phase 2 starts from its choice)
     cache_dir = None if place.uri or stage1 is not None or stage1_only else str(folder / "stage1_cache")

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""How the winner was chosen, and what the search cost (matplotlib, PNG).
+
+  selection.png  per experiment, each re-evaluated candidate: its score in the
+                 search (the best of its epochs, the number it was ranked by)
+                 beside the mean and spread of its validation accuracy over
+                 more seeds, and for the retrained winner its test accuracy:
+                 the optimism gap, candidate by candidate
+  cost.png       best stage-2 validation accuracy so far against the device
+                 hours spent (teacher, bank and a staged search's phase 1
+                 first, then trials in the order they ended)
+
+examples:
+  python analysis/selection_cost.py experiments/digits --out reports/digits
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, out_dir,  # noqa: E402
+                             retrain_results, run_cli, trials)
+from refilled import cost  # noqa: E402
+from refilled.experiments import read_selection  # noqa: E402
+
+DPI = 110
+
+
+def selection(exp: Experiment) -> pd.DataFrame:
+    """selection.csv with: experiment, chosen (the winner), and for the winner the mean
+    test accuracy of its final retrain (when the retrain ran on it). Empty without one."""
+    table = read_selection(exp.folder)
+    if table is None or table.empty:
+        return pd.DataFrame()
+    table = table.assign(experiment=exp.label, chosen=False, test_accuracy_mean=float("nan"))
+    table.loc[0, "chosen"] = True
+    results = retrain_results(exp) or {}
+    source = results.get("source") or {}
+    if "refilled" in results and str(source.get("trial_id")) == str(table.loc[0, "trial_id"]):
+        table.loc[0, "test_accuracy_mean"] = results["refilled"]["mean"]
+    return table
+
+
+def plot_selection(experiments, path: str | Path) -> pd.DataFrame:
+    experiments = [e if isinstance(e, Experiment) else open_experiments([e])[0] for e in experiments]
+    frames = [selection(e) for e in experiments]
+    frames = [f for f in frames if not f.empty]
+    fig, axes = plt.subplots(1, max(len(experiments), 1), figsize=(6 * max(len(experiments), 1), 4), squeeze=False)
+    for ax, exp in zip(axes[0], experiments):
+        table = selection(exp)
+        if table.empty:
+            ax.text(0.5, 0.5, f"{exp.label}: no re-evaluation\n(search.select.top_k 0, or the search has not "
+                    "ended)", ha="center", va="center", fontsize=9, transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        x = range(len(table))
+        ax.scatter(x, table["val_accuracy_search"], marker="^", s=60, color="tab:orange",
+                   label="in the search (best epoch, ranked on)")
+        ax.errorbar(x, table["val_accuracy_reeval_mean"], yerr=table["val_accuracy_reeval_std"], fmt="o",
+                    color="tab:blue", capsize=4, label="re-evaluated: mean ± std over seeds (last epoch)")
+        if table["test_accuracy_mean"].notna().any():
+            ax.scatter([0], table["test_accuracy_mean"].iloc[:1], marker="*", s=140, color="black",
+                       label="final retrain: mean test accuracy")
+        ax.set_xticks(list(x), [f"{t}{' (chosen)' if c else ''}" for t, c in zip(table["trial_id"], table["chosen"])],
+                      fontsize=8, rotation=15)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{exp.label}: the optimism gap of the top {len(table)} trials", fontsize=10)
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def cost_curve(exp: Experiment) -> pd.DataFrame:
+    """Trials in the order they ended, with the device hours spent when each ended and
+    the best stage-2 validation accuracy so far. The first row (trial_id '-') is what
+    was spent before any trial of the search proper: teacher, bank, phase 1."""
+    ledger = cost.ledger(exp.folder)
+    ledger = ledger[~ledger["stage"].str.startswith("reeval")]  # after the search: not on this curve
+    table = trials(exp)
+    by_trial = ledger.groupby("trial_id")["device_s"].sum()
+    own = set(table["trial_id"]) if not table.empty else set()
+    before = float(ledger[~ledger["trial_id"].isin(own)]["device_s"].sum())
+    rows = [{"experiment": exp.label, "trial_id": "-", "device_hours": before / 3600, "metric": float("nan")}]
+    if not table.empty:
+        table = table.assign(_end=table["end_time"].fillna(float("inf"))).sort_values("_end", kind="stable")
+        spent = before
+        for _, t in table.iterrows():
+            spent += float(by_trial.get(t["trial_id"], 0.0))
+            rows.append({"experiment": exp.label, "trial_id": t["trial_id"], "device_hours": spent / 3600,
+                         "metric": float(t[METRIC]) if pd.notna(t[METRIC]) else float("nan")})
+    out = pd.DataFrame(rows)
+    out["best_so_far"] = out["metric"].cummax()
+    return out
+
+
+def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
+    experiments = [e if isinstance(e, Experiment) else open_experiments([e])[0] for e in experiments]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    frames = []
+    for i, exp in enumerate(experiments):
+        data = cost_curve(exp)
+        frames.append(data)
+        spent = cost.totals(cost.ledger(exp.folder))
+        colour = plt.get_cmap("tab10")(i % 10)
+        ax.step(data["device_hours"], data["best_so_far"], where="post", color=colour, linewidth=2,
+                label=f"{exp.label}: best so far ({spent['device_hours']:.3g} device hours in all, "
+                      f"re-evaluation included)")
+        ax.scatter(data["device_hours"], data["metric"], s=18, color=colour, alpha=0.5)
+        ax.axvline(data["device_hours"].iloc[0], color=colour, linestyle=":", linewidth=1)
+    ax.set_xlabel("device hours spent (CPU or GPU hours Ray gave; dotted: teacher, bank and phase 1)")
+    ax.set_ylabel("stage-2 validation accuracy")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.25)
+    ax.set_title("what the search cost: best validation accuracy so far against device hours", fontsize=11)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = experiments_parser("selection_cost.py", __doc__).parse_args(argv)
+    experiments = open_experiments(args.experiments)
+    folder = out_dir(args.out)
+    for name, plot in (("selection", plot_selection), ("cost", plot_cost)):
+        plot(experiments, folder / f"{name}.png")
+        print(f"wrote {folder / f'{name}.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,116 @@
+"""What a search cost: wall seconds and device seconds, per trial and stage.
+
+Every epoch a trial reports says what computing it took (`cost_wall_s`: the
+wall time since its previous report, the trial's start-up included in its
+first; `device`: cpu or cuda; `cost_device_s`: wall seconds times the CPUs or
+GPUs Ray gave the trial, so a quarter GPU for an hour is 0.25 GPU hours). The
+driver adds what it computed itself (teacher pre-training, the teacher bank:
+`driver_cost.json`), and the re-evaluation of the top trials adds its runs
+(refilled.tune.selection). `ledger` puts them together: `cost.csv`, one row per
+trial and stage:
+
+    trial_id, stage, epochs, wall_s, device, device_s
+
+An epoch run twice (a trial retried after a crash, the last epochs of a trial a
+resumed search runs again) costs twice: both were computed. Epochs replayed
+from the stage-1 cache cost what the replay took (next to nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+COST_FILE = "cost.csv"
+DRIVER_FILE = "driver_cost.json"
+COLUMNS = ["trial_id", "stage", "epochs", "wall_s", "device", "device_s"]
+
+
+class Clock:
+    """Wall time between reports, and what it is worth in device seconds."""
+
+    def __init__(self, device: str, units: float):
+        import time
+
+        self._now = time.perf_counter
+        self.device, self.units, self.mark = device, units, self._now()
+
+    def lap(self) -> dict[str, Any]:
+        now = self._now()
+        wall, self.mark = now - self.mark, now
+        return {"cost_wall_s": wall, "device": self.device, "cost_device_s": wall * self.units}
+
+
+def device_units(device: str, cpus: float, gpus: float) -> float:
+    """What one second of a run is worth: its GPUs on CUDA, its CPUs otherwise."""
+    return gpus if device == "cuda" else cpus
+
+
+def add_driver_cost(folder: str | Path, item: str, stage: str, wall_s: float, device: str, units: float,
+                    epochs: int = 0) -> None:
+    """Append one row of the driver's own work (teacher, bank) to driver_cost.json, atomically."""
+    path = Path(folder) / DRIVER_FILE
+    rows = read_driver_cost(folder)
+    rows.append({"trial_id": item, "stage": stage, "epochs": epochs, "wall_s": wall_s, "device": device,
+                 "device_s": wall_s * units})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)
+
+
+def read_driver_cost(folder: str | Path) -> list[dict[str, Any]]:
+    path = Path(folder) / DRIVER_FILE
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError:
+        from refilled.errors import UserError
+
+        raise UserError(f"{path} is damaged (not JSON): delete it (the cost ledger then misses the teacher and "
+                        "bank rows) or restore it") from None
+    return rows if isinstance(rows, list) else []
+
+
+def trial_rows(trial_id: str, results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A trial's rows from its reported epochs: one per stage it reported."""
+    by_stage: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if "cost_wall_s" not in r:
+            continue
+        row = by_stage.setdefault(r.get("stage", "?"), {"trial_id": trial_id, "stage": r.get("stage", "?"),
+                                                         "epochs": 0, "wall_s": 0.0, "device": r.get("device"),
+                                                         "device_s": 0.0})
+        row["epochs"] += 0 if r.get("diverged") else 1
+        row["wall_s"] += float(r["cost_wall_s"])
+        row["device_s"] += float(r.get("cost_device_s", 0.0))
+    return list(by_stage.values())
+
+
+def ledger(folder: str | Path) -> pd.DataFrame:
+    """Every cost of an experiment: the driver's rows, each trial's (phase 1 of a staged
+    search included), and the re-evaluation's runs."""
+    from refilled.experiments import STAGE1_SEARCH, read_results, reeval_results, trial_folders
+
+    folder = Path(folder)
+    rows = list(read_driver_cost(folder))
+    for part in (folder / STAGE1_SEARCH, folder):
+        for trial in trial_folders(part):
+            results = read_results(trial)
+            trial_id = results[-1].get("trial_id") if results else trial.name
+            rows += trial_rows(str(trial_id), results)
+    rows += [{"trial_id": r["trial_id"], "stage": f"reeval seed {r['seed']}", "epochs": r.get("epochs", 0),
+              "wall_s": r["wall_s"], "device": r["device"], "device_s": r["device_s"]} for r in reeval_results(folder)]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def totals(table: pd.DataFrame) -> dict[str, float]:
+    """Device hours by device, and wall hours, of a ledger."""
+    out = {f"{device}_hours": float(part["device_s"].sum()) / 3600 for device, part in table.groupby("device")}
+    out["wall_hours"] = float(table["wall_s"].sum()) / 3600
+    out["device_hours"] = float(table["device_s"].sum()) / 3600
+    return out
