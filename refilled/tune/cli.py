@@ -12,7 +12,9 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
         description="Search the space in the experiment file's `search:` section. The teacher is trained "
                     "(or copied from --teacher) once into the experiment folder, trials run both stages on "
                     "train/validation, ASHA stops weak ones, Optuna (TPE) proposes the next. At the end it "
-                    "prints a table of trials and writes best_config.yaml. With `staged:` in the search section "
+                    "prints a table of trials, runs the best trials again with more seeds (search.select: the best "
+                    "mean wins, selection.csv), writes best_config.yaml and the cost ledger (cost.csv; "
+                    "search.budget_hours stops starting trials once spent). With `staged:` in the search section "
                     "it runs two phases: stage-1 keys (tau1, lr1, ...) by validation NCM accuracy with stage-1-only "
                     "trials, then the other keys with trials that start stage 2 from the chosen embedding. TensorBoard: "
                     "`tensorboard --logdir <storage>/<name>`; Optuna: `optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
