@@ -60,7 +60,8 @@ def run_one(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_path: str, o
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
-    summary = train_once(cfg, folder, teacher_path=teacher_path, progress=progress)
+    # a re-evaluation needs only where the run ends: validation after the last epoch, not every epoch
+    summary = train_once(cfg, folder, teacher_path=teacher_path, progress=progress, every_epoch=not tuning)
     accuracy = "val_accuracy" if tuning else "test_accuracy"
     return {"kind": kind, "seed": seed, accuracy: summary[accuracy], "folder": str(folder),
             "wall_s": time.perf_counter() - start, "device": resolve_device(cfg.device).type}

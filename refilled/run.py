@@ -198,8 +198,10 @@ def _bank(teacher_path: Path, cfg: Config, teacher: Network, data: DeviceTask, p
     return _BANKS[key]
 
 
-def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """One REFILLED run (the authors' main.py): TensorBoard, metrics.json and student.pt in `out`."""
+def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, progress: bool = True,
+               every_epoch: bool = True) -> dict[str, Any]:
+    """One REFILLED run (the authors' main.py): TensorBoard, metrics.json and student.pt in `out`.
+    `every_epoch` off: a tuning run evaluated on validation after the last epoch of each stage only."""
     from refilled.runlog import RunLog
     from refilled.train import refilled_epochs
 
@@ -217,7 +219,7 @@ def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, p
     log = RunLog(out, cfg.to_dict())
     bar = tqdm(total=cfg.n_training_epochs1 + cfg.n_training_epochs2, unit="epoch", disable=not progress)
     last: dict[str, Any] = {}
-    for epoch in refilled_epochs(cfg, data, student, *inputs, transfer=transfer):
+    for epoch in refilled_epochs(cfg, data, student, *inputs, transfer=transfer, every_epoch=every_epoch):
         record = log.add(epoch)
         last.update({k: v for k, v in record.items() if "accuracy" in k})
         bar.set_description(record["stage"])

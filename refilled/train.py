@@ -149,13 +149,15 @@ def global_centers(teacher: Network, bank: TeacherBank | None, data: DeviceTask)
 
 def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: TeacherEmbeddings | None,
                     centers: torch.Tensor | None = None, resume: dict[str, Any] | None = None,
-                    transfer: TeacherEmbeddings | None = None) -> Iterator[Epoch]:
+                    transfer: TeacherEmbeddings | None = None, every_epoch: bool = True) -> Iterator[Epoch]:
     """Stage 1 then stage 2 of one REFILLED run, an Epoch at a time.
 
     With flag_tuning on, every epoch is evaluated on the validation split
-    (`val_accuracy`: NCM in stage 1, the classifier in stage 2). Off, nothing is
-    selected on test: the test split is read once, after the last epoch of
-    each stage (`test_ncm_accuracy`, `test_accuracy`).
+    (`val_accuracy`: NCM in stage 1, the classifier in stage 2); with
+    `every_epoch` off only the last of each stage (a run that only needs where it
+    ends: the search's re-evaluation). With flag_tuning off, nothing is selected
+    on test: the test split is read once, after the last epoch of each stage
+    (`test_ncm_accuracy`, `test_accuracy`).
 
     `teacher` gives teacher embeddings of a batch (refilled.bank); it may be None
     when nothing needs it (no stage 1, lambd 0: the student trained alone).
@@ -187,10 +189,8 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
         for epoch, metrics in train_epochs(method, optimizer, cosine(cfg.lr1, 0.1 * cfg.lr1, e1), data,
                                            n_epochs=e1, batch_size=cfg.batch_size, seed=cfg.seed,
                                            stage=STAGE1, start=start):
-            if tuning:
-                metrics["val_accuracy"] = evaluate.ncm(student, data)
-            elif epoch == e1:
-                metrics["test_ncm_accuracy"] = evaluate.ncm(student, data)
+            if (tuning and every_epoch) or epoch == e1:
+                metrics["val_accuracy" if tuning else "test_ncm_accuracy"] = evaluate.ncm(student, data)
             yield Epoch(STAGE1, epoch, epoch, metrics, snapshot(STAGE1, epoch, optimizer))
         stage, start, resume = STAGE2, 0, None
 
@@ -204,8 +204,6 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
     for epoch, metrics in train_epochs(method, optimizer, multistep(cfg.lr2, cfg.point, cfg.gamma), data,
                                        n_epochs=e2, batch_size=cfg.batch_size, seed=cfg.seed,
                                        stage=STAGE2, start=start, unlabelled=with_transfer):
-        if tuning:
-            metrics["val_accuracy"] = evaluate.accuracy(student, data)
-        elif epoch == e2:
-            metrics["test_accuracy"] = evaluate.accuracy(student, data)
+        if (tuning and every_epoch) or epoch == e2:
+            metrics["val_accuracy" if tuning else "test_accuracy"] = evaluate.accuracy(student, data)
         yield Epoch(STAGE2, epoch, e1 + epoch, metrics, snapshot(STAGE2, epoch, optimizer))

@@ -354,3 +354,16 @@ def test_teacher_pretraining_is_the_authors_recipe_with_the_epoch_chosen_on_vali
     chosen = epochs[-1].metrics["chosen_epoch"]
     assert chosen == accs.index(max(accs)) + 1 < 5 and epochs[-1].metrics["chosen_val_accuracy"] == max(accs)
     assert evaluate.accuracy(teacher, data) == max(accs)  # the chosen epoch's weights are the teacher's now
+
+
+def test_evaluated_only_at_the_end_of_each_stage_when_asked(world):
+    """every_epoch off (the search's re-evaluation): validation after the last epoch of each
+    stage only, and the same run: evaluating changes nothing the training does."""
+    cfg = make_tiny_config(flag_tuning=True)
+    data, t, bank, c = world[True]
+    ends = [(e.stage, e.epoch, dict(e.metrics)) for e in refilled_epochs(
+        cfg, data, build_student(cfg, data), teacher_embeddings(t, bank), c, every_epoch=False)]
+    every = plain(cfg, world)
+    assert [(s, e) for s, e, m in ends if "val_accuracy" in m] == [(STAGE1, 2), (STAGE2, 3)]
+    assert ends[-1][2]["val_accuracy"] == every[-1][3]["val_accuracy"]
+    assert [m["loss"] for *_, m in ends] == [m["loss"] for *_, m in every]
