@@ -14,8 +14,12 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
                     "train/validation, ASHA stops weak ones, Optuna (TPE) proposes the next. At the end it "
                     "prints a table of trials and writes best_config.yaml. With `staged:` in the search section "
                     "it runs two phases: stage-1 keys (tau1, lr1, ...) by validation NCM accuracy with stage-1-only "
-                    "trials, then the other keys with trials that start stage 2 from the chosen embedding. TensorBoard: "
-                    "`tensorboard --logdir <storage>/<name>`; Optuna: `optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
+                    "trials, then the other keys with trials that start stage 2 from the chosen embedding. One driver "
+                    "per experiment: the driver holds a lease (driver.lease in the experiment, its heartbeat renewed "
+                    "while it runs), and a second `search` on the same experiment is refused; --resume takes over the "
+                    "lease of a driver that died once its heartbeat is older than the timeout (120 s; "
+                    "TUNE_REFILLED_LEASE_TIMEOUT). TensorBoard: `tensorboard --logdir <storage>/<name>`; Optuna: "
+                    "`optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
     add_config_args(p)
     p.add_argument("--name", help="experiment name (default: the config file's name)")
     p.add_argument("--storage", default="experiments",
@@ -23,7 +27,9 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
                         "understands, e.g. s3://bucket/experiments (default: experiments)")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start Ray on this machine")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted experiment (--name/--storage) without rerunning finished trials")
+                   help="continue an interrupted experiment (--name/--storage) without rerunning finished trials; "
+                        "refused while another driver runs it, and takes over the lease of one that died (its "
+                        "heartbeat older than TUNE_REFILLED_LEASE_TIMEOUT, default 120 s)")
     p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint to use: one `pretrain` made, or an authors' "
                                                      "released .model file (architecture from the teacher_* keys); "
                                                      "default: the one `pretrain` makes, pretrained into the "

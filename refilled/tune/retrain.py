@@ -19,6 +19,7 @@ from refilled import checkpoint, storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
 from refilled.experiments import best_trial, experiment_config, load_trials, trial_config
+from refilled.lease import note_if_running
 from refilled.final import plan, retrain_local, run_one, summarise, trained_on, write_results
 
 
@@ -59,6 +60,10 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
     if not teacher.is_file():
         raise UserError(f"the experiment's teacher {place.location}/teacher.pt is missing: "
                         "resume the search or copy the teacher there")
+    if not teacher_file:  # a damaged teacher is refused before anything is written
+        checkpoint.load(teacher, "the experiment's teacher", shown=f"{place.location}/teacher.pt",
+                        remedy="restore it from a backup, or pass --teacher FILE")
+    note_if_running(place.location)  # a running search's best trial so far: said, not refused
     out_dir = Path(out).expanduser().resolve() if out else folder / "retrain"
     upload_to = storage.join(place.uri, "retrain") if place.uri and not out else None
     shown = upload_to or str(out_dir)

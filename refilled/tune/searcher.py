@@ -26,8 +26,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from refilled import storage, trial_records
-
-STUDY_FILE = "optuna.db"
+from refilled.damage import STUDY_FILE  # noqa: F401 (where the driver finds it)
 
 
 def distributions(space: dict[str, dict[str, list]]) -> dict[str, BaseDistribution]:
