@@ -221,9 +221,12 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
         storage.download(place.uri, folder, skip=lambda rel: storage.is_checkpoint(rel) or rel.endswith(STUDY_FILE))
     if resume:
         set_aside_unknown_trials(place, {Path(r.path).name for r in grid if r.path})
-    # Tune ends fit() quietly on Ctrl-C (it saves its state first): stop here, or an interrupted
-    # phase 1 would choose from half its trials and the table would pass for the search's result
-    if len(grid) < settings.num_samples or grid.num_terminated + grid.num_errors < len(grid):
+    # Tune ends fit() quietly on Ctrl-C (it saves its state, then marks the trials it stops as
+    # terminated): stop here, or an interrupted phase 1 would choose from half its trials and
+    # the table would pass for the search's result. The trials' records, which Tune's last
+    # state save brought into the storage, say which trials really ended.
+    ended = load_trials(folder)
+    if len(grid) < settings.num_samples or len(ended) < settings.num_samples or (ended["status"] == "running").any():
         print(f"interrupted: Tune saved the search; `tune_refilled.py search --resume --name "
               f"{experiment.location.rstrip('/').rsplit('/', 1)[-1]} --storage {experiment.storage_path}` "
               "continues it", file=sys.stderr)
