@@ -157,8 +157,13 @@ class _Remote:
 
     def write(self, data: bytes) -> None:
         self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(self.path) as f:
+        # an object store replaces an object whole; a file (file://) is written in place, where two
+        # writers at once could leave one's bytes over the other's: there, write aside and rename
+        target = f"{self.path}.{secrets.token_hex(4)}.tmp" if isinstance(self.fs, pafs.LocalFileSystem) else self.path
+        with self.fs.open_output_stream(target) as f:
             f.write(data)
+        if target != self.path:
+            self.fs.move(target, self.path)
 
     def delete(self) -> None:
         try:
