@@ -233,7 +233,8 @@ def experiments_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The arguments every analysis script takes: experiments and --out."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
+                   help="experiment folder(s) made by `search`, or their URIs (s3://...); one whose search "
+                        "still runs is read as it is now (said on stderr)")
     p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
     return p
 

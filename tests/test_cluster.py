@@ -151,8 +151,9 @@ LOAD = 64
 def test_64_short_trials_on_two_nodes(two_nodes, teacher, tmp_path):
     """More trials asked for at once (8) than the 2 CPUs run, each worker process reused:
     every trial is in the study once, has its folder and its row in the report."""
-    config = tiny_experiment(tmp_path, "load", config={"n_training_epochs1": 1, "n_training_epochs2": 2, "point": [1]},
+    config = tiny_experiment(tmp_path, "load", config={"n_training_epochs1": 1, "n_training_epochs2": 1, "point": [1]},
                              search={"num_samples": LOAD, "max_concurrent": 8, "reuse_actors": True,
+                                     "checkpoint_every": 2,  # a checkpoint at the last step only
                                      "asha": {"grace_period": 1, "reduction_factor": 2}})
     storage = tmp_path / "storage"
     start = time.monotonic()

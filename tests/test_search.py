@@ -507,20 +507,23 @@ def test_a_second_driver_is_refused_while_the_first_runs(experiment, tmp_path):
     on, and Ctrl-C ends it with its lease released."""
     import optuna
 
-    n = 2
-    config = tiny_experiment(tmp_path, "busy", search={"num_samples": n, "max_concurrent": 1,
+    n = 2  # one at a time, each in a fresh worker process: the first driver runs long enough
+    config = tiny_experiment(tmp_path, "busy", search={"num_samples": n, "max_concurrent": 1, "reuse_actors": False,
                                                         "asha": {"grace_period": TOTAL_STEPS}})
     storage = tmp_path / "storage"
     folder = storage / "busy"
     first_run = RayRun(**{LEASE_ENV: "120"})  # the default: a live driver is never stale here
     first = first_run.popen(cli("search", "--config", str(config), "--storage", str(storage),
                                 "--teacher", str(experiment.teacher)))
-    try:
+    def wait_for(what, ready):
         deadline = time.monotonic() + SEARCH_TIMEOUT
-        while not list(folder.glob("trial_*/checkpoint_*")):  # trials are running
+        while not ready():
             assert first.poll() is None, first.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no trial started"
-            time.sleep(0.5)
+            assert time.monotonic() < deadline, f"{what} did not happen in time"
+            time.sleep(0.2)
+
+    try:
+        wait_for("the experiment file", lambda: (folder / "experiment.yaml").is_file())
         lease = json.loads((folder / "driver.lease").read_text())
         assert lease["pid"] == first.pid and lease["host"] == socket.gethostname()
         for args in (cli("search", "--resume", "--name", "busy", "--storage", str(storage)),
@@ -532,6 +535,7 @@ def test_a_second_driver_is_refused_while_the_first_runs(experiment, tmp_path):
                                   f"kill -INT {first.pid}")
             assert first.poll() is None
         assert json.loads((folder / "driver.lease").read_text())["token"] == lease["token"]
+        wait_for("a trial's checkpoint", lambda: list(folder.glob("trial_*/checkpoint_*")))  # Tune runs trials
         first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state, the driver ends
         _, err = first.communicate(timeout=180)
     finally:

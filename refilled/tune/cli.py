@@ -49,7 +49,11 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
     from refilled import experiment_file
     from refilled.errors import UserError
+    from refilled.lease import Lease
     from refilled.storage import experiment_place
+
+    if args.name or args.config:  # a live driver on this experiment: refused before Ray loads (seconds)
+        Lease(experiment_place(args.storage, args.name or Path(args.config).stem).location).refuse_if_held()
     from refilled.tune.search import run_search
 
     if args.resume:
@@ -88,7 +92,8 @@ def add_retrain_command(sub) -> None:
                     "test split. With the baseline (default) the student alone (cross-entropy, same epochs, "
                     "same seeds) is trained too, and the gain is given seed by seed: its standard error and the seeds "
                     "won and lost (on a small test set a few seeds rarely settle it). Writes results.json and "
-                    "summary.md.")
+                    "summary.md. On an experiment whose search still runs it reads the trials as they are now "
+                    "and says so on stderr.")
     p.add_argument("--experiment", required=True, metavar="PATH",
                    help="experiment made by `search`: its folder, or its URI (e.g. s3://bucket/experiments/digits)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
