@@ -478,7 +478,8 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     import optuna
 
     ot_trials = study(folder).trials
-    assert len(ot_trials) == n, [(t.number, t.state, t.params) for t in ot_trials]
+    assert len(ot_trials) == n, ([(t.number, t.state.name, sorted(t.params), t.datetime_start) for t in ot_trials],
+                                 resumed.stdout[-6000:], resumed.stderr[-4000:])
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ot_trials), [t.state for t in ot_trials]
     for tf in folders:
         optuna_trial_for(ot_trials, params(tf))
