@@ -25,15 +25,18 @@ if str(REPO) not in sys.path:  # `python analysis/x.py` from anywhere
 import pandas as pd  # noqa: E402
 
 from refilled.config import Config  # noqa: E402
+from refilled.damage import STUDY_FILE, study  # noqa: E402
 from refilled.errors import UserError  # noqa: E402
 from refilled.experiments import (EXPERIMENT_FILE, STAGE1_SEARCH, experiment_config, load_trials,  # noqa: E402
                                   read_results)
+from refilled.lease import note_if_running  # noqa: E402
 from refilled.stage1_cache import STAGE1_ONLY  # noqa: E402
 from refilled.storage import experiment_at  # noqa: E402
 
 STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
 METRIC = "best_val_accuracy_stage2"  # the final metric of a trial (what the search ranks by)
 LOG_KINDS = ("loguniform", "lograndint")
+ANALYSIS_STUDY = "restore it from a backup, or move it aside to report without parameter importances"
 
 
 @dataclass
@@ -96,15 +99,20 @@ class Experiment:
 
 def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     """The experiments at these folders; a folder that is not one is a UserError."""
-    folders, names = [], []
+    folders, names, running = [], [], []
     for p in paths:
         place = experiment_at(p)  # a URI is read from a local mirror
         experiment_config(place.folder, place.location)  # refuses what is not an experiment, in one line
+        # a damaged study is refused before any output is written (the importance plot reads it)
+        study(place.folder / STUDY_FILE, f"{place.location}/{STUDY_FILE}", remedy=ANALYSIS_STUDY)
+        running.append(place.location)
         if place.folder not in folders:
             folders.append(place.folder)
             names.append(place.location.rstrip("/").rsplit("/", 1)[-1])
     if not folders:
         raise UserError("no experiment given: pass one or more experiment folders, e.g. experiments/digits")
+    for location in dict.fromkeys(running):  # a search still running is read as it is now: said, not refused
+        note_if_running(location)
     out = []
     for folder, name in zip(folders, names):
         label = name if names.count(name) == 1 else f"{folder.parent.name}/{name}"
@@ -225,7 +233,8 @@ def experiments_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The arguments every analysis script takes: experiments and --out."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                   help="experiment folder(s) made by `search`, or their URIs (s3://...)")
+                   help="experiment folder(s) made by `search`, or their URIs (s3://...); one whose search "
+                        "still runs is read as it is now (said on stderr)")
     p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
     return p
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from refilled.data import augment
 from refilled.data.device import Batch, DeviceTask
+from refilled.errors import UserError
 from refilled.runtime import autocast
 
 
@@ -71,8 +72,8 @@ class TeacherBank:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TeacherBank":
-        return cls(np.load(path, mmap_mode="r"))
+    def load(cls, path: str | Path, shown: str | None = None) -> "TeacherBank":
+        return cls(read_array(path, "teacher bank", shown=shown, mmap=True))
 
     def to(self, device: torch.device) -> "TeacherBank":
         """On CUDA the bank moves to the GPU; on CPU it stays memory-mapped."""
@@ -91,6 +92,19 @@ class TeacherBank:
         if torch.is_tensor(self.embeddings):
             return self.embeddings[:, identity_variant].float()
         return torch.from_numpy(np.array(self.embeddings[:, identity_variant], dtype=np.float32))
+
+
+def read_array(path: str | Path, what: str, *, shown: str | None = None, mmap: bool = False,
+               remedy: str = "delete it: the search computes it again") -> np.ndarray:
+    """A .npy file (memory-mapped with `mmap`); a damaged one (cut short: its header
+    promises more bytes than it holds) is a one-line UserError naming it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{what} {shown or path} not found: {remedy}") from None
+    except (ValueError, OSError, EOFError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(f"{what} {shown or path} is damaged ({reason}): {remedy}") from None
 
 
 TeacherEmbeddings = Callable[[Batch], torch.Tensor]

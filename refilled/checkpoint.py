@@ -37,23 +37,26 @@ def save(obj: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Load with weights_only=True; anything that is not such a file is a UserError."""
+def load(path: str | Path, what: str = "checkpoint", *, shown: str | None = None,
+         remedy: str = "recreate it") -> dict[str, Any]:
+    """Load with weights_only=True; anything that is not such a file is a UserError.
+    `shown`: the name the user knows the file by (its URI, for a downloaded copy);
+    `remedy`: what to do about a damaged one."""
     path = Path(path)
+    shown = shown or str(path)
     if not path.is_file():
-        raise UserError(f"{what} {path} not found: check the path (or run `tune_refilled.py pretrain` to make a teacher)")
+        raise UserError(f"{what} {shown} not found: check the path (or run `tune_refilled.py pretrain` to make a teacher)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the error says it
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{what} {path} is not a plain weights file and was refused ({_refusal(e)}): "
+        raise UserError(f"{what} {shown} is not a plain weights file and was refused ({_refusal(e)}): "
                         "load only checkpoints that tune_refilled.py wrote") from None
     except Exception as e:  # damaged bytes surface as many types (KeyError, IndexError, RuntimeError, ...)
-        raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({type(e).__name__}): "
-                        "recreate it") from None
+        raise UserError(f"{what} {shown} is corrupt or not a PyTorch file ({type(e).__name__}): {remedy}") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{what} {path} holds a {type(obj).__name__}, not a tune-refilled checkpoint")
+        raise UserError(f"{what} {shown} holds a {type(obj).__name__}, not a tune-refilled checkpoint")
     return obj
 
 

@@ -20,6 +20,12 @@ from refilled.config import Config, load_experiment
 from refilled.errors import UserError
 
 EXPERIMENT_FILE = "experiment.yaml"
+# The first and last lines of the file as `write` makes it: a file that starts with HEADER
+# and does not end with END was cut short (a full disk, a copy interrupted), even where
+# what is left still parses as YAML (a search: section cut after `space:` would otherwise
+# resume with default settings).
+HEADER = "# tune-refilled experiment file, written by `search`: it ends with the line below"
+END = "# end of experiment.yaml"
 # what the user should check, by command: the search names experiments by --name/--storage
 SEARCH_HINT = "check --name/--storage"
 READ_HINT = "pass the folder (or URI) `search` made, e.g. experiments/digits"
@@ -39,7 +45,22 @@ def read(folder: str | Path, location: str | None = None, hint: str = READ_HINT)
     folder = Path(folder)
     if not exists(folder):
         raise _missing(location or folder, hint)
+    check_whole(folder / EXPERIMENT_FILE, f"{location}/{EXPERIMENT_FILE}" if location else None)
     return load_experiment(folder / EXPERIMENT_FILE)
+
+
+def check_whole(path: Path, shown: str | None = None) -> None:
+    """Refuse an experiment file that was cut short. Files written before the end line
+    existed (no HEADER) must at least hold both sections that `write` always writes."""
+    text = path.read_text(errors="replace")
+    lines = text.rstrip("\n").splitlines()
+    if lines and lines[0] == HEADER:
+        whole = lines[-1] == END
+    else:
+        whole = all(any(line.startswith(f"{section}:") for line in lines) for section in ("config", "search"))
+    if not whole:
+        raise UserError(f"{shown or path} is cut short (a full disk, or an interrupted copy): restore it from a "
+                        f"backup; its config is also in the experiment's best_config.yaml and trial_*/params.json")
 
 
 def check(place: storage.Place, hint: str = SEARCH_HINT) -> None:
@@ -55,6 +76,6 @@ def write(folder: Path, cfg: Config, search: dict[str, Any], extra: dict[str, An
     """Write (or replace, atomically) the experiment file of `folder`."""
     data = {"config": cfg.to_dict(), "search": search, **(extra or {})}
     tmp = folder / f".{EXPERIMENT_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.write_text(f"{HEADER}\n{yaml.safe_dump(data, sort_keys=False)}{END}\n")
     os.replace(tmp, folder / EXPERIMENT_FILE)
     return folder / EXPERIMENT_FILE

@@ -85,7 +85,10 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
     total = cfg.n_training_epochs1 + (0 if data.get("stage1_only") else cfg.n_training_epochs2)
     records = []
     for trial_folder in trial_folders(folder):
-        params = json.loads((trial_folder / "params.json").read_text())
+        try:
+            params = json.loads((trial_folder / "params.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # being written by a search still running: the trial began a moment ago
         rows = read_results(trial_folder)
         record = trial_records.read(trial_folder)
         # a trial that never reported is still a trial

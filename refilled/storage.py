@@ -128,10 +128,13 @@ class Place:
     def storage_path(self) -> str:
         return self.uri.rstrip("/").rsplit("/", 1)[0] if self.uri else str(self.folder.parent)
 
-    def exists(self) -> bool:
+    def exists(self, ignore: Callable[[str], bool] = lambda name: False) -> bool:
+        """Whether anything is there but entries whose names `ignore` accepts."""
         if self.uri:
-            return exists(self.uri)
-        return self.folder.exists() and any(self.folder.iterdir())
+            fs, root = filesystem(self.uri)
+            entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+            return any(not ignore(e.base_name) for e in entries)
+        return self.folder.is_dir() and any(not ignore(p.name) for p in self.folder.iterdir())
 
     def pull(self, skip: Callable[[str], bool] = is_checkpoint) -> None:
         """A fresh mirror of the URI experiment (Ray's checkpoints stay in storage)."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 RECORD_FILE = "trial_record.json"
+STATE_FILE = "state.pt"  # the trial's state in each of its checkpoint folders (refilled.tune.trainable)
 ENDED = ("finished", "stopped", "diverged", "errored")
 
 

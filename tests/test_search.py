@@ -42,6 +42,10 @@ CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
 SEARCHED = ["tau1", "tau2", "lambd", "lr1", "lr2", "flag_merge"]
 TOTAL_STEPS = 6  # n_training_epochs1 + n_training_epochs2 of search_tiny.yaml
 SEARCH_TIMEOUT = 420
+# Every driver a test starts holds its lease with this timeout (refilled.lease): a driver
+# these tests kill is taken over by a resume this many seconds later, not 120
+LEASE_TIMEOUT = 3.0
+LEASE_ENV = "TUNE_REFILLED_LEASE_TIMEOUT"
 
 
 # ----------------------------------------------------------------------------- processes
@@ -95,7 +99,7 @@ class RayRun:
         self.tmp = tempfile.mkdtemp(prefix="trt-", dir="/tmp")
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", CRASH_ENV, CRASH_MARKERS_ENV)}
         env.update({MARKER: self.marker, "RAY_TMPDIR": self.tmp, "PYTHONUNBUFFERED": "1",
-                    "RAY_USAGE_STATS_ENABLED": "0"})
+                    "RAY_USAGE_STATS_ENABLED": "0", LEASE_ENV: str(LEASE_TIMEOUT)})
         env.update(extra_env)
         self.env = env
 
@@ -122,9 +126,10 @@ class RayRun:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def kill_when(run: RayRun, args: list[str], ready, what: str) -> int:
+def kill_when(run: RayRun, args: list[str], ready, what: str) -> SimpleNamespace:
     """Start a search and SIGKILL its driver (and its process group) once ready() holds;
-    end the run's Ray processes too. Returns the driver's exit status."""
+    end the run's Ray processes too, and wait until the lease the driver could not
+    release is stale (LEASE_TIMEOUT). Returns the driver's exit status and pid."""
     driver = run.popen(args)
     try:
         deadline = time.monotonic() + SEARCH_TIMEOUT
@@ -133,13 +138,15 @@ def kill_when(run: RayRun, args: list[str], ready, what: str) -> int:
             assert time.monotonic() < deadline, f"{what} did not happen in time"
             time.sleep(0.5)
         os.killpg(driver.pid, signal.SIGKILL)
+        killed = time.monotonic()
         driver.wait(timeout=30)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.communicate()
         run.cleanup()
-    return driver.returncode
+    time.sleep(max(0.0, killed + LEASE_TIMEOUT + 0.5 - time.monotonic()))
+    return SimpleNamespace(returncode=driver.returncode, pid=driver.pid)
 
 
 def cli(*args: str) -> list[str]:
@@ -427,9 +434,12 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     storage = tmp_path / "storage"
     folder = storage / "resume"
     args = cli("search", "--config", str(config), "--storage", str(storage), "--teacher", str(experiment.teacher))
-    status = kill_when(RayRun(), args, lambda: sum(finished(tf) for tf in trial_folders(folder)) >= 3,
+    killed = kill_when(RayRun(), args, lambda: sum(finished(tf) for tf in trial_folders(folder)) >= 3,
                        "3 finished trials")
-    assert status == -signal.SIGKILL
+    assert killed.returncode == -signal.SIGKILL
+    # SIGKILL: the driver could not release its lease, which names it
+    left = json.loads((folder / "driver.lease").read_text())
+    assert left["pid"] == killed.pid and left["host"] == socket.gethostname() and left["timeout_s"] == LEASE_TIMEOUT
 
     before = {tf.name: results(tf) for tf in trial_folders(folder) if results(tf)}
     finished_before = [tf.name for tf in trial_folders(folder) if finished(tf)]
@@ -449,6 +459,10 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
 
     resumed = RayRun().run(cli("search", "--resume", "--name", "resume", "--storage", str(storage)))
     assert resumed.returncode == 0, explain(resumed)
+    # its heartbeat is older than the timeout: the resume takes the lease over, says so, and releases it
+    took = [line for line in resumed.stderr.splitlines() if "took over the lease" in line]
+    assert len(took) == 1 and f"pid {killed.pid} on {socket.gethostname()}" in took[0], explain(resumed)
+    assert not (folder / "driver.lease").exists()
 
     folders = trial_folders(folder)
     table = pd.read_csv(folder / "trials.csv")
@@ -464,7 +478,8 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     import optuna
 
     ot_trials = study(folder).trials
-    assert len(ot_trials) == n, [(t.number, t.state, t.params) for t in ot_trials]
+    assert len(ot_trials) == n, ([(t.number, t.state.name, sorted(t.params), t.datetime_start) for t in ot_trials],
+                                 resumed.stdout[-6000:], resumed.stderr[-4000:])
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ot_trials), [t.state for t in ot_trials]
     for tf in folders:
         optuna_trial_for(ot_trials, params(tf))
@@ -480,6 +495,72 @@ def test_resume_after_killing_the_driver(experiment, tmp_path):
     assert not stray.exists() and (folder / "interrupted_trials" / stray.name / "params.json").is_file()
     assert {tf.name: len(results(tf)) for tf in trial_folders(folder)} == lines
     assert len(pd.read_csv(folder / "trials.csv")) == n and len(study(folder).trials) == n
+
+
+# ----------------------------------------------------------------------------- one driver per experiment
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * SEARCH_TIMEOUT)
+def test_a_second_driver_is_refused_while_the_first_runs(experiment, tmp_path):
+    """What a user does with a driver forgotten in a tmux: `search --resume` (or a new
+    search) of the same experiment from a second terminal. It is refused in one line
+    that names the first driver, before it starts Ray or writes anything; the first goes
+    on, and Ctrl-C ends it with its lease released."""
+    import optuna
+
+    n = 2  # one at a time, each in a fresh worker process: the first driver runs long enough
+    config = tiny_experiment(tmp_path, "busy", search={"num_samples": n, "max_concurrent": 1, "reuse_actors": False,
+                                                        "asha": {"grace_period": TOTAL_STEPS}})
+    storage = tmp_path / "storage"
+    folder = storage / "busy"
+    first_run = RayRun(**{LEASE_ENV: "120"})  # the default: a live driver is never stale here
+    first = first_run.popen(cli("search", "--config", str(config), "--storage", str(storage),
+                                "--teacher", str(experiment.teacher)))
+    def wait_for(what, ready):
+        deadline = time.monotonic() + SEARCH_TIMEOUT
+        while not ready():
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"{what} did not happen in time"
+            time.sleep(0.2)
+
+    try:
+        wait_for("the experiment file", lambda: (folder / "experiment.yaml").is_file())
+        lease = json.loads((folder / "driver.lease").read_text())
+        assert lease["pid"] == first.pid and lease["host"] == socket.gethostname()
+        for args in (cli("search", "--resume", "--name", "busy", "--storage", str(storage)),
+                     cli("search", "--config", str(config), "--storage", str(storage), "--name", "busy")):
+            second = RayRun().run(args, timeout=120)
+            # one line on stderr: Ray was not even started (it says so on stderr when it starts)
+            assert_one_line_error(second, f"{folder} is in use by another search driver",
+                                  f"pid {first.pid} on {socket.gethostname()}", "running since",
+                                  f"kill -INT {first.pid}")
+            assert first.poll() is None
+        assert json.loads((folder / "driver.lease").read_text())["token"] == lease["token"]
+        wait_for("a trial's checkpoint", lambda: list(folder.glob("trial_*/checkpoint_*")))  # Tune runs trials
+        first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state, the driver ends
+        _, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
+        first_run.cleanup()
+    assert first.returncode == 130 and "--resume" in err, err[-3000:]
+    assert not (folder / "driver.lease").exists()  # released on Ctrl-C
+    assert not (folder / "trials.csv").exists()  # an interrupted search is not summarised as if it had ended
+    # the refused drivers left nothing behind: one Ray experiment state (each driver that runs writes its own)
+    assert len(list(folder.glob("experiment_state*.json"))) == 1, sorted(p.name for p in folder.iterdir())
+
+    # resumed (no takeover: the lease was released), the search ends with each of its n trials
+    # once, in its folder and in the study
+    resumed = RayRun().run(cli("search", "--resume", "--name", "busy", "--storage", str(storage)))
+    assert resumed.returncode == 0 and "took over" not in resumed.stderr, explain(resumed)
+    folders = trial_folders(folder)
+    ot_trials = study(folder).trials
+    assert len(folders) == len(ot_trials) == n, (len(folders), [(t.number, t.state) for t in ot_trials])
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ot_trials)
+    for tf in folders:
+        optuna_trial_for(ot_trials, params(tf))
+    assert not (folder / "driver.lease").exists()
 
 
 # ----------------------------------------------------------------------------- storage at a URI
@@ -499,10 +580,11 @@ def test_search_resume_retrain_and_report_with_storage_at_a_uri(experiment, tmp_
     uri = f"file://{bucket}"
     folder = bucket / "remote"
     # killed once 2 trials finished (as Ray's sync shows them at the URI)
-    status = kill_when(RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-first")),
+    killed = kill_when(RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-first")),
                        cli("search", "--config", str(config), "--storage", uri, "--teacher", str(experiment.teacher)),
                        lambda: sum(finished(tf) for tf in trial_folders(folder)) >= 2, "2 finished trials")
-    assert status == -signal.SIGKILL
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((folder / "driver.lease").read_text())["pid"] == killed.pid  # the lease is at the URI
     for name in ("experiment.yaml", "teacher.pt", "bank-tuning.npy", "tuner.pkl"):
         assert (folder / name).is_file(), name
     assert not (folder / "trials.csv").exists()
@@ -510,6 +592,7 @@ def test_search_resume_retrain_and_report_with_storage_at_a_uri(experiment, tmp_
     resumed = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-second")).run(
         cli("search", "--resume", "--storage", uri, "--name", "remote"))
     assert resumed.returncode == 0, explain(resumed)
+    assert "took over the lease" in resumed.stderr and not (folder / "driver.lease").exists()
     assert f"written to {uri}/remote/best_config.yaml" in resumed.stdout
     table = pd.read_csv(folder / "trials.csv")
     assert len(table) == n and (table["status"] == "finished").all(), table[["trial_id", "status", "epochs"]]
@@ -635,66 +718,6 @@ def test_nan_trial_ends_as_diverged_and_the_search_goes_on(faults):
     # the diverged trial is never the best config
     assert "diverged" not in (faults.folder / "best_config.yaml").read_text().splitlines()[0]
     assert "best config (" in faults.result.stdout
-
-
-# ----------------------------------------------------------------------------- a two-node cluster
-
-@pytest.mark.slow
-@pytest.mark.timeout(5 * SEARCH_TIMEOUT)
-def test_two_node_local_cluster(experiment, tmp_path):
-    # Ray's token authentication, explicit: the head would take ~/.ray/auth_token if there is one,
-    # and a worker node joins only with RAY_AUTH_MODE=token and the same token
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
-    cluster = RayRun(**auth)
-    port = free_port()
-    head = f"127.0.0.1:{port}"
-    try:
-        for args in (["start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
-                      "--include-dashboard=false", "--disable-usage-stats"],
-                     ["start", f"--address={head}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]):
-            started = subprocess.run([shutil.which("ray") or "ray", *args], cwd=REPO, env=cluster.env,
-                                     capture_output=True, text=True, timeout=180)
-            assert started.returncode == 0, f"ray {' '.join(args)}\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}"
-
-        config = tiny_experiment(tmp_path, "cluster", search={"num_samples": 2, "max_concurrent": 2,
-                                                               "asha": {"grace_period": TOTAL_STEPS}})
-        storage = tmp_path / "storage"  # every node is this machine: a shared file system by construction
-        driver = RayRun(**auth)  # a separate driver environment: it must find the cluster by --address alone
-        result = driver.run(cli("search", "--config", str(config), "--storage", str(storage),
-                                "--teacher", str(experiment.teacher), "--address", head,
-                                "--cpus-per-trial", "1"))
-        assert result.returncode == 0, explain(result)
-
-        # more GPUs per trial than the cluster has: refused once connected, before anything is written
-        refused = RayRun(**auth).run(cli("search", "--config", str(config), "--storage", str(storage),
-                                         "--name", "gpus", "--address", head, "--gpus-per-trial", "1"),
-                                     timeout=180)
-        assert_one_line_error(refused, "1.0 GPU", "the Ray cluster has 0")
-        assert not (storage / "gpus").exists()
-
-        # a retrain of an experiment at a URI, as Ray tasks: each reads the teacher there and uploads its run
-        bucket = tmp_path / "bucket"
-        shutil.copytree(experiment.folder, bucket / "tiny", ignore=shutil.ignore_patterns("checkpoint_*", "retrain"))
-        retrained = RayRun(**auth, TUNE_REFILLED_CACHE=str(tmp_path / "cache")).run(
-            cli("retrain", "--experiment", f"file://{bucket}/tiny", "--seeds", "2", "--no-baseline", "--address", head))
-        assert retrained.returncode == 0, explain(retrained)
-    finally:
-        cluster.cleanup()  # the head's and the worker's processes, by pid: `ray stop` would end every Ray here
-
-    folder = storage / "cluster"
-    folders = trial_folders(folder)
-    assert len(folders) == 2 and all(finished(tf) for tf in folders)
-    nodes = {r["node_id"] for tf in folders for r in results(tf)}
-    assert len(nodes) == 2, nodes  # one trial on each 1-CPU node
-    for tf in folders:  # a trial stays on its node, as its record says
-        assert {r["node_id"] for r in results(tf)} == {record(tf)["node_id"]}
-    assert len(pd.read_csv(folder / "trials.csv")) == 2
-    assert (folder / "best_config.yaml").is_file()
-    assert not _marked_pids(cluster.marker)
-    final = bucket / "tiny" / "retrain"
-    assert json.loads((final / "results.json").read_text())["refilled"]["seeds"] == [0, 1]
-    for seed in (0, 1):
-        assert (final / "refilled" / f"seed{seed}" / "config.yaml").is_file(), sorted(final.rglob("*"))
 
 
 # ----------------------------------------------------------------------------- bad input

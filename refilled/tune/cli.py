@@ -16,8 +16,12 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
                     "mean wins, selection.csv), writes best_config.yaml and the cost ledger (cost.csv; "
                     "search.budget_hours stops starting trials once spent). With `staged:` in the search section "
                     "it runs two phases: stage-1 keys (tau1, lr1, ...) by validation NCM accuracy with stage-1-only "
-                    "trials, then the other keys with trials that start stage 2 from the chosen embedding. TensorBoard: "
-                    "`tensorboard --logdir <storage>/<name>`; Optuna: `optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
+                    "trials, then the other keys with trials that start stage 2 from the chosen embedding. One driver "
+                    "per experiment: the driver holds a lease (driver.lease in the experiment, its heartbeat renewed "
+                    "while it runs), and a second `search` on the same experiment is refused; --resume takes over the "
+                    "lease of a driver that died once its heartbeat is older than the timeout (120 s; "
+                    "TUNE_REFILLED_LEASE_TIMEOUT). TensorBoard: `tensorboard --logdir <storage>/<name>`; Optuna: "
+                    "`optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
     add_config_args(p)
     p.add_argument("--name", help="experiment name (default: the config file's name)")
     p.add_argument("--storage", default="experiments",
@@ -25,7 +29,9 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
                         "understands, e.g. s3://bucket/experiments (default: experiments)")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start Ray on this machine")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted experiment (--name/--storage) without rerunning finished trials")
+                   help="continue an interrupted experiment (--name/--storage) without rerunning finished trials; "
+                        "refused while another driver runs it, and takes over the lease of one that died (its "
+                        "heartbeat older than TUNE_REFILLED_LEASE_TIMEOUT, default 120 s)")
     p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint to use: one `pretrain` made, or an authors' "
                                                      "released .model file (architecture from the teacher_* keys); "
                                                      "default: the one `pretrain` makes, pretrained into the "
@@ -45,7 +51,11 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
     from refilled import experiment_file
     from refilled.errors import UserError
+    from refilled.lease import Lease
     from refilled.storage import experiment_place
+
+    if args.name or args.config:  # a live driver on this experiment: refused before Ray loads (seconds)
+        Lease(experiment_place(args.storage, args.name or Path(args.config).stem).location).refuse_if_held()
     from refilled.tune.search import run_search
 
     if args.resume:
@@ -84,7 +94,8 @@ def add_retrain_command(sub) -> None:
                     "test split. With the baseline (default) the student alone (cross-entropy, same epochs, "
                     "same seeds) is trained too, and the gain is given seed by seed: its standard error and the seeds "
                     "won and lost (on a small test set a few seeds rarely settle it). Writes results.json and "
-                    "summary.md.")
+                    "summary.md. On an experiment whose search still runs it reads the trials as they are now "
+                    "and says so on stderr.")
     p.add_argument("--experiment", required=True, metavar="PATH",
                    help="experiment made by `search`: its folder, or its URI (e.g. s3://bucket/experiments/digits)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")

@@ -19,6 +19,7 @@ from refilled.config import Config, load_experiment
 from refilled.errors import UserError
 from refilled.experiments import chosen_trial, experiment_config, load_trials, read_selection, trial_config
 from refilled.final import plan, retrain_local, run_one, run_one_at_uri, summarise, trained_on, write_results
+from refilled.lease import note_if_running
 
 
 def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -> tuple[Config, dict[str, Any]]:
@@ -64,6 +65,10 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
     if not teacher.is_file():
         raise UserError(f"the experiment's teacher {place.location}/teacher.pt is missing: "
                         "resume the search or copy the teacher there")
+    if not teacher_file:  # a damaged teacher is refused before anything is written
+        checkpoint.load(teacher, "the experiment's teacher", shown=f"{place.location}/teacher.pt",
+                        remedy="restore it from a backup, or pass --teacher FILE")
+    note_if_running(place.location)  # a running search's best trial so far: said, not refused
     out_dir = Path(out).expanduser().resolve() if out else folder / "retrain"
     upload_to = storage.join(place.uri, "retrain") if place.uri and not out else None
     shown = upload_to or str(out_dir)

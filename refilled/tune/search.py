@@ -37,18 +37,21 @@ refilled.experiment_file (experiment.yaml).
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from refilled import checkpoint, cost, experiment_file, storage, trial_records
+from refilled import checkpoint, cost, damage, experiment_file, storage, trial_records
 from refilled.config import Config
 from refilled.errors import UserError
 from refilled.experiment_file import EXPERIMENT_FILE
 from refilled.cost import DRIVER_FILE
 from refilled.experiments import SELECTION_FILE, STAGE1_SEARCH, load_trials, plain_value, write_best_config
+from refilled.lease import LEASE_FILE, Lease
 from refilled.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.searcher import STUDY_FILE, StudySearcher
@@ -126,27 +129,59 @@ def write_cost(folder: Path) -> None:
 def run_search(cfg: Config, search_section: dict, *, name: str, storage_location: str, address: str | None,
                resume: bool, teacher: str | None) -> Path:
     """Run (or resume) the search; returns the folder that holds its results (for a
-    URI experiment, the local mirror: everything in it is also in the URI)."""
+    URI experiment, the local mirror: everything in it is also in the URI).
+
+    One driver per experiment: a live lease (refilled.lease) is refused before anything
+    else, the lease is taken before anything is written and held, with its heartbeat,
+    until this function returns or raises (Ctrl-C included)."""
     from ray import tune
 
     place = experiment_place(storage_location, name)
     folder = place.folder
+    lease = Lease(place.location)
+    lease.refuse_if_held()  # before Ray starts and before a URI's mirror is refreshed
     data: dict = {}
     if resume:
         place.pull()
         cfg, settings, data = read_experiment(folder, place.location)
+        damage.before_resume(place, data)
         # a staged search may have been interrupted in phase 1, before phase 2 had a state
         if not settings.staged and not tune.Tuner.can_restore(place.location):
             raise UserError(f"{place.location} has no Ray Tune state to resume: start a new search instead")
     else:
         settings = parse_search(search_section, cfg)
-        if place.exists():
+        # a folder that holds only a lease (its driver was killed before it wrote) is no experiment
+        if place.exists(ignore=lambda entry: LEASE_FILE in entry):
             raise UserError(f"experiment {place.location} already exists: pass --resume to continue it "
                             "or choose another --name")
     if not address:
         check_local_gpus(settings)  # before starting Ray: its start-up lines would bury the error
     connect(address)
     check_resources(settings)
+    took = lease.acquire(on_lost=lambda holder: _lost_lease(place, holder))
+    if took is not None:
+        print(f"note: took over the lease of {place.location} from a driver that is gone ({took.describe()}; "
+              f"stale after {took.timeout_s:g} s)", file=sys.stderr)
+    try:
+        return _run(cfg, settings, data, place, name, resume, teacher)
+    finally:
+        lease.release()
+
+
+def _lost_lease(place: Place, holder) -> None:
+    """Another driver took this experiment over (this one was silent past the timeout:
+    paused, or cut off from the storage): stop at once, writing nothing more."""
+    who = holder.describe() if holder is not None else "nobody: the lease file was deleted"
+    print(f"error: this driver lost the lease of {place.location} to another driver ({who}); it stops now "
+          f"without writing more: let that one run, or stop it and run --resume", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+def _run(cfg: Config, settings: SearchSettings, data: dict, place: Place, name: str, resume: bool,
+         teacher: str | None) -> Path:
+    from ray import tune
+
+    folder = place.folder
     if not resume:  # only now: a refused search leaves no half experiment behind
         if place.uri:
             shutil.rmtree(folder, ignore_errors=True)  # a mirror left by an earlier experiment at this URI
@@ -158,7 +193,8 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     stage1, phase = None, settings
     if settings.staged:
         choice = data.get("stage1_choice") or run_stage1_phase(cfg, settings, place, name, teacher_path, resume)
-        stage1 = checkpoint.load(folder / STAGE1_CHOICE, "stage-1 choice")["snapshot"]
+        stage1 = checkpoint.load(folder / STAGE1_CHOICE, "stage-1 choice",
+                                 shown=f"{place.location}/{STAGE1_CHOICE}")["snapshot"]
         phase = settings.phase(2, choice["values"])
         resume = resume and tune.Tuner.can_restore(place.location)
     trainable = trainable_for(cfg, phase, place, teacher_path, stage1=stage1)
@@ -217,6 +253,16 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
         storage.download(place.uri, folder, skip=lambda rel: storage.is_checkpoint(rel) or rel.endswith(STUDY_FILE))
     if resume:
         set_aside_unknown_trials(place, {Path(r.path).name for r in grid if r.path})
+    # Tune ends fit() quietly on Ctrl-C (it saves its state, then marks the trials it stops as
+    # terminated): stop here, or an interrupted phase 1 would choose from half its trials and
+    # the table would pass for the search's result. The trials' records, which Tune's last
+    # state save brought into the storage, say which trials really ended.
+    ended = load_trials(folder)
+    if len(grid) < settings.num_samples or len(ended) < settings.num_samples or (ended["status"] == "running").any():
+        print(f"interrupted: Tune saved the search; `tune_refilled.py search --resume --name "
+              f"{experiment.location.rstrip('/').rsplit('/', 1)[-1]} --storage {experiment.storage_path}` "
+              "continues it", file=sys.stderr)
+        raise KeyboardInterrupt
 
 
 def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: str, teacher_path: Path,
@@ -266,7 +312,7 @@ def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: 
 def _newest_checkpoint_state(place: Place, trial: pd.Series) -> dict:
     """The trial's state at its newest checkpoint, as its record names it (for a
     finished trial: its last epoch)."""
-    from refilled.tune.trainable import STATE_FILE
+    from refilled.trial_records import STATE_FILE
 
     trial_dir, newest = Path(trial["folder"]).name, trial.get("checkpoint")
     if not isinstance(newest, str) or not newest:
@@ -275,7 +321,8 @@ def _newest_checkpoint_state(place: Place, trial: pd.Series) -> dict:
     path = place.folder / trial_dir / newest / STATE_FILE
     if place.uri:
         storage.download_file(storage.join(place.uri, trial_dir, newest, STATE_FILE), path)
-    return checkpoint.load(path, "stage-1 trial checkpoint")
+    return checkpoint.load(path, "stage-1 trial checkpoint", shown=f"{place.location}/{trial_dir}/{newest}/{STATE_FILE}",
+                           remedy="restore it from a backup, or start a new search (--name OTHER)")
 
 
 def set_aside_unknown_trials(place: Place, known: set[str]) -> None:

@@ -25,9 +25,8 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from refilled import storage, trial_records
+from refilled.damage import STUDY_FILE  # noqa: F401 (where the driver finds it)
 from refilled.tune.settings import distributions
-
-STUDY_FILE = "optuna.db"
 
 
 def outcome(result: dict | None, error: bool, metric: str) -> tuple[TrialState, float | None]:

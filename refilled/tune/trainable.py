@@ -29,8 +29,8 @@ from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.stage1_cache import Stage1Cache, stage1_key
 from refilled.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
 from refilled.runlog import STAGE_NAMES
+from refilled.trial_records import STATE_FILE
 
-STATE_FILE = "state.pt"
 # fault injection for tests: each trial crashes once at this step (markers in the folder CRASH_MARKERS_ENV names)
 CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
 CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
@@ -46,6 +46,16 @@ def _report(clock: Clock, metrics: dict[str, Any], snapshot: dict | None = None)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint.save(snapshot, Path(folder) / STATE_FILE)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def restored_state(ckpt: tune.Checkpoint | None) -> dict | None:
+    """The state a retried or resumed trial continues from. A damaged one is named as it
+    is in storage (not as the local copy Ray may have made): the trial's error says it."""
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as folder:
+        return checkpoint.load(Path(folder) / STATE_FILE, "trial checkpoint", shown=f"{ckpt.path}/{STATE_FILE}",
+                               remedy="restore it from a backup; this trial cannot resume without it")
 
 
 def _crash_once_for_tests(step: int) -> None:
@@ -89,11 +99,7 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
     student = build_student(cfg, data)
     total = cfg.n_training_epochs1 if stage1_only else cfg.n_training_epochs1 + cfg.n_training_epochs2
 
-    resume = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as folder:
-            resume = checkpoint.load(Path(folder) / STATE_FILE, "trial checkpoint")
+    resume = restored_state(tune.get_checkpoint())
 
     if resume is None and stage1 is not None:
         resume = stage1

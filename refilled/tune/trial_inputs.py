@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from refilled import checkpoint
+from refilled.bank import read_array
 from refilled.config import Config, from_dict
 from refilled.cost import DRIVER_FILE, add_driver_cost, device_units
 from refilled.runtime import keep_freed_memory, resolve_device
@@ -92,8 +93,11 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
     bank_file, centers_file = folder / "bank-tuning.npy", folder / "centers-tuning.npy"
     tuning_cfg = cfg.replace(flag_tuning=True)
     if bank_file.exists() or centers_file.exists():
-        bank = np.load(bank_file, mmap_mode="r") if bank_file.exists() else None
-        centers = np.load(centers_file) if centers_file.exists() else None
+        remedy = f"delete {bank_file.name} and {centers_file.name}: --resume computes both again from teacher.pt"
+        bank = read_array(bank_file, "teacher bank file", shown=f"{place.location}/{bank_file.name}", mmap=True,
+                          remedy=remedy) if bank_file.exists() else None
+        centers = read_array(centers_file, "teacher bank file", shown=f"{place.location}/{centers_file.name}",
+                             remedy=remedy) if centers_file.exists() else None
     else:
         task = ray.remote(num_cpus=settings.cpu, num_gpus=settings.gpu)(_build_bank_task)
         bank, centers, wall_s, device = ray.get(task.remote(teacher_state, tuning_cfg.to_dict()))

@@ -1,0 +1,105 @@
+"""Damaged files of an experiment, found before anything is written.
+
+A full disk, an interrupted copy or a crash can leave a file cut short. What
+`search --resume`, `retrain` and the analysis scripts read is checked here, by
+reading only, and a damaged file is refused in one line that names it (its URI
+for an experiment at a URI) and says what to do: the Optuna study (optuna.db),
+the teacher, its embedding bank, a staged search's phase-1 choice and the trial
+checkpoints a resume continues trials from. experiment.yaml is checked wherever
+it is read (refilled.experiment_file). No Ray here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from refilled import checkpoint, storage, trial_records
+from refilled.bank import read_array
+from refilled.errors import UserError
+from refilled.experiments import STAGE1_SEARCH
+
+STUDY_FILE = "optuna.db"
+BANK_FILES = ("bank-tuning.npy", "centers-tuning.npy")
+RESUME_STUDY = "restore it from a backup, or start a new search (--name OTHER); retrain and the analysis do not need it"
+
+
+def _shown(place: storage.Place, rel: str) -> str:
+    return storage.join(place.uri, rel) if place.uri else str(place.folder / rel)
+
+
+def study(path: Path, shown: str, remedy: str = RESUME_STUDY) -> None:
+    """An Optuna study file (SQLite) must open and pass SQLite's quick_check; it is
+    opened read-only, so a check never writes (Optuna would create tables in an empty one)."""
+    if not path.is_file():
+        return
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            problem = None if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] else "no tables"
+            result = db.execute("PRAGMA quick_check").fetchall()
+            if problem is None and result != [("ok",)]:
+                problem = str(result[0][0])[:120]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        if "readonly" in str(e) or "read-only" in str(e):
+            return  # a journal to roll back (a driver killed mid-write): Optuna rolls it back when it opens it
+        problem = str(e)
+    if problem:
+        raise UserError(f"Optuna study {shown} is damaged ({problem}): {remedy}")
+
+
+def _checkpoint(place: storage.Place, rel: str, what: str, remedy: str) -> None:
+    """Load a checkpoint of the experiment (a URI's is downloaded to a temporary file)."""
+    shown = _shown(place, rel)
+    if not place.uri:
+        if (place.folder / rel).is_file():
+            checkpoint.load(place.folder / rel, what, shown=shown, remedy=remedy)
+        return
+    if not storage.exists(shown):
+        return
+    with tempfile.TemporaryDirectory(prefix="tune-refilled-check-") as tmp:
+        storage.download_file(shown, Path(tmp) / "state.pt")
+        checkpoint.load(Path(tmp) / "state.pt", what, shown=shown, remedy=remedy)
+
+
+def _trial_checkpoints(place: storage.Place, ended_too: bool) -> None:
+    """The checkpoints a resume starts trials from: for each trial Tune's last saved
+    state had not ended, the newest checkpoint at that save (its record's at_last_save);
+    with `ended_too` also the newest checkpoint of each finished trial (phase 1 of a
+    staged search chooses one of them to start stage 2 from)."""
+    for params in sorted(place.folder.glob("*/params.json")):
+        record = trial_records.read(params.parent)
+        at_save = record.get("at_last_save") or {}
+        wanted = []
+        if at_save.get("checkpoint") and at_save.get("status") not in trial_records.ENDED:
+            wanted.append((at_save["checkpoint"], "Tune's saved state resumes this trial from it"))
+        if ended_too and record.get("status") == "finished" and record.get("checkpoint"):
+            wanted.append((record["checkpoint"], "phase 1 may choose this trial's end-of-stage-1 student"))
+        for folder, why in wanted:
+            _checkpoint(place, f"{params.parent.name}/{folder}/{trial_records.STATE_FILE}", "trial checkpoint",
+                        f"restore it from a backup ({why}), or start a new search (--name OTHER)")
+
+
+def before_resume(place: storage.Place, data: dict) -> None:
+    """Everything `search --resume` will read, checked before it writes anything.
+    `place`: the experiment (for a URI, its freshly pulled mirror); `data`: experiment.yaml."""
+    teacher = "teacher.pt"
+    _checkpoint(place, teacher, "teacher checkpoint", "restore it from a backup (the search's bank and "
+                "trials were made with it)")
+    if (place.folder / BANK_FILES[0]).is_file() or (place.folder / BANK_FILES[1]).is_file():
+        for name in BANK_FILES:
+            if (place.folder / name).is_file():
+                read_array(place.folder / name, "teacher bank file", shown=_shown(place, name), mmap=True,
+                           remedy=f"delete {' and '.join(BANK_FILES)}: --resume computes both again from teacher.pt")
+    study(place.folder / STUDY_FILE, _shown(place, STUDY_FILE))
+    if data.get("stage1_choice"):
+        _checkpoint(place, "stage1_choice.pt", "stage-1 choice", "restore it from a backup: every phase-2 trial "
+                    "starts from it")
+    elif (data.get("search") or {}).get("staged"):  # phase 1 goes on, then chooses
+        phase1 = place.part(STAGE1_SEARCH)
+        study(phase1.folder / STUDY_FILE, _shown(place, f"{STAGE1_SEARCH}/{STUDY_FILE}"))
+        _trial_checkpoints(phase1, ended_too=True)
+    _trial_checkpoints(place, ended_too=False)

@@ -1,0 +1,209 @@
+"""Damaged files met by `search --resume`, `retrain` and the analysis scripts.
+
+Each file is cut to half its length (what a full disk or an interrupted copy
+leaves) in an experiment that is otherwise whole, and each command must end
+with one line on stderr naming that file and what to do, exit code 2, and
+nothing written (every file's size and modification time as before). The
+experiment is made here file by file as a search leaves it, so these run in
+the fast tier: every refusal comes before Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_config
+from refilled import checkpoint, experiment_file
+from refilled.errors import UserError
+from refilled.lease import LEASE_FILE, Lease
+
+CHECKPOINT = "trial_abc/checkpoint_000001/state.pt"
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cut(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, teacher_path) -> Path:
+    """An interrupted search's experiment: its file, teacher, bank, study, and one trial
+    whose newest checkpoint Tune's saved state would resume it from."""
+    import optuna
+
+    folder = tmp_path_factory.mktemp("made") / "exp"
+    folder.mkdir()
+    experiment_file.write(folder, make_tiny_config(), {"num_samples": 2, "space": {"tau1": {"loguniform": [0.5, 16]}}})
+    shutil.copyfile(teacher_path, folder / "teacher.pt")
+    np.save(folder / "bank-tuning.npy", np.ones((50, 18, 16), np.float16))
+    np.save(folder / "centers-tuning.npy", np.ones((5, 16), np.float32))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="exp", storage=f"sqlite:///{folder / 'optuna.db'}", direction="maximize")
+    for value in (0.5, 0.7):
+        trial = study.ask({"tau1": optuna.distributions.FloatDistribution(0.5, 16, log=True)})
+        study.tell(trial, value)
+    study.ask()  # the running trial
+    trial = folder / "trial_abc"
+    trial.mkdir()
+    (trial / "params.json").write_text(json.dumps({"tau1": 2.0}))
+    (trial / "result.json").write_text(json.dumps({"step": 1, "total_steps": 5, "stage": "stage1",
+                                                   "val_accuracy": 0.5, "trial_id": "abc"}) + "\n")
+    saved = {"status": "running", "checkpoint": "checkpoint_000001"}
+    (trial / "trial_record.json").write_text(json.dumps({"trial_id": "abc", "number": 1, **saved,
+                                                         "at_last_save": saved}))
+    checkpoint.save({"stage": 1, "epoch": 1, "student": {"w": torch.ones(2000)}}, folder / CHECKPOINT)
+    return folder
+
+
+def copy(made: Path, base: Path, damaged: str | None, keep: float = 0.5) -> Path:
+    target = base / "storage" / made.name
+    shutil.copytree(made, target)
+    if damaged:
+        cut(target / damaged, keep)
+    return target
+
+
+def refused(capsys, args: list[str], *needles: str) -> str:
+    import tune_refilled
+
+    code = tune_refilled.main(args)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, out, err)
+    assert "Traceback" not in err + out
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- search --resume
+
+WHAT_TO_DO = {"experiment.yaml": "restore it from a backup", "optuna.db": "restore it from a backup",
+              "teacher.pt": "restore it from a backup", "bank-tuning.npy": "delete bank-tuning.npy and",
+              "centers-tuning.npy": "delete bank-tuning.npy and", CHECKPOINT: "restore it from a backup"}
+
+
+@pytest.mark.parametrize("damaged", list(WHAT_TO_DO))
+@pytest.mark.parametrize("at", ["folder", "uri"])
+def test_resume_refuses_a_damaged_file(made, tmp_path, capsys, monkeypatch, damaged, at):
+    monkeypatch.setenv("TUNE_REFILLED_CACHE", str(tmp_path / "cache"))
+    folder = copy(made, tmp_path, damaged)
+    storage = str(folder.parent) if at == "folder" else f"file://{folder.parent}"
+    before = tree(folder.parent)
+    line = refused(capsys, ["search", "--resume", "--name", "exp", "--storage", storage],
+                   f"{storage}/exp/{damaged}", WHAT_TO_DO[damaged])
+    assert "damaged" in line or "cut short" in line or "corrupt" in line, line
+    assert tree(folder.parent) == before  # no lease left behind either
+
+
+def test_resume_of_the_whole_experiment_gets_past_the_checks(made, tmp_path, capsys):
+    """The control: nothing damaged, so the resume goes on to what this made-up
+    experiment lacks, Ray Tune's own state."""
+    folder = copy(made, tmp_path, None)
+    refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
+            "has no Ray Tune state to resume")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 0.6, 0.97])
+def test_an_experiment_file_cut_anywhere_is_refused(made, tmp_path, capsys, keep):
+    folder = copy(made, tmp_path, "experiment.yaml", keep)
+    with pytest.raises(UserError, match="experiment.yaml is cut short"):
+        experiment_file.read(folder)
+
+
+def test_an_experiment_file_of_an_earlier_version_is_read(made, tmp_path):
+    """Written before the end line existed: read as before, but it must hold both sections."""
+    folder = copy(made, tmp_path, None)
+    path = folder / "experiment.yaml"
+    body = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    path.write_text("\n".join(body) + "\n")
+    cfg, data = experiment_file.read(folder)
+    assert cfg.tau1 == make_tiny_config().tau1 and data["search"]["num_samples"] == 2
+    path.write_text("\n".join(body[:len(body) // 3]) + "\n")  # cut inside config: no search section
+    with pytest.raises(UserError, match="cut short"):
+        experiment_file.read(folder)
+
+
+# ----------------------------------------------------------------------------- retrain, analysis
+
+@pytest.mark.parametrize("damaged", ["experiment.yaml", "teacher.pt"])
+def test_retrain_refuses_a_damaged_file(made, tmp_path, capsys, damaged):
+    folder = copy(made, tmp_path, damaged)
+    before = tree(folder.parent)
+    refused(capsys, ["retrain", "--experiment", str(folder), "--seeds", "1"], f"{folder}/{damaged}",
+            "restore it from a backup")
+    assert tree(folder.parent) == before and not (folder / "retrain").exists()
+
+
+@pytest.mark.parametrize("damaged", ["experiment.yaml", "optuna.db"])
+@pytest.mark.parametrize("script", ["report", "plot_trials", "compare_trials"])
+def test_analysis_refuses_a_damaged_file(made, tmp_path, capsys, damaged, script):
+    import importlib
+
+    from analysis.common import run_cli
+
+    folder = copy(made, tmp_path, damaged)
+    before = tree(folder.parent)
+    out = tmp_path / "out"
+    code = run_cli(importlib.import_module(f"analysis.{script}").main, [str(folder), "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and f"{folder}/{damaged}" in lines[0], err
+    assert "restore it from a backup" in lines[0]
+    assert tree(folder.parent) == before and not out.exists()
+
+
+# ----------------------------------------------------------------------------- inside a trial
+
+def test_a_trial_names_the_damaged_checkpoint_it_resumes_from(made, tmp_path):
+    """A checkpoint damaged after the resume's checks (or a retry's after a crash) is read
+    inside the trial: its error, which Ray Tune records, names the file in storage."""
+    from ray import tune
+
+    from refilled.tune.trainable import restored_state
+
+    folder = copy(made, tmp_path, CHECKPOINT)
+    ckpt = tune.Checkpoint.from_directory(str(folder / Path(CHECKPOINT).parent))
+    with pytest.raises(UserError, match="restore it from a backup") as error:
+        restored_state(ckpt)
+    assert f"{folder / CHECKPOINT}" in str(error.value)
+    whole = tune.Checkpoint.from_directory(str(made / Path(CHECKPOINT).parent))
+    assert restored_state(whole)["epoch"] == 1 and restored_state(None) is None
+
+
+# ----------------------------------------------------------------------------- a running search
+
+def test_retrain_of_a_running_search_says_so_and_reads_what_is_there(made, tmp_path, capsys):
+    """The trials as they are now, with a note on stderr: not an error."""
+    import tune_refilled
+
+    folder = copy(made, tmp_path, None)
+    rows = [{"step": s, "total_steps": 5, "stage": "stage1" if s <= 2 else "stage2", "val_accuracy": 0.2 * s,
+             "trial_id": "abc"} for s in (1, 2, 3)]
+    (folder / "trial_abc" / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "va')
+    (folder / "trial_new").mkdir()
+    (folder / "trial_new" / "params.json").write_text('{"tau1": 3.')  # being written: a trial starting now
+    lease = Lease(str(folder), timeout=30)
+    lease.acquire(on_lost=lambda holder: None)
+    try:
+        code = tune_refilled.main(["retrain", "--experiment", str(folder), "--seeds", "1", "--no-baseline"])
+    finally:
+        lease.release()
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "still running" in notes[0] and "error" not in err, err
+    results = json.loads((folder / "retrain" / "results.json").read_text())
+    assert results["source"]["trial_id"] == "abc" and results["config"]["tau1"] == 2.0
+    assert not (folder / LEASE_FILE).exists()
