@@ -250,27 +250,26 @@ def test_plot_data_of_one_experiment(exp1, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_importance_from_the_optuna_study(exp1, exp2, tmp_path):
+    """On a real search of 6 trials fANOVA has too few trials at any step (tests/test_importance.py
+    fits it on larger experiments): the report says so in the panel instead of drawing bars."""
     import optuna
 
     from analysis.common import open_experiments
-    from analysis.plot_trials import importances, plot_importance
+    from analysis.plot_trials import MIN_TRIALS, importances, plot_importance
 
     (exp,) = open_experiments([exp1])
-    imp = importances(exp)
-    assert set(imp["param"]) == SEARCHED
-    assert abs(imp["importance"].sum() - 1.0) < 1e-6 and (imp["importance"] >= 0).all()
+    with pytest.raises(UserError, match=f"too few trials for parameter importance .*fANOVA needs {MIN_TRIALS}"):
+        importances(exp)
     # the study the search wrote: finished trials are COMPLETE, trials ASHA stopped are PRUNED
     study = optuna.load_study(study_name=exp1.name, storage=f"sqlite:///{exp1 / 'optuna.db'}")
     states = [t.state for t in study.trials]
     board = read_board(exp1 / "trials.csv")
-    assert states.count(optuna.trial.TrialState.COMPLETE) == (board["status"] == "finished").sum() == imp["trials"][0]
+    assert len(states) == len(board) == 6
+    assert states.count(optuna.trial.TrialState.COMPLETE) == (board["status"] == "finished").sum()
     assert states.count(optuna.trial.TrialState.PRUNED) == (board["status"] == "stopped").sum()
     both = plot_importance([exp1, exp2], tmp_path / "importance.png")
     check_image(tmp_path / "importance.png")
-    mine = both[both["experiment"] == exp1.name]
-    assert abs(mine["importance"].sum() - 1.0) < 1e-6
-    for _, part in both.groupby("experiment"):
-        assert abs(part["importance"].sum() - 1.0) < 1e-6 and set(part["param"]) == SEARCHED
+    assert both.empty  # a notice in each panel, no bars
 
 
 # ----------------------------------------------------------------------------- report
@@ -343,5 +342,11 @@ def test_tensorboard_event_files(exp1):
     mux.AddRunsFromDirectory(str(exp1))
     mux.Reload()
     runs = mux.Runs()
-    assert len(runs) == len(folders) and all("ray/tune/val_accuracy" in t["tensors"] for t in runs.values())
-    assert len(mux.PluginRunToTagToContent("hparams")) == len(folders)  # the HParams tab lists every trial
+    trial_runs = {name: tags for name, tags in runs.items() if name.startswith("trial_")}
+    assert len(trial_runs) == len(folders)
+    assert all("ray/tune/val_accuracy" in t["tensors"] for t in trial_runs.values())
+    # the HParams tab lists every trial
+    assert {name for name in mux.PluginRunToTagToContent("hparams") if name.startswith("trial_")} == set(trial_runs)
+    # and the re-evaluation's runs (selection/<trial>/seed<S>) are there too, under their own names
+    reeval = {name for name in runs if name.startswith("selection/")}
+    assert reeval and reeval | set(trial_runs) == set(runs)
