@@ -80,6 +80,19 @@ def teacher_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def search_teacher(tmp_path_factory) -> Path:
+    """tests/search_tiny.yaml's teacher, pretrained once per session in this process: the
+    searches that do not test pre-training take it with `--teacher`."""
+    from refilled.config import load_experiment
+    from refilled.run import pretrain
+
+    cfg, _ = load_experiment(Path(__file__).parent / "search_tiny.yaml")
+    path = tmp_path_factory.mktemp("search_teacher") / "teacher.pt"
+    pretrain(cfg, path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_yaml(tmp_path_factory) -> Path:
     """The tiny config as an experiment file with a `config:` section."""
     import yaml
@@ -112,3 +125,23 @@ def tiny_search(base: Path, name: str, config: Path, extra: tuple[str, ...] = ()
                         "--name", name, *extra, cwd=storage)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return folder
+
+
+# The slow tier runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, README). Tests
+# that share a module-scoped fixture (a search, a cluster) are one group, run by one worker,
+# so that the fixture runs once; every other slow test goes to whichever worker is free.
+SHARED_BY_MODULE = {"test_analysis": "analysis_tiny", "test_retrain": "analysis_tiny",  # one search, read by both
+                    "test_selection": "selection", "test_cluster": "cluster", "test_cli": "cli"}
+SHARED_FIXTURES = ("experiment", "faults")  # test_search.py's two shared searches
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which turns the marks into groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not item.get_closest_marker("slow"):
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        shared = [f"{module}.{name}" for name in SHARED_FIXTURES if name in item.fixturenames]
+        group = SHARED_BY_MODULE.get(module) or (shared[0] if shared else None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))

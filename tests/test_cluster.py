@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from test_search import (REPO, SEARCH_TIMEOUT, TINY, TOTAL_STEPS, RayRun, _is_zombie, _marked_pids,
+from test_search import (REPO, SEARCH_TIMEOUT, RayRun, _is_zombie, _marked_pids,
                          assert_one_line_error, cli, explain, finished, free_port, optuna_trial_for, params, record,
                          results, study, tiny_experiment, trial_folders)
 
@@ -88,87 +88,49 @@ def two_nodes(cluster) -> Cluster:
     return cluster
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """search_tiny.yaml's teacher, pretrained once for this module's searches."""
-    from refilled.config import load_experiment
-    from refilled.run import pretrain
-
-    cfg, _ = load_experiment(TINY)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    pretrain(cfg, path, progress=False)
-    return path
-
-
 def search(nodes: Cluster, config, storage, teacher, *extra: str, **env: str) -> SimpleNamespace:
     return nodes.driver(**env).run(cli("search", "--config", str(config), "--storage", str(storage),
                                        "--teacher", str(teacher), "--address", nodes.address, *extra))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(3 * SEARCH_TIMEOUT)
-def test_a_search_and_a_retrain_on_two_nodes(two_nodes, teacher, tmp_path):
-    config = tiny_experiment(tmp_path, "cluster", search={"num_samples": 2, "max_concurrent": 2,
-                                                           "asha": {"grace_period": TOTAL_STEPS}})
-    storage = tmp_path / "storage"  # every node is this machine: a shared file system by construction
-    result = search(two_nodes, config, storage, teacher, "--cpus-per-trial", "1")
-    assert result.returncode == 0, explain(result)
-    folder = storage / "cluster"
-    folders = trial_folders(folder)
-    assert len(folders) == 2 and all(finished(tf) for tf in folders)
-    nodes = {r["node_id"] for tf in folders for r in results(tf)}
-    assert len(nodes) == 2, nodes  # one trial on each 1-CPU node
-    for tf in folders:  # a trial stays on its node, as its record says
-        assert {r["node_id"] for r in results(tf)} == {record(tf)["node_id"]}
-    assert len(pd.read_csv(folder / "trials.csv")) == 2
-    assert (folder / "best_config.yaml").is_file()
-
-    # more GPUs per trial than the cluster has: refused once connected, before anything is written
-    refused = two_nodes.driver().run(cli("search", "--config", str(config), "--storage", str(storage),
-                                         "--name", "gpus", "--address", two_nodes.address, "--gpus-per-trial", "1"),
-                                     timeout=180)
-    assert_one_line_error(refused, "1.0 GPU", "the Ray cluster has 0")
-    assert not (storage / "gpus").exists()
-
-    # a retrain of an experiment at a URI, as Ray tasks: each reads the teacher there and uploads its run
-    bucket = tmp_path / "bucket"
-    shutil.copytree(folder, bucket / "tiny", ignore=shutil.ignore_patterns("checkpoint_*", "retrain"))
-    retrained = two_nodes.driver(TUNE_REFILLED_CACHE=str(tmp_path / "cache")).run(
-        cli("retrain", "--experiment", f"file://{bucket}/tiny", "--seeds", "2", "--no-baseline",
-            "--address", two_nodes.address))
-    assert retrained.returncode == 0, explain(retrained)
-    final = bucket / "tiny" / "retrain"
-    assert json.loads((final / "results.json").read_text())["refilled"]["seeds"] == [0, 1]
-    for seed in (0, 1):
-        assert (final / "refilled" / f"seed{seed}" / "config.yaml").is_file(), sorted(final.rglob("*"))
-
-
 LOAD = 64
+
+
+@pytest.fixture(scope="module")
+def load(cluster, search_teacher, tmp_path_factory) -> SimpleNamespace:
+    """A search of 64 short trials on the two nodes: more trials asked for at once (8) than
+    the 2 CPUs run, each worker process reused. Shared by the load checks and the retrain."""
+    if not cluster.worker_alive():
+        cluster.add_worker()
+    tmp = tmp_path_factory.mktemp("load")
+    config = tiny_experiment(tmp, "load", config={"n_training_epochs1": 1, "n_training_epochs2": 1, "point": [1]},
+                             search={"num_samples": LOAD, "max_concurrent": 8, "reuse_actors": True,
+                                     "checkpoint_every": 2,  # a checkpoint at the last step only
+                                     "asha": {"grace_period": 1, "reduction_factor": 2}})
+    storage = tmp / "storage"
+    start = time.monotonic()
+    result = search(cluster, config, storage, search_teacher)
+    took = time.monotonic() - start
+    assert result.returncode == 0, explain(result)
+    print(f"\n{LOAD} trials on two 1-CPU nodes: {took:.0f} s for the search")
+    return SimpleNamespace(config=config, storage=storage, folder=storage / "load")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * SEARCH_TIMEOUT)
-def test_64_short_trials_on_two_nodes(two_nodes, teacher, tmp_path):
-    """More trials asked for at once (8) than the 2 CPUs run, each worker process reused:
-    every trial is in the study once, has its folder and its row in the report."""
-    config = tiny_experiment(tmp_path, "load", config={"n_training_epochs1": 1, "n_training_epochs2": 1, "point": [1]},
-                             search={"num_samples": LOAD, "max_concurrent": 8, "reuse_actors": True,
-                                     "checkpoint_every": 2,  # a checkpoint at the last step only
-                                     "asha": {"grace_period": 1, "reduction_factor": 2}})
-    storage = tmp_path / "storage"
-    start = time.monotonic()
-    result = search(two_nodes, config, storage, teacher)
-    took = time.monotonic() - start
-    assert result.returncode == 0, explain(result)
-    print(f"\n{LOAD} trials on two 1-CPU nodes: {took:.0f} s for the search")
-    folder = storage / "load"
+def test_64_short_trials_on_two_nodes(two_nodes, load, tmp_path):
+    """Every trial is in the study once, has its folder and its row in the report; both
+    nodes ran trials, and a trial stays on its node."""
+    folder = load.folder
     folders = trial_folders(folder)
     assert len(folders) == LOAD
     for tf in folders:
         rows = results(tf)
         assert rows and [r["step"] for r in rows] == list(range(1, len(rows) + 1)), tf.name
         assert record(tf)["status"] in ("finished", "stopped") and record(tf)["step"] == rows[-1]["step"]
+        assert {r["node_id"] for r in rows} == {record(tf)["node_id"]}  # as its record says
     assert len({r["node_id"] for tf in folders for r in results(tf)}) == 2  # both nodes ran trials
+    assert len(pd.read_csv(folder / "trials.csv")) == LOAD and (folder / "best_config.yaml").is_file()
 
     import optuna
 
@@ -192,8 +154,32 @@ def test_64_short_trials_on_two_nodes(two_nodes, teacher, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * SEARCH_TIMEOUT)
+def test_a_retrain_on_two_nodes_and_a_refusal(two_nodes, load, tmp_path):
+    # more GPUs per trial than the cluster has: refused once connected, before anything is written
+    storage = load.storage
+    refused = two_nodes.driver().run(cli("search", "--config", str(load.config), "--storage", str(storage),
+                                         "--name", "gpus", "--address", two_nodes.address, "--gpus-per-trial", "1"),
+                                     timeout=180)
+    assert_one_line_error(refused, "1.0 GPU", "the Ray cluster has 0")
+    assert not (storage / "gpus").exists()
+
+    # a retrain of an experiment at a URI, as Ray tasks: each reads the teacher there and uploads its run
+    bucket = tmp_path / "bucket"
+    shutil.copytree(load.folder, bucket / "tiny", ignore=shutil.ignore_patterns("checkpoint_*", "retrain"))
+    retrained = two_nodes.driver(TUNE_REFILLED_CACHE=str(tmp_path / "cache")).run(
+        cli("retrain", "--experiment", f"file://{bucket}/tiny", "--seeds", "2", "--no-baseline",
+            "--address", two_nodes.address))
+    assert retrained.returncode == 0, explain(retrained)
+    final = bucket / "tiny" / "retrain"
+    assert json.loads((final / "results.json").read_text())["refilled"]["seeds"] == [0, 1]
+    for seed in (0, 1):
+        assert (final / "refilled" / f"seed{seed}" / "config.yaml").is_file(), sorted(final.rglob("*"))
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(3 * SEARCH_TIMEOUT)
-def test_a_worker_node_lost_mid_search(two_nodes, teacher, tmp_path):
+def test_a_worker_node_lost_mid_search(two_nodes, search_teacher, tmp_path):
     """The worker node's processes are killed while it runs a trial: once Ray finds the
     node dead, Tune retries that trial on the head from its last checkpoint (max_failures),
     and the search ends with every trial once, in its folder and in the study."""
@@ -204,7 +190,7 @@ def test_a_worker_node_lost_mid_search(two_nodes, teacher, tmp_path):
     storage = tmp_path / "storage"
     folder = storage / "lost"
     run = two_nodes.driver()
-    driver = run.popen(cli("search", "--config", str(config), "--storage", str(storage), "--teacher", str(teacher),
+    driver = run.popen(cli("search", "--config", str(config), "--storage", str(storage), "--teacher", str(search_teacher),
                            "--address", two_nodes.address))
 
     def newest(tf):  # trials write their checkpoints into the storage themselves, at once
