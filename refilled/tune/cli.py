@@ -87,8 +87,9 @@ def cmd_search(args: argparse.Namespace, config_from_args) -> int:
 def add_retrain_command(sub) -> None:
     p = sub.add_parser(
         "retrain", help="retrain the best configuration on train+validation (or the tuned shots) and test it",
-        description="Retrain an experiment's best configuration (stage-2 validation accuracy among trials "
-                    "that reached stage 2) with flag_tuning off: train + validation (with val_per_class: the same "
+        description="Retrain the configuration an experiment's search chose (the best mean of the re-evaluated "
+                    "top trials, selection.csv; without a re-evaluation, the best stage-2 validation accuracy "
+                    "among trials that reached stage 2) with flag_tuning off: train + validation (with val_per_class: the same "
                     "shots the search trained on, so that the tuned regime is the tested one), the full epoch budget, "
                     "the experiment's teacher, N seeds. The model each run ends with is tested once on the "
                     "test split. With the baseline (default) the student alone (cross-entropy, same epochs, "
@@ -102,7 +103,7 @@ def add_retrain_command(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default <experiment>/retrain, uploaded there "
                                                 "for a URI experiment)")
     choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--trial", metavar="ID", help="retrain this trial's configuration instead of the best")
+    choice.add_argument("--trial", metavar="ID", help="retrain this trial's configuration instead of the chosen one")
     choice.add_argument("--config", metavar="FILE", help="retrain this config file instead")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the student alone for comparison (default: on)")
