@@ -173,3 +173,20 @@ def test_no_new_trial_once_the_budget_is_spent(tmp_path, capsys):
     assert capsys.readouterr().out.count("search.budget_hours spent (0.0167 of 0.0167 device hours)") == 1
     # a resumed driver counts the ledger again: the results the trials wrote are in it
     assert make(tmp_path, budget_hours=1.0).suggest("e") is not None
+
+
+def test_the_budget_counts_each_result_once_the_one_asha_stops_on_included(tmp_path, capsys):
+    """Tune hands the result ASHA stops a trial on to on_trial_complete alone, and a finished
+    trial's last result to both methods: each is counted once."""
+    from ray.tune.search import Searcher
+
+    searcher = make(tmp_path, budget_hours=40 / 3600)
+    assert searcher.suggest("a") is not None and searcher.suggest("b") is not None
+    result = {"val_accuracy": 0.5, "total_steps": TOTAL, "diverged": 0, "cost_device_s": 10.0}
+    searcher.on_trial_result("a", {**result, "step": 1})
+    searcher.on_trial_complete("a", {**result, "step": 2})  # stopped by ASHA on step 2: 20 s
+    searcher.on_trial_result("b", {**result, "step": 1})
+    searcher.on_trial_complete("b", {**result, "step": 1})  # finished: the same last result, 10 s
+    assert searcher.suggest("c") is not None  # 30 s of 40
+    searcher.on_trial_result("c", {**result, "step": 1})
+    assert searcher.suggest("d") == Searcher.FINISHED  # 40 s

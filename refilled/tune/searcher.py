@@ -74,11 +74,12 @@ class StudySearcher(Searcher):
         self._reported: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
         self._unclaimed: list[tuple[int, dict]] = []  # asked by a killed driver after Tune's last save
         self._spent_s: float | None = None  # device seconds spent: the ledger's, then each result's
+        self._counted: dict[str, int] = {}  # Tune trial id -> step of the last result added to _spent_s
         self._said_spent = False
 
     def __getstate__(self):  # Tune pickles the searcher into its experiment: no open study in it
         state = self.__dict__.copy()
-        for name in ("_study", "_asked", "_reported", "_unclaimed", "_spent_s", "_said_spent"):
+        for name in ("_study", "_asked", "_reported", "_unclaimed", "_spent_s", "_counted", "_said_spent"):
             state.pop(name, None)
         return state
 
@@ -145,9 +146,19 @@ class StudySearcher(Searcher):
         return dict(params)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self._spent_s is not None:
-            self._spent_s += float(result.get("cost_device_s") or 0.0)
+        self._count(trial_id, result)
         self._report(trial_id, result)
+
+    def _count(self, trial_id: str, result: dict) -> None:
+        """Add a result's device seconds to the budget's tally, once: a finished trial's last
+        result reaches on_trial_result and on_trial_complete both (a retried trial's repeated
+        epochs count again, as in the ledger)."""
+        step = result.get(self.step_key)
+        if self._spent_s is None or (step is not None and self._counted.get(trial_id) == step):
+            return
+        self._spent_s += float(result.get("cost_device_s") or 0.0)
+        if step is not None:
+            self._counted[trial_id] = step
 
     def _report(self, trial_id: str, result: dict) -> None:
         # Trials asked before a resume have no Trial object in this driver (Optuna hands
@@ -166,12 +177,14 @@ class StudySearcher(Searcher):
         if number is None:
             return
         if result and not error:  # Tune hands the result ASHA stopped the trial on here, not to on_trial_result
+            self._count(trial_id, result)
             self._report(trial_id, result)
         state, value = outcome(result, error, self.metric)
         # skip_if_finished: after --resume, a trial told just before the driver was killed ends again
         self.study.tell(number, value, state=state, skip_if_finished=True)
         self._asked.pop(trial_id, None)
         self._reported.pop(trial_id, None)
+        self._counted.pop(trial_id, None)
 
     def save(self, checkpoint_path: str) -> None:
         Path(checkpoint_path).write_text(json.dumps({"trials": self._numbers}))
