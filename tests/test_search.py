@@ -570,6 +570,14 @@ def test_existing_experiment_needs_resume(tmp_path, capsys):
     assert tree(storage) == before
 
 
+def test_a_warm_start_from_a_missing_experiment_is_refused_before_anything_is_written(tmp_path, capsys):
+    config = tiny_experiment(tmp_path, "warm", search={"start_with": str(tmp_path / "no_such_experiment")})
+    storage = tmp_path / "storage"
+    line = main_error(capsys, "search", "--config", str(config), "--storage", str(storage))
+    assert "no_such_experiment" in line, line
+    assert not (storage / "warm").exists()
+
+
 def test_resume_of_a_folder_that_is_no_experiment(tmp_path, capsys):
     storage = tmp_path / "storage"
     (storage / "notes").mkdir(parents=True)

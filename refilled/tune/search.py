@@ -154,6 +154,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
         if place.exists(ignore=lambda entry: LEASE_FILE in entry):
             raise UserError(f"experiment {place.location} already exists: pass --resume to continue it "
                             "or choose another --name")
+        settings.first_points(cfg)  # a warm start's earlier experiment: a bad one refused before anything is written
     if not address:
         check_local_gpus(settings)  # before starting Ray: its start-up lines would bury the error
     connect(address)
