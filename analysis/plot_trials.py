@@ -43,6 +43,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,  # noqa: E402
                              experiments_parser, out_dir, read_results, run_cli, trials)
+from refilled.experiments import plain_value  # noqa: E402
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
     "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),
@@ -306,7 +307,7 @@ def importances(exp: Experiment) -> pd.DataFrame:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")  # in memory: the sample as finished trials
     for _, row in sample.iterrows():
-        values = {p: plain(row[p]) for p in params}
+        values = {p: plain_value(row[p]) for p in params}
         study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=float(row["value"])))
     runs = pd.DataFrame([optuna.importance.get_param_importances(
         study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed), normalize=True)
@@ -314,11 +315,6 @@ def importances(exp: Experiment) -> pd.DataFrame:
     out = pd.DataFrame({"experiment": exp.label, "param": runs.columns, "importance": runs.mean().values,
                         "importance_std": runs.std(ddof=1).values, "trials": len(sample), "sample": described})
     return out.sort_values("importance", ascending=False, kind="stable").reset_index(drop=True)
-
-
-def plain(v):
-    """A table cell as the Python value Optuna's distributions accept."""
-    return v.item() if hasattr(v, "item") else v
 
 
 def plot_importance(experiments, path: str | Path) -> pd.DataFrame:

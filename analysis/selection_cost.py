@@ -31,9 +31,8 @@ import pandas as pd  # noqa: E402
 from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, out_dir,  # noqa: E402
                              retrain_results, run_cli, trials)
 from refilled import cost  # noqa: E402
+from analysis.plot_trials import _experiments, _save  # noqa: E402
 from refilled.experiments import read_selection  # noqa: E402
-
-DPI = 110
 
 
 def selection(exp: Experiment) -> pd.DataFrame:
@@ -52,12 +51,11 @@ def selection(exp: Experiment) -> pd.DataFrame:
 
 
 def plot_selection(experiments, path: str | Path) -> pd.DataFrame:
-    experiments = [e if isinstance(e, Experiment) else open_experiments([e])[0] for e in experiments]
-    frames = [selection(e) for e in experiments]
-    frames = [f for f in frames if not f.empty]
+    experiments = _experiments(experiments)
+    tables = [selection(e) for e in experiments]
+    frames = [t for t in tables if not t.empty]
     fig, axes = plt.subplots(1, max(len(experiments), 1), figsize=(6 * max(len(experiments), 1), 4), squeeze=False)
-    for ax, exp in zip(axes[0], experiments):
-        table = selection(exp)
+    for ax, exp, table in zip(axes[0], experiments, tables):
         if table.empty:
             ax.text(0.5, 0.5, f"{exp.label}: no re-evaluation\n(search.select.top_k 0, or the search has not "
                     "ended)", ha="center", va="center", fontsize=9, transform=ax.transAxes)
@@ -78,8 +76,7 @@ def plot_selection(experiments, path: str | Path) -> pd.DataFrame:
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, Path(path))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -107,7 +104,7 @@ def cost_curve(exp: Experiment) -> pd.DataFrame:
 
 
 def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
-    experiments = [e if isinstance(e, Experiment) else open_experiments([e])[0] for e in experiments]
+    experiments = _experiments(experiments)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     frames = []
     for i, exp in enumerate(experiments):
@@ -127,8 +124,7 @@ def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
     ax.set_title("what the search cost: best validation accuracy so far against device hours", fontsize=11)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, Path(path))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
