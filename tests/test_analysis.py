@@ -49,9 +49,9 @@ def exp1(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exp2(tmp_path_factory, exp1) -> Path:
-    """A second experiment: 4 trials, search seed 1, the first one's teacher."""
+    """A second experiment: 4 trials, search seed 1, the first one's teacher, no re-evaluation."""
     data = yaml.safe_load(TINY.read_text())
-    data["search"].update(num_samples=4, seed=1)
+    data["search"].update(num_samples=4, seed=1, select={"top_k": 0})
     config = tmp_path_factory.mktemp("config2") / "analysis_tiny_b.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     return tiny_search(tmp_path_factory.getbasetemp(), "analysis_tiny_b", config,
