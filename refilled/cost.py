@@ -108,6 +108,11 @@ def ledger(folder: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def device_seconds(folder: str | Path) -> float:
+    """All the device seconds an experiment's ledger holds (what search.budget_hours is set against)."""
+    return float(ledger(folder)["device_s"].sum())
+
+
 def totals(table: pd.DataFrame) -> dict[str, float]:
     """Device hours by device, and wall hours, of a ledger."""
     out = {f"{device}_hours": float(part["device_s"].sum()) / 3600 for device, part in table.groupby("device")}

@@ -259,10 +259,9 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
     # the table would pass for the search's result. The trials' records, which Tune's last
     # state save brought into the storage, say which trials really ended.
     ended = load_trials(folder)
-    # fewer trials than asked for is an interruption, unless search.budget_hours stopped new ones
-    budget_spent = (settings.budget_hours is not None
-                    and cost.ledger(experiment.folder)["device_s"].sum() >= settings.budget_hours * 3600)
-    too_few = min(len(grid), len(ended)) < settings.num_samples and not budget_spent
+    too_few = min(len(grid), len(ended)) < settings.num_samples
+    if too_few and settings.budget_hours is not None:  # unless search.budget_hours stopped new trials
+        too_few = cost.device_seconds(experiment.folder) < settings.budget_hours * 3600
     if too_few or (ended["status"] == "running").any():
         print(f"interrupted: Tune saved the search; `tune_refilled.py search --resume --name "
               f"{experiment.location.rstrip('/').rsplit('/', 1)[-1]} --storage {experiment.storage_path}` "

@@ -122,9 +122,9 @@ class StudySearcher(Searcher):
         if self.budget_hours is None:
             return False
         if self._spent_s is None:
-            from refilled.cost import ledger
+            from refilled.cost import device_seconds
 
-            self._spent_s = float(ledger(storage.place_in(self.experiment).folder)["device_s"].sum())
+            self._spent_s = device_seconds(storage.place_in(self.experiment).folder)
         return self._spent_s >= self.budget_hours * 3600
 
     # ----------------------------------------------------------------------------- Tune's Searcher
