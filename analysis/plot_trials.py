@@ -15,6 +15,9 @@
                   with too few trials, a notice instead of bars
   efficiency.png  best-so-far stage-2 validation accuracy against the epochs the
                   search had spent (trials in completion order)
+  rungs.png       Spearman rank correlation of each ASHA rung with the next rung, the
+                  end and the re-evaluated means, over the trials that reached both
+                  (their number on each bar); below 0.5 a rung ranks little but noise
 
 examples:
   python analysis/plot_trials.py experiments/digits --out reports/digits
@@ -403,13 +406,55 @@ def plot_efficiency(experiments, path: str | Path) -> pd.DataFrame:
     return data
 
 
+# ----------------------------------------------------------------------------- rungs
+
+def rung_correlations(experiments) -> pd.DataFrame:
+    """refilled.tune.rungs.experiment_correlations of each experiment, one row per (rung, against)."""
+    from refilled.tune.rungs import experiment_correlations
+
+    rows = [{"experiment": exp.label, **r} for exp in _experiments(experiments)
+            for r in experiment_correlations(exp.folder)]
+    return pd.DataFrame(rows, columns=["experiment", "rung", "against", "trials", "spearman"])
+
+
+def plot_rungs(experiments, path: str | Path) -> pd.DataFrame:
+    """Bars of each rung's rank correlation with what followed it, one panel per experiment."""
+    from refilled.tune.rungs import WEAK
+
+    experiments = _experiments(experiments)
+    data = rung_correlations(experiments)
+    fig, axes = _grid(len(experiments))
+    colors = {"end": "tab:blue", "re-evaluated mean": "tab:green"}
+    for ax, exp in zip(axes, experiments):
+        part = data[data["experiment"] == exp.label].reset_index(drop=True)
+        if part.empty:
+            ax.text(0.5, 0.5, "no ASHA rung before the end", ha="center", va="center", transform=ax.transAxes)
+        for i, r in part.iterrows():
+            value = 0.0 if math.isnan(r["spearman"]) else r["spearman"]
+            ax.bar(i, value, color=colors.get(r["against"], "tab:orange"), alpha=0.85)
+            label = "n/a" if math.isnan(r["spearman"]) else f"{r['spearman']:+.2f}"
+            ax.text(i, value + (0.03 if value >= 0 else -0.1), f"{label}\nn={r['trials']}", ha="center",
+                    fontsize=7)
+        ax.set_xticks(range(len(part)), [f"{r}\nvs {a}" for r, a in zip(part["rung"], part["against"])],
+                      fontsize=7)
+        ax.axhline(WEAK, color="tab:red", ls=":", lw=1)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_ylim(-1.05, 1.2)
+        ax.set_ylabel("Spearman")
+        ax.set_title(f"{exp.label}: ASHA rungs (epoch) vs what followed", fontsize=10)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    return data
+
+
 # ----------------------------------------------------------------------------- all
 
-PLOTS = {"curves": plot_curves, "params": plot_params, "importance": plot_importance, "efficiency": plot_efficiency}
+PLOTS = {"curves": plot_curves, "params": plot_params, "importance": plot_importance, "efficiency": plot_efficiency,
+         "rungs": plot_rungs}
 
 
 def plot_all(experiments, out: str | Path) -> dict[str, tuple[Path, pd.DataFrame]]:
-    """All four plots into `out`: {name: (png path, the DataFrame it shows)}."""
+    """All the plots into `out`: {name: (png path, the DataFrame it shows)}."""
     experiments = _experiments(experiments)
     folder = out_dir(out)
     return {name: (folder / f"{name}.png", fn(experiments, folder / f"{name}.png")) for name, fn in PLOTS.items()}

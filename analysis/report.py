@@ -52,6 +52,12 @@ PLOT_TEXT = {
                    "1), fitted on every trial that reached the deepest step at least 8 trials reached: the "
                    "finished ones, or an ASHA rung with the trials stopped there; error bars: the spread over 5 "
                    "fANOVA seeds."),
+    "rungs": ("What ASHA's rungs can tell apart",
+              "Spearman rank correlation of each trial's validation accuracy at an ASHA rung with its accuracy at "
+              "the next rung, at the end, and with the re-evaluated means, over the trials that reached both "
+              "(n on each bar). A rung is only worth what it ranks: below 0.5 (red line) it stops trials on "
+              "noise; move it later (search.asha.rungs) or evaluate with bn_stats: precise, and measure it with "
+              "benchmarks/rung_fidelity.py."),
     "efficiency": ("Search efficiency",
                    "Best stage-2 validation accuracy found so far against the epochs the search had spent, "
                    "trials in the order they ended."),
@@ -156,6 +162,12 @@ def make_report(experiments, out: str | Path) -> dict[str, Any]:
                           "says how many did.", ""]
             else:
                 lines += [markdown_table(importance, digits=3), "File: [importance.csv](importance.csv)", ""]
+        if name == "rungs" and not made["rungs"].empty:
+            from refilled.tune.rungs import correlation_lines
+
+            lines += [markdown_table(made["rungs"], digits=2)]
+            weak = [line.strip() for line in correlation_lines(made["rungs"].to_dict("records")) if "<- weak" in line]
+            lines += [f"- **warning**: {w}" for w in weak] + [""]
 
     lines += ["## Browse further", ""]
     for exp in experiments:

@@ -78,6 +78,7 @@ class Config:
     centers: str = "global"  # "global" (whole training split) or "local" (per batch)
     transfer_set: bool = False  # stage 2 also distils on the student's unlabelled images (not in SPEC)
     teacher_bank: str = "auto"  # "auto", "on" or "off": look up teacher embeddings
+    bn_stats: str = "running"  # evaluate with BN statistics "running" (as trained) or "precise" (recomputed)
     seed: int = 0
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
@@ -109,7 +110,8 @@ class Config:
 FIELDS = {f.name: f for f in fields(Config)}
 # Tuning a non-tunable key (paths, device) makes no sense; the search refuses them.
 NOT_SEARCHABLE = {"data_root", "download", "device", "flag_tuning", "data_name", "image_size", "val_per_class",
-                  "split_seed"}  # a search over image draws would select on luck
+                  "split_seed",  # a search over image draws would select on luck
+                  "bn_stats"}  # it changes how trials are measured, not what they train
 
 
 def _type_name(f: dataclasses.Field) -> str:
@@ -239,7 +241,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'image_size' for {cfg.data_name} must be {allowed}, got {cfg.image_size}")
     choices = {"class_order": ("natural", "cifar_fs"), "centers": ("global", "local"),
                "tuple_negatives": ("all", "smallest"),
-               "teacher_bank": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda")}
+               "teacher_bank": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda"),
+               "bn_stats": ("running", "precise")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise UserError(f"config key '{k}' must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from refilled import checkpoint
+from refilled import checkpoint, evaluate
 from refilled.bank import TeacherBank, TeacherEmbeddings, teacher_embeddings
 from refilled.config import Config
 from refilled.data import augment
@@ -226,6 +226,8 @@ def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, p
         bar.set_postfix({k: f"{v:.3f}" for k, v in epoch.metrics.items() if k in ("loss", "val_accuracy")})
         bar.update()
     bar.close()
+    if cfg.bn_stats == "precise":  # the saved student is the network that was evaluated
+        evaluate.recompute_bn_stats(student, data)
     checkpoint.save({"kind": "student", **epoch.snapshot()}, out / "student.pt")
     summary = {"eval_split": data.task.eval_split, **{k: v for k, v in last.items() if k != "stage"}}
     log.close(summary)

@@ -59,6 +59,7 @@ STAGE1_KEYS = [
     "student_network_name", "depth", "width", "ca", "dropout_rate",
     "tau1", "lr1", "n_training_epochs1", "batch_size", "seed", "flag_merge",
     "loss_scale1", "tuple_negatives", "margin", "wd", "mo",
+    "bn_stats",  # the stage-1 NCM history is measured with it
 ]
 
 # Of those, the keys that act on stage 1 alone: a staged search chooses them in phase 1.

@@ -190,7 +190,8 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
                                            n_epochs=e1, batch_size=cfg.batch_size, seed=cfg.seed,
                                            stage=STAGE1, start=start):
             if (tuning and every_epoch) or epoch == e1:
-                metrics["val_accuracy" if tuning else "test_ncm_accuracy"] = evaluate.ncm(student, data)
+                with evaluate.statistics(student, data, cfg.bn_stats):
+                    metrics["val_accuracy" if tuning else "test_ncm_accuracy"] = evaluate.ncm(student, data)
             yield Epoch(STAGE1, epoch, epoch, metrics, snapshot(STAGE1, epoch, optimizer))
         stage, start, resume = STAGE2, 0, None
 
@@ -205,5 +206,6 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
                                        n_epochs=e2, batch_size=cfg.batch_size, seed=cfg.seed,
                                        stage=STAGE2, start=start, unlabelled=with_transfer):
         if (tuning and every_epoch) or epoch == e2:
-            metrics["val_accuracy" if tuning else "test_accuracy"] = evaluate.accuracy(student, data)
+            with evaluate.statistics(student, data, cfg.bn_stats):
+                metrics["val_accuracy" if tuning else "test_accuracy"] = evaluate.accuracy(student, data)
         yield Epoch(STAGE2, epoch, e1 + epoch, metrics, snapshot(STAGE2, epoch, optimizer))

@@ -367,3 +367,70 @@ def test_evaluated_only_at_the_end_of_each_stage_when_asked(world):
     assert [(s, e) for s, e, m in ends if "val_accuracy" in m] == [(STAGE1, 2), (STAGE2, 3)]
     assert ends[-1][2]["val_accuracy"] == every[-1][3]["val_accuracy"]
     assert [m["loss"] for *_, m in ends] == [m["loss"] for *_, m in every]
+
+
+# ----------------------------------------------------------------------------- batch-norm statistics
+
+def _bn_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("tuning", [False, True])
+def test_precise_bn_changes_evaluation_only(world, tuning):
+    """bn_stats precise: the same losses and weights bit for bit (training is untouched), other
+    evaluation numbers (the statistics of the current weights, not the trailing averages)."""
+    cfg = make_tiny_config(flag_tuning=tuning)
+    data = world[tuning][0]
+    runs = {}
+    for mode in ("running", "precise"):
+        student = build_student(cfg, data)
+        rows = records(cfg.replace(bn_stats=mode), world, student=student)
+        runs[mode] = (rows, student.state_dict())
+    (a, sa), (b, sb) = runs["running"], runs["precise"]
+    assert [r[3]["loss"] for r in a] == [r[3]["loss"] for r in b]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    acc = [k for k in a[-1][3] if "accuracy" in k]
+    assert acc and any(a[i][3][k] != b[i][3][k] for i in range(len(a)) for k in acc if k in a[i][3])
+
+
+def test_precise_bn_statistics_are_those_of_the_training_images_and_put_back(world):
+    from refilled import evaluate
+
+    cfg = make_tiny_config(flag_tuning=True)
+    data = world[True][0]
+    student = build_student(cfg, data)
+    before = _bn_buffers(student)
+    bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = {}
+    with evaluate.statistics(student, data, "precise"):
+        seen["mean"] = bn.running_mean.clone()
+        x = torch.cat([x for x, _ in data.views("train")])
+        student.eval()
+        inputs = []
+        hook = bn.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+        student(x)
+        hook.remove()
+    after = _bn_buffers(student)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the training statistics are back
+    # the first BN's statistics are the channel means of what it sees on the training images
+    assert torch.allclose(seen["mean"], inputs[0].mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(seen["mean"], before[next(k for k in before if k.endswith("running_mean"))])
+    with evaluate.statistics(student, data, "running"):
+        assert all(torch.equal(before[k], v) for k, v in _bn_buffers(student).items())
+
+
+def test_final_student_keeps_the_statistics_it_was_tested_with(teacher_path, tmp_path):
+    cfg = make_tiny_config(bn_stats="precise")
+    run.train_once(cfg, tmp_path, teacher_path=teacher_path, progress=False)
+    saved = checkpoint.load(tmp_path / "student.pt", "student")["student"]
+    data = run.student_data(cfg)
+    student = build_student(cfg, data)
+    student.load_state_dict(saved)
+    from refilled import evaluate
+
+    tested = evaluate.accuracy(student, data, "eval")
+    metrics = checkpoint.load(tmp_path / "student.pt", "student")
+    assert 0 <= tested <= 1
+    with evaluate.statistics(student, data, "precise"):  # recomputing them again changes nothing
+        assert evaluate.accuracy(student, data, "eval") == tested
+    assert metrics["stage"] == 2

@@ -54,6 +54,7 @@ from refilled.experiments import SELECTION_FILE, STAGE1_SEARCH, load_trials, pla
 from refilled.lease import LEASE_FILE, Lease
 from refilled.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
+from refilled.tune.rungs import correlation_lines, experiment_correlations, schedule_warnings, scheduler_args
 from refilled.tune.searcher import STUDY_FILE, StudySearcher
 from refilled.tune.selection import reevaluate
 from refilled.tune.settings import SearchSettings, parse_search
@@ -112,6 +113,32 @@ def choose(folder: Path, trials: pd.DataFrame, settings: SearchSettings, place: 
     searched = [c for c in trials.columns if c.startswith("config/")]
     print("  " + ", ".join(f"{k.removeprefix('config/')}={best[k]:.4g}" if isinstance(best[k], float)
                            else f"{k.removeprefix('config/')}={best[k]}" for k in searched))
+
+
+def warn_about_rungs(cfg: Config, settings: SearchSettings, max_t: int, phase2: bool) -> None:
+    """Say where ASHA will compare trials, and each rung the schedule is expected not to support."""
+    from refilled.data.splits import parse_positions
+
+    rungs = settings.rung_epochs(max_t)
+    unit = "stage-2 epochs" if phase2 else "epochs of both stages"
+    print(f"ASHA rungs at {', '.join(map(str, rungs)) or 'none'} ({unit}, of {max_t}; keeps 1 in "
+          f"{settings.reduction_factor:g} at each)")
+    steps = None
+    if cfg.shots is not None:  # the training set is known without reading it: shots x classes
+        classes = {"CIFAR-100": 100, "CUB-200": 200, "digits": 10}[cfg.data_name]
+        n = cfg.shots * len(parse_positions(cfg.target_classes, classes, "target_classes"))
+        steps = -(-n // cfg.batch_size)
+    for line in schedule_warnings(rungs, phase2=phase2, e1=cfg.n_training_epochs1, e2=cfg.n_training_epochs2,
+                                  point=cfg.point, steps_per_epoch=steps, bn_stats=cfg.bn_stats):
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def show_rung_fidelity(folder: Path) -> None:
+    """Print how well each ASHA rung ranked this search's trials (refilled.tune.rungs)."""
+    rows = experiment_correlations(folder)
+    if rows:
+        print("\nASHA's rungs, rank-correlated with what followed (a rung is only worth what it ranks):")
+        print("\n".join(correlation_lines(rows)))
 
 
 def write_cost(folder: Path) -> None:
@@ -201,10 +228,12 @@ def _run(cfg: Config, settings: SearchSettings, data: dict, place: Place, name: 
     trainable = trainable_for(cfg, phase, place, teacher_path, stage1=stage1)
     # phase 2 of a staged search starts at stage 2: ASHA's clock counts stage-2 epochs
     max_t = cfg.n_training_epochs2 if stage1 is not None else cfg.n_training_epochs1 + cfg.n_training_epochs2
+    warn_about_rungs(cfg, phase, max_t, phase2=stage1 is not None)
     fit(trainable, phase, cfg, place, name, max_t=max_t, resume=resume)
     trials = summarise(folder)
     place.push("trials.csv", STUDY_FILE)
     choose(folder, trials, settings, place, teacher_path, place.uri)
+    show_rung_fidelity(folder)
     write_cost(folder)
     place.push("best_config.yaml", cost.COST_FILE)
     if place.uri:
@@ -229,9 +258,9 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
     else:
         # a phase of a staged search killed before Ray saved any state starts again: its trials go aside
         set_aside_unknown_trials(place, set())
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
-                                  grace_period=min(settings.grace_period, max_t),
-                                  reduction_factor=settings.reduction_factor)
+        # rungs at the epochs the settings name, through the clock every trial reports (refilled.tune.rungs)
+        scheduler = ASHAScheduler(metric=METRIC, mode="max",
+                                  **scheduler_args(settings.rung_epochs(max_t), settings.reduction_factor))
         searcher = StudySearcher(settings.space, metric=METRIC, study_name=study_name,
                                  experiment=experiment.location, sub=sub, seed=settings.seed,
                                  first=settings.first_points(cfg), budget_hours=settings.budget_hours)

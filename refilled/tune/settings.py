@@ -11,7 +11,8 @@ Example (search_spaces/digits.yaml)::
         flag_merge: {choice: [false, true]}
       start_with: authors       # first trial: the authors' defaults (or: config, none, or an
                                 # earlier experiment's folder or URI: its top trials run first)
-      asha: {grace_period: 10, reduction_factor: 3}
+      asha: {grace_period: 10, reduction_factor: 3}   # rungs at 10, 30, 90, ... epochs
+                                # or placed: {rungs: [30, 60], reduction_factor: 3}
       resources: {cpu: 1, gpu: 0}   # per trial; gpu may be fractional (0.25)
       max_concurrent: 2
       max_failures: 1
@@ -52,6 +53,7 @@ class StagedSettings:
     num_samples: int = 8
     grace_period: int = 5
     reduction_factor: float = 3
+    rungs: list[int] | None = None
 
 
 @dataclass
@@ -61,6 +63,7 @@ class SearchSettings:
     start_with: str = "authors"  # "authors", "config" or "none"
     grace_period: int = 10
     reduction_factor: float = 3
+    rungs: list[int] | None = None  # explicit rung epochs (search.asha.rungs); None: geometric from grace_period
     cpu: float = 1
     gpu: float = 0
     max_concurrent: int = 0  # 0: as many as resources allow
@@ -91,13 +94,20 @@ class SearchSettings:
         first, second = self.phase_spaces()
         if which == 1:
             return replace(self, space=first, num_samples=self.staged.num_samples, staged=None,
-                           grace_period=self.staged.grace_period, reduction_factor=self.staged.reduction_factor)
+                           grace_period=self.staged.grace_period, reduction_factor=self.staged.reduction_factor,
+                           rungs=self.staged.rungs)
         return replace(self, space=second, staged=None, fixed=dict(fixed or {}))
 
     def param_space(self) -> dict[str, Any]:
         """Tune's param_space: the constants every trial gets (phase 2: phase 1's choice).
         The searched keys come from the searcher (refilled.tune.searcher), which owns the space."""
         return dict(self.fixed)
+
+    def rung_epochs(self, max_t: int) -> list[int]:
+        """The epochs at which ASHA compares this phase's trials (refilled.tune.rungs)."""
+        from refilled.tune.rungs import rung_epochs
+
+        return rung_epochs(self.grace_period, self.reduction_factor, max_t, self.rungs)
 
     def is_log(self, key: str) -> bool:
         return next(iter(self.space[key])) in ("loguniform", "lograndint")
@@ -138,7 +148,7 @@ class SearchSettings:
     def to_section(self) -> dict[str, Any]:
         """The `search:` section these settings read back from (experiment.yaml)."""
         return {"space": self.space, "num_samples": self.num_samples, "start_with": self.start_with,
-                "asha": {"grace_period": self.grace_period, "reduction_factor": self.reduction_factor},
+                "asha": _asha_section(self.grace_period, self.reduction_factor, self.rungs),
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "max_concurrent": self.max_concurrent,
                 "max_failures": self.max_failures, "checkpoint_every": self.checkpoint_every,
                 "keep_checkpoints": self.keep_checkpoints, "reuse_actors": self.reuse_actors, "seed": self.seed,
@@ -148,6 +158,24 @@ class SearchSettings:
                                "asha": {"grace_period": self.staged.grace_period,
                                         "reduction_factor": self.staged.reduction_factor}}}
                    if self.staged else {})}
+
+
+def _asha_section(grace_period: int, reduction_factor: float, rungs: list[int] | None) -> dict[str, Any]:
+    if rungs:
+        return {"rungs": list(rungs), "reduction_factor": reduction_factor}
+    return {"grace_period": grace_period, "reduction_factor": reduction_factor}
+
+
+def _parse_rungs(where: str, value: Any, grace_period: Any) -> list[int]:
+    """search.asha.rungs: increasing epochs >= 1; grace_period, if also given, is the first."""
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in value)
+            or any(b <= a for a, b in zip(value, value[1:]))):
+        raise UserError(f"{where}.rungs must be a list of increasing epochs >= 1, e.g. [30, 60], got {value!r}")
+    if grace_period is not None and grace_period != value[0]:
+        raise UserError(f"{where}: grace_period {grace_period} and rungs {value} disagree (the first rung is the "
+                        "grace period): give one of them")
+    return list(value)
 
 
 def distributions(space: dict[str, dict[str, list]]) -> dict:
@@ -216,13 +244,20 @@ def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings
         s.space = {k: _check_distribution(k, v, base) for k, v in DEFAULT_SPACE.items()}
     if "staged" in section:
         s.staged = _parse_staged(section.pop("staged"), s)
+    asha = section.get("asha")
+    if isinstance(asha, dict) and "rungs" in asha:
+        asha = dict(asha)
+        s.rungs = _parse_rungs("search.asha", asha.pop("rungs"), asha.get("grace_period"))
+        asha["grace_period"] = s.rungs[0]
+        section["asha"] = asha
     nested = {"asha": ("grace_period", "reduction_factor"), "resources": ("cpu", "gpu"),
               "select": ("top_k", "seeds")}
     flat: dict[str, Any] = {}
     for name, keys in nested.items():
         sub = section.pop(name, None) or {}
         if not isinstance(sub, dict) or set(sub) - set(keys):
-            raise UserError(f"search.{name} takes {', '.join(keys)}, got {sub}")
+            raise UserError(f"search.{name} takes {', '.join(keys + (('rungs',) if name == 'asha' else ()))}, "
+                            f"got {sub}")
         flat.update({f"select_{k}" if name == "select" else k: v for k, v in sub.items()})
     flat.update(section)
     numbers = {"num_samples": int, "grace_period": int, "reduction_factor": float, "cpu": float, "gpu": float,
@@ -271,11 +306,16 @@ def _parse_staged(section: Any, s: SearchSettings) -> StagedSettings | None:
     if section is True:
         section = {}
     if not isinstance(section, dict) or set(section) - {"num_samples", "asha"}:
-        raise UserError(f"search.staged takes num_samples and asha {{grace_period, reduction_factor}}, got {section!r}")
+        raise UserError(f"search.staged takes num_samples and asha {{grace_period, reduction_factor, rungs}}, "
+                        f"got {section!r}")
     staged = StagedSettings()
     asha = section.get("asha") or {}
-    if not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor"}:
-        raise UserError(f"search.staged.asha takes grace_period, reduction_factor, got {asha!r}")
+    if not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor", "rungs"}:
+        raise UserError(f"search.staged.asha takes grace_period, reduction_factor, rungs, got {asha!r}")
+    if "rungs" in asha:
+        asha = dict(asha)
+        staged.rungs = _parse_rungs("search.staged.asha", asha.pop("rungs"), asha.get("grace_period"))
+        asha["grace_period"] = staged.rungs[0]
     for key, value in {"num_samples": section.get("num_samples"), **asha}.items():
         if value is None:
             continue

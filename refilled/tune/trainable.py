@@ -30,6 +30,8 @@ from refilled.stage1_cache import Stage1Cache, stage1_key
 from refilled.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
 from refilled.runlog import STAGE_NAMES
 from refilled.trial_records import STATE_FILE
+from refilled.tune.rungs import CLOCK
+from refilled.tune.rungs import clock as rung_clock
 
 # fault injection for tests: each trial crashes once at this step (markers in the folder CRASH_MARKERS_ENV names)
 CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
@@ -75,11 +77,14 @@ def _crash_once_for_tests(step: int) -> None:
 def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dict[str, Any],
                    bank: np.ndarray | None, centers: np.ndarray | None, cache_dir: str | None,
                    stage1: dict | None = None, stage1_only: bool = False, checkpoint_every: int = 1,
-                   teacher_id: str = "") -> None:
+                   teacher_id: str = "", rungs: list[int] = (), reduction_factor: float = 3,
+                   max_t: int = 0) -> None:
     """One trial. `params` are the searched values; `base` the experiment's config.
     `stage1`: an end-of-stage-1 snapshot to start stage 2 from (phase 2 of a staged
     search: the trial reports stage-2 epochs only, their steps continue stage 1's).
-    `stage1_only`: end after stage 1 (phase 1 of a staged search)."""
+    `stage1_only`: end after stage 1 (phase 1 of a staged search).
+    `rungs`, `reduction_factor`, `max_t`: where ASHA compares trials, in the epochs this
+    phase counts; each report carries the clock that puts them there (refilled.tune.rungs)."""
     cfg: Config = from_dict(params, from_dict(base))
     cfg = cfg.replace(flag_tuning=True, device="auto")  # searching never sees the test split
     resources = tune.get_context().get_trial_resources().required_resources
@@ -105,16 +110,21 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
         resume = stage1
     cache = Stage1Cache(cache_dir) if cache_dir and cfg.n_training_epochs1 > 0 else None
     step = 0
+
+    def at_rung(metrics: dict[str, Any]) -> dict[str, Any]:  # ASHA's clock: phase 2 counts stage-2 epochs
+        epoch = metrics["stage_epoch"] if stage1 is not None else metrics["step"]
+        return {**metrics, CLOCK: rung_clock(epoch, list(rungs), reduction_factor, max_t)}
+
     # the number the search ranks trials by, reported so TensorBoard's HParams tab shows it too
     best2 = (resume or {}).get("best_val_accuracy_stage2", 0.0)
     try:
         if cache and resume is None:
             resume = _stage1_from_cache(cfg, data, student, fn, centers, cache, stage1_key(cfg, teacher_id),
-                                        checkpoint_every, total, clock)
+                                        checkpoint_every, total, clock, at_rung)
         for epoch in refilled_epochs(cfg, data, student, fn, centers, resume, transfer_teacher(data, teacher_net)):
             _crash_once_for_tests(epoch.step)
             step = epoch.step
-            metrics = _metrics(epoch, total)
+            metrics = at_rung(_metrics(epoch, total))
             if epoch.stage == STAGE2:
                 best2 = metrics["best_val_accuracy_stage2"] = max(best2, metrics["val_accuracy"])
             save = step == total or step % checkpoint_every == 0
@@ -131,7 +141,7 @@ def _metrics(epoch, total: int) -> dict[str, Any]:
             "total_steps": total, "diverged": 0, **epoch.metrics}
 
 
-def _stage1_from_cache(cfg, data, student, fn, centers, cache, key, checkpoint_every, total, clock) -> dict:
+def _stage1_from_cache(cfg, data, student, fn, centers, cache, key, checkpoint_every, total, clock, at_rung) -> dict:
     """The end-of-stage-1 snapshot: another trial's, replayed epoch by epoch so ASHA
     sees the same reports it would have, or computed here (under the key's lock) and stored."""
     hit = cache.lookup(key)
@@ -140,13 +150,14 @@ def _stage1_from_cache(cfg, data, student, fn, centers, cache, key, checkpoint_e
             hit = cache.lookup(key)  # another trial may have stored it while we waited
             if hit is None:
                 return _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total,
-                                             clock)
+                                             clock, at_rung)
     for record in hit["history"]:  # costs what the replay takes: the clock overwrites the record's cost
-        _report(clock, {**record, "stage1_cache": "hit"})
+        _report(clock, at_rung({**record, "stage1_cache": "hit"}))
     return hit["snapshot"]
 
 
-def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total, clock) -> dict:
+def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoint_every, total, clock,
+                          at_rung) -> dict:
     """Run stage 1 (reporting every epoch as usual), store it for other trials, return its snapshot."""
     history, snapshot = [], None
     for epoch in refilled_epochs(cfg, data, student, fn, centers):
@@ -154,7 +165,7 @@ def _run_stage1_and_store(cfg, data, student, fn, centers, cache, key, checkpoin
         metrics = _metrics(epoch, total)
         history.append(metrics)
         snapshot = epoch.snapshot()
-        _report(clock, {**metrics, "stage1_cache": "miss"}, snapshot if epoch.step % checkpoint_every == 0 else None)
+        _report(clock, at_rung({**metrics, "stage1_cache": "miss"}), snapshot if epoch.step % checkpoint_every == 0 else None)
         if epoch.epoch == cfg.n_training_epochs1:
             break  # stage 1 is done; stage 2 resumes from the snapshot
     cache.store(key, snapshot, history)

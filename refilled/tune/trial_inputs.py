@@ -89,6 +89,9 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
     from refilled.tune.trainable import refilled_trial
 
     folder = place.folder
+    # the epochs ASHA counts: stage 1 alone (phase 1), stage 2 from phase 1's choice (phase 2), or both
+    max_t = (cfg.n_training_epochs1 if stage1_only else cfg.n_training_epochs2 if stage1 is not None
+             else cfg.n_training_epochs1 + cfg.n_training_epochs2)
     teacher_state = checkpoint.load(teacher_path, "teacher checkpoint")
     bank_file, centers_file = folder / "bank-tuning.npy", folder / "centers-tuning.npy"
     tuning_cfg = cfg.replace(flag_tuning=True)
@@ -120,5 +123,7 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
     fn = tune.with_parameters(refilled_trial, base=cfg.to_dict(), teacher=teacher_state,
                               bank=None if bank is None else np.ascontiguousarray(bank), centers=centers,
                               cache_dir=cache_dir, stage1=stage1, stage1_only=stage1_only,
-                              checkpoint_every=settings.checkpoint_every, teacher_id=file_digest(teacher_path))
+                              checkpoint_every=settings.checkpoint_every, teacher_id=file_digest(teacher_path),
+                              rungs=settings.rung_epochs(max_t), reduction_factor=settings.reduction_factor,
+                              max_t=max_t)
     return tune.with_resources(fn, {"cpu": settings.cpu, "gpu": settings.gpu})

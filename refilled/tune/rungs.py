@@ -1,0 +1,164 @@
+"""Where ASHA compares trials: rung epochs placed explicitly, what they can tell apart.
+
+Tune's ASHAScheduler puts its rungs at grace_period * reduction_factor**k of its
+time attribute. To place them at any epochs (`search.asha.rungs`, as Syne Tune
+does), every trial reports a clock (`CLOCK`) that is 0 before the first rung and
+reduction_factor**i from the (i+1)-th rung on: ASHA, given grace_period 1 and
+max_t = reduction_factor**len(rungs) (`scheduler_args`), then decides exactly at
+those epochs. The rung epochs count what the phase trains: steps across both
+stages, or stage-2 epochs in phase 2 of a staged search.
+
+A rung is only worth what it ranks: `correlations` measures it on a search's own
+trials, `schedule_warnings` says before a search starts where a rung is expected
+to see little (before stage 2's first learning-rate decay, or after few steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+CLOCK = "rung_clock"
+MIN_RUNG_STEPS = 50  # optimizer steps before a rung: fewer and the weights have barely moved
+WEAK = 0.5  # a rank correlation below this is called weak
+
+
+def rung_epochs(grace_period: int, reduction_factor: float, max_t: int, explicit: list[int] | None = None
+                ) -> list[int]:
+    """The epochs at which ASHA compares trials (those before max_t)."""
+    if explicit:
+        return [r for r in explicit if r < max_t]
+    out, k = [], 0
+    while grace_period * reduction_factor ** k < max_t:
+        out.append(math.ceil(grace_period * reduction_factor ** k))
+        k += 1
+    return out
+
+
+def clock(epoch: int, rungs: list[int], reduction_factor: float, max_t: int) -> float:
+    """The time attribute a trial reports at `epoch` (see the module's docstring)."""
+    if epoch >= max_t:
+        return float(reduction_factor ** len(rungs))
+    passed = sum(epoch >= r for r in rungs)
+    return 0.0 if passed == 0 else float(reduction_factor ** (passed - 1))
+
+
+def scheduler_args(rungs: list[int], reduction_factor: float) -> dict[str, Any]:
+    """ASHAScheduler's arguments that put its rungs at `rungs` of CLOCK."""
+    return {"time_attr": CLOCK, "grace_period": 1, "reduction_factor": reduction_factor,
+            "max_t": reduction_factor ** len(rungs)}
+
+
+def schedule_warnings(rungs: list[int], *, phase2: bool, e1: int, e2: int, point: tuple[int, ...],
+                      steps_per_epoch: int, bn_stats: str) -> list[str]:
+    """One line for each thing about these rungs that is expected to rank poorly, with a
+    suggested first rung; empty when nothing is."""
+    total = e2 if phase2 else e1 + e2
+    start2 = 0 if phase2 else e1  # the rung clock's epoch where stage 2 starts
+    decay = start2 + point[0] if point and point[0] < e2 else None
+    suggest = (decay + max(1, (total - decay) // 4)) if decay is not None else None
+    hint = f"; e.g. search.asha.rungs: [{suggest}]" if suggest and suggest < total else ""
+    out = []
+    if not rungs:
+        out.append(f"no ASHA rung before the end ({total} epochs): no trial is stopped early{hint}")
+        return out
+    first = rungs[0]
+    if not phase2 and first <= e1:
+        out.append(f"the first ASHA rung (epoch {first}) is in stage 1, where trials are compared by NCM "
+                   f"accuracy, not the stage-2 accuracy they are chosen by{hint}")
+    elif decay is not None and first <= decay:
+        out.append(f"the first ASHA rung (epoch {first}) comes before stage 2's first learning-rate decay "
+                   f"(epoch {decay}), where validation ranks trials weakly"
+                   f"{' (bn_stats: running makes it worse)' if bn_stats == 'running' else ''}: measure it with "
+                   f"benchmarks/rung_fidelity.py{hint}")
+    steps = (first - start2) * steps_per_epoch if first > start2 else first * steps_per_epoch
+    if steps < MIN_RUNG_STEPS:
+        out.append(f"the first ASHA rung (epoch {first}) comes after {steps} optimizer steps of its stage "
+                   f"(fewer than {MIN_RUNG_STEPS}): the weights have barely moved{hint}")
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank); nan below 3 pairs or with no spread."""
+    import pandas as pd
+
+    if len(a) < 3:
+        return math.nan
+    value = pd.Series(a).rank().corr(pd.Series(b).rank())
+    return float(value) if value == value else math.nan
+
+
+def values_at(curves: dict[str, dict[int, float]], epoch: int) -> dict[str, float]:
+    """Each trial's value at `epoch`, for the trials that reported it."""
+    return {t: c[epoch] for t, c in curves.items() if epoch in c}
+
+
+def correlations(curves: dict[str, dict[int, float]], rungs: list[int], end: int,
+                 reeval: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Rank correlations of a search's rungs: each rung with the next (over the trials
+    that reached both), with the end (trials that ran to `end`), with the
+    re-evaluated means (`reeval`: trial -> mean). One row per (rung, against)."""
+    rows = []
+    marks = list(rungs) + [end]
+    for i, rung in enumerate(rungs):
+        here = values_at(curves, rung)
+        targets = [(f"epoch {marks[i + 1]}" if marks[i + 1] != end else "end", values_at(curves, marks[i + 1]))]
+        if marks[i + 1] != end:
+            targets.append(("end", values_at(curves, end)))
+        if reeval:
+            targets.append(("re-evaluated mean", reeval))
+        for name, there in targets:
+            common = sorted(set(here) & set(there))
+            rho = spearman([here[t] for t in common], [there[t] for t in common])
+            rows.append({"rung": rung, "against": name, "trials": len(common), "spearman": rho})
+    return rows
+
+
+def correlation_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows as lines, with a warning for each weak one."""
+    out = []
+    for r in rows:
+        rho = "n/a (fewer than 3 trials)" if math.isnan(r["spearman"]) else f"{r['spearman']:+.2f}"
+        line = f"  rung at epoch {r['rung']} vs {r['against']}: Spearman {rho} over {r['trials']} trials"
+        if not math.isnan(r["spearman"]) and r["spearman"] < WEAK:
+            line += (f"  <- weak (< {WEAK}): this rung stops trials on noise; move it later "
+                     "(search.asha.rungs) or evaluate with bn_stats: precise")
+        out.append(line)
+    return out
+
+
+def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], int]:
+    """(each trial's validation accuracy by the epoch ASHA counts, the rung epochs, the
+    last epoch) of a search's experiment folder, from the trials' reports."""
+    from pathlib import Path
+
+    from refilled.experiment_file import read
+    from refilled.experiments import read_results, trial_folders
+    from refilled.tune.settings import parse_search
+
+    folder = Path(folder)
+    cfg, data = read(folder)
+    settings = parse_search(data.get("search"), cfg)
+    phase2 = settings.staged is not None  # its trials start at stage 2 and count stage-2 epochs
+    end = (cfg.n_training_epochs1 if data.get("stage1_only") else cfg.n_training_epochs2 if phase2
+           else cfg.n_training_epochs1 + cfg.n_training_epochs2)
+    curves: dict[str, dict[int, float]] = {}
+    for trial in trial_folders(folder):
+        rows = [r for r in read_results(trial) if "val_accuracy" in r and not r.get("diverged")]
+        key = "stage_epoch" if phase2 else "step"
+        curve = {int(r[key]): float(r["val_accuracy"]) for r in rows if key in r}
+        if curve:
+            curves[str(rows[-1].get("trial_id") or trial.name)] = curve
+    return curves, settings.rung_epochs(end), end
+
+
+def experiment_correlations(folder) -> list[dict[str, Any]]:
+    """`correlations` of an experiment's own trials, with its re-evaluated means when it has them."""
+    from refilled.experiments import read_selection
+
+    curves, rungs, end = experiment_curves(folder)
+    selection = read_selection(folder)
+    reeval = None
+    if selection is not None and not selection.empty:
+        reeval = {str(t): float(m) for t, m in zip(selection["trial_id"], selection["val_accuracy_reeval_mean"])}
+    return correlations(curves, rungs, end, reeval)

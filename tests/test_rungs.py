@@ -1,0 +1,95 @@
+"""ASHA's rungs: placed at chosen epochs through Tune's own scheduler, their warnings, their correlations."""
+
+import math
+
+import pytest
+
+from conftest import make_tiny_config
+from refilled.errors import UserError
+from refilled.tune.rungs import (clock, correlation_lines, correlations, rung_epochs, schedule_warnings,
+                                 scheduler_args, spearman)
+from refilled.tune.settings import parse_search
+
+
+def _stopped_at(rungs, rf, max_t, curves):
+    """Feed Tune's ASHAScheduler each trial's curve (epoch -> value), one trial after the
+    other; return the epoch each trial was stopped at (max_t: ran to the end)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(metric="val", mode="max", **scheduler_args(rungs, rf))
+    out = []
+    for curve in curves:
+        trial = Trial("refilled_trial", stub=True)
+        scheduler.on_trial_add(None, trial)
+        for epoch in range(1, max_t + 1):
+            action = scheduler.on_trial_result(None, trial, {"val": curve(epoch),
+                                                             "rung_clock": clock(epoch, rungs, rf, max_t)})
+            if action == "STOP":
+                break
+        out.append(epoch)
+    return out
+
+
+def test_asha_decides_exactly_at_the_placed_rungs():
+    # trials worse than the first at every epoch: stopped at the first rung, never before
+    worse = [lambda e, i=i: 1 - i / 10 for i in range(5)]
+    assert _stopped_at([3, 7], 2.0, 10, worse) == [10, 3, 3, 3, 3]
+    # equal up to epoch 6, then worse: rung 3 keeps them (ties), rung 7 stops them
+    late = [lambda e, i=i: 0.5 if e < 7 else 1 - i / 10 for i in range(5)]
+    assert _stopped_at([3, 7], 2.0, 10, late) == [10, 7, 7, 7, 7]
+    # no rung before the end: nobody is stopped early
+    assert _stopped_at([], 3.0, 10, worse) == [10] * 5
+
+
+def test_rung_epochs_are_tunes_geometric_ones_unless_placed():
+    assert rung_epochs(5, 3, 90) == [5, 15, 45]
+    assert rung_epochs(10, 3, 240) == [10, 30, 90]
+    assert rung_epochs(90, 3, 90) == []
+    assert rung_epochs(5, 3, 90, [30, 60, 95]) == [30, 60]
+    assert [clock(e, [30, 60], 3, 90) for e in (1, 29, 30, 59, 60, 89, 90)] == [0, 0, 1, 1, 3, 3, 9]
+
+
+def test_search_settings_take_placed_rungs_and_refuse_bad_ones():
+    base = make_tiny_config()
+    s = parse_search({"asha": {"rungs": [3, 5], "reduction_factor": 2}}, base)
+    assert (s.rungs, s.grace_period, s.reduction_factor) == ([3, 5], 3, 2)
+    assert s.rung_epochs(8) == [3, 5] and s.to_section()["asha"] == {"rungs": [3, 5], "reduction_factor": 2}
+    assert parse_search(s.to_section(), base).rungs == [3, 5]  # experiment.yaml reads back the same
+    for bad in ([], [5, 3], [0, 2], [2.5], "30", [True]):
+        with pytest.raises(UserError, match="search.asha.rungs must be a list of increasing epochs"):
+            parse_search({"asha": {"rungs": bad}}, base)
+    with pytest.raises(UserError, match="grace_period 4 and rungs \\[3, 5\\] disagree"):
+        parse_search({"asha": {"rungs": [3, 5], "grace_period": 4}}, base)
+    with pytest.raises(UserError, match="search.asha takes grace_period, reduction_factor, rungs"):
+        parse_search({"asha": {"milestones": [3]}}, base)
+
+
+def test_warnings_name_rungs_before_the_decay_in_stage1_or_after_few_steps():
+    common = dict(e1=30, e2=90, point=(60, 75), bn_stats="precise")
+    early = schedule_warnings([5, 15, 45], phase2=True, steps_per_epoch=1, **common)
+    assert any("before stage 2's first learning-rate decay (epoch 60)" in w for w in early)
+    assert any("after 5 optimizer steps" in w for w in early)
+    assert all("search.asha.rungs: [67]" in w for w in early)  # a rung after the decay is suggested
+    assert schedule_warnings([67], phase2=True, steps_per_epoch=1, **common) == []
+    joint = schedule_warnings([10, 30], phase2=False, steps_per_epoch=100, **common)
+    assert len(joint) == 1 and "is in stage 1" in joint[0] and "search.asha.rungs: [97]" in joint[0]
+    assert "no trial is stopped early" in schedule_warnings([], phase2=True, steps_per_epoch=1, **common)[0]
+    running = schedule_warnings([45], phase2=True, steps_per_epoch=10, e1=30, e2=90, point=(60,), bn_stats="running")
+    assert len(running) == 1 and "bn_stats: running makes it worse" in running[0]
+
+
+def test_spearman_and_rung_correlations():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    assert math.isnan(spearman([1, 2], [1, 2])) and math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    curves = {"a": {5: 0.1, 15: 0.5, 30: 0.9}, "b": {5: 0.2, 15: 0.4, 30: 0.8}, "c": {5: 0.3, 15: 0.3, 30: 0.7},
+              "d": {5: 0.4}}
+    rows = correlations(curves, [5, 15], 30, reeval={"a": 0.9, "b": 0.7, "c": 0.8})
+    by = {(r["rung"], r["against"]): r for r in rows}
+    assert by[(5, "epoch 15")]["trials"] == 3 and by[(5, "epoch 15")]["spearman"] == pytest.approx(-1)
+    assert by[(5, "end")]["spearman"] == pytest.approx(-1) and by[(15, "end")]["spearman"] == pytest.approx(1)
+    assert by[(15, "re-evaluated mean")]["spearman"] == pytest.approx(0.5)
+    lines = correlation_lines(rows)
+    assert sum("<- weak" in line for line in lines) == 3  # rung 5 twice, and rung 5 against the re-evaluation
+    assert "rung at epoch 15 vs end: Spearman +1.00 over 3 trials" in lines[3]
