@@ -166,7 +166,9 @@ def make_report(experiments, out: str | Path) -> dict[str, Any]:
             from refilled.tune.rungs import correlation_lines
 
             lines += [markdown_table(made["rungs"], digits=2)]
-            weak = [line.strip() for line in correlation_lines(made["rungs"].to_dict("records")) if "<- weak" in line]
+            weak = [f"{e.label}: {line.strip()}" for e in experiments
+                    for line in correlation_lines(made["rungs"][made["rungs"]["experiment"] == e.label]
+                                                  .to_dict("records"), e.config.bn_stats) if "<- weak" in line]
             lines += [f"- **warning**: {w}" for w in weak] + [""]
 
     lines += ["## Browse further", ""]

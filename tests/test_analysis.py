@@ -218,7 +218,7 @@ def test_plots_are_real_images(exp1, exp2, tmp_path):
     out = tmp_path / "plots"
     result = run("analysis/plot_trials.py", str(exp1), str(exp2), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    for name in ("curves", "params", "importance", "efficiency"):
+    for name in ("curves", "params", "importance", "efficiency", "rungs"):
         check_image(out / f"{name}.png")
 
 
@@ -242,6 +242,12 @@ def test_plot_data_of_one_experiment(exp1, tmp_path):
     assert eff["cumulative_epochs"].iloc[-1] == sum(len(result_rows(t)) for t in trial_folders(exp1))
     best = eff["best_so_far"].dropna()
     assert best.is_monotonic_increasing and best.iloc[-1] == pytest.approx(params["best_val_accuracy_stage2"].max())
+    # rungs: each rung of the search (2 and 4) against the next and the end, and the re-evaluated means
+    rungs = made["rungs"][1]
+    assert set(rungs["rung"]) == RUNGS and set(rungs["against"]) == {"epoch 4", "end", "re-evaluated mean"}
+    reached = {r: sum(1 for t in trial_folders(exp1) if len(result_rows(t)) >= r) for r in (4, TOTAL)}
+    by = rungs.set_index(["rung", "against"])["trials"]
+    assert by[(2, "epoch 4")] == reached[4] and by[(4, "end")] == reached[TOTAL]
     ends = [result_rows(t)[-1]["timestamp"] for t in trial_folders(exp1)]
     order = {str(result_rows(t)[-1]["trial_id"]): e for t, e in zip(trial_folders(exp1), ends)}
     assert [order[t] for t in eff["trial_id"]] == sorted(ends)  # completion order
@@ -291,7 +297,7 @@ def test_report_links_resolve(exp1, exp2, tmp_path):
     for link in links:
         assert not link.startswith("/") and "://" not in link, link  # relative links only
         assert (out / link).is_file(), f"index.md links {link}, which is not there"
-    for name in ("curves", "params", "importance", "efficiency"):
+    for name in ("curves", "params", "importance", "efficiency", "rungs"):
         assert re.search(rf"!\[[^\]]*\]\({name}\.png\)", index), f"{name}.png not embedded"
         check_image(out / f"{name}.png")
     for name in ("trials.csv", "trials.md", "experiments.csv", "experiments.md"):

@@ -65,18 +65,21 @@ def test_search_settings_take_placed_rungs_and_refuse_bad_ones():
         parse_search({"asha": {"milestones": [3]}}, base)
 
 
-def test_warnings_name_rungs_before_the_decay_in_stage1_or_after_few_steps():
-    common = dict(e1=30, e2=90, point=(60, 75), bn_stats="precise")
-    early = schedule_warnings([5, 15, 45], phase2=True, steps_per_epoch=1, **common)
-    assert any("before stage 2's first learning-rate decay (epoch 60)" in w for w in early)
+def test_warnings_name_rungs_in_stage1_after_few_steps_or_before_the_decay_on_running_statistics():
+    common = dict(e1=30, e2=90, point=(60, 75))
+    early = schedule_warnings([5, 15, 45], phase2=True, steps_per_epoch=1, bn_stats="running", **common)
+    assert any("before stage 2's first learning-rate decay (epoch 60)" in w and "bn_stats: running" in w
+               for w in early)
     assert any("after 5 optimizer steps" in w for w in early)
     assert all("search.asha.rungs: [67]" in w for w in early)  # a rung after the decay is suggested
-    assert schedule_warnings([67], phase2=True, steps_per_epoch=1, **common) == []
-    joint = schedule_warnings([10, 30], phase2=False, steps_per_epoch=100, **common)
+    # precise statistics: a rung before the decay is fine once enough steps have been taken
+    assert schedule_warnings([30], phase2=True, steps_per_epoch=1, bn_stats="precise", **common) == []
+    assert len(schedule_warnings([5], phase2=True, steps_per_epoch=1, bn_stats="precise", **common)) == 1
+    assert schedule_warnings([67], phase2=True, steps_per_epoch=1, bn_stats="running", **common) == []
+    joint = schedule_warnings([10, 30], phase2=False, steps_per_epoch=100, bn_stats="precise", **common)
     assert len(joint) == 1 and "is in stage 1" in joint[0] and "search.asha.rungs: [97]" in joint[0]
-    assert "no trial is stopped early" in schedule_warnings([], phase2=True, steps_per_epoch=1, **common)[0]
-    running = schedule_warnings([45], phase2=True, steps_per_epoch=10, e1=30, e2=90, point=(60,), bn_stats="running")
-    assert len(running) == 1 and "bn_stats: running makes it worse" in running[0]
+    none = schedule_warnings([], phase2=True, steps_per_epoch=1, bn_stats="precise", **common)
+    assert "no trial is stopped early" in none[0]
 
 
 def test_spearman_and_rung_correlations():
@@ -91,5 +94,13 @@ def test_spearman_and_rung_correlations():
     assert by[(5, "end")]["spearman"] == pytest.approx(-1) and by[(15, "end")]["spearman"] == pytest.approx(1)
     assert by[(15, "re-evaluated mean")]["spearman"] == pytest.approx(0.5)
     lines = correlation_lines(rows)
-    assert sum("<- weak" in line for line in lines) == 3  # rung 5 twice, and rung 5 against the re-evaluation
+    assert all("too few to judge" in line for line in lines) and not any("<- weak" in line for line in lines)
     assert "rung at epoch 15 vs end: Spearman +1.00 over 3 trials" in lines[3]
+    many = {"end": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], "good": [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],
+            "bad": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}
+    curves = {f"t{i}": {10: many["good"][i], 20: many["bad"][i], 30: many["end"][i]} for i in range(6)}
+    lines = correlation_lines(correlations(curves, [10, 20], 30), bn_stats="running")
+    weak = [line for line in lines if "<- weak" in line]
+    assert len(weak) == 2 and all("rung at epoch 20" in w or "vs epoch 20" in w for w in weak)
+    assert all("set bn_stats: precise or move it later" in w for w in weak)
+    assert "bn_stats" not in correlation_lines(correlations(curves, [20], 30))[0].split("<- weak")[1]

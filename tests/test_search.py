@@ -401,6 +401,32 @@ def test_search_end_to_end(experiment):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT + 120)
+def test_search_says_where_its_rungs_are_and_how_well_they_ranked(experiment):
+    folder, out = experiment.folder, experiment.result.stdout
+    assert "ASHA rungs at 2, 4 (epochs of both stages, of 6; keeps 1 in 2 at each)" in out
+    # the rung is in stage 1 (NCM), which the start-up warning says, with a later rung to use
+    assert "warning: the first ASHA rung (epoch 2) is in stage 1" in experiment.result.stderr
+    # every report carries the clock that places ASHA's decisions at the rungs
+    from refilled.tune.rungs import clock, correlations, experiment_curves
+
+    for tf in trial_folders(folder):
+        assert [r["rung_clock"] for r in results(tf)] == [clock(r["step"], [2, 4], 2, 6) for r in results(tf)]
+    # the summary's correlations are those of the trials' own reports
+    shown = out[out.index("ASHA's rungs, rank-correlated"):].splitlines()[1:]
+    curves, rungs, end = experiment_curves(folder)
+    assert rungs == [2, 4] and end == 6 and len(curves) == 8
+    rows = correlations(curves, rungs, end)
+    assert len(rows) == 3 and [r["trials"] for r in rows][0] == len(values_reaching(curves, 4))
+    for row, line in zip(rows, shown):
+        assert f"rung at epoch {row['rung']} vs {row['against']}:" in line and f"over {row['trials']} trials" in line
+
+
+def values_reaching(curves, epoch):
+    return [t for t, c in curves.items() if epoch in c]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(2 * SEARCH_TIMEOUT)
 def test_reused_worker_processes_give_the_same_trials(experiment, tmp_path):
     """search.reuse_actors (on by default, as in the shared search) starts each trial in the

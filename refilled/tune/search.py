@@ -54,7 +54,8 @@ from refilled.experiments import SELECTION_FILE, STAGE1_SEARCH, load_trials, pla
 from refilled.lease import LEASE_FILE, Lease
 from refilled.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
-from refilled.tune.rungs import correlation_lines, experiment_correlations, schedule_warnings, scheduler_args
+from refilled.tune.rungs import (correlation_lines, experiment_bn_stats, experiment_correlations, schedule_warnings,
+                                 scheduler_args)
 from refilled.tune.searcher import STUDY_FILE, StudySearcher
 from refilled.tune.selection import reevaluate
 from refilled.tune.settings import SearchSettings, parse_search
@@ -138,7 +139,7 @@ def show_rung_fidelity(folder: Path) -> None:
     rows = experiment_correlations(folder)
     if rows:
         print("\nASHA's rungs, rank-correlated with what followed (a rung is only worth what it ranks):")
-        print("\n".join(correlation_lines(rows)))
+        print("\n".join(correlation_lines(rows, experiment_bn_stats(folder))))
 
 
 def write_cost(folder: Path) -> None:
