@@ -126,7 +126,7 @@ ALTERNATIVES = dict(
     data_name="digits", image_size=32, class_order="cifar_fs", target_classes="50-99", shots=10, val_per_class=5,
     val_fraction=0.2, split_seed=1, flag_tuning=True, student_network_name="mobile_net", depth=28, width=2, ca=0.5,
     dropout_rate=0.0, tau1=2.0, lr1=0.05, n_training_epochs1=100, batch_size=64, seed=1, flag_merge=True,
-    loss_scale1=100.0, tuple_negatives="smallest", margin=0.1, wd=1e-4, mo=0.0,
+    loss_scale1=100.0, tuple_negatives="smallest", margin=0.1, wd=1e-4, mo=0.0, bn_stats="precise",
 )
 # keys that are valid only beside another: compared on a base that has it
 NEEDS = {"val_per_class": dict(shots=10)}
