@@ -39,10 +39,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     from refilled.config import FIELDS
 
-    p.add_argument("--config", required=True, metavar="FILE",
+    p.add_argument("--config", required=required, metavar="FILE",
                    help="experiment or config YAML, e.g. search_spaces/digits.yaml")
     group = p.add_argument_group("config overrides (any key of the config schema, refilled/config.py)")
     for name, f in FIELDS.items():
@@ -106,7 +106,9 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="tune_refilled.py", description=__doc__, epilog=EXAMPLES,
+    # the name it was started by: the console script `tune-refilled`, else the script
+    prog = "tune-refilled" if Path(sys.argv[0]).name == "tune-refilled" else "tune_refilled.py"
+    parser = Parser(prog=prog, description=__doc__, epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 

@@ -18,20 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python analysis/x.py` from anywhere
-    sys.path.insert(0, str(REPO))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from refilled.config import Config  # noqa: E402
-from refilled.damage import STUDY_FILE, study  # noqa: E402
-from refilled.errors import UserError  # noqa: E402
-from refilled.experiments import (EXPERIMENT_FILE, STAGE1_SEARCH, experiment_config, load_trials,  # noqa: E402
+from refilled.config import Config
+from refilled.damage import STUDY_FILE, study
+from refilled.errors import UserError
+from refilled.experiments import (EXPERIMENT_FILE, STAGE1_SEARCH, experiment_config, load_trials,
                                   read_results)
-from refilled.lease import note_if_running  # noqa: E402
-from refilled.stage1_cache import STAGE1_ONLY  # noqa: E402
-from refilled.storage import experiment_at  # noqa: E402
+from refilled.lease import note_if_running
+from refilled.stage1_cache import STAGE1_ONLY
+from refilled.storage import experiment_at
+
+REPO = Path(__file__).resolve().parents[1]
 
 STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
 METRIC = "best_val_accuracy_stage2"  # the final metric of a trial (what the search ranks by)

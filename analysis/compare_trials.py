@@ -20,12 +20,10 @@ import statistics
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from analysis.common import (METRIC, STATUS_ORDER, Experiment, UserError, all_trials, markdown_table,  # noqa: E402
+from analysis.common import (METRIC, STATUS_ORDER, Experiment, UserError, all_trials, markdown_table,
                              experiments_parser, open_experiments, out_dir, retrain_results, run_cli)
 
 # Column order of the leaderboard: FIRST, the searched values, METRICS, LAST.

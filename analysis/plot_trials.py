@@ -32,21 +32,19 @@ import sys
 import zlib
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,  # noqa: E402
+from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,
                              experiments_parser, out_dir, read_results, run_cli, trials)
-from refilled.experiments import plain_value  # noqa: E402
+from refilled.experiments import plain_value
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
     "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),

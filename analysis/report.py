@@ -24,17 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from analysis.common import (experiments_parser, markdown_table, open_experiments, out_dir,  # noqa: E402
+from analysis.common import (experiments_parser, markdown_table, open_experiments, out_dir,
                              retrain_results, run_cli)
-from analysis.compare_trials import experiment_summary, leaderboard, write_tables  # noqa: E402
-from analysis.plot_trials import PLOTS  # noqa: E402
-from analysis.selection_cost import plot_cost, plot_selection  # noqa: E402
-from refilled import cost  # noqa: E402
+from analysis.compare_trials import experiment_summary, leaderboard, write_tables
+from analysis.plot_trials import PLOTS
+from analysis.selection_cost import plot_cost, plot_selection
+from refilled import cost
 
 SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
 TOP = 10

@@ -19,20 +19,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `analysis` and `refilled` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, out_dir,  # noqa: E402
+from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, out_dir,
                              retrain_results, run_cli, trials)
-from refilled import cost  # noqa: E402
-from analysis.plot_trials import _experiments, _save  # noqa: E402
-from refilled.experiments import read_selection  # noqa: E402
+from refilled import cost
+from analysis.plot_trials import _experiments, _save
+from refilled.experiments import read_selection
 
 
 def selection(exp: Experiment) -> pd.DataFrame:

@@ -8,17 +8,14 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
 
 def cpu_name() -> str:
     """Model name and family/model numbers from /proc/cpuinfo (VMs often hide the name)."""

@@ -38,7 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import OtherLoad, Sections, check_idle, machine, sync, wait_until_idle
 
 import numpy as np

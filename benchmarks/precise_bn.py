@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import torch
 
-from _common import machine, median_time  # also puts the repository on sys.path
+from _common import machine, median_time
 from refilled import evaluate
 from refilled.config import Config, load_experiment
 from refilled.data.augment import for_data

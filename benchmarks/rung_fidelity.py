@@ -28,12 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from refilled.config import from_dict, load_experiment, parse_overrides  # noqa: E402
-from refilled.errors import UserError  # noqa: E402
-from refilled.tune.rungs import experiment_curves, spearman, values_at  # noqa: E402
-from refilled.tune.settings import parse_search  # noqa: E402
+from refilled.config import from_dict, load_experiment, parse_overrides
+from refilled.errors import UserError
+from refilled.tune.rungs import experiment_curves, spearman, values_at
+from refilled.tune.settings import parse_search
 
 
 def fidelity(curves: dict[str, dict[int, float]], end: int, epochs: list[int]) -> list[dict]:

@@ -25,12 +25,9 @@ import io
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from refilled.config import load_experiment  # noqa: E402
-from refilled.experiments import STAGE1_SEARCH, best_trial, load_trials  # noqa: E402
+from refilled.config import load_experiment
+from refilled.experiments import STAGE1_SEARCH, best_trial, load_trials
 
 
 def run(config: str, storage: str, name: str, num_samples: int, asha: dict, staged: dict | None = None,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import REPO, check_idle, machine
 
 import numpy as np

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 
-import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import OtherLoad, check_idle, machine, median_time, wait_until_idle
 
 import numpy as np

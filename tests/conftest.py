@@ -17,14 +17,12 @@ from pathlib import Path
 # (Subprocesses started by the tests inherit it.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+
+from refilled.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # `pytest` run without `python -m`
-    sys.path.insert(0, str(REPO))
-
-from refilled.config import Config  # noqa: E402
 
 torch.set_num_threads(2)
 

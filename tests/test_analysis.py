@@ -13,7 +13,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,10 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from conftest import run_python, tiny_search as shared_tiny_search
+from refilled.errors import UserError
 
-from conftest import run_python, tiny_search as shared_tiny_search  # noqa: E402
-from refilled.errors import UserError  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = REPO / "tests" / "analysis_tiny.yaml"
 SEARCHED = {"tau1", "tau2", "lambd", "lr1", "lr2"}

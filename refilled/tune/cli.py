@@ -22,7 +22,7 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
                     "lease of a driver that died once its heartbeat is older than the timeout (120 s; "
                     "TUNE_REFILLED_LEASE_TIMEOUT). TensorBoard: `tensorboard --logdir <storage>/<name>`; Optuna: "
                     "`optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
-    add_config_args(p)
+    add_config_args(p, required=False)  # --config is optional with --resume: checked in cmd_search
     p.add_argument("--name", help="experiment name (default: the config file's name)")
     p.add_argument("--storage", default="experiments",
                    help="where experiments live: a folder (on a cluster, one every node mounts) or a URI pyarrow "
@@ -41,10 +41,6 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed, e.g. 0.25 (search.resources.gpu)")
     p.add_argument("--max-concurrent", type=int, help="most trials at once (search.max_concurrent; 0 = no limit)")
     p.set_defaults(run=lambda args: cmd_search(args, config_from_args))
-    p._optionals.title = "options"
-    for action in p._actions:  # --config is optional with --resume: checked in cmd_search
-        if action.dest == "config":
-            action.required = False
     add_retrain_command(sub)
 
 

@@ -43,7 +43,10 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
     teacher = load_teacher_state(teacher_state, cfg, data)
     bank = TeacherBank.build(teacher, data, progress=False) if bank_wanted(cfg, data) else None
     centers = global_centers(teacher, bank.to(data.device) if bank else None, data) if cfg.centers == "global" else None
-    as_np = (lambda t: None if t is None else t.detach().cpu().numpy())
+
+    def as_np(t):
+        return None if t is None else t.detach().cpu().numpy()
+
     return (None if bank is None else np.asarray(bank.embeddings.cpu() if torch.is_tensor(bank.embeddings)
                                                  else bank.embeddings)), as_np(centers), \
         time.perf_counter() - start, data.device.type
