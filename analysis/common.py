@@ -2,8 +2,8 @@
 
 Everything is read from the experiment folder that `tune_refilled.py search`
 writes (layout in refilled/tune/search.py), or from a local mirror of an
-experiment at a URI (s3://..., refilled.storage); no Ray is needed. Trials come from
-refilled.experiments.load_trials (the same table as the search's trials.csv),
+experiment at a URI (s3://..., refilled.store.storage); no Ray is needed. Trials come from
+refilled.store.experiments.load_trials (the same table as the search's trials.csv),
 with the searched values as plain columns (`tau1`, not `config/tau1`), and
 trial folders that never reported an epoch added as rows of their own.
 """
@@ -21,13 +21,14 @@ from typing import Any, Iterable
 import pandas as pd
 
 from refilled.config import Config
-from refilled.damage import STUDY_FILE, study
+from refilled.store.integrity import study
 from refilled.errors import UserError
-from refilled.experiments import (EXPERIMENT_FILE, STAGE1_SEARCH, experiment_config, load_trials,
-                                  read_results)
-from refilled.lease import note_if_running
-from refilled.stage1_cache import STAGE1_ONLY
-from refilled.storage import experiment_at
+from refilled.store.experiments import experiment_config, load_trials, read_results
+from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH, STUDY_FILE
+from refilled.store.lease import note_if_running
+from refilled.store.stage1_cache import STAGE1_ONLY
+from refilled.store.storage import experiment_at
+from refilled.store.layout import RETRAIN_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ class Experiment:
         return bool((self.data.get("search") or {}).get("staged"))
 
     def stage1_trials(self) -> pd.DataFrame:
-        """Phase 1's trials of a staged search (refilled.experiments.load_trials); empty otherwise."""
+        """Phase 1's trials of a staged search (refilled.store.experiments.load_trials); empty otherwise."""
         phase1 = self.folder / STAGE1_SEARCH
         if not self.staged or not (phase1 / EXPERIMENT_FILE).is_file():
             return pd.DataFrame()
@@ -134,7 +135,7 @@ def _times(rows: list[dict]) -> tuple[float | None, float | None]:
 
 
 def trials(exp: Experiment) -> pd.DataFrame:
-    """One row per trial folder of an experiment (refilled.experiments.load_trials;
+    """One row per trial folder of an experiment (refilled.store.experiments.load_trials;
     trials that never reported are there too, with 0 epochs).
 
     Adds: trial (the trial's number in its record: the order Tune created it in),
@@ -182,7 +183,7 @@ def curves(experiments: list[Experiment]) -> pd.DataFrame:
 
 def retrain_results(exp: Experiment) -> dict[str, Any] | None:
     """<exp>/retrain/results.json if the final retrain ran, else None."""
-    path = exp.folder / "retrain" / "results.json"
+    path = exp.folder / RETRAIN_DIR / "results.json"
     if not path.is_file():
         return None
     try:

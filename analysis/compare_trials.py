@@ -25,6 +25,7 @@ import pandas as pd
 
 from analysis.common import (METRIC, STATUS_ORDER, Experiment, UserError, all_trials, markdown_table,
                              experiments_parser, open_experiments, out_dir, retrain_results, run_cli)
+from refilled.store.layout import TRIALS_FILE
 
 # Column order of the leaderboard: FIRST, the searched values, METRICS, LAST.
 FIRST = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs", "total_epochs"]
@@ -126,7 +127,7 @@ def experiment_summary(experiments) -> pd.DataFrame:
 def write_tables(board: pd.DataFrame, out: str | Path, summary: pd.DataFrame | None = None) -> list[Path]:
     """trials.csv and trials.md (and experiments.csv/.md with a summary) in `out`."""
     folder = out_dir(out)
-    written = [folder / "trials.csv", folder / "trials.md"]
+    written = [folder / TRIALS_FILE, folder / "trials.md"]
     board.to_csv(written[0], index=False)
     shown = board.drop(columns=[c for c in ("folder", "trial", "diverged_reason") if c in board.columns])
     if "diverged_reason" in board.columns and board["diverged_reason"].notna().any():

@@ -44,7 +44,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,
                              experiments_parser, out_dir, read_results, run_cli, trials)
-from refilled.experiments import plain_value
+from refilled.store.experiments import plain_value
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
     "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),

@@ -32,7 +32,8 @@ from analysis.common import (experiments_parser, markdown_table, open_experiment
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables
 from analysis.plot_trials import PLOTS
 from analysis.selection_cost import plot_cost, plot_selection
-from refilled import cost
+from refilled.store import cost
+from refilled.store.layout import BEST_CONFIG, RETRAIN_DIR
 
 SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
 TOP = 10
@@ -72,11 +73,11 @@ def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | Non
     if results is None:
         return [f"No final retrain yet for {exp.label}: `python tune_refilled.py retrain --experiment "
                 f"{exp.folder}`, then run this report again.", ""], None
-    target = folder / "retrain" / _slug(exp.label)
+    target = folder / RETRAIN_DIR / _slug(exp.label)
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(exp.folder / "retrain" / "results.json", target / "results.json")
+    shutil.copyfile(exp.folder / RETRAIN_DIR / "results.json", target / "results.json")
     lines = []
-    summary = exp.folder / "retrain" / "summary.md"
+    summary = exp.folder / RETRAIN_DIR / "summary.md"
     if summary.is_file():
         shutil.copyfile(summary, target / "summary.md")
         body = summary.read_text().splitlines()
@@ -133,7 +134,7 @@ def make_report(experiments, out: str | Path) -> dict[str, Any]:
             lines += [f"### {exp.label}", ""]
         retrain_lines, _ = _retrain_section(exp, folder)
         lines += retrain_lines
-        best_cfg = exp.folder / "best_config.yaml"
+        best_cfg = exp.folder / BEST_CONFIG
         if best_cfg.is_file():
             target = folder / "best_config" / f"{_slug(exp.label)}.yaml"
             target.parent.mkdir(exist_ok=True)

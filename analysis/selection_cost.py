@@ -28,9 +28,9 @@ import pandas as pd
 
 from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, out_dir,
                              retrain_results, run_cli, trials)
-from refilled import cost
+from refilled.store import cost
 from analysis.plot_trials import _experiments, _save
-from refilled.experiments import read_selection
+from refilled.store.experiments import read_selection
 
 
 def selection(exp: Experiment) -> pd.DataFrame:

@@ -27,7 +27,8 @@ import tempfile
 import time
 
 from refilled.config import load_experiment
-from refilled.experiments import STAGE1_SEARCH, best_trial, load_trials
+from refilled.store.experiments import best_trial, load_trials
+from refilled.store.layout import STAGE1_SEARCH
 
 
 def run(config: str, storage: str, name: str, num_samples: int, asha: dict, staged: dict | None = None,

@@ -13,8 +13,6 @@ that reads it (one copy in the page cache of a node, or on shared storage).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -62,14 +60,10 @@ class TeacherBank:
 
     def save(self, path: str | Path) -> Path:
         """Atomic write (temp file + rename) of the .npy file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from refilled.store.atomic import write_atomic
+
         array = self.embeddings.cpu().numpy() if torch.is_tensor(self.embeddings) else self.embeddings
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, lambda f: np.save(f, array))
 
     @classmethod
     def load(cls, path: str | Path, shown: str | None = None) -> "TeacherBank":

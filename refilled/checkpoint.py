@@ -7,10 +7,8 @@ checked against the run that wants to use it.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,19 +20,9 @@ from refilled.errors import UserError
 
 def save(obj: dict[str, Any], path: str | Path) -> Path:
     """Write to a temp file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from refilled.store.atomic import write_atomic
+
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | Path, what: str = "checkpoint", *, shown: str | None = None,

@@ -17,6 +17,7 @@ import yaml
 
 from refilled.config import Config
 from refilled.runlog import write_json
+from refilled.store.layout import TEACHER_FILE
 
 RUN_KINDS = ("refilled", "student_alone")
 
@@ -72,12 +73,12 @@ def run_one_at_uri(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_uri: 
     """run_one on a node that sees only the URI: teacher down, run folder up."""
     import tempfile
 
-    from refilled import storage
+    from refilled.store import storage
 
     with tempfile.TemporaryDirectory(prefix="tune-refilled-") as tmp:
         local = Path(tmp)
-        storage.download_file(teacher_uri, local / "teacher.pt")
-        result = run_one(cfg_dict, kind, seed, str(local / "teacher.pt"), str(local / "run"), tuning=tuning)
+        storage.download_file(teacher_uri, local / TEACHER_FILE)
+        result = run_one(cfg_dict, kind, seed, str(local / TEACHER_FILE), str(local / "run"), tuning=tuning)
         storage.upload(local / "run", out_uri, [p.name for p in (local / "run").iterdir()])
     return {**result, "folder": out_uri}
 

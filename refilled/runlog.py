@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from refilled.train import STAGE1, STAGE2, TEACHER, Epoch
+from refilled.store.atomic import write_atomic
 
 STAGE_NAMES = {TEACHER: "teacher", STAGE1: "stage1", STAGE2: "stage2"}
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
     """Atomic JSON write (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(obj, indent=2))
 
 
 def epoch_record(e: Epoch) -> dict[str, Any]:

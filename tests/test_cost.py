@@ -1,4 +1,4 @@
-"""The cost ledger (refilled.cost) from the files a search writes: what every trial
+"""The cost ledger (refilled.store.cost) from the files a search writes: what every trial
 reported, the driver's own work, the re-evaluation's runs."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from refilled import cost
+from refilled.store.layout import DRIVER_FILE
+from refilled.store import cost
 from refilled.errors import UserError
 
 
@@ -60,10 +61,10 @@ def test_reports_without_cost_and_an_empty_experiment(tmp_path):
 
 
 def test_damaged_driver_file_is_one_line(tmp_path):
-    (tmp_path / cost.DRIVER_FILE).write_text('[{"trial_id": "teacher", ')
+    (tmp_path / DRIVER_FILE).write_text('[{"trial_id": "teacher", ')
     with pytest.raises(UserError) as e:
         cost.ledger(tmp_path)
-    assert cost.DRIVER_FILE in str(e.value) and "\n" not in str(e.value)
+    assert DRIVER_FILE in str(e.value) and "\n" not in str(e.value)
 
 
 def test_clock_laps_and_device_units():

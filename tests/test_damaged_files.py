@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_config
-from refilled import checkpoint, experiment_file
+from refilled import checkpoint
+from refilled.store import experiment_file
 from refilled.errors import UserError
-from refilled.lease import LEASE_FILE, Lease
+from refilled.store.lease import Lease
+from refilled.store.layout import LEASE_FILE
 
 CHECKPOINT = "trial_abc/checkpoint_000001/state.pt"
 

@@ -13,7 +13,7 @@ import pytest
 from analysis.common import open_experiments
 from analysis.plot_trials import FANOVA_SEEDS, MIN_TRIALS, importances, plot_importance
 from conftest import make_tiny_config
-from refilled import experiment_file, trial_records
+from refilled.store import experiment_file, trial_records
 from refilled.errors import UserError
 
 SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"loguniform": [0.1, 100.0]}}

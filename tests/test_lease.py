@@ -1,4 +1,4 @@
-"""One driver per experiment (refilled.lease): taking, holding, losing and releasing the lease.
+"""One driver per experiment (refilled.store.lease): taking, holding, losing and releasing the lease.
 
 Real files: a folder (exclusive create) and a file:// URI, which pyarrow opens
 as it opens s3:// (write, pause, read back). Drivers are threads here; the
@@ -16,7 +16,8 @@ import time
 import pytest
 
 from refilled.errors import UserError
-from refilled.lease import LEASE_FILE, TIMEOUT_ENV, Held, Lease, note_if_running, timeout_s
+from refilled.store.lease import TIMEOUT_ENV, Held, Lease, note_if_running, timeout_s
+from refilled.store.layout import LEASE_FILE
 
 SHORT = 0.6  # seconds: a heartbeat every 0.1 s
 

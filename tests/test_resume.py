@@ -53,7 +53,7 @@ def test_resume_after_killing_the_driver(search_teacher, tmp_path):
         present = sorted(p.name for p in (folder / trial_dir).iterdir())
         assert (folder / trial_dir / name).is_dir(), (trial_dir, name, present)
     # ASHA stops nobody here: what the kill cut short reads as running (to resume), not as stopped
-    from refilled.experiments import load_trials
+    from refilled.store.experiments import load_trials
 
     interrupted = load_trials(folder)
     assert set(interrupted["status"]) <= {"finished", "running"}, interrupted[["trial_id", "status", "epochs"]]

@@ -44,7 +44,7 @@ CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
 SEARCHED = ["tau1", "tau2", "lambd", "lr1", "lr2", "flag_merge"]
 TOTAL_STEPS = 6  # n_training_epochs1 + n_training_epochs2 of search_tiny.yaml
 SEARCH_TIMEOUT = 420
-# Every driver a test starts holds its lease with this timeout (refilled.lease): a driver
+# Every driver a test starts holds its lease with this timeout (refilled.store.lease): a driver
 # these tests kill is taken over by a resume this many seconds later, not 120
 LEASE_TIMEOUT = 3.0
 LEASE_ENV = "TUNE_REFILLED_LEASE_TIMEOUT"
@@ -190,7 +190,7 @@ def trial_folders(folder: Path) -> list[Path]:
 
 
 def record(trial_folder: Path) -> dict:
-    """The trial's own record (refilled.trial_records), as the search wrote it."""
+    """The trial's own record (refilled.store.trial_records), as the search wrote it."""
     return json.loads((trial_folder / "trial_record.json").read_text())
 
 
@@ -686,7 +686,7 @@ def check_staged(folder: Path, n: int, n1: int = 3) -> None:
     import torch
 
     from refilled import checkpoint
-    from refilled.experiments import load_trials
+    from refilled.store.experiments import load_trials
 
     e1 = 2
     phase1 = folder / "stage1_search"

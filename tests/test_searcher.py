@@ -13,8 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from refilled import cost
-from refilled.tune.searcher import STUDY_FILE, StudySearcher
+from refilled.store import cost
+from refilled.tune.searcher import StudySearcher
+from refilled.store.layout import STUDY_FILE
 from refilled.tune.settings import distributions
 
 SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"uniform": [0.0, 10.0]},

@@ -42,7 +42,7 @@ def reevaluated(tmp_path_factory) -> tuple[Path, dict[str, tuple[str, int]]]:
 
 
 def test_the_top_trials_are_reevaluated_and_the_best_mean_wins(reevaluated):
-    from refilled.experiments import load_trials, ranked, trial_config
+    from refilled.store.experiments import load_trials, ranked, trial_config
 
     folder, _ = reevaluated
     table = pd.read_csv(folder / "selection.csv", dtype={"trial_id": str})
@@ -106,7 +106,7 @@ def test_the_report_shows_the_optimism_gap_and_the_cost(reevaluated, tmp_path):
 
 
 def test_a_warm_start_runs_the_earlier_top_trials_first_and_the_budget_stops_new_ones(reevaluated, tmp_path):
-    from refilled.experiments import top_configs
+    from refilled.store.experiments import top_configs
 
     earlier, _ = reevaluated
     storage = tmp_path / "experiments"

@@ -1,4 +1,4 @@
-"""Tests of refilled.stage1_cache: equal stage-1 settings share one stage 1.
+"""Tests of refilled.store.stage1_cache: equal stage-1 settings share one stage 1.
 
 Digits, a WRN-10-1 student and a randomly initialised WRN-10-1 teacher (the
 cache does not care how good the teacher is), 2 + 2 epochs: a few seconds.
@@ -18,7 +18,7 @@ import torch
 
 from refilled.config import Config
 from refilled.run import student_data, teacher_inputs
-from refilled.stage1_cache import STAGE1_KEYS, Stage1Cache, stage1_key
+from refilled.store.stage1_cache import STAGE1_KEYS, Stage1Cache, stage1_key
 from refilled.train import STAGE1, STAGE2, build_student, build_teacher, refilled_epochs
 
 TEACHER_ID = "teacher-digest-0"

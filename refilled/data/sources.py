@@ -361,12 +361,10 @@ def _load_cub_cache(path: Path, index_file: Path, train_ids: np.ndarray, test_id
 
 def _save_cub_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write the cache atomically (temp file + os.replace) so a crash never leaves half a file."""
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            np.savez(f, **arrays)  # uncompressed: decoded photos barely compress, and loading is faster
-        os.replace(tmp, path)
+    from refilled.store.atomic import write_atomic
+
+    try:  # uncompressed: decoded photos barely compress, and loading is faster
+        write_atomic(path, lambda f: np.savez(f, **arrays))
     except OSError as err:  # e.g. a read-only data folder: the cache is only an optimisation
         warnings.warn(f"could not write CUB-200 cache {path}: {_one_line(err)}")
         if tmp is not None and os.path.exists(tmp):

@@ -16,7 +16,7 @@ import pyarrow.fs
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from refilled import storage, trial_records
+from refilled.store import storage, trial_records
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def checkpoints_to_delete(known: list[str], keep: int, spared: set[str]) -> list
 
 
 class TrialRecords(Callback):
-    """Write each trial's record (refilled.trial_records) into its folder as it changes.
+    """Write each trial's record (refilled.store.trial_records) into its folder as it changes.
 
     The record goes into the trial's folder on the driver (`trial.local_path`),
     which Tune copies to the experiment's storage with its logs and its state.

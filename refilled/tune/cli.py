@@ -45,10 +45,10 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
 
 
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
-    from refilled import experiment_file
+    from refilled.store import experiment_file
     from refilled.errors import UserError
-    from refilled.lease import Lease
-    from refilled.storage import experiment_place
+    from refilled.store.lease import Lease
+    from refilled.store.storage import experiment_place
 
     if args.name or args.config:  # a live driver on this experiment: refused before Ray loads (seconds)
         Lease(experiment_place(args.storage, args.name or Path(args.config).stem).location).refuse_if_held()

@@ -14,12 +14,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from refilled import checkpoint, storage
+from refilled import checkpoint
+from refilled.store import storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
-from refilled.experiments import chosen_trial, experiment_config, load_trials, read_selection, trial_config
+from refilled.store.experiments import chosen_trial, experiment_config, load_trials, read_selection, trial_config
 from refilled.final import plan, retrain_local, run_one, run_one_at_uri, summarise, trained_on, write_results
-from refilled.lease import note_if_running
+from refilled.store.lease import note_if_running
+from refilled.store.layout import RETRAIN_DIR, TEACHER_FILE
 
 
 def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -> tuple[Config, dict[str, Any]]:
@@ -61,7 +63,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
     place = storage.experiment_at(experiment)
     folder = place.folder
     experiment_config(folder, place.location)  # refuses what is not an experiment
-    teacher = folder / "teacher.pt"
+    teacher = folder / TEACHER_FILE
     if not teacher.is_file():
         raise UserError(f"the experiment's teacher {place.location}/teacher.pt is missing: "
                         "resume the search or copy the teacher there")
@@ -69,8 +71,8 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
         checkpoint.load(teacher, "the experiment's teacher", shown=f"{place.location}/teacher.pt",
                         remedy="restore it from a backup, or pass --teacher FILE")
     note_if_running(place.location)  # a running search's best trial so far: said, not refused
-    out_dir = Path(out).expanduser().resolve() if out else folder / "retrain"
-    upload_to = storage.join(place.uri, "retrain") if place.uri and not out else None
+    out_dir = Path(out).expanduser().resolve() if out else folder / RETRAIN_DIR
+    upload_to = storage.join(place.uri, RETRAIN_DIR) if place.uri and not out else None
     shown = upload_to or str(out_dir)
     if (out_dir / "results.json").exists() and not force:
         raise UserError(f"{shown} already holds results: pass --force to replace them or --out for another folder")
@@ -82,7 +84,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
         load_teacher_state(given, cfg, student_data(cfg.replace(device="cpu")), teacher_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     if teacher_file:
-        teacher = checkpoint.save(given, out_dir / "teacher.pt")  # ours or the authors', in our format
+        teacher = checkpoint.save(given, out_dir / TEACHER_FILE)  # ours or the authors', in our format
         source["teacher"] = str(teacher_file)
     runs = plan(cfg, seeds, baseline, out_dir)
     bar = tqdm(total=len(runs), desc="final runs", unit="run")
@@ -101,7 +103,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
                                   "eval_split": "test", "trained_on": trained_on(cfg)})
     write_results(out_dir, summary)
     if upload_to:
-        place.push("retrain")
+        place.push(RETRAIN_DIR)
     return summary, shown
 
 
@@ -120,10 +122,10 @@ def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, 
     if upload_to:
         task = ray.remote(**resources)(run_one_at_uri)
         if teacher.parent == out_dir:  # --teacher: up beside the runs, where every task finds it
-            place.push("retrain")
-            teacher_uri = storage.join(upload_to, "teacher.pt")
+            place.push(RETRAIN_DIR)
+            teacher_uri = storage.join(upload_to, TEACHER_FILE)
         else:
-            teacher_uri = storage.join(place.uri, "teacher.pt")
+            teacher_uri = storage.join(place.uri, TEACHER_FILE)
         pending = [task.remote(cfg.to_dict(), kind, seed, teacher_uri,
                                storage.join(upload_to, folder.relative_to(out_dir).as_posix()))
                    for kind, seed, folder in runs]

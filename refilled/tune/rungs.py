@@ -139,8 +139,8 @@ def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], i
     last epoch) of a search's experiment folder, from the trials' reports."""
     from pathlib import Path
 
-    from refilled.experiment_file import read
-    from refilled.experiments import read_results, trial_folders
+    from refilled.store.experiment_file import read
+    from refilled.store.experiments import read_results, trial_folders
     from refilled.tune.settings import parse_search
 
     folder = Path(folder)
@@ -160,14 +160,14 @@ def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], i
 
 
 def experiment_bn_stats(folder) -> str:
-    from refilled.experiment_file import read
+    from refilled.store.experiment_file import read
 
     return read(folder)[0].bn_stats
 
 
 def experiment_correlations(folder) -> list[dict[str, Any]]:
     """`correlations` of an experiment's own trials, with its re-evaluated means when it has them."""
-    from refilled.experiments import read_selection
+    from refilled.store.experiments import read_selection
 
     curves, rungs, end = experiment_curves(folder)
     selection = read_selection(folder)

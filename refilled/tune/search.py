@@ -1,24 +1,11 @@
 """`search`: the driver. Optuna (TPE) samples, ASHA stops, Ray runs the trials, locally or on a cluster.
 
-The experiment (`<storage>/<name>/`) holds everything a search makes:
-
-    experiment.yaml     the resolved config and search settings (resume, retrain)
-    teacher.pt          the teacher, trained or copied once before any trial
-    optuna.db           the Optuna study (SQLite; `optuna-dashboard sqlite:///.../optuna.db`)
-    stage1_cache/       stage-1 results shared by trials with equal stage-1 settings (folders only)
-    stage1_search/      a staged search's phase 1 (search.staged): stage-1-only trials over the
-                        stage-1 keys, with their own experiment.yaml and optuna.db
-    stage1_choice.pt    the end-of-stage-1 student phase 1 chose; every phase-2 trial starts there
-    trials.csv          one row per trial: config, best stage-2 val accuracy, epochs, status
-    best_config.yaml    the full config of the best trial (stage-2 validation accuracy)
-    trial_<id>/         one per trial: trial_record.json (ours: status, why it ended, newest
-                        checkpoint, ...; refilled.trial_records), Ray Tune's params.json,
-                        result.json, progress.csv, TensorBoard events, and the last
-                        keep_checkpoints checkpoints (callbacks.KeepLastCheckpoints)
+The experiment (`<storage>/<name>/`) holds everything a search makes: its files and
+folders are named in refilled.store.layout (README.md shows them as a table).
 
 `--storage` is a folder (local, or a mount every node shares) or a URI pyarrow
 understands (s3://, gs://, ...). With a URI, Ray Tune writes the trials there
-itself, and our files are made in a local mirror (refilled.storage) and copied
+itself, and our files are made in a local mirror (refilled.store.storage) and copied
 up; optuna.db is copied up whenever Tune saves its state (refilled.tune.searcher).
 
 A staged search (`search.staged`) runs two Ray Tune experiments: phase 1 in
@@ -32,7 +19,7 @@ The pieces: refilled.tune.searcher (the Optuna study behind Tune's Searcher),
 refilled.tune.cluster (connecting to Ray, resource checks),
 refilled.tune.trial_inputs (teacher, bank, the trial function),
 refilled.tune.callbacks (trial records, checkpoint pruning),
-refilled.experiment_file (experiment.yaml).
+refilled.store.experiment_file (experiment.yaml).
 """
 
 from __future__ import annotations
@@ -45,24 +32,30 @@ from typing import Any
 
 import pandas as pd
 
-from refilled import checkpoint, cost, damage, experiment_file, storage, trial_records
+from refilled import checkpoint
+from refilled.store.layout import COST_FILE
+from refilled.store import cost, integrity, experiment_file, storage, trial_records
 from refilled.config import Config
 from refilled.errors import UserError
-from refilled.experiment_file import EXPERIMENT_FILE
-from refilled.cost import DRIVER_FILE
-from refilled.experiments import SELECTION_FILE, STAGE1_SEARCH, load_trials, plain_value, write_best_config
-from refilled.lease import LEASE_FILE, Lease
-from refilled.storage import Place, experiment_place
+from refilled.store.layout import EXPERIMENT_FILE
+from refilled.store.layout import DRIVER_FILE
+from refilled.store.experiments import load_trials, plain_value, write_best_config
+from refilled.store.layout import SELECTION_FILE, STAGE1_SEARCH
+from refilled.store.lease import Lease
+from refilled.store.layout import LEASE_FILE
+from refilled.store.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.rungs import (correlation_lines, experiment_bn_stats, experiment_correlations, schedule_warnings,
                                  scheduler_args)
-from refilled.tune.searcher import STUDY_FILE, StudySearcher
+from refilled.tune.searcher import StudySearcher
+from refilled.store.layout import STUDY_FILE
 from refilled.tune.selection import reevaluate
 from refilled.tune.settings import SearchSettings, parse_search
 from refilled.tune.trial_inputs import prepare_teacher, trainable_for
+from refilled.store.layout import STAGE1_CHOICE
+from refilled.store.layout import BEST_CONFIG, INTERRUPTED_TRIALS, TRIALS_FILE
 
 METRIC = "val_accuracy"
-STAGE1_CHOICE = "stage1_choice.pt"  # phase 1's chosen end-of-stage-1 student, where phase 2 starts
 
 
 def read_experiment(folder: Path, location: str | None = None) -> tuple[Config, SearchSettings, dict]:
@@ -83,7 +76,7 @@ def summarise(folder: Path) -> pd.DataFrame:
     trials = load_trials(folder)
     if trials.empty or not (trials["epochs"] > 0).any():
         raise UserError(f"the search in {folder} reported no epoch: see the trial errors above")
-    trials.to_csv(folder / "trials.csv", index=False)
+    trials.to_csv(folder / TRIALS_FILE, index=False)
     with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.4g}".format):
         print(f"\n{len(trials)} trials, best stage-2 validation accuracy first "
               f"({', '.join(f'{n} {s}' for s, n in trials['status'].value_counts().items())}):")
@@ -145,11 +138,11 @@ def show_rung_fidelity(folder: Path) -> None:
 def write_cost(folder: Path) -> None:
     """cost.csv: what every trial, the teacher, the bank and the re-evaluation took."""
     table = cost.ledger(folder)
-    table.to_csv(folder / cost.COST_FILE, index=False)
+    table.to_csv(folder / COST_FILE, index=False)
     spent = cost.totals(table)
     by_device = ", ".join(f"{v:.3g} {k.removesuffix('_hours')} hours" for k, v in spent.items()
                           if k.endswith("_hours") and k not in ("wall_hours", "device_hours"))
-    print(f"cost ({cost.COST_FILE}): {by_device} of device time, {spent['wall_hours']:.3g} hours of run wall time")
+    print(f"cost ({COST_FILE}): {by_device} of device time, {spent['wall_hours']:.3g} hours of run wall time")
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -159,7 +152,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     """Run (or resume) the search; returns the folder that holds its results (for a
     URI experiment, the local mirror: everything in it is also in the URI).
 
-    One driver per experiment: a live lease (refilled.lease) is refused before anything
+    One driver per experiment: a live lease (refilled.store.lease) is refused before anything
     else, the lease is taken before anything is written and held, with its heartbeat,
     until this function returns or raises (Ctrl-C included)."""
     from ray import tune
@@ -172,7 +165,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     if resume:
         place.pull()
         cfg, settings, data = read_experiment(folder, place.location)
-        damage.before_resume(place, data)
+        integrity.before_resume(place, data)
         # a staged search may have been interrupted in phase 1, before phase 2 had a state
         if not settings.staged and not tune.Tuner.can_restore(place.location):
             raise UserError(f"{place.location} has no Ray Tune state to resume: start a new search instead")
@@ -232,11 +225,11 @@ def _run(cfg: Config, settings: SearchSettings, data: dict, place: Place, name: 
     warn_about_rungs(cfg, phase, max_t, phase2=stage1 is not None)
     fit(trainable, phase, cfg, place, name, max_t=max_t, resume=resume)
     trials = summarise(folder)
-    place.push("trials.csv", STUDY_FILE)
+    place.push(TRIALS_FILE, STUDY_FILE)
     choose(folder, trials, settings, place, teacher_path, place.uri)
     show_rung_fidelity(folder)
     write_cost(folder)
-    place.push("best_config.yaml", cost.COST_FILE)
+    place.push(BEST_CONFIG, COST_FILE)
     if place.uri:
         print(f"experiment: {place.uri} (local mirror: {folder})")
     return folder
@@ -346,7 +339,7 @@ def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: 
 def _newest_checkpoint_state(place: Place, trial: pd.Series) -> dict:
     """The trial's state at its newest checkpoint, as its record names it (for a
     finished trial: its last epoch)."""
-    from refilled.trial_records import STATE_FILE
+    from refilled.store.layout import STATE_FILE
 
     trial_dir, newest = Path(trial["folder"]).name, trial.get("checkpoint")
     if not isinstance(newest, str) or not newest:
@@ -367,8 +360,8 @@ def set_aside_unknown_trials(place: Place, known: set[str]) -> None:
     for params in sorted(folder.glob("*/params.json")):
         trial = params.parent
         if trial.name not in known:
-            (folder / "interrupted_trials").mkdir(exist_ok=True)
-            shutil.move(str(trial), str(folder / "interrupted_trials" / trial.name))
+            (folder / INTERRUPTED_TRIALS).mkdir(exist_ok=True)
+            shutil.move(str(trial), str(folder / INTERRUPTED_TRIALS / trial.name))
             if place.uri:
                 storage.move(place.uri, trial.name, f"interrupted_trials/{trial.name}")
             print(f"set aside {trial.name}: started before the interruption, run again after it "

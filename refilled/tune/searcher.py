@@ -24,8 +24,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from refilled import storage, trial_records
-from refilled.damage import STUDY_FILE  # noqa: F401 (where the driver finds it)
+from refilled.store import storage, trial_records
+from refilled.store.layout import STUDY_FILE
 from refilled.tune.settings import distributions
 
 
@@ -122,7 +122,7 @@ class StudySearcher(Searcher):
         if self.budget_hours is None:
             return False
         if self._spent_s is None:
-            from refilled.cost import device_seconds
+            from refilled.store.cost import device_seconds
 
             self._spent_s = device_seconds(storage.place_in(self.experiment).folder)
         return self._spent_s >= self.budget_hours * 3600

@@ -16,19 +16,20 @@ runs only what is missing. `selection.csv`:
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from refilled import storage
+from refilled.store import storage
 from refilled.config import Config
-from refilled.cost import device_units
-from refilled.experiments import SELECTION_DIR, SELECTION_FILE, ranked, reeval_results, trial_config
-from refilled.storage import Place
+from refilled.store.cost import device_units
+from refilled.store.experiments import ranked, reeval_results, trial_config
+from refilled.store.layout import SELECTION_DIR, SELECTION_FILE
+from refilled.store.storage import Place
 from refilled.tune.settings import SearchSettings
+from refilled.store.atomic import write_atomic
 
 
 def candidates(trials: pd.DataFrame, top_k: int) -> pd.DataFrame:
@@ -47,11 +48,7 @@ def _result_path(folder: Path, trial_id: str, seed: int) -> Path:
 
 def _write_result(folder: Path, result: dict[str, Any]) -> Path:
     path = _result_path(folder, result["trial_id"], result["seed"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(result, indent=1))
 
 
 def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, teacher_path: Path) -> pd.DataFrame:
@@ -101,9 +98,7 @@ def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, tea
         bar.update()
     bar.close()
     table = selection_table(top, reeval_results(folder), settings)
-    tmp = folder / f".{SELECTION_FILE}.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, folder / SELECTION_FILE)
+    write_atomic(folder / SELECTION_FILE, table.to_csv(index=False))
     place.push(SELECTION_FILE)
     return table
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from refilled.config import FIELDS, NOT_SEARCHABLE, Config, coerce, from_dict
 from refilled.errors import UserError
-from refilled.stage1_cache import STAGE1_KEYS, STAGE1_ONLY
+from refilled.store.stage1_cache import STAGE1_KEYS, STAGE1_ONLY
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 DEFAULT_SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "tau2": {"loguniform": [0.5, 8.0]},
@@ -126,7 +126,7 @@ class SearchSettings:
                     raise UserError(f"search.start_with '{self.start_with}' puts {key}={value} outside its space "
                                     f"{self.space[key]}: widen the space or use start_with: none")
             return [point]
-        from refilled.experiments import top_configs
+        from refilled.store.experiments import top_configs
 
         points = []
         for values in top_configs(self.start_with, max(self.select_top_k, 3)):

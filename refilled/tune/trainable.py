@@ -23,13 +23,13 @@ from ray import tune
 from refilled import checkpoint
 from refilled.bank import TeacherBank, teacher_embeddings
 from refilled.config import Config, from_dict
-from refilled.cost import Clock, device_units
+from refilled.store.cost import Clock, device_units
 from refilled.run import load_teacher_state, student_data, transfer_teacher
 from refilled.runtime import keep_freed_memory, resolve_device
-from refilled.stage1_cache import Stage1Cache, stage1_key
+from refilled.store.stage1_cache import Stage1Cache, stage1_key
 from refilled.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
 from refilled.runlog import STAGE_NAMES
-from refilled.trial_records import STATE_FILE
+from refilled.store.layout import STATE_FILE
 from refilled.tune.rungs import CLOCK
 from refilled.tune.rungs import clock as rung_clock
 
@@ -40,7 +40,7 @@ CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
 
 def _report(clock: Clock, metrics: dict[str, Any], snapshot: dict | None = None) -> None:
     # Ray's node_ip is the same for nodes that share a machine; the node id tells them apart;
-    # the clock says what computing this report took (refilled.cost)
+    # the clock says what computing this report took (refilled.store.cost)
     metrics = {**metrics, **clock.lap(), "node_id": ray.get_runtime_context().get_node_id()}
     if snapshot is None:
         tune.report(metrics)

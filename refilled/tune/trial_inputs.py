@@ -15,10 +15,12 @@ import numpy as np
 from refilled import checkpoint
 from refilled.bank import read_array
 from refilled.config import Config, from_dict
-from refilled.cost import DRIVER_FILE, add_driver_cost, device_units
+from refilled.store.cost import add_driver_cost, device_units
+from refilled.store.layout import DRIVER_FILE
 from refilled.runtime import keep_freed_memory, resolve_device
-from refilled.storage import Place
+from refilled.store.storage import Place
 from refilled.tune.settings import SearchSettings
+from refilled.store.layout import BANK_FILE, CENTERS_FILE, STAGE1_CACHE, TEACHER_FILE
 
 
 def file_digest(path: Path) -> str:
@@ -57,7 +59,7 @@ def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
     in our format), or pretrain it there."""
     from refilled.run import default_teacher_path, load_teacher_state, pretrain, read_teacher, student_data
 
-    target = folder / "teacher.pt"
+    target = folder / TEACHER_FILE
     if target.exists():
         return target
     source = Path(teacher) if teacher else default_teacher_path(cfg)
@@ -96,7 +98,7 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
     max_t = (cfg.n_training_epochs1 if stage1_only else cfg.n_training_epochs2 if stage1 is not None
              else cfg.n_training_epochs1 + cfg.n_training_epochs2)
     teacher_state = checkpoint.load(teacher_path, "teacher checkpoint")
-    bank_file, centers_file = folder / "bank-tuning.npy", folder / "centers-tuning.npy"
+    bank_file, centers_file = folder / BANK_FILE, folder / CENTERS_FILE
     tuning_cfg = cfg.replace(flag_tuning=True)
     if bank_file.exists() or centers_file.exists():
         remedy = f"delete {bank_file.name} and {centers_file.name}: --resume computes both again from teacher.pt"
@@ -120,7 +122,7 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
         place.push(bank_file.name, centers_file.name, DRIVER_FILE)
     # the stage-1 cache needs a folder every trial can lock; an object store has no locks
     # (a staged search needs none: phase 1 searches stage 1, phase 2 starts from its choice)
-    cache_dir = None if place.uri or stage1 is not None or stage1_only else str(folder / "stage1_cache")
+    cache_dir = None if place.uri or stage1 is not None or stage1_only else str(folder / STAGE1_CACHE)
     if place.uri and stage1 is None and not stage1_only:
         print("stage-1 cache: off (storage is a URI; trials with equal stage-1 settings each run stage 1)")
     fn = tune.with_parameters(refilled_trial, base=cfg.to_dict(), teacher=teacher_state,

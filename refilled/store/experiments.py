@@ -2,7 +2,7 @@
 
 Needs no Ray: the trial folders hold `params.json` (the searched values) and
 `result.json` (one JSON line per reported epoch), which Ray Tune's loggers
-write, and our own `trial_record.json` (refilled.trial_records: status, why it
+write, and our own `trial_record.json` (refilled.store.trial_records: status, why it
 ended, its newest checkpoint, ...), which is all the leaderboard, the best
 config and the analysis scripts need.
 """
@@ -17,12 +17,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from refilled import experiment_file, trial_records
+from refilled.store import experiment_file, trial_records
 from refilled.config import Config, from_dict
 from refilled.errors import UserError
-from refilled.experiment_file import EXPERIMENT_FILE  # noqa: F401 (re-exported for the analysis scripts)
+from refilled.store.atomic import write_atomic
+from refilled.store.layout import SELECTION_FILE, SELECTION_DIR
+from refilled.store.layout import BEST_CONFIG
 
-STAGE1_SEARCH = "stage1_search"  # phase 1 of a staged search: a Ray experiment inside the experiment
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation
 # sets make many) go to the one that ended higher, then to the better embedding.
@@ -134,8 +135,6 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
     return ranked(trials).iloc[0]
 
 
-SELECTION_FILE = "selection.csv"  # the re-evaluation of the top trials (refilled.tune.selection)
-SELECTION_DIR = "selection"  # its runs: <trial_id>-seed<S>.json, and their folders
 
 
 def reeval_results(folder: str | Path) -> list[dict[str, Any]]:
@@ -175,7 +174,7 @@ def chosen_trial(folder: str | Path, trials: pd.DataFrame) -> pd.Series:
 def top_configs(location: str | Path, n: int) -> list[dict[str, Any]]:
     """The full configs of an experiment's `n` best trials, best first: in the order of
     its re-evaluation, then of its search ranking (a warm start: search.start_with)."""
-    from refilled.storage import experiment_at
+    from refilled.store.storage import experiment_at
 
     place = experiment_at(location)
     experiment_config(place.folder, place.location)  # refuses what is not an experiment
@@ -213,11 +212,9 @@ def write_best_config(folder: str | Path, trials: pd.DataFrame, reeval: str = ""
     folder = Path(folder)
     best = chosen_trial(folder, trials)
     cfg = trial_config(folder, best)
-    path = folder / "best_config.yaml"
+    path = folder / BEST_CONFIG
     header = (f"# {'chosen' if reeval else 'best'} trial {best['trial_id']} of {folder.name}: stage-2 validation "
               f"accuracy {best['best_val_accuracy_stage2']:.4f} in the search ({best['status']}, {best['epochs']} "
               f"epochs){'; ' + reeval if reeval else ''}\n")
-    tmp = folder / ".best_config.yaml.tmp"
-    tmp.write_text(header + yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, header + yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
     return path, cfg, best

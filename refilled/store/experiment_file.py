@@ -9,17 +9,17 @@ No Ray here: the readers need none.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from refilled import storage
+from refilled.store import storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
+from refilled.store.atomic import write_atomic
+from refilled.store.layout import EXPERIMENT_FILE
 
-EXPERIMENT_FILE = "experiment.yaml"
 # The first and last lines of the file as `write` makes it: a file that starts with HEADER
 # and does not end with END was cut short (a full disk, a copy interrupted), even where
 # what is left still parses as YAML (a search: section cut after `space:` would otherwise
@@ -75,7 +75,4 @@ def check(place: storage.Place, hint: str = SEARCH_HINT) -> None:
 def write(folder: Path, cfg: Config, search: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     """Write (or replace, atomically) the experiment file of `folder`."""
     data = {"config": cfg.to_dict(), "search": search, **(extra or {})}
-    tmp = folder / f".{EXPERIMENT_FILE}.tmp"
-    tmp.write_text(f"{HEADER}\n{yaml.safe_dump(data, sort_keys=False)}{END}\n")
-    os.replace(tmp, folder / EXPERIMENT_FILE)
-    return folder / EXPERIMENT_FILE
+    return write_atomic(folder / EXPERIMENT_FILE, f"{HEADER}\n{yaml.safe_dump(data, sort_keys=False)}{END}\n")

@@ -44,10 +44,10 @@ from typing import Callable
 import pyarrow
 import pyarrow.fs as pafs
 
-from refilled import storage
+from refilled.store import storage
 from refilled.errors import UserError
+from refilled.store.layout import LEASE_FILE
 
-LEASE_FILE = "driver.lease"
 TIMEOUT_ENV = "TUNE_REFILLED_LEASE_TIMEOUT"  # seconds without a heartbeat before a lease is stale
 DEFAULT_TIMEOUT_S = 120.0
 MARKER_EXPIRY_S = 30.0  # a takeover marker this old was left by a driver that died while taking over

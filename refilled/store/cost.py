@@ -19,14 +19,13 @@ from the stage-1 cache cost what the replay took (next to nothing).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+from refilled.store.atomic import write_atomic
+from refilled.store.layout import DRIVER_FILE
 
-COST_FILE = "cost.csv"
-DRIVER_FILE = "driver_cost.json"
 COLUMNS = ["trial_id", "stage", "epochs", "wall_s", "device", "device_s"]
 
 
@@ -57,9 +56,7 @@ def add_driver_cost(folder: str | Path, item: str, stage: str, wall_s: float, de
     rows = read_driver_cost(folder)
     rows.append({"trial_id": item, "stage": stage, "epochs": epochs, "wall_s": wall_s, "device": device,
                  "device_s": wall_s * units})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(rows, indent=1))
 
 
 def read_driver_cost(folder: str | Path) -> list[dict[str, Any]]:
@@ -94,7 +91,8 @@ def trial_rows(trial_id: str, results: Iterable[dict[str, Any]]) -> list[dict[st
 def ledger(folder: str | Path) -> pd.DataFrame:
     """Every cost of an experiment: the driver's rows, each trial's (phase 1 of a staged
     search included), and the re-evaluation's runs."""
-    from refilled.experiments import STAGE1_SEARCH, read_results, reeval_results, trial_folders
+    from refilled.store.experiments import read_results, reeval_results, trial_folders
+    from refilled.store.layout import STAGE1_SEARCH
 
     folder = Path(folder)
     rows = list(read_driver_cost(folder))

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+from refilled.store.atomic import write_atomic
+from refilled.store.layout import RECORD_FILE
 
-RECORD_FILE = "trial_record.json"
-STATE_FILE = "state.pt"  # the trial's state in each of its checkpoint folders (refilled.tune.trainable)
 ENDED = ("finished", "stopped", "diverged", "errored")
 
 
@@ -50,11 +49,7 @@ def ending(last: dict[str, Any] | None) -> str:
 
 def write(folder: str | Path, record: dict[str, Any]) -> None:
     """Replace the record atomically: a copy made meanwhile sees the old or the new one."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RECORD_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, folder / RECORD_FILE)
+    write_atomic(Path(folder) / RECORD_FILE, json.dumps(record, indent=1, sort_keys=True))
 
 
 def read(folder: str | Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ reading only, and a damaged file is refused in one line that names it (its URI
 for an experiment at a URI) and says what to do: the Optuna study (optuna.db),
 the teacher, its embedding bank, a staged search's phase-1 choice and the trial
 checkpoints a resume continues trials from. experiment.yaml is checked wherever
-it is read (refilled.experiment_file). No Ray here.
+it is read (refilled.store.experiment_file). No Ray here.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from refilled import checkpoint, storage, trial_records
+from refilled import checkpoint
+from refilled.store.layout import STATE_FILE
+from refilled.store import storage, trial_records
 from refilled.bank import read_array
 from refilled.errors import UserError
-from refilled.experiments import STAGE1_SEARCH
+from refilled.store.layout import STAGE1_SEARCH
+from refilled.store.layout import STUDY_FILE, BANK_FILES
+from refilled.store.layout import TEACHER_FILE
 
-STUDY_FILE = "optuna.db"
-BANK_FILES = ("bank-tuning.npy", "centers-tuning.npy")
 RESUME_STUDY = "restore it from a backup, or start a new search (--name OTHER); retrain and the analysis do not need it"
 
 
@@ -79,14 +81,14 @@ def _trial_checkpoints(place: storage.Place, ended_too: bool) -> None:
         if ended_too and record.get("status") == "finished" and record.get("checkpoint"):
             wanted.append((record["checkpoint"], "phase 1 may choose this trial's end-of-stage-1 student"))
         for folder, why in wanted:
-            _checkpoint(place, f"{params.parent.name}/{folder}/{trial_records.STATE_FILE}", "trial checkpoint",
+            _checkpoint(place, f"{params.parent.name}/{folder}/{STATE_FILE}", "trial checkpoint",
                         f"restore it from a backup ({why}), or start a new search (--name OTHER)")
 
 
 def before_resume(place: storage.Place, data: dict) -> None:
     """Everything `search --resume` will read, checked before it writes anything.
     `place`: the experiment (for a URI, its freshly pulled mirror); `data`: experiment.yaml."""
-    teacher = "teacher.pt"
+    teacher = TEACHER_FILE
     _checkpoint(place, teacher, "teacher checkpoint", "restore it from a backup (the search's bank and "
                 "trials were made with it)")
     if (place.folder / BANK_FILES[0]).is_file() or (place.folder / BANK_FILES[1]).is_file():
