@@ -8,8 +8,6 @@ shots a class (50 training images), so a whole REFILLED run takes about a second
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning. Set before torch loads its OpenMP
@@ -21,43 +19,10 @@ import pytest
 import torch
 
 from refilled.config import Config
-
-REPO = Path(__file__).resolve().parent.parent
+from support.configs import REPO, TINY, make_tiny_config  # noqa: F401 (the fixtures' base)
+from support.processes import run_python, tiny_search  # noqa: F401
 
 torch.set_num_threads(2)
-
-# The tiny setting as Config keyword arguments (tests derive variants with
-# make_tiny_config(**changes)); the CLI tests get it as a YAML file (`tiny_yaml`).
-TINY = dict(
-    data_name="digits",
-    source_classes="0-4",
-    target_classes="5-9",
-    shots=10,
-    val_fraction=0.3,
-    teacher_network_name="wide_resnet",
-    teacher_depth=10,
-    teacher_width=1,
-    teacher_epochs=2,
-    teacher_batch_size=64,
-    student_network_name="wide_resnet",
-    depth=10,
-    width=1,
-    n_training_epochs1=2,
-    n_training_epochs2=3,
-    point=(2,),
-    batch_size=16,
-    lr1=0.05,
-    lr2=0.05,
-    tau1=4.0,
-    tau2=2.0,
-    lambd=1.0,
-    device="cpu",
-)
-
-
-def make_tiny_config(**changes) -> Config:
-    return Config(**TINY).replace(**changes)
-
 
 @pytest.fixture
 def tiny_config() -> Config:
@@ -104,25 +69,6 @@ def tiny_yaml(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
-
-
-def run_python(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run a script of this repo as a user would: a fresh Python process."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def tiny_search(base: Path, name: str, config: Path, extra: tuple[str, ...] = ()) -> Path:
-    """A real search through the CLI into <base>/analysis_tiny_storage/<name>, made once
-    per session and reused by every test module that asks for the same name."""
-    storage = base / "analysis_tiny_storage"
-    folder = storage / name
-    if (folder / "trials.csv").is_file():
-        return folder
-    storage.mkdir(parents=True, exist_ok=True)
-    result = run_python(str(REPO / "tune_refilled.py"), "search", "--config", str(config), "--storage", str(storage),
-                        "--name", name, *extra, cwd=storage)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return folder
 
 
 # The slow tier runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, README). Tests

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_python, tiny_search as shared_tiny_search
+from support.processes import run_python, tiny_search as shared_tiny_search
 from refilled.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

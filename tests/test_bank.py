@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from support.configs import make_tiny_config
 from refilled import run
 from refilled.bank import TeacherBank, teacher_embeddings
 from refilled.data import augment

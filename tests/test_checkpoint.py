@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from support.configs import make_tiny_config
 from refilled import checkpoint, run
 from refilled.errors import UserError
 from refilled.networks import Network

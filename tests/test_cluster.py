@@ -20,10 +20,10 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from support.searches import (REPO, RayRun, SEARCH_TIMEOUT, _is_zombie, _marked_pids, assert_one_line_error, cli,
+                              explain, finished, free_port, optuna_trial_for, params, record, results, study,
+                              tiny_experiment, trial_folders)
 
-from test_search import (REPO, SEARCH_TIMEOUT, RayRun, _is_zombie, _marked_pids,
-                         assert_one_line_error, cli, explain, finished, free_port, optuna_trial_for, params, record,
-                         results, study, tiny_experiment, trial_folders)
 
 
 class Cluster:

@@ -151,7 +151,7 @@ def test_embedded_default_is_the_papers_cross_task_setting():
 
 
 def test_tiny_experiment_file(tiny_yaml):
-    from conftest import make_tiny_config
+    from support.configs import make_tiny_config
 
     cfg, sections = load_experiment(tiny_yaml)
     assert cfg == make_tiny_config() and set(sections) == {"config"}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from support.configs import make_tiny_config
 from refilled import checkpoint
 from refilled.store import experiment_file
 from refilled.errors import UserError

@@ -12,7 +12,7 @@ import pytest
 
 from analysis.common import open_experiments
 from analysis.plot_trials import FANOVA_SEEDS, MIN_TRIALS, importances, plot_importance
-from conftest import make_tiny_config
+from support.configs import make_tiny_config
 from refilled.store import experiment_file, trial_records
 from refilled.errors import UserError
 

@@ -15,11 +15,11 @@ import time
 
 import pandas as pd
 import pytest
+from support.searches import (LEASE_ENV, LEASE_TIMEOUT, RayRun, SEARCH_TIMEOUT, TOTAL_STEPS, assert_one_line_error,
+                              check_run_again_from_saved_state, check_staged, cli, explain, finished, kill_when,
+                              optuna_trial_for, params, results, saved_state, study, tiny_experiment, tree,
+                              trial_folders)
 
-from test_search import (LEASE_ENV, LEASE_TIMEOUT, RayRun, SEARCH_TIMEOUT, TOTAL_STEPS,
-                         assert_one_line_error, check_run_again_from_saved_state, check_staged, cli, explain,
-                         finished, kill_when, optuna_trial_for, params, results, saved_state, study,
-                         tiny_experiment, tree, trial_folders)
 
 
 # ----------------------------------------------------------------------------- resume after a kill

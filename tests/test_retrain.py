@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_python, tiny_search as shared_tiny_search
+from support.processes import run_python, tiny_search as shared_tiny_search
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "analysis_tiny.yaml"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import make_tiny_config
+from support.configs import make_tiny_config
 from refilled.errors import UserError
 from refilled.tune.rungs import (clock, correlation_lines, correlations, rung_epochs, schedule_warnings,
                                  scheduler_args, spearman)

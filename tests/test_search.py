@@ -18,272 +18,20 @@ and resume are in tests/test_resume.py.
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "search_tiny.yaml"
-MARKER = "TUNE_REFILLED_TEST_RUN"
-CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
-CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
-SEARCHED = ["tau1", "tau2", "lambd", "lr1", "lr2", "flag_merge"]
-TOTAL_STEPS = 6  # n_training_epochs1 + n_training_epochs2 of search_tiny.yaml
-SEARCH_TIMEOUT = 420
-# Every driver a test starts holds its lease with this timeout (refilled.store.lease): a driver
-# these tests kill is taken over by a resume this many seconds later, not 120
-LEASE_TIMEOUT = 3.0
-LEASE_ENV = "TUNE_REFILLED_LEASE_TIMEOUT"
-
-
-# ----------------------------------------------------------------------------- processes
-
-def _marked_pids(marker: str) -> list[int]:
-    """Pids of the live processes whose environment carries MARKER=marker."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry))
-    return pids
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def kill_marked(marker: str, timeout: float = 30.0) -> None:
-    """SIGKILL every process of one run (found by its marker), and wait until they are gone."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in _marked_pids(marker) if not _is_zombie(p)]
-        if not alive:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes of test run {marker} survive SIGKILL: {alive}")
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-
-
-class RayRun:
-    """The environment of one Ray-using command: its own Ray temp dir and a marker."""
-
-    def __init__(self, **extra_env: str):
-        self.marker = uuid.uuid4().hex
-        # short: Ray puts unix sockets under it (at most 107 characters)
-        self.tmp = tempfile.mkdtemp(prefix="trt-", dir="/tmp")
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", CRASH_ENV, CRASH_MARKERS_ENV)}
-        env.update({MARKER: self.marker, "RAY_TMPDIR": self.tmp, "PYTHONUNBUFFERED": "1",
-                    "RAY_USAGE_STATS_ENABLED": "0", LEASE_ENV: str(LEASE_TIMEOUT)})
-        env.update(extra_env)
-        self.env = env
-
-    def popen(self, args: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(args, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-
-    def run(self, args: list[str], timeout: float = SEARCH_TIMEOUT) -> SimpleNamespace:
-        """Run to the end (its whole process group is killed if it overruns), then end
-        whatever Ray processes of this run are left."""
-        proc = self.popen(args)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            self.cleanup()
-            raise AssertionError(f"{' '.join(args[1:4])} did not end within {timeout}s; stderr tail:\n{err[-3000:]}")
-        self.cleanup()
-        return SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err)
-
-    def cleanup(self) -> None:
-        kill_marked(self.marker)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def kill_when(run: RayRun, args: list[str], ready, what: str, settle: float = 0.0) -> SimpleNamespace:
-    """Start a search and SIGKILL its driver (and its process group) once ready() holds
-    and `settle` seconds more have passed; end the run's Ray processes too, and wait until
-    the lease the driver could not release is stale (LEASE_TIMEOUT). Returns the driver's
-    exit status and pid. `settle`: at a URI, ready() sees files that Tune's upload of its
-    state brought, and a kill in the middle of that upload leaves a truncated state that
-    Tune cannot resume from (README, "If the driver dies"): the upload is given time to end."""
-    driver = run.popen(args)
-    try:
-        deadline = time.monotonic() + SEARCH_TIMEOUT
-        while not ready():
-            assert driver.poll() is None, f"the search ended before it could be killed: {driver.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, f"{what} did not happen in time"
-            time.sleep(0.5)
-        time.sleep(settle)
-        os.killpg(driver.pid, signal.SIGKILL)
-        killed = time.monotonic()
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.communicate()
-        run.cleanup()
-    time.sleep(max(0.0, killed + LEASE_TIMEOUT + 0.5 - time.monotonic()))
-    return SimpleNamespace(returncode=driver.returncode, pid=driver.pid)
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "tune_refilled.py", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def explain(result: SimpleNamespace) -> str:
-    return f"exit {result.returncode}\n--- stdout tail\n{result.stdout[-3000:]}\n--- stderr tail\n{result.stderr[-5000:]}"
-
-
-# ----------------------------------------------------------------------------- experiment files
-
-def tiny_experiment(tmp: Path, name: str, config: dict | None = None, search: dict | None = None) -> Path:
-    """search_tiny.yaml with changes to its config and search sections, as `<tmp>/<name>.yaml`."""
-    data = yaml.safe_load(TINY.read_text())
-    data["config"].update(config or {})
-    for key, value in (search or {}).items():
-        if isinstance(value, dict) and isinstance(data["search"].get(key), dict) and key != "space":
-            data["search"][key].update(value)
-        else:
-            data["search"][key] = value
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def trial_folders(folder: Path) -> list[Path]:
-    return sorted(p.parent for p in folder.glob("*/params.json"))
-
-
-def record(trial_folder: Path) -> dict:
-    """The trial's own record (refilled.store.trial_records), as the search wrote it."""
-    return json.loads((trial_folder / "trial_record.json").read_text())
-
-
-def trial_number(trial_folder: Path) -> int:
-    """The order Tune created the trial in, from 1 (its record's number)."""
-    assert trial_folder.name == f"trial_{record(trial_folder)['trial_id']}", trial_folder.name  # named by us
-    return record(trial_folder)["number"]
-
-
-def results(trial_folder: Path) -> list[dict]:
-    path = trial_folder / "result.json"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def params(trial_folder: Path) -> dict:
-    return json.loads((trial_folder / "params.json").read_text())
-
-
-def same_params(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k] == b[k] if isinstance(a[k], (bool, str)) or isinstance(b[k], (bool, str))
-        else math.isclose(a[k], b[k], rel_tol=1e-9) for k in a)
-
-
-def finished(trial_folder: Path) -> bool:
-    rows = results(trial_folder)
-    return bool(rows) and not rows[-1].get("diverged") and rows[-1]["step"] == rows[-1]["total_steps"]
-
-
-def saved_state(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """What Tune's last saved experiment state holds, as the trials' records note it at
-    each save: {trial folder: status} and {trial folder: the checkpoint a resume starts it
-    from}. A trial created after that save has no such note."""
-    saved, resumable = {}, {}
-    for tf in trial_folders(folder):
-        at_save = record(tf).get("at_last_save") if (tf / "trial_record.json").is_file() else None
-        if at_save:
-            saved[tf.name] = at_save["status"]
-            if at_save.get("checkpoint"):
-                resumable[tf.name] = at_save["checkpoint"]
-    return saved, resumable
-
-
-def check_run_again_from_saved_state(folder: Path, before: dict[str, list[dict]], saved: dict[str, str],
-                                     resumable: dict[str, str]) -> None:
-    """After a kill and a resume: Ray saves its experiment state every 10 s or more, and a
-    resume goes on from that state. The trials it has as ended were not run again; the
-    others (running, or finished after that save) ran again from the checkpoint it knew
-    (a result names the checkpoint saved with it), and each epoch run twice reported the
-    same both times (the checkpoint holds every random state); a trial it did not know was
-    set aside and its configuration run anew. `before`: each trial's results at the kill."""
-    def measured(row: dict) -> tuple:
-        return row["step"], row["val_accuracy"], row["loss"]
-
-    for name, rows in before.items():
-        if name not in saved:
-            assert (folder / "interrupted_trials" / name).is_dir() and not (folder / name).exists(), name
-            assert any(same_params(params(tf), rows[-1]["config"]) for tf in trial_folders(folder)), name
-            continue
-        now = results(folder / name)
-        assert now[-1]["trial_id"] == rows[-1]["trial_id"], name
-        assert [measured(r) for r in now[:len(rows)]] == [measured(r) for r in rows], name
-        again = now[len(rows):]
-        if saved[name] in ("finished", "stopped", "diverged", "errored"):
-            assert not again, name
-            continue
-        restart = 1
-        if name in resumable:
-            saved_at = [r["step"] for r in rows if r.get("checkpoint_dir_name") == resumable[name]]
-            assert saved_at, (name, resumable[name], "is not among the results stored before the kill")
-            restart = saved_at[0] + 1
-        assert [r["step"] for r in again] == list(range(restart, rows[-1]["total_steps"] + 1)), (name, resumable.get(name))
-        twice = [r for r in again if r["step"] <= len(rows)]
-        assert [measured(r) for r in twice] == [measured(rows[r["step"] - 1]) for r in twice], name
-
-
-def study(folder: Path):
-    import optuna
-
-    return optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'optuna.db'}")
-
-
-def optuna_trial_for(trials, values: dict):
-    matches = [t for t in trials if same_params(t.params, values)]
-    assert len(matches) == 1, f"{len(matches)} Optuna trials have params {values}"
-    return matches[0]
-
-
-def tree(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under a folder with its size and modification time."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
+from support.searches import (CRASH_ENV, CRASH_MARKERS_ENV, REPO, RayRun, SEARCHED, SEARCH_TIMEOUT, STAGED, TINY,
+                              TOTAL_STEPS, check_staged, cli, explain, finished, free_port, main_error,
+                              optuna_trial_for, params, record, results, same_params, study, tiny_experiment, tree,
+                              trial_folders, trial_number)
 
 # ----------------------------------------------------------------------------- the shared search
 
@@ -300,9 +48,8 @@ def experiment(tmp_path_factory) -> SimpleNamespace:
 
 @pytest.mark.slow
 @pytest.mark.timeout(SEARCH_TIMEOUT + 120)
-def test_search_end_to_end(experiment):
-    folder, out = experiment.folder, experiment.result.stdout
-    cfg = yaml.safe_load(TINY.read_text())["config"]
+def test_search_writes_one_row_per_trial_stopped_at_rungs_or_finished(experiment):
+    folder = experiment.folder
     n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
 
     # trials.csv: one row per trial; ASHA stopped some at a rung, others ran every epoch
@@ -313,6 +60,15 @@ def test_search_end_to_end(experiment):
     assert statuses.get("stopped", 0) >= 1 and statuses.get("finished", 0) >= 1, statuses
     assert set(table.loc[table["status"] == "stopped", "epochs"]) <= {2, 4}  # ASHA's rungs (grace 2, factor 2)
     assert (table.loc[table["status"] == "finished", "epochs"] == TOTAL_STEPS).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT + 120)
+def test_trial_folders_agree_with_the_table_and_hold_their_records(experiment):
+    folder = experiment.folder
+    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+    table = pd.read_csv(folder / "trials.csv")
+    folders = trial_folders(folder)
 
     # the trial folders agree with the table, and each holds its record
     folders = trial_folders(folder)
@@ -333,6 +89,16 @@ def test_search_end_to_end(experiment):
         kept = sorted(p.name for p in tf.glob("checkpoint_*"))
         assert len(kept) == min(2, len(rows)) and kept[-1] == f"checkpoint_{len(rows) - 1:06d}", (tf.name, kept)
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT + 120)
+def test_the_optuna_study_has_pruned_and_complete_trials(experiment):
+    folder = experiment.folder
+    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+    table = pd.read_csv(folder / "trials.csv")
+    statuses = table["status"].value_counts().to_dict()
+    folders = trial_folders(folder)
+
     # the Optuna study: pruned for the stopped trials, complete for the finished ones
     import optuna
 
@@ -348,11 +114,29 @@ def test_search_end_to_end(experiment):
         if want == optuna.trial.TrialState.COMPLETE:  # told the last stage-2 validation accuracy
             assert ot.value == pytest.approx(results(tf)[-1]["val_accuracy"])
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT + 120)
+def test_start_with_config_makes_the_first_trial_the_configs_values(experiment):
+    folder = experiment.folder
+    cfg = yaml.safe_load(TINY.read_text())["config"]
+    folders = trial_folders(folder)
+    ot_trials = study(folder).trials
+
     # start_with: config: the first trial is the config's own values
     first = min(folders, key=trial_number)
     assert trial_number(first) == 1
     assert same_params(params(first), {k: cfg[k] for k in SEARCHED})
     assert ot_trials[0].number == 0 and same_params(ot_trials[0].params, {k: cfg[k] for k in SEARCHED})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT + 120)
+def test_best_config_is_the_best_stage2_trial(experiment):
+    folder = experiment.folder
+    cfg = yaml.safe_load(TINY.read_text())["config"]
+    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+    folders = trial_folders(folder)
 
     # the best config: best stage-2 validation accuracy among trials that reached stage 2
     def rank(tf):
@@ -374,6 +158,13 @@ def test_search_end_to_end(experiment):
     header = (folder / "best_config.yaml").read_text().splitlines()[0]
     assert f"{top[0]:.4f}" in header
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT + 120)
+def test_tensorboard_has_a_scalar_per_reported_epoch(experiment):
+    folder = experiment.folder
+    folders = trial_folders(folder)
+
     # TensorBoard: an event file per trial with a scalar per reported epoch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -386,6 +177,13 @@ def test_search_end_to_end(experiment):
         assert "ray/tune/val_accuracy" in scalars and "ray/tune/loss" in scalars, scalars
         steps = [e.step for e in acc.Scalars("ray/tune/val_accuracy")]
         assert steps == list(range(1, len(results(tf)) + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SEARCH_TIMEOUT + 120)
+def test_what_the_user_sees_at_the_end(experiment):
+    folder, out = experiment.folder, experiment.result.stdout
+    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
 
     # what the user sees at the end
     assert "trials, best stage-2 validation accuracy first" in out
@@ -550,27 +348,6 @@ def test_nan_trial_ends_as_diverged_and_the_search_goes_on(faults):
 
 # ----------------------------------------------------------------------------- bad input
 
-def assert_one_line_error(result: SimpleNamespace, *needles: str) -> str:
-    assert result.returncode == 2, explain(result)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, explain(result)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, explain(result)
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def main_error(capsys, *args: str) -> str:
-    """Run the CLI's main() in this process on input it must refuse before Ray starts:
-    exit code 2 and one line on stderr; returns that line."""
-    import tune_refilled
-
-    code = tune_refilled.main(list(args))
-    out, err = capsys.readouterr()
-    return assert_one_line_error(SimpleNamespace(returncode=code, stdout=out, stderr=err))
-
-
 @pytest.mark.parametrize("name, space, needles", [
     ("unknown_key", {"tau3": {"loguniform": [0.5, 16]}}, ["search.space.tau3", "unknown config key"]),
     ("low_above_high", {"tau1": {"loguniform": [16, 0.5]}}, ["search.space.tau1", "low must be below high"]),
@@ -675,63 +452,6 @@ def test_stage1_cache_is_shared_by_trials_with_equal_stage1_settings(search_teac
 
 
 # ----------------------------------------------------------------------------- staged search
-
-STAGED = {"staged": {"num_samples": 3, "asha": {"grace_period": 1, "reduction_factor": 2}}}
-STAGE1_SEARCHED = ["tau1", "lr1", "flag_merge"]  # the stage-1-only keys of search_tiny.yaml's space
-
-
-def check_staged(folder: Path, n: int, n1: int = 3) -> None:
-    """What a finished staged search of search_tiny.yaml (n1 phase-1 and n phase-2 trials) must hold."""
-    import optuna
-    import torch
-
-    from refilled import checkpoint
-    from refilled.store.experiments import load_trials
-
-    e1 = 2
-    phase1 = folder / "stage1_search"
-    firsts = trial_folders(phase1)
-    assert len(firsts) == n1
-    for tf in firsts:  # stage-1-only trials over the stage-1 keys
-        assert sorted(params(tf)) == sorted(STAGE1_SEARCHED), params(tf)
-        rows = results(tf)
-        assert {r["stage"] for r in rows} == {"stage1"} and all(r["total_steps"] == e1 for r in rows)
-    ranked = sorted((tf for tf in firsts if finished(tf)),
-                    key=lambda tf: (results(tf)[-1]["val_accuracy"], max(r["val_accuracy"] for r in results(tf))),
-                    reverse=True)
-    chosen = ranked[0]
-    data = yaml.safe_load((folder / "experiment.yaml").read_text())
-    choice = data["stage1_choice"]
-    assert choice["trial_id"] == results(chosen)[-1]["trial_id"]
-    assert same_params(choice["values"], params(chosen))
-    assert math.isclose(choice["val_ncm_accuracy"], results(chosen)[-1]["val_accuracy"], rel_tol=1e-6)
-    # phase 2 starts from exactly that trial's end-of-stage-1 student (its newest checkpoint)
-    assert record(chosen)["checkpoint"] == results(chosen)[-1]["checkpoint_dir_name"]
-    newest = chosen / record(chosen)["checkpoint"]
-    end_of_stage1 = checkpoint.load(newest / "state.pt", "checkpoint")
-    start = checkpoint.load(folder / "stage1_choice.pt", "choice")["snapshot"]
-    assert start["stage"] == end_of_stage1["stage"] == 1 and start["epoch"] == e1
-    assert all(torch.equal(start["student"][k], end_of_stage1["student"][k]) for k in end_of_stage1["student"])
-
-    seconds = trial_folders(folder)
-    assert len(seconds) == n
-    for tf in seconds:  # stage 2 only, from the chosen stage-1 values, steps going on from stage 1
-        p = params(tf)
-        assert same_params({k: p[k] for k in STAGE1_SEARCHED}, choice["values"])
-        rows = results(tf)
-        assert {r["stage"] for r in rows} == {"stage2"}
-        assert [r["step"] for r in rows] == list(range(e1 + 1, e1 + 1 + len(rows)))
-        assert [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1))
-    table = load_trials(folder)
-    assert (table["epochs_run"] == table["epochs"] - e1).all()
-    best = yaml.safe_load((folder / "best_config.yaml").read_text())["config"]
-    assert same_params({k: best[k] for k in STAGE1_SEARCHED}, choice["values"])
-    # one Optuna study per phase, each over its own keys
-    first_study = optuna.load_study(study_name=f"{folder.name}-stage1", storage=f"sqlite:///{phase1 / 'optuna.db'}")
-    assert len(first_study.trials) == n1 and all(sorted(t.params) == sorted(STAGE1_SEARCHED) for t in first_study.trials)
-    second = study(folder).trials
-    assert len(second) == n and all(sorted(t.params) == ["lambd", "lr2", "tau2"] for t in second)
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(3 * SEARCH_TIMEOUT)

@@ -4,7 +4,7 @@ import pytest
 
 from refilled.errors import UserError
 from refilled.tune.settings import parse_search
-from conftest import make_tiny_config
+from support.configs import make_tiny_config
 
 
 def test_reuse_actors_is_on_by_default_and_can_be_turned_off():

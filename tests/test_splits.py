@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
+from support.configs import make_tiny_config
 from refilled.data.sources import ImageSet, Source, load_digits
 from refilled.data.splits import (
     cifar_fs_order,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from support.configs import make_tiny_config
 from refilled import checkpoint, run
 from refilled.bank import TeacherBank, teacher_embeddings
 from refilled.train import (
