@@ -1,92 +1,140 @@
 """One typed schema for a REFILLED run, loaded from YAML and the command line.
 
 Keys keep the names of the authors' `main.py` arguments (same defaults, see
-SPEC.md) so their commands translate one to one; the keys after them are this
+docs) so their commands translate one to one; the keys after them are this
 project's: teacher architecture and pre-training, class splits, shots, and
 implementation choices. An experiment file (search_spaces/*.yaml) holds a
 `config:` section of these keys, plus `search:` settings read by refilled.tune.
+
+The schema is a pydantic model: types, ranges and choices are its fields'; what
+depends on several keys is its one model validator. Each key's groups (it decides
+the teacher, it acts on stage 1, on stage 1 alone, it cannot be searched) are
+stated once, in its field (`key(...)`); TEACHER_KEYS, STAGE1_KEYS, STAGE1_ONLY and
+NOT_SEARCHABLE are read from there. Every problem is a one-line UserError naming
+the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from refilled.errors import UserError
 
 NETWORKS = ("wide_resnet", "resnet", "mobile_net")
 DATA_NAMES = ("CIFAR-100", "CUB-200", "digits")
+ALIASES = {"cifar-100": "CIFAR-100", "cifar100": "CIFAR-100", "cub-200": "CUB-200", "cub200": "CUB-200",
+           "cub-200-2011": "CUB-200", "digits": "digits"}
+
+# a key's groups (field metadata)
+TEACHER = "teacher"  # decides which teacher a config needs (its cache file name)
+STAGE1 = "stage1"  # decides the result of stage 1 (the stage-1 cache key)
+STAGE1_ALONE = "stage1_only"  # acts on stage 1 alone (phase 1 of a staged search searches these)
+FIXED = "not_searchable"  # a search refuses it
 
 
-@dataclass
-class Config:
+def key(default: Any, *groups: str, **constraints: Any) -> Any:
+    return Field(default, json_schema_extra={"groups": list(groups)}, **constraints)
+
+
+def _no_bool(value: Any) -> Any:  # `depth: true` is no number, though Python says it is 1
+    if isinstance(value, bool):
+        raise ValueError("not a boolean")
+    return value
+
+
+def _none_word(value: Any) -> Any:  # `--shots none` on the command line
+    return None if isinstance(value, str) and value.strip().lower() in ("none", "null") else value
+
+
+def _int_list(value: Any) -> Any:  # `--point 30,45` or `point: 60`
+    if isinstance(value, str):
+        return [v for v in value.replace(",", " ").split()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+        raise ValueError("not a list of numbers")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+OptInt = Annotated[Optional[int], BeforeValidator(_none_word), BeforeValidator(_no_bool)]
+OptFloat = Annotated[Optional[float], BeforeValidator(_none_word), BeforeValidator(_no_bool)]
+Epochs = Annotated[tuple[int, ...], BeforeValidator(_int_list)]
+Network = Literal["wide_resnet", "resnet", "mobile_net"]
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False,
+                              validate_default=False)
+
     # --- the authors' arguments, their defaults -------------------------------
-    data_name: str = "CIFAR-100"
-    teacher_network_name: str = "wide_resnet"
-    student_network_name: str = "wide_resnet"
-    flag_tuning: bool = False  # True: train on train, evaluate on validation
-    lr1: float = 0.1
-    lr2: float = 0.1
-    point: tuple[int, ...] = (100, 140, 180)
-    gamma: float = 0.2
-    wd: float = 5e-4
-    mo: float = 0.9
-    depth: int = 16
-    width: int = 1
-    ca: float = 0.25
-    dropout_rate: float = 0.3
-    n_training_epochs1: int = 200
-    n_training_epochs2: int = 200
-    batch_size: int = 128
-    flag_merge: bool = False  # stage 1 on (anchor, positive) tuples
-    tau1: float = 4.0
-    tau2: float = 2.0
-    lambd: float = 100.0
+    data_name: str = key("CIFAR-100", TEACHER, STAGE1, FIXED)
+    teacher_network_name: Network = key("wide_resnet", TEACHER)
+    student_network_name: Network = key("wide_resnet", STAGE1)
+    flag_tuning: bool = key(False, STAGE1, FIXED)  # True: train on train, evaluate on validation
+    lr1: Float = key(0.1, STAGE1, STAGE1_ALONE, gt=0)
+    lr2: Float = key(0.1, gt=0)
+    point: Epochs = key((100, 140, 180))
+    gamma: Float = key(0.2, gt=0)
+    wd: Float = key(5e-4, TEACHER, STAGE1, ge=0)
+    mo: Float = key(0.9, TEACHER, STAGE1, ge=0)
+    depth: Int = key(16, STAGE1)
+    width: Int = key(1, STAGE1, gt=0)
+    ca: Float = key(0.25, STAGE1, gt=0)
+    dropout_rate: Float = key(0.3, STAGE1, ge=0, lt=1)
+    n_training_epochs1: Int = key(200, STAGE1, STAGE1_ALONE, ge=0)
+    n_training_epochs2: Int = key(200, ge=1)  # stage 2 makes the classifier
+    batch_size: Int = key(128, STAGE1, gt=0)
+    flag_merge: bool = key(False, STAGE1, STAGE1_ALONE)  # stage 1 on (anchor, positive) tuples
+    tau1: Float = key(4.0, STAGE1, STAGE1_ALONE, gt=0)
+    tau2: Float = key(2.0, gt=0)
+    lambd: Float = key(100.0, ge=0)
     # --- teacher: architecture (authors' defaults per network) and pre-training
-    teacher_depth: int = 40
-    teacher_width: int = 2
-    teacher_ca: float = 1.0
-    teacher_dropout_rate: float = 0.3
-    teacher_lr: float = 0.1  # the authors' pretrain.py: SGD Nesterov, multi-step decay
-    teacher_point: tuple[int, ...] = (100, 140, 180)
-    teacher_gamma: float = 0.2
-    teacher_epochs: int = 200
-    teacher_batch_size: int = 128
-    teacher_val_fraction: float = 0.1  # source training images that choose the teacher's epoch
+    teacher_depth: Int = key(40, TEACHER)
+    teacher_width: Int = key(2, TEACHER, gt=0)
+    teacher_ca: Float = key(1.0, TEACHER, gt=0)
+    teacher_dropout_rate: Float = key(0.3, TEACHER, ge=0, lt=1)
+    teacher_lr: Float = key(0.1, TEACHER, gt=0)  # the authors' pretrain.py: SGD Nesterov, multi-step decay
+    teacher_point: Epochs = key((100, 140, 180), TEACHER)
+    teacher_gamma: Float = key(0.2, TEACHER, gt=0)
+    teacher_epochs: Int = key(200, TEACHER, ge=0)
+    teacher_batch_size: Int = key(128, TEACHER, gt=0)
+    teacher_val_fraction: Float = key(0.1, TEACHER, gt=0, lt=1)  # source images that choose the teacher's epoch
     # --- data ---------------------------------------------------------------------
-    data_root: str = "data"
-    download: bool = False
-    image_size: int | None = None  # digits only: upsampled to this side, 3 channels (None: 8, their own)
-    class_order: str = "natural"  # "natural" or "cifar_fs" (CIFAR-100 cross-task order)
-    source_classes: str = "all"  # teacher's classes: positions in class_order, e.g. "0-49"
-    target_classes: str = "all"  # student's classes, e.g. "50-99"; overlap allowed
-    shots: int | None = None  # labelled images per student class (middle-shot); None = all
-    val_per_class: int | None = None  # with shots: validation images a class from outside the shots
-    val_fraction: float = 0.1  # part of the training set held out when flag_tuning
-    split_seed: int = 0  # draws the shots and the validation part (the run's seed never does)
+    data_root: str = key("data", FIXED)
+    download: bool = key(False, FIXED)
+    image_size: OptInt = key(None, TEACHER, STAGE1, FIXED)  # digits: upsampled to this side, 3 channels
+    class_order: Literal["natural", "cifar_fs"] = key("natural", TEACHER, STAGE1)  # cifar_fs: cross-task order
+    source_classes: str = key("all", TEACHER)  # teacher's classes: positions in class_order, e.g. "0-49"
+    target_classes: str = key("all", STAGE1)  # student's classes, e.g. "50-99"; overlap allowed
+    shots: OptInt = key(None, STAGE1, ge=1)  # labelled images per student class (middle-shot); None = all
+    val_per_class: OptInt = key(None, STAGE1, FIXED, ge=1)  # with shots: validation images from outside them
+    val_fraction: Float = key(0.1, STAGE1, gt=0, lt=1)  # part of the training set held out when flag_tuning
+    split_seed: Int = key(0, TEACHER, STAGE1, FIXED, ge=0)  # draws shots and validation (a search over it selects on luck)
     # --- implementation choices -----------------------------------------------------
-    loss_scale1: float | None = None  # stage-1 KL multiplier; None: the authors' (500 triplets, 1000 tuples)
-    tuple_negatives: str = "all"  # flag_merge: "all" (padded groups) or "smallest" (cut to the batch's smallest, GKD)
-    margin: float = 0.2  # semi-hard mining margin
-    centers: str = "global"  # "global" (whole training split) or "local" (per batch)
-    transfer_set: bool = False  # stage 2 also distils on the student's unlabelled images (not in SPEC)
-    teacher_bank: str = "auto"  # "auto", "on" or "off": look up teacher embeddings
-    bn_stats: str = "running"  # evaluate with BN statistics "running" (as trained) or "precise" (recomputed)
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu" or "cuda"
+    loss_scale1: OptFloat = key(None, STAGE1, STAGE1_ALONE, gt=0)  # stage-1 KL multiplier; None: the authors'
+    tuple_negatives: Literal["all", "smallest"] = key("all", STAGE1, STAGE1_ALONE)  # flag_merge groups
+    margin: Float = key(0.2, STAGE1, STAGE1_ALONE, gt=0)  # semi-hard mining margin
+    centers: Literal["global", "local"] = key("global")  # whole training split, or per batch
+    transfer_set: bool = key(False)  # stage 2 also distils on the student's unlabelled images (not the authors')
+    teacher_bank: Literal["auto", "on", "off"] = key("auto")  # look up teacher embeddings
+    bn_stats: Literal["running", "precise"] = key("running", STAGE1, FIXED)  # evaluate with BN statistics as
+    # trained, or recomputed from the current weights (docs/search.md); it changes what is measured, not trained
+    seed: Int = key(0, TEACHER, STAGE1)
+    device: Literal["auto", "cpu", "cuda"] = key("auto", FIXED)
 
     def replace(self, **changes: Any) -> "Config":
-        return validate(dataclasses.replace(self, **changes))
+        return _validated({**self.model_dump(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = self.model_dump()
         d["point"], d["teacher_point"] = list(self.point), list(self.teacher_point)
         return d
 
@@ -106,163 +154,125 @@ class Config:
             d = {k: d[k] for k in keys}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_name_aliases(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("data_name"), str):
+            name = ALIASES.get(values["data_name"].lower())
+            if name is None:
+                raise UserError(f"config key 'data_name' must be one of {', '.join(DATA_NAMES)}, "
+                                f"got {values['data_name']!r}")
+            values = {**values, "data_name": name}
+        return values
 
-FIELDS = {f.name: f for f in fields(Config)}
-# Tuning a non-tunable key (paths, device) makes no sense; the search refuses them.
-NOT_SEARCHABLE = {"data_root", "download", "device", "flag_tuning", "data_name", "image_size", "val_per_class",
-                  "split_seed",  # a search over image draws would select on luck
-                  "bn_stats"}  # it changes how trials are measured, not what they train
-
-
-def _type_name(f: dataclasses.Field) -> str:
-    return str(f.type).replace("tuple[int, ...]", "list of ints")
-
-
-def coerce(key: str, value: Any) -> Any:
-    """Convert `value` to the type of `key`, or raise UserError naming the key."""
-    if key not in FIELDS:
-        close = [k for k in FIELDS if k.startswith(key[:3])]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"unknown config key '{key}'{hint}")
-    kind = FIELDS[key].type
-    bad = UserError(f"config key '{key}' must be {_type_name(FIELDS[key])}, got {value!r}")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):  # `--flag_merge 1` arrives as YAML int 1
-            return bool(value)
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise bad
-    if kind in ("int", "int | None"):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if kind == "int":
-                raise bad
-            return None
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, float):
-            if value.is_integer():
-                return int(value)
-            raise bad
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise bad from None
-    if kind == "float | None" and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
-        return None
-    if kind in ("float", "float | None"):
-        if isinstance(value, bool):
-            raise bad
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-        if not math.isfinite(value):  # nan slips through every range check below
-            raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
-        return value
-    if kind == "tuple[int, ...]":
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split()]
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        try:
-            return tuple(coerce("depth", v) for v in value)
-        except UserError:
-            raise bad from None
-    if kind == "str":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise AssertionError(f"unhandled type {kind}")
+    @model_validator(mode="after")
+    def _together(self) -> "Config":
+        """What no single key's type says: the checks that read several keys."""
+        for prefix, net in (("", self.student_network_name), ("teacher_", self.teacher_network_name)):
+            depth = getattr(self, prefix + "depth")
+            if net == "wide_resnet" and (depth < 10 or (depth - 4) % 6):
+                raise UserError(f"config key '{prefix}depth': wide_resnet depth must be 6n+4 "
+                                f"(10, 16, 22, 28, 40, ...), got {depth}")
+            if net == "resnet" and (depth < 8 or (depth - 2) % 6):
+                raise UserError(f"config key '{prefix}depth': resnet depth must be 6n+2 (8, 14, 20, 32, 56, 110, "
+                                f"...) as the authors' resnet.py asserts, got {depth}")
+            if net == "mobile_net" and int(32 * getattr(self, prefix + "ca")) < 1:
+                raise UserError(f"config key '{prefix}ca' must be >= 1/32 (the stem has int(32 * ca) channels), "
+                                f"got {getattr(self, prefix + 'ca')}")
+        for name in ("point", "teacher_point"):
+            points = getattr(self, name)
+            if any(b <= a for a, b in zip(points, points[1:])) or any(p < 1 for p in points):
+                raise UserError(f"config key '{name}' must be strictly increasing epochs >= 1, got {list(points)}")
+        if self.val_per_class is not None and self.shots is None:
+            raise UserError(f"config key 'val_per_class' needs 'shots' (validation images are taken from outside "
+                            f"the shots), got {self.val_per_class} with shots {self.shots}")
+        native = {"CIFAR-100": 32, "CUB-200": 224}.get(self.data_name)
+        size = self.image_size
+        if size is not None and (size < 8 if native is None else size != native):
+            allowed = f"null or {native} (its own size)" if native else "null (8, their own size) or >= 8"
+            raise UserError(f"config key 'image_size' for {self.data_name} must be {allowed}, got {size}")
+        if self.transfer_set and self.shots is None:
+            raise UserError("config key 'transfer_set' needs 'shots': the transfer set is the training "
+                            "images outside the shots, and without shots there are none")
+        if self.transfer_set and self.centers != "global":
+            raise UserError("config key 'transfer_set' needs centers: global (an unlabelled image has no "
+                            "class in the batch to take local centres from)")
+        if self.class_order == "cifar_fs" and self.data_name != "CIFAR-100":
+            raise UserError("config key 'class_order': cifar_fs is the CIFAR-100 order; use 'natural' here")
+        return self
 
 
-def _positive(cfg: Config, *keys: str) -> None:
-    for k in keys:
-        if not getattr(cfg, k) > 0:
-            raise UserError(f"config key '{k}' must be > 0, got {getattr(cfg, k)}")
+FIELDS = Config.model_fields
+
+
+def _group(name: str) -> list[str]:
+    return [k for k, f in FIELDS.items() if name in (f.json_schema_extra or {}).get("groups", ())]
+
+
+TEACHER_KEYS = _group(TEACHER)
+STAGE1_KEYS = _group(STAGE1)
+STAGE1_ONLY = tuple(_group(STAGE1_ALONE))
+NOT_SEARCHABLE = set(_group(FIXED))
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One pydantic error as this project says it: the key, what it must be, what was given."""
+    name = str(error["loc"][0]) if error["loc"] else "?"
+    ctx, kind = error.get("ctx") or {}, error["type"]
+    bounds = {"greater_than": f"> {ctx.get('gt')}", "greater_than_equal": f">= {ctx.get('ge')}",
+              "less_than": f"< {ctx.get('lt')}", "less_than_equal": f"<= {ctx.get('le')}"}
+    if kind in bounds:
+        want = bounds[kind]
+    elif kind == "literal_error":
+        want = f"one of {ctx.get('expected', '').replace(chr(39), '')}"
+    elif kind == "finite_number":
+        want = "a finite number"
+    elif kind == "extra_forbidden":
+        close = [k for k in FIELDS if k.startswith(name[:3])]
+        return f"unknown config key '{name}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
+    else:
+        kind_name = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+        annotation = str(FIELDS[name].annotation) if name in FIELDS else ""
+        want = "a list of epochs, e.g. [30, 45]" if "tuple" in annotation else \
+            next((v for k, v in kind_name.items() if k in annotation), "valid")
+        if "None" in annotation or "Optional" in annotation:
+            want += " or null"
+    return f"config key '{name}' must be {want}, got {error.get('input')!r}"
+
+
+def _validated(values: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(values)
+    except ValidationError as e:
+        raise UserError(_problem(e.errors()[0])) from None
+
+
+def coerce(name: str, value: Any) -> Any:
+    """`value` as the type of key `name` (its type and range only), or a UserError naming the key."""
+    if name not in FIELDS:
+        raise UserError(_problem({"loc": (name,), "type": "extra_forbidden"}))
+    info = FIELDS[name]
+    kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    adapter = TypeAdapter(kind, config=Config.model_config)
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        raise UserError(_problem({**e.errors()[0], "loc": (name,)})) from None
 
 
 def validate(cfg: Config) -> Config:
-    """Check values that types alone do not catch; return cfg normalised."""
-    aliases = {"cifar-100": "CIFAR-100", "cifar100": "CIFAR-100", "cub-200": "CUB-200",
-               "cub200": "CUB-200", "cub-200-2011": "CUB-200", "digits": "digits"}
-    name = aliases.get(cfg.data_name.lower())
-    if name is None:
-        raise UserError(f"config key 'data_name' must be one of {', '.join(DATA_NAMES)}, got {cfg.data_name!r}")
-    cfg.data_name = name
-    for k in ("teacher_network_name", "student_network_name"):
-        if getattr(cfg, k) not in NETWORKS:
-            raise UserError(f"config key '{k}' must be one of {', '.join(NETWORKS)}, got {getattr(cfg, k)!r}")
-    _positive(cfg, "tau1", "tau2", "lr1", "lr2", "teacher_lr", "gamma", "teacher_gamma", "batch_size",
-              "teacher_batch_size", "width", "teacher_width", "ca", "teacher_ca", "margin")
-    if cfg.loss_scale1 is not None and not cfg.loss_scale1 > 0:
-        raise UserError(f"config key 'loss_scale1' must be > 0 or null (the authors' scale), got {cfg.loss_scale1}")
-    for k in ("lambd", "wd", "mo", "n_training_epochs1", "n_training_epochs2", "teacher_epochs"):
-        if getattr(cfg, k) < 0:
-            raise UserError(f"config key '{k}' must be >= 0, got {getattr(cfg, k)}")
-    for k in ("dropout_rate", "teacher_dropout_rate"):
-        if not 0 <= getattr(cfg, k) < 1:
-            raise UserError(f"config key '{k}' must be in [0, 1), got {getattr(cfg, k)}")
-    if cfg.n_training_epochs2 < 1:
-        raise UserError("config key 'n_training_epochs2' must be >= 1: stage 2 makes the classifier")
-    for prefix, net in (("", cfg.student_network_name), ("teacher_", cfg.teacher_network_name)):
-        depth = getattr(cfg, prefix + "depth")
-        if net == "wide_resnet" and (depth < 10 or (depth - 4) % 6):
-            raise UserError(f"config key '{prefix}depth': wide_resnet depth must be 6n+4 "
-                            f"(10, 16, 22, 28, 40, ...), got {depth}")
-        if net == "resnet" and (depth < 8 or (depth - 2) % 6):
-            raise UserError(f"config key '{prefix}depth': resnet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...) "
-                            f"as the authors' resnet.py asserts, got {depth}")
-        if net == "mobile_net" and int(32 * getattr(cfg, prefix + "ca")) < 1:
-            raise UserError(f"config key '{prefix}ca' must be >= 1/32 (the stem has int(32 * ca) channels), "
-                            f"got {getattr(cfg, prefix + 'ca')}")
-    for key in ("point", "teacher_point"):
-        points = getattr(cfg, key)
-        if any(b <= a for a, b in zip(points, points[1:])) or any(p < 1 for p in points):
-            raise UserError(f"config key '{key}' must be strictly increasing epochs >= 1, got {list(points)}")
-    for key in ("val_fraction", "teacher_val_fraction"):
-        if not 0 < getattr(cfg, key) < 1:
-            raise UserError(f"config key '{key}' must be in (0, 1), got {getattr(cfg, key)}")
-    if cfg.split_seed < 0:
-        raise UserError(f"config key 'split_seed' must be >= 0, got {cfg.split_seed}")
-    if cfg.shots is not None and cfg.shots < 1:
-        raise UserError(f"config key 'shots' must be >= 1 or null, got {cfg.shots}")
-    if cfg.val_per_class is not None and (cfg.val_per_class < 1 or cfg.shots is None):
-        raise UserError(f"config key 'val_per_class' must be >= 1 and needs 'shots' (validation images are "
-                        f"taken from outside the shots), got {cfg.val_per_class} with shots {cfg.shots}")
-    native = {"CIFAR-100": 32, "CUB-200": 224}.get(cfg.data_name)
-    if cfg.image_size is not None and (cfg.image_size < 8 if native is None else cfg.image_size != native):
-        allowed = f"null or {native} (its own size)" if native else "null (8, their own size) or >= 8"
-        raise UserError(f"config key 'image_size' for {cfg.data_name} must be {allowed}, got {cfg.image_size}")
-    choices = {"class_order": ("natural", "cifar_fs"), "centers": ("global", "local"),
-               "tuple_negatives": ("all", "smallest"),
-               "teacher_bank": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda"),
-               "bn_stats": ("running", "precise")}
-    for k, allowed in choices.items():
-        if getattr(cfg, k) not in allowed:
-            raise UserError(f"config key '{k}' must be one of {', '.join(allowed)}, got {getattr(cfg, k)!r}")
-    if cfg.transfer_set and cfg.shots is None:
-        raise UserError("config key 'transfer_set' needs 'shots': the transfer set is the training "
-                        "images outside the shots, and without shots there are none")
-    if cfg.transfer_set and cfg.centers != "global":
-        raise UserError("config key 'transfer_set' needs centers: global (an unlabelled image has no "
-                        "class in the batch to take local centres from)")
-    if cfg.class_order == "cifar_fs" and cfg.data_name != "CIFAR-100":
-        raise UserError("config key 'class_order': cifar_fs is the CIFAR-100 order; use 'natural' here")
-    return cfg
+    """cfg checked as a whole (a Config made without validation, e.g. model_construct)."""
+    return _validated(cfg.model_dump())
 
 
 def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
     """Build a Config from `base` (default: authors' defaults) and overrides."""
     if not isinstance(values, dict):
         raise UserError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
-    changes = {k: coerce(k, v) for k, v in values.items()}
-    return validate(dataclasses.replace(base or Config(), **changes))
+    for name in values:
+        if name not in FIELDS:
+            coerce(name, None)  # the one-line "unknown config key" error
+    return _validated({**(base or Config()).model_dump(), **values})
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -26,11 +26,8 @@ from refilled.networks import FAMILY_ARGS, Network, authors_state_dict, load_wei
 from refilled.runtime import resolve_device
 from refilled.train import build_student, build_teacher, global_centers
 
-# The settings that decide which teacher a config needs.
-TEACHER_KEYS = ["data_name", "image_size", "class_order", "source_classes", "teacher_network_name", "teacher_depth",
-                "teacher_width", "teacher_ca", "teacher_dropout_rate", "teacher_lr", "teacher_point",
-                "teacher_gamma", "teacher_epochs", "teacher_batch_size", "teacher_val_fraction", "split_seed",
-                "wd", "mo", "seed"]
+# The settings that decide which teacher a config needs: a group of the schema's fields
+from refilled.config import TEACHER_KEYS  # noqa: E402
 
 
 @lru_cache(maxsize=2)

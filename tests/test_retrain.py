@@ -169,8 +169,10 @@ def test_retrains_the_best_trial(retrained, experiment):
     out, _ = retrained
     best = config_of(experiment / "best_config.yaml")
     board = read_board(experiment / "trials.csv")
-    top = board[board["best_val_accuracy_stage2"].notna()].sort_values(
-        ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm_stage1"], ascending=False).iloc[0]
+    # the trial the search chose: the re-evaluation's best mean (analysis_tiny.yaml re-evaluates the 2 best)
+    selection = pd.read_csv(experiment / "selection.csv", dtype={"trial_id": str})
+    chosen = selection.sort_values("val_accuracy_reeval_mean", ascending=False, kind="stable").iloc[0]["trial_id"]
+    top = board[board["trial_id"].astype(str) == chosen].iloc[0]
     results = json.loads((out / "results.json").read_text())
     assert results["source"]["trial_id"] == top["trial_id"]
     params = json.loads((experiment / f"trial_{top['trial_id']}" / "params.json").read_text())

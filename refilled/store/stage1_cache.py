@@ -53,17 +53,8 @@ from refilled.errors import UserError
 # The config keys that decide the result of stage 1 (the teacher is named by
 # `teacher_id`). Stage-2 keys (tau2, lambd, lr2, point, gamma, centers,
 # n_training_epochs2) are deliberately absent.
-STAGE1_KEYS = [
-    "data_name", "image_size", "class_order", "target_classes", "shots", "val_per_class", "val_fraction",
-    "split_seed", "flag_tuning",
-    "student_network_name", "depth", "width", "ca", "dropout_rate",
-    "tau1", "lr1", "n_training_epochs1", "batch_size", "seed", "flag_merge",
-    "loss_scale1", "tuple_negatives", "margin", "wd", "mo",
-    "bn_stats",  # the stage-1 NCM history is measured with it
-]
-
-# Of those, the keys that act on stage 1 alone: a staged search chooses them in phase 1.
-STAGE1_ONLY = ("tau1", "lr1", "flag_merge", "loss_scale1", "tuple_negatives", "margin", "n_training_epochs1")
+# the keys that decide stage 1 (and those that act on it alone): groups of the schema's fields
+from refilled.config import STAGE1_KEYS, STAGE1_ONLY  # noqa: E402,F401
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

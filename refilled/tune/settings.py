@@ -37,9 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from refilled.config import FIELDS, NOT_SEARCHABLE, Config, coerce, from_dict
+from refilled.config import FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict
 from refilled.errors import UserError
-from refilled.store.stage1_cache import STAGE1_KEYS, STAGE1_ONLY
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 DEFAULT_SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "tau2": {"loguniform": [0.5, 8.0]},
@@ -195,6 +194,13 @@ def distributions(space: dict[str, dict[str, list]]) -> dict:
     return out
 
 
+def _as_key(where: str, key: str, value: Any) -> Any:
+    try:
+        return coerce(key, value)
+    except UserError as e:
+        raise UserError(f"{where}: value {value!r} is not allowed ({e})") from None
+
+
 def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:
     where = f"search.space.{key}"
     if key not in FIELDS:
@@ -209,7 +215,7 @@ def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:
     if not isinstance(args, list) or not args:
         raise UserError(f"{where}.{kind} needs a list, e.g. [0.5, 16]")
     if kind == "choice":
-        values = [coerce(key, v) for v in args]
+        values = [_as_key(where, key, v) for v in args]
     else:
         if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
             raise UserError(f"{where}.{kind} needs two numbers [low, high], got {args}")
@@ -220,7 +226,7 @@ def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:
             raise UserError(f"{where}.{kind}: bounds must be > 0 on a log scale, got [{low}, {high}]")
         if kind.endswith("randint") and not all(float(a).is_integer() for a in args):
             raise UserError(f"{where}.{kind}: bounds must be integers, got [{low}, {high}]")
-        values = [coerce(key, low), coerce(key, high)]
+        values = [_as_key(where, key, low), _as_key(where, key, high)]
         if kind.endswith("randint"):
             values = [int(low), int(high)]
     for v in values:  # every end of the range must make a valid config
