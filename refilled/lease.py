@@ -72,7 +72,7 @@ LOCK_FILE = LEASE_FILE + ".lock"  # beside the lease in a folder: the driver's f
 TIMEOUT_ENV = "TUNE_REFILLED_LEASE_TIMEOUT"  # seconds without a heartbeat before a lease is stale
 DEFAULT_TIMEOUT_S = 120.0
 MARKER_EXPIRY_S = 30.0  # a takeover marker this old was left by a driver that died while taking over
-LOCK_TRIES = 5  # a lock taken for a moment (a reader's look, a driver that is ending) is tried again
+LOCK_TRIES = 5  # a lock held for a moment (a reader's look, a driver whose threads are ending) is tried again
 LOCK_PAUSE_S = 0.05
 
 
@@ -253,9 +253,13 @@ class _Local:
         except OSError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
+            for attempt in range(LOCK_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:  # held, or its holder's last threads are ending right now
+                    if attempt < LOCK_TRIES - 1:
+                        time.sleep(LOCK_PAUSE_S)
             return False
         except OSError:
             return None

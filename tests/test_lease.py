@@ -217,7 +217,9 @@ def driver_process(tmp_path):
 
 
 def _zombie(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    """Dead and not reaped: its main thread a zombie, its other threads (the heartbeat) gone."""
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state == "Z" and os.listdir(f"/proc/{pid}/task") == [str(pid)]
 
 
 def test_a_live_driver_in_another_process_is_refused(driver_process, capsys):
