@@ -1,23 +1,32 @@
 """One driver per experiment (refilled.store.lease): taking, holding, losing and releasing the lease.
 
-Real files: a folder (exclusive create) and a file:// URI, which pyarrow opens
-as it opens s3:// (write, pause, read back). Drivers are threads here; the
-slow tests in test_search.py run real drivers against each other.
+Real files: a folder (exclusive create, and the lock the kernel drops when its
+holder dies) and a file:// URI, which pyarrow opens as it opens s3:// (write,
+pause, read back). Drivers are threads here, or a subprocess where a driver has to
+die for real (SIGKILL); the slow tests in test_search.py and test_resume.py run
+real drivers against each other.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from refilled.errors import UserError
-from refilled.store.lease import TIMEOUT_ENV, Held, Lease, note_if_running, timeout_s
-from refilled.store.layout import LEASE_FILE
+from refilled.store.lease import (DEFAULT_TIMEOUT_S, TIMEOUT_ENV, Held, Lease, note_if_running,
+                                  timeout_s)
+from refilled.store.layout import LEASE_FILE, LOCK_FILE
+
+REPO = Path(__file__).resolve().parent.parent
 
 SHORT = 0.6  # seconds: a heartbeat every 0.1 s
 
@@ -102,10 +111,13 @@ def test_a_stale_lease_is_taken_over(where):
     successor = Lease(location, timeout=SHORT)
     took = successor.acquire(on_lost=never_lost)
     try:
+        # in a folder the silent driver still holds its lock (a paused one): the heartbeat decides
         assert took is not None and took.token == dead.token and took.stale() and took.age() > SHORT
+        assert took.gone == f"stale after {SHORT:g} s without a heartbeat"
         assert json.loads(path.read_text())["token"] == successor.token
     finally:
         successor.release()
+        dead.release()
     assert not path.exists()
 
 
@@ -168,3 +180,163 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(UserError, match=TIMEOUT_ENV):
             timeout_s()
+
+
+# ----------------------------------------------------------------------------- a folder: the lock
+
+# a driver in another process: takes the lease (timeout 120 s), starts a program that outlives
+# it (as Ray's processes may), says both pids, and waits to be killed
+HOLD = """
+import subprocess, sys, time
+from refilled.store.lease import Lease
+Lease(sys.argv[1], timeout=float(sys.argv[2])).acquire(on_lost=lambda holder: None)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], close_fds=False)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def driver_process(tmp_path):
+    """A live driver in another process holding the lease of a folder: (location, process, its child's pid)."""
+    folder = tmp_path / "storage" / "exp"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(DEFAULT_TIMEOUT_S)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(proc.stdout.readline())
+        yield str(folder), proc, child
+    finally:
+        for pid in (proc.pid, child):
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        proc.wait()
+        proc.stdout.close()
+
+
+def _zombie(pid: int) -> bool:
+    """Dead and not reaped: its main thread a zombie, its other threads (the heartbeat) gone."""
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state == "Z" and os.listdir(f"/proc/{pid}/task") == [str(pid)]
+
+
+def test_a_live_driver_in_another_process_is_refused(driver_process, capsys):
+    location, proc, _ = driver_process
+    folder = Path(location)
+    held = json.loads((folder / LEASE_FILE).read_text())
+    assert held["pid"] == proc.pid and held["lock"] is True and (folder / LOCK_FILE).is_file()
+    second = Lease(location, timeout=DEFAULT_TIMEOUT_S)
+    with pytest.raises(Held) as refused:
+        second.acquire(on_lost=never_lost)
+    line = str(refused.value)
+    assert "\n" not in line and f"pid {proc.pid} on {socket.gethostname()}" in line and "at once" in line, line
+    with pytest.raises(Held):
+        second.refuse_if_held()
+    assert note_if_running(location).pid == proc.pid
+    assert "still running" in capsys.readouterr().err
+    assert json.loads((folder / LEASE_FILE).read_text())["token"] == held["token"]  # untouched
+    assert (folder / LOCK_FILE).is_file() and proc.poll() is None
+
+
+def test_a_driver_killed_with_sigkill_is_taken_over_at_once(driver_process, capsys):
+    """The kernel dropped the dead driver's lock: taken over long before its 120 s timeout,
+    even while its pid still exists (a zombie not yet reaped) and a program it started runs on."""
+    location, proc, child = driver_process
+    folder = Path(location)
+    token = json.loads((folder / LEASE_FILE).read_text())["token"]
+    os.kill(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not _zombie(proc.pid):  # dead, not reaped: os.kill(pid, 0) still finds it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(child, 0)  # the program it started still runs
+    assert note_if_running(location).gone is not None
+    err = capsys.readouterr().err
+    assert "did not end" in err and LOCK_FILE in err, err
+    successor = Lease(location, timeout=DEFAULT_TIMEOUT_S)
+    successor.refuse_if_held()
+    took = successor.acquire(on_lost=never_lost)
+    try:
+        assert took is not None and took.pid == proc.pid and took.token == token and not took.stale()
+        assert took.gone == f"the system released its lock ({LOCK_FILE}): the process ended"
+        now = json.loads((folder / LEASE_FILE).read_text())
+        assert now["token"] == successor.token and now["pid"] == os.getpid() and now["lock"] is True
+        with pytest.raises(Held):  # and the successor holds it as the first did
+            Lease(location, timeout=DEFAULT_TIMEOUT_S).acquire(on_lost=never_lost)
+    finally:
+        successor.release()
+    assert not (folder / LEASE_FILE).exists() and not (folder / LOCK_FILE).exists()
+
+
+def _old_lease(folder: Path, **fields) -> dict:
+    """A lease as a driver without the lock wrote it (an older version): fresh, 120 s timeout."""
+    now = time.time()
+    lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": now - 60, "heartbeat": now,
+             "timeout_s": DEFAULT_TIMEOUT_S, "token": "an-older-driver"} | fields
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LEASE_FILE).write_text(json.dumps(lease))
+    return lease
+
+
+def test_a_dead_pid_on_this_host_without_a_lock_file_is_taken_over_at_once(tmp_path, capsys):
+    folder = tmp_path / "exp"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # ended and reaped: no such process now
+    _old_lease(folder, pid=pid)
+    assert not (folder / LOCK_FILE).exists()
+    note_if_running(str(folder))
+    assert "did not end" in capsys.readouterr().err
+    lease = Lease(str(folder), timeout=DEFAULT_TIMEOUT_S)
+    lease.refuse_if_held()
+    took = lease.acquire(on_lost=never_lost)
+    try:
+        assert took.pid == pid and not took.stale() and took.gone == f"pid {pid} no longer exists on this machine"
+        assert json.loads((folder / LEASE_FILE).read_text())["token"] == lease.token
+    finally:
+        lease.release()
+    assert not (folder / LEASE_FILE).exists() and not (folder / LOCK_FILE).exists()
+
+
+def test_a_live_pid_on_this_host_without_a_lock_file_is_refused(tmp_path):
+    """An older version's driver that runs (this process stands for it): nobody holds the lock,
+    but its pid exists, so its heartbeat decides."""
+    folder = tmp_path / "exp"
+    _old_lease(folder)
+    with pytest.raises(Held, match=f"pid {os.getpid()}"):
+        Lease(str(folder), timeout=DEFAULT_TIMEOUT_S).acquire(on_lost=never_lost)
+    assert json.loads((folder / LEASE_FILE).read_text())["token"] == "an-older-driver"
+    assert not (folder / LOCK_FILE).exists()  # the refused driver leaves no lock file behind
+
+
+@pytest.mark.parametrize("elsewhere", [{"host": "another-machine"}, {"boot": "another-boot", "lock": True}])
+def test_a_fresh_lease_from_another_machine_is_refused_until_it_is_stale(tmp_path, elsewhere):
+    """Another host name (or this one's name on another boot: another machine of the same
+    name, or this one before it rebooted): its pid and lock mean nothing here."""
+    folder = tmp_path / "exp"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _old_lease(folder, pid=int(dead.stdout), **elsewhere)  # no such pid here, and the lock is free
+    lease = Lease(str(folder), timeout=DEFAULT_TIMEOUT_S)
+    with pytest.raises(Held):
+        lease.refuse_if_held()
+    with pytest.raises(Held):
+        lease.acquire(on_lost=never_lost)
+    assert not (folder / LOCK_FILE).exists()
+    _old_lease(folder, pid=int(dead.stdout), heartbeat=time.time() - DEFAULT_TIMEOUT_S - 1, **elsewhere)
+    took = lease.acquire(on_lost=never_lost)
+    try:
+        assert took.gone == f"stale after {DEFAULT_TIMEOUT_S:g} s without a heartbeat"
+    finally:
+        lease.release()
+
+
+def test_at_a_uri_a_dead_pid_on_this_host_waits_for_the_timeout(tmp_path):
+    """Object storage has no lock: only the heartbeat tells."""
+    folder = tmp_path / "bucket" / "exp"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _old_lease(folder, pid=int(dead.stdout))
+    with pytest.raises(Held):
+        Lease(f"file://{folder}", timeout=DEFAULT_TIMEOUT_S).acquire(on_lost=never_lost)
+    assert not (folder / LOCK_FILE).exists()

@@ -21,6 +21,7 @@ BEST_CONFIG = "best_config.yaml"
 COST_FILE = "cost.csv"
 DRIVER_FILE = "driver_cost.json"
 LEASE_FILE = "driver.lease"
+LOCK_FILE = LEASE_FILE + ".lock"  # the driver's flock beside the lease, dropped by the kernel when it dies
 INTERRUPTED_TRIALS = "interrupted_trials"
 RETRAIN_DIR = "retrain"
 # inside a trial folder
@@ -44,7 +45,8 @@ LAYOUT: dict[str, str] = {
     BEST_CONFIG: "the full config of the chosen trial (the best re-evaluated mean)",
     COST_FILE: "the ledger: every trial by stage, the teacher, the bank, the re-evaluation",
     DRIVER_FILE: "what the driver itself computed (teacher, bank, re-evaluation runs)",
-    LEASE_FILE: "who drives the search now (while one runs)",
+    LEASE_FILE: "who drives the search now (while one runs): host, pid, heartbeat",
+    LOCK_FILE: "the lock the driver holds in a folder; the system drops it when the driver dies",
     INTERRUPTED_TRIALS + "/": "trials a killed driver had started after Tune's last state save",
     RETRAIN_DIR + "/": "`retrain`'s runs, results.json and summary.md",
     "trial_<id>/": f"one per trial: {RECORD_FILE} (ours), Ray Tune's params.json, result.json, progress.csv, "

@@ -18,9 +18,11 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
                     "it runs two phases: stage-1 keys (tau1, lr1, ...) by validation NCM accuracy with stage-1-only "
                     "trials, then the other keys with trials that start stage 2 from the chosen embedding. One driver "
                     "per experiment: the driver holds a lease (driver.lease in the experiment, its heartbeat renewed "
-                    "while it runs), and a second `search` on the same experiment is refused; --resume takes over the "
-                    "lease of a driver that died once its heartbeat is older than the timeout (120 s; "
-                    "TUNE_REFILLED_LEASE_TIMEOUT). TensorBoard: `tensorboard --logdir <storage>/<name>`; Optuna: "
+                    "while it runs, and in a folder a lock on driver.lease.lock), and a second `search` on the same "
+                    "experiment is refused; --resume takes over the lease of a driver that died: at once on the same "
+                    "machine with a folder (the kernel dropped its lock), otherwise once its heartbeat is older than "
+                    "the timeout (120 s; TUNE_REFILLED_LEASE_TIMEOUT). TensorBoard: "
+                    "`tensorboard --logdir <storage>/<name>`; Optuna: "
                     "`optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
     add_config_args(p, required=False)  # --config is optional with --resume: checked in cmd_search
     p.add_argument("--name", help="experiment name (default: the config file's name)")
@@ -30,8 +32,9 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start Ray on this machine")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment (--name/--storage) without rerunning finished trials; "
-                        "refused while another driver runs it, and takes over the lease of one that died (its "
-                        "heartbeat older than TUNE_REFILLED_LEASE_TIMEOUT, default 120 s)")
+                        "refused while another driver runs it, and takes over the lease of one that died (at once on "
+                        "the same machine with a folder; otherwise once its heartbeat is older than "
+                        "TUNE_REFILLED_LEASE_TIMEOUT, default 120 s)")
     p.add_argument("--teacher", metavar="PATH", help="teacher checkpoint to use: one `pretrain` made, or an authors' "
                                                      "released .model file (architecture from the teacher_* keys); "
                                                      "default: the one `pretrain` makes, pretrained into the "

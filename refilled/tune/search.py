@@ -183,7 +183,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
     took = lease.acquire(on_lost=lambda holder: _lost_lease(place, holder))
     if took is not None:
         print(f"note: took over the lease of {place.location} from a driver that is gone ({took.describe()}; "
-              f"stale after {took.timeout_s:g} s)", file=sys.stderr)
+              f"{took.gone})", file=sys.stderr)
     try:
         return _run(cfg, settings, data, place, name, resume, teacher)
     finally:

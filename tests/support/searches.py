@@ -112,11 +112,13 @@ class RayRun:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def kill_when(run: RayRun, args: list[str], ready, what: str, settle: float = 0.0) -> SimpleNamespace:
+def kill_when(run: RayRun, args: list[str], ready, what: str, settle: float = 0.0,
+              wait_stale: bool = True) -> SimpleNamespace:
     """Start a search and SIGKILL its driver (and its process group) once ready() holds
-    and `settle` seconds more have passed; end the run's Ray processes too, and wait until
-    the lease the driver could not release is stale (LEASE_TIMEOUT). Returns the driver's
-    exit status and pid. `settle`: at a URI, ready() sees files that Tune's upload of its
+    and `settle` seconds more have passed; end the run's Ray processes too, and (unless
+    `wait_stale` is False) wait until the lease the driver could not release is stale
+    (LEASE_TIMEOUT). Returns the driver's exit status and pid, and `killed_at`, when it was
+    killed (time.monotonic()). `settle`: at a URI, ready() sees files that Tune's upload of its
     state brought, and a kill in the middle of that upload leaves a truncated state that
     Tune cannot resume from (README, "If the driver dies"): the upload is given time to end."""
     driver = run.popen(args)
@@ -135,8 +137,9 @@ def kill_when(run: RayRun, args: list[str], ready, what: str, settle: float = 0.
             os.killpg(driver.pid, signal.SIGKILL)
         driver.communicate()
         run.cleanup()
-    time.sleep(max(0.0, killed + LEASE_TIMEOUT + 0.5 - time.monotonic()))
-    return SimpleNamespace(returncode=driver.returncode, pid=driver.pid)
+    if wait_stale:
+        time.sleep(max(0.0, killed + LEASE_TIMEOUT + 0.5 - time.monotonic()))
+    return SimpleNamespace(returncode=driver.returncode, pid=driver.pid, killed_at=killed)
 
 
 def cli(*args: str) -> list[str]:
