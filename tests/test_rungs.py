@@ -53,9 +53,9 @@ def test_rung_epochs_are_tunes_geometric_ones_unless_placed():
 def test_search_settings_take_placed_rungs_and_refuse_bad_ones():
     base = make_tiny_config()
     s = parse_search({"asha": {"rungs": [3, 5], "reduction_factor": 2}}, base)
-    assert (s.rungs, s.grace_period, s.reduction_factor) == ([3, 5], 3, 2)
-    assert s.rung_epochs(8) == [3, 5] and s.to_section()["asha"] == {"rungs": [3, 5], "reduction_factor": 2}
-    assert parse_search(s.to_section(), base).rungs == [3, 5]  # experiment.yaml reads back the same
+    assert (s.asha.rungs, s.asha.grace_period, s.asha.reduction_factor) == ([3, 5], 3, 2)
+    assert s.rung_epochs(8) == [3, 5] and s.to_section()["asha"] == {"grace_period": 3, "rungs": [3, 5], "reduction_factor": 2}
+    assert parse_search(s.to_section(), base).asha.rungs == [3, 5]  # experiment.yaml reads back the same
     for bad in ([], [5, 3], [0, 2], [2.5], "30", [True]):
         with pytest.raises(UserError, match="search.asha.rungs must be a list of increasing epochs"):
             parse_search({"asha": {"rungs": bad}}, base)

@@ -37,8 +37,8 @@ def test_staged_splits_the_space_into_stage1_and_stage2_keys():
                       "staged": {"num_samples": 3, "asha": {"grace_period": 2, "reduction_factor": 2}}}, base)
     one, two = s.phase(1), s.phase(2, {"tau1": 2.0, "lr1": 0.01})
     assert sorted(one.space) == ["lr1", "tau1"] and sorted(two.space) == ["lambd", "tau2"]
-    assert (one.num_samples, one.grace_period, one.reduction_factor) == (3, 2, 2)
-    assert (two.num_samples, two.grace_period) == (6, 4)
+    assert (one.num_samples, one.asha.grace_period, one.asha.reduction_factor) == (3, 2, 2)
+    assert (two.num_samples, two.asha.grace_period) == (6, 4)
     assert one.staged is None and two.staged is None
     # phase 2's trials all get phase 1's choice as constants; the searcher draws the rest
     assert two.param_space() == {"tau1": 2.0, "lr1": 0.01} and one.param_space() == {}
@@ -51,9 +51,11 @@ def test_staged_splits_the_space_into_stage1_and_stage2_keys():
                 "tau2": {"loguniform": [0.5, 8]}}, "staged": True}, "wd act on both stages"),
     ({"space": {"tau2": {"loguniform": [0.5, 8]}}, "staged": True}, "needs keys of both phases"),
     ({"space": {"tau1": {"loguniform": [0.5, 16]}}, "staged": True}, "needs keys of both phases"),
-    ({"staged": {"num_samples": 0}}, "num_samples and grace_period must be >= 1"),
-    ({"staged": {"grace": 3}}, "search.staged takes num_samples and asha"),
-    ({"staged": {"asha": {"grace_period": "5"}}}, "grace_period must be a number"),
+    ({"staged": {"num_samples": 0}}, "search.staged.num_samples must be >= 1, got 0"),
+    ({"staged": {"grace": 3}}, "search.staged: unknown setting 'grace' \\(search.staged takes num_samples, asha\\)"),
+    ({"staged": {"asha": {"grace_period": "5"}}}, "search.staged.asha.grace_period must be a number, got '5'"),
+    ({"num_samples": 1.5}, "search.num_samples must be a number"),
+    ({"resources": {"gpu": 1.5}}, "search.resources.gpu may be a fraction only below 1"),
 ])
 def test_bad_staged_settings_are_one_line_errors(section, needle):
     with pytest.raises(UserError, match=needle) as info:
@@ -70,17 +72,17 @@ def test_split_seed_cannot_be_searched():
 
 def test_selection_and_budget_settings_read_back_as_written():
     s = parse_search({"select": {"top_k": 5, "seeds": 2}, "budget_hours": 1.5}, make_tiny_config())
-    assert (s.select_top_k, s.select_seeds, s.budget_hours) == (5, 2, 1.5)
+    assert (s.select.top_k, s.select.seeds, s.budget_hours) == (5, 2, 1.5)
     again = parse_search(s.to_section(), make_tiny_config())
-    assert (again.select_top_k, again.select_seeds, again.budget_hours) == (5, 2, 1.5)
+    assert (again.select.top_k, again.select.seeds, again.budget_hours) == (5, 2, 1.5)
     default = parse_search({}, make_tiny_config())
-    assert (default.select_top_k, default.select_seeds, default.budget_hours) == (3, 3, None)
-    assert parse_search({"select": {"top_k": 0}}, make_tiny_config()).select_top_k == 0  # the best single trial
+    assert (default.select.top_k, default.select.seeds, default.budget_hours) == (3, 3, None)
+    assert parse_search({"select": {"top_k": 0}}, make_tiny_config()).select.top_k == 0  # the best single trial
 
 
 @pytest.mark.parametrize("section,needle", [
-    ({"select": {"top_k": -1}}, "top_k must be >= 0"),
-    ({"select": {"seeds": 0}}, "seeds >= 1"),
+    ({"select": {"top_k": -1}}, "search.select.top_k must be >= 0"),
+    ({"select": {"seeds": 0}}, "search.select.seeds must be >= 1"),
     ({"select": {"k": 3}}, "search.select takes top_k, seeds"),
     ({"budget_hours": 0}, "budget_hours must be a number of device hours > 0"),
     ({"budget_hours": "lots"}, "budget_hours"),

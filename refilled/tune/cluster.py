@@ -58,12 +58,12 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 def check_local_gpus(settings: SearchSettings) -> None:
     """A local Ray has the GPUs CUDA shows this process (CUDA_VISIBLE_DEVICES applies)."""
-    if settings.gpu > 0:
+    if settings.resources.gpu > 0:
         import torch
 
         have = torch.cuda.device_count()
-        if settings.gpu > have:
-            raise UserError(f"each trial asks for {settings.gpu} GPU but this machine has {have} (CUDA): "
+        if settings.resources.gpu > have:
+            raise UserError(f"each trial asks for {settings.resources.gpu} GPU but this machine has {have} (CUDA): "
                             "lower search.resources.gpu (or --gpus-per-trial), e.g. 0 for CPU trials, "
                             "or pass --address of a cluster with GPUs")
 
@@ -73,9 +73,9 @@ def check_resources(settings: SearchSettings) -> None:
     import ray
 
     have = ray.cluster_resources()
-    if settings.gpu > have.get("GPU", 0):
-        raise UserError(f"each trial asks for {settings.gpu} GPU but the Ray cluster has {have.get('GPU', 0):g}: "
+    if settings.resources.gpu > have.get("GPU", 0):
+        raise UserError(f"each trial asks for {settings.resources.gpu} GPU but the Ray cluster has {have.get('GPU', 0):g}: "
                         "lower search.resources.gpu (or --gpus-per-trial), e.g. 0 for CPU trials")
-    if settings.cpu > have.get("CPU", 0):
-        raise UserError(f"each trial asks for {settings.cpu} CPUs but the Ray cluster has {have.get('CPU', 0):g}: "
+    if settings.resources.cpu > have.get("CPU", 0):
+        raise UserError(f"each trial asks for {settings.resources.cpu} CPUs but the Ray cluster has {have.get('CPU', 0):g}: "
                         "lower search.resources.cpu (or --cpus-per-trial)")

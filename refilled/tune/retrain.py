@@ -118,7 +118,7 @@ def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, 
 
     connect(address)
     _, settings, _ = read_experiment(place.folder)
-    resources = {"num_cpus": settings.cpu, "num_gpus": settings.gpu}
+    resources = {"num_cpus": settings.resources.cpu, "num_gpus": settings.resources.gpu}
     if upload_to:
         task = ray.remote(**resources)(run_one_at_uri)
         if teacher.parent == out_dir:  # --teacher: up beside the runs, where every task finds it

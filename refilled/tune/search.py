@@ -93,7 +93,7 @@ def choose(folder: Path, trials: pd.DataFrame, settings: SearchSettings, place: 
            location: str | None = None) -> None:
     """Re-evaluate the top trials (search.select) and write the winner's best_config.yaml."""
     reeval = ""
-    if settings.select_top_k:
+    if settings.select.top_k:
         table = reevaluate(trials, settings, place, teacher_path)
         with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
             print(f"\nre-evaluation ({SELECTION_FILE}), best mean first:")
@@ -116,7 +116,7 @@ def warn_about_rungs(cfg: Config, settings: SearchSettings, max_t: int, phase2: 
     rungs = settings.rung_epochs(max_t)
     unit = "stage-2 epochs" if phase2 else "epochs of both stages"
     print(f"ASHA rungs at {', '.join(map(str, rungs)) or 'none'} ({unit}, of {max_t}; keeps 1 in "
-          f"{settings.reduction_factor:g} at each)")
+          f"{settings.asha.reduction_factor:g} at each)")
     steps = None
     if cfg.shots is not None:  # the training set is known without reading it: shots x classes
         classes = {"CIFAR-100": 100, "CUB-200": 200, "digits": 10}[cfg.data_name]
@@ -254,7 +254,7 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
         set_aside_unknown_trials(place, set())
         # rungs at the epochs the settings name, through the clock every trial reports (refilled.tune.rungs)
         scheduler = ASHAScheduler(metric=METRIC, mode="max",
-                                  **scheduler_args(settings.rung_epochs(max_t), settings.reduction_factor))
+                                  **scheduler_args(settings.rung_epochs(max_t), settings.asha.reduction_factor))
         searcher = StudySearcher(settings.space, metric=METRIC, study_name=study_name,
                                  experiment=experiment.location, sub=sub, seed=settings.seed,
                                  first=settings.first_points(cfg), budget_hours=settings.budget_hours)

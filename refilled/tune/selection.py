@@ -60,14 +60,14 @@ def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, tea
     from refilled.final import run_one, run_one_at_uri
 
     folder = place.folder
-    top = candidates(trials, settings.select_top_k)
+    top = candidates(trials, settings.select.top_k)
     done = {(r["trial_id"], r["seed"]) for r in reeval_results(folder)}
     trial_of, pending = {}, []
-    resources = {"num_cpus": settings.cpu, "num_gpus": settings.gpu}
+    resources = {"num_cpus": settings.resources.cpu, "num_gpus": settings.resources.gpu}
     for _, row in top.iterrows():
         trial_id = str(row["trial_id"])
         cfg = trial_config(folder, row)
-        for seed in reeval_seeds(cfg, settings.select_seeds):
+        for seed in reeval_seeds(cfg, settings.select.seeds):
             if (trial_id, seed) in done:
                 continue
             run_folder = f"{SELECTION_DIR}/{trial_id}/seed{seed}"
@@ -81,13 +81,13 @@ def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, tea
             pending.append(ref)
             trial_of[ref] = (trial_id, cfg.n_training_epochs1 + cfg.n_training_epochs2)
     if pending:
-        print(f"re-evaluation: the {len(top)} best trials again with {settings.select_seeds} other seeds each on "
+        print(f"re-evaluation: the {len(top)} best trials again with {settings.select.seeds} other seeds each on "
               f"the tuning splits ({len(pending)} runs to go); the best mean wins")
     bar = tqdm(total=len(pending), desc="re-evaluation", unit="run", disable=not pending)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         result = ray.get(ready[0])
-        units = device_units(result["device"], settings.cpu, settings.gpu)
+        units = device_units(result["device"], settings.resources.cpu, settings.resources.gpu)
         trial_id, epochs = trial_of[ready[0]]
         record = {"trial_id": trial_id, "seed": result["seed"], "val_accuracy": result["val_accuracy"],
                   "epochs": epochs, "wall_s": result["wall_s"], "device": result["device"],

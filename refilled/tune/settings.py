@@ -34,8 +34,10 @@ from the chosen embedding (ASHA's clock then counts stage-2 epochs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Optional
+
+from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from refilled.config import FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict
 from refilled.errors import UserError
@@ -46,39 +48,102 @@ DEFAULT_SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "tau2": {"loguniform": [0.
                  "lr2": {"loguniform": [0.005, 0.2]}}
 
 
-@dataclass
-class StagedSettings:
+def _number(value: Any) -> Any:  # `num_samples: "8"` or `true` is a mistake, not a number
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a number")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_number)]
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+def _said(after: str, text: str) -> PydanticCustomError:
+    """A check of this module's own, said after where it is: `search.asha` + after + text."""
+    return PydanticCustomError("search_setting", "{text}", {"after": after, "text": text})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Asha(_Section):
+    """ASHA's rungs: geometric from grace_period, or placed (`rungs`, refilled.tune.rungs)."""
+    grace_period: Count = Field(10, ge=1)
+    reduction_factor: Number = Field(3, gt=1)
+    rungs: Optional[list[Count]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_rung_is_the_grace_period(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or values.get("rungs") is None:
+            return values
+        rungs = values["rungs"]
+        if (not isinstance(rungs, list) or not rungs
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rungs)
+                or any(b <= a for a, b in zip(rungs, rungs[1:]))):
+            raise _said(".rungs", f"must be a list of increasing epochs >= 1, e.g. [30, 60], got {rungs!r}")
+        if values.get("grace_period") not in (None, rungs[0]):
+            raise _said(":", f"grace_period {values['grace_period']} and rungs {rungs} disagree (the first rung is "
+                            "the grace period): give one of them")
+        return {**values, "grace_period": rungs[0]}
+
+
+class Resources(_Section):
+    cpu: Number = Field(1, gt=0)
+    gpu: Number = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _whole_gpus_above_one(self) -> "Resources":
+        if self.gpu > 1 and not float(self.gpu).is_integer():
+            raise _said(".gpu", f"may be a fraction only below 1 (0.25 packs four trials on a GPU), got {self.gpu}")
+        return self
+
+
+class Select(_Section):
+    top_k: Count = Field(3, ge=0)  # trials re-evaluated after the search (0: the best single trial wins)
+    seeds: Count = Field(3, ge=1)  # seeds each of them runs again with
+
+
+class Staged(_Section):
     """Phase 1 of a staged search: how many stage-1-only trials, and their ASHA."""
-    num_samples: int = 8
-    grace_period: int = 5
-    reduction_factor: float = 3
-    rungs: list[int] | None = None
+    num_samples: Count = Field(8, ge=1)
+    asha: Asha = Field(default_factory=lambda: Asha(grace_period=5))
 
 
-@dataclass
-class SearchSettings:
-    space: dict[str, dict[str, list]] = field(default_factory=lambda: dict(DEFAULT_SPACE))
-    num_samples: int = 16
-    start_with: str = "authors"  # "authors", "config" or "none"
-    grace_period: int = 10
-    reduction_factor: float = 3
-    rungs: list[int] | None = None  # explicit rung epochs (search.asha.rungs); None: geometric from grace_period
-    cpu: float = 1
-    gpu: float = 0
-    max_concurrent: int = 0  # 0: as many as resources allow
-    max_failures: int = 1
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 2
+class SearchSettings(_Section):
+    """The `search:` section as it is written (refilled.tune.settings: the example above)."""
+    space: dict[str, dict[str, list]] = Field(default_factory=lambda: dict(DEFAULT_SPACE))
+    num_samples: Count = Field(16, ge=1)
+    start_with: Optional[str] = "authors"  # "authors", "config", "none", or an earlier experiment
+    asha: Asha = Field(default_factory=Asha)
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent: Count = Field(0, ge=0)  # 0: as many as resources allow
+    max_failures: Count = Field(1, ge=0)
+    checkpoint_every: Count = Field(1, ge=1)
+    keep_checkpoints: Count = Field(2, ge=1)
     # Ray starts the next trial in the ended trial's worker process: no Python, torch and
     # data start-up per trial (half the wall time of a small CPU search). Trials seed
     # everything themselves, so results do not change.
-    reuse_actors: bool = True
-    seed: int = 0
-    staged: StagedSettings | None = None
-    select_top_k: int = 3  # trials re-evaluated after the search (0: the best single trial wins)
-    select_seeds: int = 3  # seeds each of them runs again with
-    budget_hours: float | None = None  # device hours after which no new trial starts
-    fixed: dict[str, Any] = field(default_factory=dict)  # constants in every trial's config (phase 2)
+    reuse_actors: StrictBool = True
+    seed: Count = 0
+    staged: Optional[Staged] = None
+    select: Select = Field(default_factory=Select)
+    budget_hours: Optional[Number] = Field(None, gt=0)  # device hours after which no new trial starts
+    fixed: dict[str, Any] = Field(default_factory=dict, exclude=True)  # phase 2: phase 1's choice, in every trial
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            values = dict(values)
+            if values.get("staged") is True:  # `staged: true`: the defaults
+                values["staged"] = {}
+            if values.get("staged") is False:
+                values["staged"] = None
+            if "start_with" in values and values["start_with"] is None:
+                values["start_with"] = "none"
+        return values
 
     def phase_spaces(self) -> tuple[dict, dict]:
         """(stage-1-only keys, the others) of the space: phase 1 and phase 2 of a staged search."""
@@ -88,14 +153,11 @@ class SearchSettings:
     def phase(self, which: int, fixed: dict[str, Any] | None = None) -> "SearchSettings":
         """The settings one phase of a staged search runs with: its part of the space
         (phase 2 also gets phase 1's choice, `fixed`, as constants in every trial's config)."""
-        from dataclasses import replace
-
         first, second = self.phase_spaces()
         if which == 1:
-            return replace(self, space=first, num_samples=self.staged.num_samples, staged=None,
-                           grace_period=self.staged.grace_period, reduction_factor=self.staged.reduction_factor,
-                           rungs=self.staged.rungs)
-        return replace(self, space=second, staged=None, fixed=dict(fixed or {}))
+            return self.model_copy(update={"space": first, "num_samples": self.staged.num_samples, "staged": None,
+                                           "asha": self.staged.asha})
+        return self.model_copy(update={"space": second, "staged": None, "fixed": dict(fixed or {})})
 
     def param_space(self) -> dict[str, Any]:
         """Tune's param_space: the constants every trial gets (phase 2: phase 1's choice).
@@ -106,7 +168,7 @@ class SearchSettings:
         """The epochs at which ASHA compares this phase's trials (refilled.tune.rungs)."""
         from refilled.tune.rungs import rung_epochs
 
-        return rung_epochs(self.grace_period, self.reduction_factor, max_t, self.rungs)
+        return rung_epochs(self.asha.grace_period, self.asha.reduction_factor, max_t, self.asha.rungs)
 
     def is_log(self, key: str) -> bool:
         return next(iter(self.space[key])) in ("loguniform", "lograndint")
@@ -128,7 +190,7 @@ class SearchSettings:
         from refilled.store.experiments import top_configs
 
         points = []
-        for values in top_configs(self.start_with, max(self.select_top_k, 3)):
+        for values in top_configs(self.start_with, max(self.select.top_k, 3)):
             point = {k: values[k] for k in self.space if k in values}
             if len(point) == len(self.space) and all(self.inside(k, v) for k, v in point.items()) \
                     and point not in points:
@@ -146,35 +208,7 @@ class SearchSettings:
 
     def to_section(self) -> dict[str, Any]:
         """The `search:` section these settings read back from (experiment.yaml)."""
-        return {"space": self.space, "num_samples": self.num_samples, "start_with": self.start_with,
-                "asha": _asha_section(self.grace_period, self.reduction_factor, self.rungs),
-                "resources": {"cpu": self.cpu, "gpu": self.gpu}, "max_concurrent": self.max_concurrent,
-                "max_failures": self.max_failures, "checkpoint_every": self.checkpoint_every,
-                "keep_checkpoints": self.keep_checkpoints, "reuse_actors": self.reuse_actors, "seed": self.seed,
-                "select": {"top_k": self.select_top_k, "seeds": self.select_seeds},
-                **({"budget_hours": self.budget_hours} if self.budget_hours is not None else {}),
-                **({"staged": {"num_samples": self.staged.num_samples,
-                               "asha": {"grace_period": self.staged.grace_period,
-                                        "reduction_factor": self.staged.reduction_factor}}}
-                   if self.staged else {})}
-
-
-def _asha_section(grace_period: int, reduction_factor: float, rungs: list[int] | None) -> dict[str, Any]:
-    if rungs:
-        return {"rungs": list(rungs), "reduction_factor": reduction_factor}
-    return {"grace_period": grace_period, "reduction_factor": reduction_factor}
-
-
-def _parse_rungs(where: str, value: Any, grace_period: Any) -> list[int]:
-    """search.asha.rungs: increasing epochs >= 1; grace_period, if also given, is the first."""
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in value)
-            or any(b <= a for a, b in zip(value, value[1:]))):
-        raise UserError(f"{where}.rungs must be a list of increasing epochs >= 1, e.g. [30, 60], got {value!r}")
-    if grace_period is not None and grace_period != value[0]:
-        raise UserError(f"{where}: grace_period {grace_period} and rungs {value} disagree (the first rung is the "
-                        "grace period): give one of them")
-    return list(value)
+        return self.model_dump(exclude_none=True)
 
 
 def distributions(space: dict[str, dict[str, list]]) -> dict:
@@ -237,99 +271,57 @@ def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:
     return {kind: values}
 
 
+def _problem(error: dict[str, Any]) -> str:
+    """A pydantic error as one line: where in the `search:` section, what it must be, what was given."""
+    where = ".".join(["search", *(str(part) for part in error["loc"])])
+    ctx, kind = error.get("ctx") or {}, error["type"]
+    bounds = {"greater_than": f"> {ctx.get('gt')}", "greater_than_equal": f">= {ctx.get('ge')}",
+              "less_than": f"< {ctx.get('lt')}"}
+    if kind == "search_setting":
+        return f"{where}{ctx['after']} {ctx['text']}" if ctx["after"] != ":" else f"{where}: {ctx['text']}"
+    if kind == "extra_forbidden":
+        parent, name = where.rsplit(".", 1)
+        model = {"search": SearchSettings, "search.asha": Asha, "search.staged": Staged, "search.staged.asha": Asha,
+                 "search.resources": Resources, "search.select": Select}.get(parent)
+        takes = f" ({parent} takes {', '.join(k for k in model.model_fields if k != 'fixed')})" if model else ""
+        return f"{parent}: unknown setting '{name}'{takes}"
+    if kind in bounds:
+        return f"{where} must be {bounds[kind]}, got {error.get('input')!r}"
+    if kind == "bool_type":
+        return f"{where} must be true or false, got {error.get('input')!r}"
+    if kind in ("model_type", "dict_type"):
+        return f"{where} must be a mapping of settings, got {error.get('input')!r}"
+    if kind == "string_type":
+        return f"{where} must be a string, got {error.get('input')!r}"
+    return f"{where} must be a number, got {error.get('input')!r}"
+
+
 def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings:
     """Validate the `search:` section; every problem is a one-line UserError."""
     section = dict(section or {})
-    s = SearchSettings()
     if "space" in section:
-        space = section.pop("space")
+        space = section["space"]
         if not isinstance(space, dict) or not space:
             raise UserError("search.space must be a mapping of config keys to distributions")
-        s.space = {k: _check_distribution(k, v, base) for k, v in space.items()}
-    else:
-        s.space = {k: _check_distribution(k, v, base) for k, v in DEFAULT_SPACE.items()}
-    if "staged" in section:
-        s.staged = _parse_staged(section.pop("staged"), s)
-    asha = section.get("asha")
-    if isinstance(asha, dict) and "rungs" in asha:
-        asha = dict(asha)
-        s.rungs = _parse_rungs("search.asha", asha.pop("rungs"), asha.get("grace_period"))
-        asha["grace_period"] = s.rungs[0]
-        section["asha"] = asha
-    nested = {"asha": ("grace_period", "reduction_factor"), "resources": ("cpu", "gpu"),
-              "select": ("top_k", "seeds")}
-    flat: dict[str, Any] = {}
-    for name, keys in nested.items():
-        sub = section.pop(name, None) or {}
-        if not isinstance(sub, dict) or set(sub) - set(keys):
-            raise UserError(f"search.{name} takes {', '.join(keys + (('rungs',) if name == 'asha' else ()))}, "
-                            f"got {sub}")
-        flat.update({f"select_{k}" if name == "select" else k: v for k, v in sub.items()})
-    flat.update(section)
-    numbers = {"num_samples": int, "grace_period": int, "reduction_factor": float, "cpu": float, "gpu": float,
-               "max_concurrent": int, "max_failures": int, "checkpoint_every": int, "keep_checkpoints": int,
-               "seed": int, "select_top_k": int, "select_seeds": int}
-    for key, value in flat.items():
-        if key == "reuse_actors":
-            if not isinstance(value, bool):
-                raise UserError(f"search.reuse_actors must be true or false, got {value!r}")
-            s.reuse_actors = value
-        elif key == "start_with":
-            if value is not None and not isinstance(value, str):
-                raise UserError(f"search.start_with must be authors, config, none or an experiment's folder "
-                                f"or URI, got {value!r}")
-            s.start_with = value or "none"
-        elif key == "budget_hours":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise UserError(f"search.budget_hours must be a number of device hours > 0, got {value!r}")
-            s.budget_hours = None if value is None else float(value)
-        elif key in numbers:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"search.{key} must be a number, got {value!r}")
-            setattr(s, key, numbers[key](value))
-        else:
-            raise UserError(f"search: unknown setting '{key}'")
-    for key in ("num_samples", "grace_period", "checkpoint_every", "keep_checkpoints"):
-        if getattr(s, key) < 1:
-            raise UserError(f"search.{key} must be >= 1, got {getattr(s, key)}")
-    if s.reduction_factor <= 1:
-        raise UserError(f"search.asha.reduction_factor must be > 1, got {s.reduction_factor}")
-    if s.cpu <= 0 or s.gpu < 0 or (s.gpu > 1 and not float(s.gpu).is_integer()):
-        raise UserError(f"search.resources: cpu must be > 0 and gpu >= 0 (fractions only below 1), got cpu={s.cpu} gpu={s.gpu}")
-    if s.max_failures < 0 or s.max_concurrent < 0:
-        raise UserError("search.max_failures and search.max_concurrent must be >= 0")
-    if s.select_top_k < 0 or s.select_seeds < 1:
-        raise UserError(f"search.select: top_k must be >= 0 (0: no re-evaluation) and seeds >= 1, "
-                        f"got top_k={s.select_top_k} seeds={s.select_seeds}")
+    section["space"] = {k: _check_distribution(k, v, base) for k, v in section.get("space", DEFAULT_SPACE).items()}
+    if section.get("start_with") is not None and not isinstance(section["start_with"], str):
+        raise UserError(f"search.start_with must be authors, config, none or an experiment's folder "
+                        f"or URI, got {section['start_with']!r}")
+    budget = section.get("budget_hours")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise UserError(f"search.budget_hours must be a number of device hours > 0, got {budget!r}")
+    try:
+        s = SearchSettings.model_validate(section)
+    except ValidationError as e:
+        raise UserError(_problem(e.errors()[0])) from None
+    if s.staged is not None:
+        _check_staged(s)
     if s.start_with in ("authors", "config"):
         s.first_points(base)  # an earlier experiment is read when the search starts
     return s
 
 
-def _parse_staged(section: Any, s: SearchSettings) -> StagedSettings | None:
-    if section is None or section is False:
-        return None
-    if section is True:
-        section = {}
-    if not isinstance(section, dict) or set(section) - {"num_samples", "asha"}:
-        raise UserError(f"search.staged takes num_samples and asha {{grace_period, reduction_factor, rungs}}, "
-                        f"got {section!r}")
-    staged = StagedSettings()
-    asha = section.get("asha") or {}
-    if not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor", "rungs"}:
-        raise UserError(f"search.staged.asha takes grace_period, reduction_factor, rungs, got {asha!r}")
-    if "rungs" in asha:
-        asha = dict(asha)
-        staged.rungs = _parse_rungs("search.staged.asha", asha.pop("rungs"), asha.get("grace_period"))
-        asha["grace_period"] = staged.rungs[0]
-    for key, value in {"num_samples": section.get("num_samples"), **asha}.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"search.staged: {key} must be a number, got {value!r}")
-        setattr(staged, key, float(value) if key == "reduction_factor" else int(value))
-    if staged.num_samples < 1 or staged.grace_period < 1 or staged.reduction_factor <= 1:
-        raise UserError("search.staged: num_samples and grace_period must be >= 1, reduction_factor > 1")
+def _check_staged(s: SearchSettings) -> None:
     first, second = s.phase_spaces()
     both = sorted(set(s.space) & (set(STAGE1_KEYS) - set(STAGE1_ONLY)))
     if both:
@@ -339,4 +331,3 @@ def _parse_staged(section: Any, s: SearchSettings) -> StagedSettings | None:
         raise UserError(f"search.staged needs keys of both phases in search.space: stage-1 keys "
                         f"({', '.join(STAGE1_ONLY)}) and stage-2 keys (e.g. tau2, lambd, lr2); got "
                         f"{', '.join(s.space)}")
-    return staged

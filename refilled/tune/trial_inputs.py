@@ -107,9 +107,10 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
         centers = read_array(centers_file, "teacher bank file", shown=f"{place.location}/{centers_file.name}",
                              remedy=remedy) if centers_file.exists() else None
     else:
-        task = ray.remote(num_cpus=settings.cpu, num_gpus=settings.gpu)(_build_bank_task)
+        task = ray.remote(num_cpus=settings.resources.cpu, num_gpus=settings.resources.gpu)(_build_bank_task)
         bank, centers, wall_s, device = ray.get(task.remote(teacher_state, tuning_cfg.to_dict()))
-        add_driver_cost(folder, "teacher_bank", "bank", wall_s, device, device_units(device, settings.cpu, settings.gpu))
+        add_driver_cost(folder, "teacher_bank", "bank", wall_s, device,
+                        device_units(device, settings.resources.cpu, settings.resources.gpu))
         if bank is not None:
             np.save(bank_file, bank)
             print(f"teacher bank: {bank.shape[0]} images x {bank.shape[1]} augmentations computed once "
@@ -129,6 +130,6 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
                               bank=None if bank is None else np.ascontiguousarray(bank), centers=centers,
                               cache_dir=cache_dir, stage1=stage1, stage1_only=stage1_only,
                               checkpoint_every=settings.checkpoint_every, teacher_id=file_digest(teacher_path),
-                              rungs=settings.rung_epochs(max_t), reduction_factor=settings.reduction_factor,
+                              rungs=settings.rung_epochs(max_t), reduction_factor=settings.asha.reduction_factor,
                               max_t=max_t)
-    return tune.with_resources(fn, {"cpu": settings.cpu, "gpu": settings.gpu})
+    return tune.with_resources(fn, {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
