@@ -81,7 +81,7 @@ def fresh_folder(path: Path, force: bool = False) -> Path:
 
 def cmd_pretrain(args) -> int:
     cfg, _ = config_from_args(args)  # before importing torch: bad input is reported at once
-    from refilled.run import pretrain
+    from refilled.runs import pretrain
 
     out = Path(args.out) if args.out else None
     path, metrics = pretrain(cfg, out, force=args.force)
@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
 
     cfg, _ = config_from_args(args)  # before importing torch: bad input is reported at once
     out = fresh_folder(Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"), args.force)
-    from refilled.run import train_once
+    from refilled.runs import train_once
 
     summary = train_once(cfg, out, teacher_path=args.teacher)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

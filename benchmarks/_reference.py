@@ -28,7 +28,7 @@ def merge_loop(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.
     (anchor, positive), as the miner returns them).
 
     Returns (anchors, positives, negatives padded with 0, mask) like
-    refilled.losses.group_triplets (which pads with -1 instead).
+    refilled.method.losses.group_triplets (which pads with -1 instead).
     """
     pair_a: list[torch.Tensor] = []
     pair_p: list[torch.Tensor] = []

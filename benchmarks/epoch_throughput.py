@@ -12,8 +12,8 @@ and each along three paths:
                 images with torchvision transforms (num_workers=0), a teacher
                 forward every batch, a Python loop grouping the triplets (tuple
                 form), loss.item() every batch (benchmarks/_reference.py)
-  ours-nobank   this project's loop (refilled.train.train_epochs with
-                refilled.method): uint8 images on the device, augmented in whole
+  ours-nobank   this project's loop (refilled.method.train.train_epochs with
+                refilled.method.stages): uint8 images on the device, augmented in whole
                 batches, vectorised grouping; the teacher still runs every batch
   ours          the same with the teacher-embedding bank: a lookup per batch
 
@@ -43,16 +43,16 @@ from _common import OtherLoad, Sections, check_idle, machine, sync, wait_until_i
 import numpy as np
 import torch
 
-from refilled.bank import TeacherBank, teacher_embeddings
+from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.config import Config
 from refilled.data import augment
 from refilled.data.device import to_device
 from refilled.data.sources import CIFAR100_MEAN, CIFAR100_STD, ImageSet
 from refilled.data.splits import Task
-from refilled.method import LocalClassifierDistillation, RelationMatching
-from refilled.networks import build_network
+from refilled.method.stages import LocalClassifierDistillation, RelationMatching
+from refilled.method.networks import build_network
 from refilled.runtime import autocast, keep_freed_memory, prepare_model, resolve_device
-from refilled.train import STAGE1, STAGE2, global_centers, train_epochs
+from refilled.method.train import STAGE1, STAGE2, global_centers, train_epochs
 
 from _reference import cifar_loader, reference_epoch
 
@@ -132,7 +132,7 @@ def estimate_bank_build(teacher, data, sample_batches: int, batch: int) -> tuple
     """(images/s of the bank build's inner step, estimated seconds for the whole bank,
     CPU share other processes took meanwhile).
 
-    The step is refilled.bank.TeacherBank.build's: `batch` images (512 there),
+    The step is refilled.method.bank.TeacherBank.build's: `batch` images (512 there),
     one variant, augment.train_view, teacher.embed under autocast, to half precision."""
     n_variants, done = data.aug.n_variants, 0
     rng = np.random.default_rng(0)

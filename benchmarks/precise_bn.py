@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What bn_stats: precise costs per evaluation: the batch-norm statistics recomputed
-from the current weights (refilled.evaluate.statistics) beside the evaluation itself.
+from the current weights (refilled.method.evaluate.statistics) beside the evaluation itself.
 
 Two students: the digits default's (WRN-10-1 at 32 px, its 25 training images,
 200 validation images) and a CIFAR-shaped one (WRN-16-1 at 32 px, 50,000
@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from _common import machine, median_time
-from refilled import evaluate
+from refilled.method import evaluate
 from refilled.config import Config, load_experiment
 from refilled.data.augment import for_data
 from refilled.data.device import DeviceTask
 from refilled.data.sources import ImageSet
 from refilled.data.splits import Task
-from refilled.run import student_data
-from refilled.train import build_student
+from refilled.runs import student_data
+from refilled.method.train import build_student
 
 
 def cifar_shaped(device: torch.device, n_train: int = 50_000, n_eval: int = 5_000) -> DeviceTask:

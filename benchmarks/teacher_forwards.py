@@ -7,7 +7,7 @@ of --epochs stage-1 and --epochs stage-2 epochs on the digits student task
 frozen teacher is run on:
 
   without the bank  every trial runs the teacher on every training batch
-                    (counted by refilled.bank.teacher_embeddings'
+                    (counted by refilled.method.bank.teacher_embeddings'
                     counter['teacher_forward_images']) and once over the
                     training split for its global class centres;
   with the bank     the experiment builds one bank, N training images x V
@@ -32,10 +32,10 @@ from _common import REPO, check_idle, machine
 import numpy as np
 import torch
 
-from refilled.bank import TeacherBank
+from refilled.method.bank import TeacherBank
 from refilled.config import load_experiment
-from refilled.run import student_data, teacher_inputs
-from refilled.train import build_student, build_teacher, refilled_epochs
+from refilled.runs import student_data, teacher_inputs
+from refilled.method.train import build_student, build_teacher, refilled_epochs
 
 
 def parse_args() -> argparse.Namespace:

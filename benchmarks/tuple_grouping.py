@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tuple grouping: refilled.losses.group_triplets against Python loops, at the authors' scale.
+"""Tuple grouping: refilled.method.losses.group_triplets against Python loops, at the authors' scale.
 
 The tuple form of stage 1 (the authors' flag_merge) groups the mined
 semi-hard triplets by (anchor, positive). With CIFAR-100 and batch 128 a batch
@@ -12,7 +12,7 @@ pytorch-metric-learning miner returns them):
   authors' loop    the authors' style (benchmarks/_reference.py:merge_loop): one
                    Python step per triplet comparing tensor elements, then one
                    masked selection and one padding per group
-  dict loop        refilled.losses._group_triplets_loop: a Python dict over
+  dict loop        refilled.method.losses._group_triplets_loop: a Python dict over
                    .tolist() values, a stronger pure-Python baseline
 
 Prints the median of --repeats timings of each and the speed-up of
@@ -28,7 +28,7 @@ from _common import OtherLoad, check_idle, machine, median_time, wait_until_idle
 import numpy as np
 import torch
 
-from refilled.losses import _group_triplets_loop, group_triplets
+from refilled.method.losses import _group_triplets_loop, group_triplets
 from refilled.runtime import resolve_device
 
 from _reference import merge_loop

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from refilled.train import STAGE1, STAGE2, TEACHER, Epoch
+from refilled.method.train import STAGE1, STAGE2, TEACHER, Epoch
 from refilled.store.atomic import write_atomic
 
 STAGE_NAMES = {TEACHER: "teacher", STAGE1: "stage1", STAGE2: "stage2"}

@@ -33,7 +33,7 @@ def tiny_config() -> Config:
 @pytest.fixture(scope="session")
 def teacher_path(tmp_path_factory) -> Path:
     """A teacher pretrained once per session with the tiny config (2 epochs)."""
-    from refilled.run import pretrain
+    from refilled.runs import pretrain
 
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     out, metrics = pretrain(make_tiny_config(), path, progress=False)
@@ -47,7 +47,7 @@ def search_teacher(tmp_path_factory) -> Path:
     """tests/search_tiny.yaml's teacher, pretrained once per session in this process: the
     searches that do not test pre-training take it with `--teacher`."""
     from refilled.config import load_experiment
-    from refilled.run import pretrain
+    from refilled.runs import pretrain
 
     cfg, _ = load_experiment(Path(__file__).parent / "search_tiny.yaml")
     path = tmp_path_factory.mktemp("search_teacher") / "teacher.pt"

@@ -63,7 +63,7 @@ def test_search_keeps_the_authors_teacher_in_our_format(cifar_yaml, tmp_path):
     """`search --teacher FILE` stores the file in the experiment as a teacher checkpoint
     of ours (architecture, source classes, where it came from), loaded like any other."""
     from refilled.config import load_experiment
-    from refilled.run import load_teacher, student_data
+    from refilled.runs import load_teacher, student_data
     from refilled.tune.trial_inputs import prepare_teacher
 
     cfg, _ = load_experiment(cifar_yaml)

@@ -1,4 +1,4 @@
-"""refilled.bank: looked-up teacher embeddings equal the teacher's own forward passes."""
+"""refilled.method.bank: looked-up teacher embeddings equal the teacher's own forward passes."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ import pytest
 import torch
 
 from support.configs import make_tiny_config
-from refilled import run
-from refilled.bank import TeacherBank, teacher_embeddings
+from refilled import runs
+from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.data import augment
 from refilled.data.device import Batch
-from refilled.losses import class_centers
-from refilled.method import LocalClassifierDistillation, RelationMatching
-from refilled.train import build_student, global_centers
+from refilled.method.losses import class_centers
+from refilled.method.stages import LocalClassifierDistillation, RelationMatching
+from refilled.method.train import build_student, global_centers
 
 
 @pytest.fixture(scope="module")
 def setup(teacher_path):
     cfg = make_tiny_config()
-    data = run.student_data(cfg)
-    teacher = run.load_teacher(teacher_path, cfg, data)
+    data = runs.student_data(cfg)
+    teacher = runs.load_teacher(teacher_path, cfg, data)
     bank = TeacherBank.build(teacher, data, progress=False)
     return cfg, data, teacher, bank
 

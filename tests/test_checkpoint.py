@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from support.configs import make_tiny_config
-from refilled import checkpoint, run
+from refilled import checkpoint, runs
 from refilled.errors import UserError
-from refilled.networks import Network
+from refilled.method.networks import Network
 
 
 def one_line(excinfo) -> str:
@@ -24,7 +24,7 @@ def one_line(excinfo) -> str:
 
 @pytest.fixture(scope="module")
 def student_data():
-    return run.student_data(make_tiny_config())
+    return runs.student_data(make_tiny_config())
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -62,7 +62,7 @@ def test_teacher_round_trip(teacher_path, student_data):
     assert raw["kind"] == "teacher" and raw["classes"] == [0, 1, 2, 3, 4] and raw["data_name"] == "digits"
     assert raw["arch"]["depth"] == 10 and raw["arch"]["width"] == 1 and raw["arch"]["n_classes"] == 5
     assert 0.0 <= raw["metrics"]["test_accuracy"] <= 1.0
-    teacher = run.load_teacher(teacher_path, cfg, student_data)
+    teacher = runs.load_teacher(teacher_path, cfg, student_data)
     assert isinstance(teacher, Network) and not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
     state = teacher.state_dict()
@@ -130,7 +130,7 @@ def test_code_in_a_pickle_is_refused_and_never_runs(tmp_path, student_data, kind
     assert "Weights only load failed" not in msg and "documentation" not in msg
     assert warned == []  # nothing but the one line reaches the terminal
     with pytest.raises(UserError):
-        run.load_teacher(path, make_tiny_config(), student_data)
+        runs.load_teacher(path, make_tiny_config(), student_data)
     assert not marker.exists() and CALLED == []
 
 
@@ -173,7 +173,7 @@ def test_missing_file(tmp_path, student_data):
         checkpoint.load(tmp_path / "nothing.pt", "teacher checkpoint")
     assert "not found" in one_line(e) and "nothing.pt" in str(e.value)
     with pytest.raises(UserError):
-        run.load_teacher(tmp_path / "nothing.pt", make_tiny_config(), student_data)
+        runs.load_teacher(tmp_path / "nothing.pt", make_tiny_config(), student_data)
 
 
 # ----------------------------------------------------------------------------- teacher mismatches
@@ -181,14 +181,14 @@ def test_missing_file(tmp_path, student_data):
 def test_teacher_of_another_architecture(teacher_path, student_data):
     cfg = make_tiny_config(teacher_depth=16)
     with pytest.raises(UserError) as e:
-        run.load_teacher(teacher_path, cfg, student_data)
+        runs.load_teacher(teacher_path, cfg, student_data)
     msg = one_line(e)
     assert "depth=10" in msg and "depth=16" in msg and str(teacher_path) in msg
     with pytest.raises(UserError) as e:
-        run.load_teacher(teacher_path, make_tiny_config(teacher_width=2), student_data)
+        runs.load_teacher(teacher_path, make_tiny_config(teacher_width=2), student_data)
     assert "width=1" in one_line(e) and "width=2" in str(e.value)
     with pytest.raises(UserError) as e:
-        run.load_teacher(teacher_path, make_tiny_config(teacher_network_name="resnet", teacher_depth=8),
+        runs.load_teacher(teacher_path, make_tiny_config(teacher_network_name="resnet", teacher_depth=8),
                          student_data)
     assert "resnet" in one_line(e)
 
@@ -197,7 +197,7 @@ def test_teacher_of_another_architecture(teacher_path, student_data):
 def test_teacher_of_other_source_classes(teacher_path, student_data, source):
     cfg = make_tiny_config(source_classes=source)
     with pytest.raises(UserError) as e:
-        run.load_teacher(teacher_path, cfg, student_data)
+        runs.load_teacher(teacher_path, cfg, student_data)
     msg = one_line(e)
     assert "source classes" in msg and "[0, 1, 2, 3, 4]" in msg
 
@@ -207,18 +207,18 @@ def test_teacher_weights_not_matching_recorded_arch(tmp_path, teacher_path, stud
     raw["model"] = {k: v for k, v in raw["model"].items() if not k.startswith("fc.")}
     path = checkpoint.save(raw, tmp_path / "broken.pt")
     with pytest.raises(UserError) as e:
-        run.load_teacher(path, make_tiny_config(), student_data)
+        runs.load_teacher(path, make_tiny_config(), student_data)
     assert "does not hold a wide_resnet depth 10 width 1" in one_line(e) and "lacks fc.weight" in one_line(e)
     raw = checkpoint.load(teacher_path)
     raw["model"]["fc.weight"] = torch.zeros(7, raw["model"]["fc.weight"].shape[1])
     path = checkpoint.save(raw, tmp_path / "other_count.pt")
     with pytest.raises(UserError) as e:
-        run.load_teacher(path, make_tiny_config(), student_data)
+        runs.load_teacher(path, make_tiny_config(), student_data)
     assert "fc.weight is (7, 64) in the file, (5, 64) here" in one_line(e)
 
 
 def test_other_kind_of_checkpoint_is_no_teacher(tmp_path, student_data):
     path = checkpoint.save({"kind": "student", "student": {}, "arch": {}}, tmp_path / "student.pt")
     with pytest.raises(UserError) as e:
-        run.load_teacher(path, make_tiny_config(), student_data)
+        runs.load_teacher(path, make_tiny_config(), student_data)
     assert "not a teacher checkpoint" in one_line(e)

@@ -139,7 +139,7 @@ def test_embedded_default_is_the_papers_cross_task_setting():
     size; trials ranked on at least 150 validation images outside the shots (one image moves
     the metric by under a point), and the final run trains on the same shots."""
     from refilled.data.splits import student_task
-    from refilled.run import source_for
+    from refilled.runs import source_for
 
     cfg, _ = load_experiment(REPO / "search_spaces" / "digits.yaml")
     assert (cfg.source_classes, cfg.target_classes, cfg.transfer_set, cfg.image_size) == ("0-4", "5-9", False, 32)

@@ -63,3 +63,19 @@ def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+
+
+def test_readme_what_is_where_names_every_folder_and_only_those_that_exist():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## What is where"):readme.index("## Commands")]
+    named = set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.M))
+    assert all((REPO / n).exists() for n in named), [n for n in named if not (REPO / n).exists()]
+    folders = {f"{p.name}/" for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")
+               and p.name not in ("tests", "experiments", "runs", "data") and not p.name.endswith(".egg-info")}
+    packages = {f"refilled/{p.name}/" for p in (REPO / "refilled").iterdir() if (p / "__init__.py").is_file()}
+    assert (folders | packages) - {"refilled/data/"} <= named, (folders | packages) - named
+    # each module of a package row is named in it
+    for package in ("refilled/method/", "refilled/store/", "refilled/tune/"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{package}`"))
+        modules = {p.name for p in (REPO / package).glob("*.py") if p.name != "__init__.py"}
+        assert {m for m in modules if f"`{m}`" not in row} == set(), package

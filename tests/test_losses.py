@@ -1,4 +1,4 @@
-"""Tests of refilled.losses against small hand-computed cases."""
+"""Tests of refilled.method.losses against small hand-computed cases."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refilled.losses import (
+from refilled.method.losses import (
     _group_triplets_loop,
     class_centers,
     group_triplets,

@@ -1,4 +1,4 @@
-"""Behaviour of refilled.networks: the authors' networks, their checkpoints, shapes, errors."""
+"""Behaviour of refilled.method.networks: the authors' networks, their checkpoints, shapes, errors."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from refilled.errors import UserError
-from refilled.networks import Network, build_network, from_authors, teacher_arch
+from refilled.method.networks import Network, build_network, from_authors, teacher_arch
 
 SMALL = {  # fast members of each family
     "wide_resnet": dict(depth=10, width=1, dropout_rate=0.3),

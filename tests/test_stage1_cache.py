@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from refilled.config import Config
-from refilled.run import student_data, teacher_inputs
+from refilled.runs import student_data, teacher_inputs
 from refilled.store.stage1_cache import STAGE1_KEYS, Stage1Cache, stage1_key
-from refilled.train import STAGE1, STAGE2, build_student, build_teacher, refilled_epochs
+from refilled.method.train import STAGE1, STAGE2, build_student, build_teacher, refilled_epochs
 
 TEACHER_ID = "teacher-digest-0"
 

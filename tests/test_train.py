@@ -1,4 +1,4 @@
-"""refilled.train: the REFILLED loop epoch by epoch, determinism, resume, schedules, divergence."""
+"""refilled.method.train: the REFILLED loop epoch by epoch, determinism, resume, schedules, divergence."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from support.configs import make_tiny_config
-from refilled import checkpoint, run
-from refilled.bank import TeacherBank, teacher_embeddings
-from refilled.train import (
+from refilled import checkpoint, runs
+from refilled.method.bank import TeacherBank, teacher_embeddings
+from refilled.method.train import (
     STAGE1,
     STAGE2,
     Diverged,
@@ -28,8 +28,8 @@ def world(teacher_path):
     out = {}
     for tuning in (False, True):
         cfg = make_tiny_config(flag_tuning=tuning)
-        data = run.student_data(cfg)
-        teacher = run.load_teacher(teacher_path, cfg, data)
+        data = runs.student_data(cfg)
+        teacher = runs.load_teacher(teacher_path, cfg, data)
         bank = TeacherBank.build(teacher, data, progress=False)
         out[tuning] = (data, teacher, bank, global_centers(teacher, bank, data))
     return out
@@ -208,8 +208,8 @@ def test_teacher_forward_gives_the_same_run_as_the_bank(world):
 def transfer_world(teacher_path):
     """The tuning split with a transfer set (the images of digits 5-9 outside the shots)."""
     cfg = make_tiny_config(flag_tuning=True, transfer_set=True)
-    data = run.student_data(cfg)
-    teacher = run.load_teacher(teacher_path, cfg, data)
+    data = runs.student_data(cfg)
+    teacher = runs.load_teacher(teacher_path, cfg, data)
     bank = TeacherBank.build(teacher, data, progress=False)
     return cfg, data, teacher, bank, global_centers(teacher, bank, data)
 
@@ -218,7 +218,7 @@ def transfer_epochs(cfg, transfer_world, student=None, resume=None):
     _, data, teacher, bank, centers = transfer_world
     student = student if student is not None else build_student(cfg, data)
     return refilled_epochs(cfg, data, student, teacher_embeddings(teacher, bank), centers, resume,
-                           run.transfer_teacher(data, teacher))
+                           runs.transfer_teacher(data, teacher))
 
 
 def test_batches_carry_transfer_images_and_keep_the_labelled_stream(transfer_world):
@@ -277,7 +277,7 @@ def test_nan_in_stage1_raises_diverged(world):
 
 
 def test_nan_in_stage2_raises_diverged(world, monkeypatch):
-    import refilled.method as method
+    import refilled.method.stages as method
 
     real = method.LocalClassifierDistillation.__call__
     calls = {"n": 0}
@@ -333,12 +333,12 @@ def test_learning_rate_schedules(world):
 def test_teacher_pretraining_is_the_authors_recipe_with_the_epoch_chosen_on_validation():
     """pretrain.py's schedule (multi-step at teacher_point by teacher_gamma), every epoch judged on
     the validation part, the best one's weights kept; the test part is not read while training."""
-    from refilled import evaluate
-    from refilled.train import build_teacher, pretrain_teacher
+    from refilled.method import evaluate
+    from refilled.method.train import build_teacher, pretrain_teacher
 
     # lr 0.5: the best validation epoch is not the last (0.95 at epoch 4, 0.92 at 5)
     cfg = make_tiny_config(teacher_epochs=5, teacher_point=(2, 4), teacher_gamma=0.2, teacher_lr=0.5)
-    data = run.teacher_data(cfg)
+    data = runs.teacher_data(cfg)
     assert data.task.eval_split == "validation" and data.test_x is not None
     val, train = set(map(tuple, data.eval_x.flatten(1).tolist())), set(map(tuple, data.train_x.flatten(1).tolist()))
     assert not val & train  # the validation part is carved out of the training images
@@ -394,7 +394,7 @@ def test_precise_bn_changes_evaluation_only(world, tuning):
 
 
 def test_precise_bn_statistics_are_those_of_the_training_images_and_put_back(world):
-    from refilled import evaluate
+    from refilled.method import evaluate
 
     cfg = make_tiny_config(flag_tuning=True)
     data = world[True][0]
@@ -421,12 +421,12 @@ def test_precise_bn_statistics_are_those_of_the_training_images_and_put_back(wor
 
 def test_final_student_keeps_the_statistics_it_was_tested_with(teacher_path, tmp_path):
     cfg = make_tiny_config(bn_stats="precise")
-    run.train_once(cfg, tmp_path, teacher_path=teacher_path, progress=False)
+    runs.train_once(cfg, tmp_path, teacher_path=teacher_path, progress=False)
     saved = checkpoint.load(tmp_path / "student.pt", "student")["student"]
-    data = run.student_data(cfg)
+    data = runs.student_data(cfg)
     student = build_student(cfg, data)
     student.load_state_dict(saved)
-    from refilled import evaluate
+    from refilled.method import evaluate
 
     tested = evaluate.accuracy(student, data, "eval")
     metrics = checkpoint.load(tmp_path / "student.pt", "student")

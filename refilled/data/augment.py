@@ -6,7 +6,7 @@ flipped and normalised in a few tensor operations, with no per-image Python.
 CIFAR-style augmentation (random crop with zero padding, horizontal flip) is a
 finite set of variants per image: (2*pad+1)**2 crop offsets times 2 flips. A
 variant id names one, so the teacher's embedding of every variant can be
-computed once and looked up (refilled.bank). CUB's random resized crop is not
+computed once and looked up (refilled.method.bank). CUB's random resized crop is not
 finite; its batches carry continuous crop boxes instead and the teacher runs.
 """
 

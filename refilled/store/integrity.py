@@ -18,7 +18,7 @@ from pathlib import Path
 from refilled import checkpoint
 from refilled.store.layout import STATE_FILE
 from refilled.store import storage, trial_records
-from refilled.bank import read_array
+from refilled.method.bank import read_array
 from refilled.errors import UserError
 from refilled.store.layout import STAGE1_SEARCH
 from refilled.store.layout import STUDY_FILE, BANK_FILES

@@ -115,7 +115,7 @@ def add_retrain_command(sub) -> None:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from refilled.final import markdown
+    from refilled.final_retrain import markdown
     from refilled.tune.retrain import retrain
 
     results, written = retrain(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial, config=args.config,

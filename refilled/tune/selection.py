@@ -57,7 +57,7 @@ def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, tea
     import ray
     from tqdm import tqdm
 
-    from refilled.final import run_one, run_one_at_uri
+    from refilled.final_retrain import run_one, run_one_at_uri
 
     folder = place.folder
     top = candidates(trials, settings.select.top_k)

@@ -21,13 +21,13 @@ import torch
 from ray import tune
 
 from refilled import checkpoint
-from refilled.bank import TeacherBank, teacher_embeddings
+from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.config import Config, from_dict
 from refilled.store.cost import Clock, device_units
-from refilled.run import load_teacher_state, student_data, transfer_teacher
+from refilled.runs import load_teacher_state, student_data, transfer_teacher
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.store.stage1_cache import Stage1Cache, stage1_key
-from refilled.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
+from refilled.method.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
 from refilled.runlog import STAGE_NAMES
 from refilled.store.layout import STATE_FILE
 from refilled.tune.rungs import CLOCK

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from refilled import checkpoint
-from refilled.bank import read_array
+from refilled.method.bank import read_array
 from refilled.config import Config, from_dict
 from refilled.store.cost import add_driver_cost, device_units
 from refilled.store.layout import DRIVER_FILE
@@ -34,9 +34,9 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
 
     import torch
 
-    from refilled.bank import TeacherBank
-    from refilled.run import bank_wanted, load_teacher_state, student_data
-    from refilled.train import global_centers
+    from refilled.method.bank import TeacherBank
+    from refilled.runs import bank_wanted, load_teacher_state, student_data
+    from refilled.method.train import global_centers
 
     start = time.perf_counter()
     keep_freed_memory()
@@ -57,7 +57,7 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
 def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
     """Copy the given (or default) teacher into the experiment (an authors' checkpoint
     in our format), or pretrain it there."""
-    from refilled.run import default_teacher_path, load_teacher_state, pretrain, read_teacher, student_data
+    from refilled.runs import default_teacher_path, load_teacher_state, pretrain, read_teacher, student_data
 
     target = folder / TEACHER_FILE
     if target.exists():

@@ -10,7 +10,7 @@ import torch
 
 from refilled.data import augment
 from refilled.data.device import DeviceTask
-from refilled.losses import ncm_accuracy
+from refilled.method.losses import ncm_accuracy
 from refilled.runtime import autocast
 
 

@@ -1,7 +1,7 @@
 """What each training stage computes on a batch: an output and named losses.
 
 Each stage is a small callable `batch -> (output, {name: loss})`; the training
-loop (refilled.train) sums the losses, steps, and logs every term by name.
+loop (refilled.method.train) sums the losses, steps, and logs every term by name.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from refilled.bank import TeacherEmbeddings
+from refilled.method.bank import TeacherEmbeddings
 from refilled.data.device import Batch
-from refilled.losses import class_centers, local_classifier_loss, relation_loss
+from refilled.method.losses import class_centers, local_classifier_loss, relation_loss
 
 
 class CrossEntropy:

@@ -14,17 +14,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from refilled import checkpoint, evaluate
-from refilled.bank import TeacherBank, TeacherEmbeddings, teacher_embeddings
+from refilled import checkpoint
+from refilled.method import evaluate
+from refilled.method.bank import TeacherBank, TeacherEmbeddings, teacher_embeddings
 from refilled.config import Config
 from refilled.data import augment
 from refilled.data.device import DeviceTask, to_device
 from refilled.data.sources import Source, load_source
 from refilled.data.splits import student_task, task_classes, teacher_task
 from refilled.errors import UserError
-from refilled.networks import FAMILY_ARGS, Network, authors_state_dict, load_weights
+from refilled.method.networks import FAMILY_ARGS, Network, authors_state_dict, load_weights
 from refilled.runtime import resolve_device
-from refilled.train import build_student, build_teacher, global_centers
+from refilled.method.train import build_student, build_teacher, global_centers
 
 # The settings that decide which teacher a config needs: a group of the schema's fields
 from refilled.config import TEACHER_KEYS  # noqa: E402
@@ -148,8 +149,8 @@ def pretrain(cfg: Config, out: Path | None = None, *, force: bool = False, progr
              ) -> tuple[Path, dict[str, float]]:
     """Train the teacher on the source task, keep the epoch best on its validation part,
     test that one once, save it atomically; return (path, metrics)."""
-    from refilled import evaluate
-    from refilled.train import pretrain_teacher
+    from refilled.method import evaluate
+    from refilled.method.train import pretrain_teacher
 
     out = Path(out) if out else default_teacher_path(cfg)
     if out.exists() and not force:
@@ -200,7 +201,7 @@ def train_once(cfg: Config, out: Path, teacher_path: str | Path | None = None, p
     """One REFILLED run (the authors' main.py): TensorBoard, metrics.json and student.pt in `out`.
     `every_epoch` off: a tuning run evaluated on validation after the last epoch of each stage only."""
     from refilled.runlog import RunLog
-    from refilled.train import refilled_epochs
+    from refilled.method.train import refilled_epochs
 
     data = student_data(cfg)
     needs_teacher = cfg.n_training_epochs1 > 0 or cfg.lambd > 0

@@ -17,14 +17,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from refilled import evaluate
-from refilled.bank import TeacherBank, TeacherEmbeddings
+from refilled.method import evaluate
+from refilled.method.bank import TeacherBank, TeacherEmbeddings
 from refilled.config import Config
 from refilled.data.device import DeviceTask
 from refilled.errors import Diverged  # noqa: F401  (raised here, imported from here by callers)
-from refilled.losses import class_centers
-from refilled.method import CrossEntropy, LocalClassifierDistillation, RelationMatching
-from refilled.networks import Network, build_network
+from refilled.method.losses import class_centers
+from refilled.method.stages import CrossEntropy, LocalClassifierDistillation, RelationMatching
+from refilled.method.networks import Network, build_network
 from refilled.runtime import autocast, epoch_generator, prepare_model
 
 TEACHER, STAGE1, STAGE2 = 0, 1, 2
@@ -159,7 +159,7 @@ def refilled_epochs(cfg: Config, data: DeviceTask, student: Network, teacher: Te
     on test: the test split is read once, after the last epoch of each stage
     (`test_ncm_accuracy`, `test_accuracy`).
 
-    `teacher` gives teacher embeddings of a batch (refilled.bank); it may be None
+    `teacher` gives teacher embeddings of a batch (refilled.method.bank); it may be None
     when nothing needs it (no stage 1, lambd 0: the student trained alone).
     `centers`: global class centres, or None for local (per-batch) centres.
     `resume`: a snapshot from an earlier Epoch of this run.

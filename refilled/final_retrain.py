@@ -49,7 +49,7 @@ def run_one(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_path: str, o
     import torch
 
     from refilled.config import from_dict
-    from refilled.run import train_once
+    from refilled.runs import train_once
     from refilled.runtime import keep_freed_memory, resolve_device
 
     start = time.perf_counter()
