@@ -4,7 +4,7 @@ import pytest
 
 from refilled.errors import UserError
 from refilled.tune.settings import parse_search
-from support.configs import make_tiny_config
+from support.configs import REPO, make_tiny_config
 
 
 def test_reuse_actors_is_on_by_default_and_can_be_turned_off():
@@ -98,3 +98,12 @@ def test_start_with_an_experiment_that_is_none_is_refused_when_read(tmp_path):
     s = parse_search({"start_with": str(tmp_path / "nowhere")}, make_tiny_config())  # read when the search starts
     with pytest.raises(UserError, match="not a tune-refilled experiment"):
         s.first_points(make_tiny_config())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_search_section_parses_and_reads_back_the_same(path):
+    from refilled.config import load_experiment
+
+    cfg, data = load_experiment(path)
+    settings = parse_search(data.get("search"), cfg)
+    assert parse_search(settings.to_section(), cfg) == settings  # what experiment.yaml holds reads back
