@@ -63,6 +63,9 @@ def config_from_args(args: argparse.Namespace):
         if key.startswith("set_") and value is not None:
             overrides[key[4:]] = parse_overrides([f"x={value}"])["x"]
     if getattr(args, "tuning", False):
+        given = overrides.get("flag_tuning", True)
+        if given is not True and str(given).lower() not in ("true", "1", "yes"):
+            raise UserError(f"--tuning and --flag_tuning {str(given).lower()} contradict each other: give one of them")
         overrides["flag_tuning"] = True
     return from_dict(overrides, cfg), experiment
 

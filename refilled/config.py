@@ -275,13 +275,33 @@ def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
     return _validated({**(base or Config()).model_dump(), **values})
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML with a key given twice refused: PyYAML would keep the last one without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning every problem into a one-line UserError."""
+    """Read a YAML mapping whole, turning every problem into a one-line UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder: pass a YAML file in it, e.g. search_spaces/digits.yaml")
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass an existing YAML file, e.g. search_spaces/digits.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not a text file (byte {e.start} is not UTF-8): pass a YAML file") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeys)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -302,6 +322,17 @@ def load_experiment(path: str | Path) -> tuple[Config, dict[str, Any]]:
     data = read_yaml(path)
     sections = {"config", "search", "retrain", "name", "description",
                 "stage1_choice", "stage1_only"}  # written by a staged search into its experiment.yaml
+    if not data:
+        raise UserError(f"config file {path} is empty: give it a config: section (e.g. copy "
+                        "search_spaces/digits.yaml), or `config: {data_name: CIFAR-100}` for the authors' defaults")
+    if "config" not in data and set(data) <= sections:
+        raise UserError(f"{path} has no config: section (it has {', '.join(sorted(data))}): add one with at least "
+                        "data_name, e.g. as search_spaces/digits.yaml")
+    if "config" in data and not isinstance(data["config"], (dict, type(None))):
+        raise UserError(f"{path}: the config: section must be a mapping of keys to values, "
+                        f"got {type(data['config']).__name__}")
+    if "search" in data and not isinstance(data["search"], (dict, type(None))):
+        raise UserError(f"{path}: the search: section must be a mapping of settings, got {type(data['search']).__name__}")
     if "config" in data or set(data) <= sections:
         unknown = set(data) - sections
         if unknown:

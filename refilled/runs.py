@@ -153,6 +153,8 @@ def pretrain(cfg: Config, out: Path | None = None, *, force: bool = False, progr
     from refilled.method.train import pretrain_teacher
 
     out = Path(out) if out else default_teacher_path(cfg)
+    if out.is_dir():
+        raise UserError(f"{out} is a folder: --out names the teacher file to write, e.g. {out}/teacher.pt")
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to overwrite it or --out for another path")
     data = teacher_data(cfg)

@@ -43,6 +43,9 @@ def ws(tmp_path_factory, tiny_yaml, teacher_path):
     (d / "existing.pt").write_bytes(b"precious bytes that must stay")
     (d / "full").mkdir()
     (d / "full" / "keep.txt").write_text("keep me")
+    (d / "random.yaml").write_bytes(bytes(range(256)) * 8)
+    (d / "empty.yaml").write_text("")
+    (d / "only_search.yaml").write_text("search:\n  num_samples: 4\n")
     return {"dir": d, "cfg": tiny_yaml, "teacher": teacher_path}
 
 
@@ -80,6 +83,12 @@ def commands(ws) -> dict[str, list]:
         "pretrain_existing": ["pretrain", "--config", cfg, "--teacher_epochs", "1", "--out", d / "existing.pt"],
         "train_nonempty_out": [*train, "--out", d / "full"],
         "train_out_is_a_file": [*train, "--out", d / "existing.pt"],
+        "tuning_contradicted": [*train, "--tuning", "--flag_tuning", "false", "--out", d / "x18"],
+        "pretrain_out_is_a_folder": ["pretrain", "--config", cfg, "--out", d / "full", "--force"],
+        "config_is_a_folder": ["train", "--config", d, "--teacher", teacher, "--out", d / "x19"],
+        "config_not_text": ["train", "--config", d / "random.yaml", "--teacher", teacher, "--out", d / "x20"],
+        "config_empty": ["train", "--config", d / "empty.yaml", "--teacher", teacher, "--out", d / "x21"],
+        "config_only_search": ["train", "--config", d / "only_search.yaml", "--teacher", teacher, "--out", d / "x22"],
     }
 
 
@@ -235,6 +244,12 @@ BAD = {
     "pretrain_existing": ["existing.pt", "--force"],
     "train_nonempty_out": ["full", "--force"],
     "train_out_is_a_file": ["existing.pt", "not a folder"],
+    "tuning_contradicted": ["--tuning and --flag_tuning false contradict"],
+    "pretrain_out_is_a_folder": ["full", "is a folder"],
+    "config_is_a_folder": ["is a folder"],
+    "config_not_text": ["random.yaml", "not a text file"],
+    "config_empty": ["empty.yaml", "is empty"],
+    "config_only_search": ["only_search.yaml", "no config: section"],
 }
 
 
@@ -252,7 +267,7 @@ def test_bad_input_exits_2_with_one_line(results, name):
 
 def test_bad_input_writes_nothing(results, ws):
     d = ws["dir"]
-    for name in ("x1", "x3", "x5", "x6", "x9", "x13", "x15", "x16"):
+    for name in ("x1", "x3", "x5", "x6", "x9", "x13", "x15", "x16", "x18", "x19", "x20", "x21", "x22"):
         folder = d / name
         assert not folder.exists() or not any(folder.iterdir()), name
     assert not (d / "x17.pt").exists()
@@ -267,4 +282,4 @@ def test_train_does_not_write_into_a_full_folder(results, ws):
     assert results["train_nonempty_out"].returncode == 2
     folder = ws["dir"] / "full"
     assert [p.name for p in folder.iterdir()] == ["keep.txt"]
-    assert (folder / "keep.txt").read_text() == "keep me"
+    assert (folder / "keep.txt").read_text() == "keep me"  # also after pretrain --out full --force

@@ -104,11 +104,28 @@ def test_flat_config_file(tmp_path):
     assert cfg.lambd == 5.0 and cfg.batch_size == 64 and cfg.shots is None
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    path = tmp_path / "empty.yaml"
-    path.write_text("")
-    cfg, _ = load_experiment(path)
-    assert cfg == Config()
+def test_empty_or_section_less_files_are_named_as_such(tmp_path):
+    # an empty file used to mean the authors' CIFAR-100 run, and its error was about downloading it
+    for text, needle in [("", "is empty"), ("search:\n  num_samples: 4\n", "has no config: section"),
+                         ("config: [1, 2]\n", "config: section must be a mapping"),
+                         ("config:\n  tau1: 1\nsearch: [1]\n", "search: section must be a mapping")]:
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(UserError) as e:
+            load_experiment(path)
+        assert needle in one_line(e) and str(path) in str(e.value)
+
+
+def test_files_are_read_whole_or_refused(tmp_path):
+    binary = tmp_path / "random.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("config:\n  tau1: 1\n  tau1: 2\n")
+    for path, needle in [(binary, "is not a text file"), (twice, "key 'tau1' is given twice"),
+                         (tmp_path, "is a folder")]:
+        with pytest.raises(UserError) as e:
+            load_experiment(path)
+        assert needle in one_line(e), str(e.value)
 
 
 def test_shipped_files_exist():

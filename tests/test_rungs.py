@@ -104,3 +104,19 @@ def test_spearman_and_rung_correlations():
     assert len(weak) == 2 and all("rung at epoch 20" in w or "vs epoch 20" in w for w in weak)
     assert all("set bn_stats: precise or move it later" in w for w in weak)
     assert "bn_stats" not in correlation_lines(correlations(curves, [20], 30))[0].split("<- weak")[1]
+
+
+def test_a_rung_beyond_the_epochs_is_refused_for_a_new_search_only_where_it_was_given():
+    from refilled.tune.settings import check_rungs_within
+
+    base = make_tiny_config()  # 2 + 3 epochs
+    for section, needle in [({"asha": {"grace_period": 500}}, "search.asha: rung 500 is beyond the 5 epochs"),
+                            ({"asha": {"rungs": [2, 9]}}, "rung 9 is beyond the 5 epochs")]:
+        with pytest.raises(UserError, match=needle):
+            check_rungs_within(parse_search(section, base), base)
+    staged = {"space": {"tau1": {"loguniform": [0.5, 16]}, "tau2": {"loguniform": [0.5, 8]}},
+              "asha": {"grace_period": 2}, "staged": {"asha": {"grace_period": 3}}}
+    with pytest.raises(UserError, match="search.staged.asha: rung 3 is beyond the 2 stage-1 epochs"):
+        check_rungs_within(parse_search(staged, base), base)
+    check_rungs_within(parse_search({"asha": {"grace_period": 5}}, base), base)  # 5 of 5: every trial to the end
+    check_rungs_within(parse_search({}, base), base)  # the default grace period (10) is not the user's

@@ -392,6 +392,20 @@ def test_resume_of_a_folder_that_is_no_experiment(tmp_path, capsys):
     assert tree(storage) == before and not (storage / "missing").exists()
 
 
+def test_settings_are_checked_by_their_meaning_before_ray_starts(tmp_path, capsys):
+    """Refused in one line before Ray's start-up, and nothing written."""
+    storage = tmp_path / "storage"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for args, needles in [(["--cpus-per-trial", "99"], ["99 CPUs", "this machine has"]),
+                          (["--max-concurrent", "-1"], ["search.max_concurrent must be >= 0, got -1"])]:
+        line = main_error(capsys, "search", "--config", str(TINY), "--storage", str(storage), *args)
+        assert all(n in line for n in needles), line
+    line = main_error(capsys, "search", "--config", str(TINY), "--storage", str(a_file))
+    assert "is a file, not a folder" in line and a_file.read_text() == "mine"
+    assert not storage.exists()
+
+
 def test_unreachable_address(tmp_path, capsys):
     storage = tmp_path / "storage"
     start = time.monotonic()

@@ -158,7 +158,10 @@ def experiment_place(location: str, name: str) -> Place:
         uri = join(location, name)
         filesystem(uri)  # refuses a URI pyarrow cannot open, in one line
         return Place(mirror(uri), uri)
-    return Place(Path(location).expanduser().resolve() / name)
+    folder = Path(location).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--storage {location} is a file, not a folder: name a folder (made if missing) or a URI")
+    return Place(folder / name)
 
 
 def place_in(location: str, sub: str = "") -> Place:

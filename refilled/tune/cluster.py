@@ -57,7 +57,12 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 
 def check_local_gpus(settings: SearchSettings) -> None:
-    """A local Ray has the GPUs CUDA shows this process (CUDA_VISIBLE_DEVICES applies)."""
+    """A local Ray has this machine's CPUs and the GPUs CUDA shows this process
+    (CUDA_VISIBLE_DEVICES applies): checked before Ray starts, so the error comes at once."""
+    cpus = os.cpu_count() or 1
+    if settings.resources.cpu > cpus:
+        raise UserError(f"each trial asks for {settings.resources.cpu:g} CPUs but this machine has {cpus}: lower "
+                        "search.resources.cpu (or --cpus-per-trial), or pass --address of a larger cluster")
     if settings.resources.gpu > 0:
         import torch
 

@@ -50,7 +50,7 @@ from refilled.tune.rungs import (correlation_lines, experiment_bn_stats, experim
 from refilled.tune.searcher import StudySearcher
 from refilled.store.layout import STUDY_FILE
 from refilled.tune.selection import reevaluate
-from refilled.tune.settings import SearchSettings, parse_search
+from refilled.tune.settings import SearchSettings, check_rungs_within, parse_search
 from refilled.tune.trial_inputs import prepare_teacher, trainable_for
 from refilled.store.layout import STAGE1_CHOICE
 from refilled.store.layout import BEST_CONFIG, INTERRUPTED_TRIALS, TRIALS_FILE
@@ -171,6 +171,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
             raise UserError(f"{place.location} has no Ray Tune state to resume: start a new search instead")
     else:
         settings = parse_search(search_section, cfg)
+        check_rungs_within(settings, cfg)
         # a folder that holds only a lease (its driver was killed before it wrote) is no experiment
         if place.exists(ignore=lambda entry: LEASE_FILE in entry):
             raise UserError(f"experiment {place.location} already exists: pass --resume to continue it "

@@ -246,8 +246,10 @@ def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:
     (kind, args), = dist.items()
     if kind not in DISTRIBUTIONS:
         raise UserError(f"{where}: unknown distribution '{kind}'; use one of {', '.join(DISTRIBUTIONS)}")
-    if not isinstance(args, list) or not args:
-        raise UserError(f"{where}.{kind} needs a list, e.g. [0.5, 16]")
+    if not isinstance(args, list):
+        raise UserError(f"{where}.{kind} needs a list, e.g. [0.5, 16], got {args!r}")
+    if not args:
+        raise UserError(f"{where}.{kind} is empty: give at least one value ({kind}: [a, b])")
     if kind == "choice":
         values = [_as_key(where, key, v) for v in args]
     else:
@@ -298,6 +300,9 @@ def _problem(error: dict[str, Any]) -> str:
 
 def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings:
     """Validate the `search:` section; every problem is a one-line UserError."""
+    if section is not None and not isinstance(section, dict):
+        raise UserError(f"the search: section must be a mapping of settings (num_samples: 12, ...), "
+                        f"got {type(section).__name__}")
     section = dict(section or {})
     if "space" in section:
         space = section["space"]
@@ -319,6 +324,24 @@ def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings
     if s.start_with in ("authors", "config"):
         s.first_points(base)  # an earlier experiment is read when the search starts
     return s
+
+
+def check_rungs_within(s: SearchSettings, cfg: Config) -> None:
+    """A rung the user placed beyond the epochs its trials run could never stop one: said,
+    with the end (for a new search; an experiment.yaml read back holds every default)."""
+    e1, e2 = cfg.n_training_epochs1, cfg.n_training_epochs2
+    phases = [("search.asha", s.asha, e2 if s.staged else e1 + e2,
+               "stage-2 epochs (phase 2)" if s.staged else "epochs of both stages")]
+    if s.staged:
+        phases.append(("search.staged.asha", s.staged.asha, e1, "stage-1 epochs (phase 1)"))
+    for where, asha, end, unit in phases:
+        if not asha.model_fields_set & {"grace_period", "rungs"}:
+            continue  # the default grace period: no rung in a short run is no mistake of the user's
+        beyond = [r for r in (asha.rungs or [asha.grace_period]) if r > end]
+        if beyond:
+            raise UserError(f"{where}: rung {beyond[0]} is beyond the {end} {unit} its trials run, so ASHA could "
+                            f"never stop a trial there: use rungs below {end} (grace_period {end}: every trial "
+                            "runs to the end)")
 
 
 def _check_staged(s: SearchSettings) -> None:
