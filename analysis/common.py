@@ -220,11 +220,20 @@ def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
-def out_dir(path: str | Path) -> Path:
+OUTPUT_MARK = ".tune-refilled-output"  # in a folder the analysis scripts wrote: they may write it again
+
+
+def out_dir(path: str | Path, force: bool = False) -> Path:
+    """The output folder: made, or one these scripts wrote before (it holds OUTPUT_MARK); a
+    folder holding anything else is the user's, refused without `force`."""
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file: pass a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / OUTPUT_MARK).is_file() and not force:
+        raise UserError(f"--out {folder} holds files these scripts did not write: choose another folder, or pass "
+                        "--force to write into it (files of the same names are replaced)")
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / OUTPUT_MARK).write_text("written by tune-refilled's analysis scripts; they may write here again\n")
     return folder
 
 
@@ -234,7 +243,10 @@ def experiments_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
                    help="experiment folder(s) made by `search`, or their URIs (s3://...); one whose search "
                         "still runs is read as it is now (said on stderr)")
-    p.add_argument("--out", default="analysis-out", metavar="DIR", help="output folder (default analysis-out)")
+    p.add_argument("--out", default="analysis-out", metavar="DIR",
+                   help="output folder (default analysis-out): new, or one these scripts wrote before")
+    p.add_argument("--force", action="store_true",
+                   help="write into an --out folder that holds other files (files of the same names are replaced)")
     return p
 
 

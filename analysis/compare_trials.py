@@ -124,9 +124,10 @@ def experiment_summary(experiments) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows)
 
 
-def write_tables(board: pd.DataFrame, out: str | Path, summary: pd.DataFrame | None = None) -> list[Path]:
+def write_tables(board: pd.DataFrame, out: str | Path, summary: pd.DataFrame | None = None,
+                 force: bool = False) -> list[Path]:
     """trials.csv and trials.md (and experiments.csv/.md with a summary) in `out`."""
-    folder = out_dir(out)
+    folder = out_dir(out, force)
     written = [folder / TRIALS_FILE, folder / "trials.md"]
     board.to_csv(written[0], index=False)
     shown = board.drop(columns=[c for c in ("folder", "trial", "diverged_reason") if c in board.columns])
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     experiments = open_experiments(args.experiments)
     board = leaderboard(experiments, sort=args.sort, ascending=args.ascending, filter=args.filter, top=args.top)
     summary = experiment_summary(experiments) if len(experiments) > 1 else None
-    written = write_tables(board, args.out, summary)
+    written = write_tables(board, args.out, summary, args.force)
     shown = board.drop(columns=["folder", "trial", "diverged_reason"], errors="ignore")
     with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.4g}".format):
         print(shown.to_string(index=False, na_rep="-") if not shown.empty else "no trial matches")

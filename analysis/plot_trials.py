@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     experiments = open_experiments(args.experiments)
-    folder = out_dir(args.out)
+    folder = out_dir(args.out, args.force)
     for name in args.only or list(PLOTS):
         df = PLOTS[name](experiments, folder / f"{name}.png")
         print(f"wrote {folder / f'{name}.png'}")

@@ -88,12 +88,12 @@ def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | Non
     return lines, results
 
 
-def make_report(experiments, out: str | Path) -> dict[str, Any]:
+def make_report(experiments, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write the report into `out`. Returns {"index": path of index.md, "trials": the
     leaderboard, "experiments": the per-experiment summary, "importance": importances,
     and one DataFrame per plot under its name}."""
     experiments = open_experiments(experiments if not isinstance(experiments, (str, Path)) else [experiments])
-    folder = out_dir(out)
+    folder = out_dir(out, force)
     board = leaderboard(experiments)
     summary = experiment_summary(experiments)
     write_tables(board, folder, summary if len(experiments) > 1 else None)
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    made = make_report(args.experiments, args.out)
+    made = make_report(args.experiments, args.out, args.force)
     print(f"wrote {made['index']} (open it in a markdown viewer; plots and tables beside it)")
     return 0
 

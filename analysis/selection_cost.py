@@ -129,7 +129,7 @@ def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     args = experiments_parser("selection_cost.py", __doc__).parse_args(argv)
     experiments = open_experiments(args.experiments)
-    folder = out_dir(args.out)
+    folder = out_dir(args.out, args.force)
     for name, plot in (("selection", plot_selection), ("cost", plot_cost)):
         plot(experiments, folder / f"{name}.png")
         print(f"wrote {folder / f'{name}.png'}")

@@ -209,3 +209,54 @@ def test_retrain_of_a_running_search_says_so_and_reads_what_is_there(made, tmp_p
     results = json.loads((folder / "retrain" / "results.json").read_text())
     assert results["source"]["trial_id"] == "abc" and results["config"]["tau1"] == 2.0
     assert not (folder / LEASE_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- a trial's own files
+
+def _another_trial(folder: Path, trial_id: str) -> None:
+    """A copy of trial_abc under another id."""
+    target = folder / f"trial_{trial_id}"
+    shutil.copytree(folder / "trial_abc", target)
+    for name in ("result.json", "trial_record.json"):
+        path = target / name
+        path.write_text(path.read_text().replace('"abc"', f'"{trial_id}"'))
+
+
+def _damage(path: Path, how: str) -> None:
+    import os
+
+    if how == "cut":
+        cut(path)
+    elif how == "random bytes":
+        path.write_bytes(bytes(range(128, 256)) * 4)
+    else:  # a list, not a mapping
+        path.write_text("[1, 2]")
+    os.utime(path, (1, 1))  # not a file a running search is writing now
+
+
+@pytest.mark.parametrize("how", ["cut", "random bytes", "not a mapping"])
+def test_a_damaged_trial_is_left_out_said_so_and_never_replaced_when_chosen(made, tmp_path, capsys, how):
+    from refilled.store.experiments import load_trials
+
+    folder = copy(made, tmp_path, None)
+    _another_trial(folder, "def")
+    (folder / "selection.csv").write_text("trial_id,val_accuracy_reeval_mean\nabc,0.9\ndef,0.8\n")
+    _damage(folder / "trial_abc" / "params.json", how)
+    trials = load_trials(folder)
+    err = capsys.readouterr().err
+    assert len(trials) == 1 and "trial_abc" in err and "left out" in err and "\n" not in err.strip()
+    before = tree(folder.parent)
+    # the chosen trial cannot be read: retrain refuses, it does not retrain the runner-up
+    refused(capsys, ["retrain", "--experiment", str(folder), "--seeds", "1"], "the chosen trial abc",
+            "--trial")
+    assert tree(folder.parent) == before
+
+
+def test_a_damaged_result_file_is_left_out_not_a_traceback(made, tmp_path, capsys):
+    from refilled.store.experiments import load_trials
+
+    folder = copy(made, tmp_path, None)
+    _another_trial(folder, "def")
+    _damage(folder / "trial_def" / "result.json", "random bytes")
+    assert list(load_trials(folder)["trial_id"]) == ["abc"]
+    assert "trial_def" in capsys.readouterr().err

@@ -79,3 +79,22 @@ def test_readme_what_is_where_names_every_folder_and_only_those_that_exist():
         row = next(line for line in table.splitlines() if line.startswith(f"| `{package}`"))
         modules = {p.name for p in (REPO / package).glob("*.py") if p.name != "__init__.py"}
         assert {m for m in modules if f"`{m}`" not in row} == set(), package
+
+
+def test_analysis_output_folders_are_new_or_their_own(tmp_path):
+    from analysis.common import OUTPUT_MARK, out_dir
+    from refilled.errors import UserError
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "index.md").write_text("my notes")
+    with pytest.raises(UserError, match="holds files these scripts did not write"):
+        out_dir(mine)
+    assert [p.name for p in mine.iterdir()] == ["index.md"]  # nothing written
+    assert out_dir(mine, force=True) == mine and (mine / OUTPUT_MARK).is_file()
+    fresh = out_dir(tmp_path / "new")
+    (fresh / "trials.csv").write_text("x")
+    assert out_dir(fresh) == fresh  # a folder the scripts wrote before is written again
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        out_dir(tmp_path / "file", force=True)

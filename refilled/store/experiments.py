@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from refilled.config import Config, from_dict
 from refilled.errors import UserError
 from refilled.store.atomic import write_atomic
 from refilled.store.layout import SELECTION_FILE, SELECTION_DIR
-from refilled.store.layout import BEST_CONFIG
+from refilled.store.layout import BEST_CONFIG, LEASE_FILE
 
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation
@@ -44,17 +46,44 @@ def trial_folders(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.glob("*/params.json"))
 
 
+class DamagedTrial(Exception):
+    """A trial file that cannot be read whole: the trial is left out, and said so."""
+
+
 def read_results(trial_folder: Path) -> list[dict[str, Any]]:
-    """Every reported epoch of a trial, in order (lines cut off by a crash are skipped)."""
+    """Every reported epoch of a trial, in order. A last line cut off by a crash is
+    skipped; a file that is not text, or a damaged line before the last, is DamagedTrial."""
     path = trial_folder / "result.json"
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DamagedTrial("result.json is not text") from None
     rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # the line a crash cut off
+            raise DamagedTrial(f"line {i + 1} of result.json is not JSON") from None
+        if not isinstance(row, dict):
+            raise DamagedTrial(f"line {i + 1} of result.json is not a record")
+        rows.append(row)
     return rows
+
+
+def _params(trial_folder: Path) -> dict[str, Any]:
+    try:
+        params = json.loads((trial_folder / "params.json").read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DamagedTrial("params.json is not text") from None
+    except (OSError, json.JSONDecodeError):
+        raise DamagedTrial("params.json is not whole JSON") from None
+    if not isinstance(params, dict):
+        raise DamagedTrial("params.json is not a mapping")
+    return params
 
 
 def _status(rows: list[dict], record: dict[str, Any]) -> str:
@@ -67,7 +96,7 @@ def _status(rows: list[dict], record: dict[str, Any]) -> str:
     return status if status in trial_records.ENDED else "running"
 
 
-def load_trials(folder: str | Path) -> pd.DataFrame:
+def load_trials(folder: str | Path, left_out: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per trial of an experiment.
 
     Columns: experiment, trial_id, number (the order Tune created it in), status
@@ -87,10 +116,17 @@ def load_trials(folder: str | Path) -> pd.DataFrame:
     records = []
     for trial_folder in trial_folders(folder):
         try:
-            params = json.loads((trial_folder / "params.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # being written by a search still running: the trial began a moment ago
-        rows = read_results(trial_folder)
+            params = _params(trial_folder)
+            rows = read_results(trial_folder)
+        except DamagedTrial as e:
+            if (folder / LEASE_FILE).is_file() and time.time() - trial_folder.stat().st_mtime < 60:
+                continue  # being written by a search still running: the trial began a moment ago
+            if left_out is not None:  # the caller says it (retrain: in its one line, if it matters)
+                left_out[trial_folder.name.removeprefix("trial_")] = str(e)
+            else:
+                print(f"note: {trial_folder.name} of {folder.name} is left out: its {e}; restore it from a backup "
+                      "(retrain refuses it if it was the chosen trial)", file=sys.stderr)
+            continue
         record = trial_records.read(trial_folder)
         # a trial that never reported is still a trial
         trial_id = record.get("trial_id") or (rows[-1].get("trial_id") if rows else trial_folder.name)
@@ -160,14 +196,19 @@ def read_selection(folder: str | Path) -> pd.DataFrame | None:
     return table.sort_values("val_accuracy_reeval_mean", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def chosen_trial(folder: str | Path, trials: pd.DataFrame) -> pd.Series:
+def chosen_trial(folder: str | Path, trials: pd.DataFrame, left_out: dict[str, str] | None = None) -> pd.Series:
     """The trial the search chose: the re-evaluation's winner when there is one (the
-    best mean over more seeds), else the best single stage-2 validation score."""
+    best mean over more seeds), else the best single stage-2 validation score. A winner
+    that cannot be read is refused, never replaced by the runner-up."""
     selection = read_selection(folder)
     if selection is not None and not selection.empty:
-        match = trials[trials["trial_id"].astype(str) == str(selection.iloc[0]["trial_id"])]
+        winner = str(selection.iloc[0]["trial_id"])
+        match = trials[trials["trial_id"].astype(str) == winner] if not trials.empty else trials
         if not match.empty:
             return match.iloc[0]
+        why = (left_out or {}).get(winner, "its files cannot be read")
+        raise UserError(f"the chosen trial {winner} ({SELECTION_FILE}) of {Path(folder).name} is damaged: {why}: "
+                        f"restore trial_{winner} from a backup, or retrain another with --trial ID")
     return best_trial(trials)
 
 

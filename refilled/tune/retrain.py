@@ -9,6 +9,7 @@ to it; on a cluster, each task fetches the teacher and uploads its run itself.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
     if config_file:
         cfg, _ = load_experiment(config_file)
         return cfg, {"config_file": str(config_file)}
-    trials = load_trials(folder)
+    left_out: dict[str, str] = {}
+    trials = load_trials(folder, left_out)
     if trials.empty:
         raise UserError(f"experiment {folder} has no trial results yet: run or resume its search first")
     if trial_id:
@@ -39,7 +41,9 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
                             f"known ids: {', '.join(trials['trial_id'].astype(str))}")
         row = match.iloc[0]
     else:
-        row = chosen_trial(folder, trials)
+        row = chosen_trial(folder, trials, left_out)
+    for trial, why in left_out.items():  # not the one retrained: said, and the retrain goes on
+        print(f"note: trial_{trial} of {folder.name} is left out: its {why}", file=sys.stderr)
     source = {"experiment": folder.name, "trial_id": str(row["trial_id"]),
               "val_accuracy_stage2": round(float(row["best_val_accuracy_stage2"]), 4)}
     selection = read_selection(folder)

@@ -140,7 +140,7 @@ def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], i
     from pathlib import Path
 
     from refilled.store.experiment_file import read
-    from refilled.store.experiments import read_results, trial_folders
+    from refilled.store.experiments import DamagedTrial, read_results, trial_folders
     from refilled.tune.settings import parse_search
 
     folder = Path(folder)
@@ -151,7 +151,10 @@ def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], i
            else cfg.n_training_epochs1 + cfg.n_training_epochs2)
     curves: dict[str, dict[int, float]] = {}
     for trial in trial_folders(folder):
-        rows = [r for r in read_results(trial) if "val_accuracy" in r and not r.get("diverged")]
+        try:
+            rows = [r for r in read_results(trial) if "val_accuracy" in r and not r.get("diverged")]
+        except DamagedTrial:
+            continue  # left out, as the trials' table says (refilled.store.experiments.load_trials)
         key = "stage_epoch" if phase2 else "step"
         curve = {int(r[key]): float(r["val_accuracy"]) for r in rows if key in r}
         if curve:
