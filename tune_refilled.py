@@ -13,6 +13,7 @@ Bad input ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import shutil
 import os
 import sys
 from pathlib import Path
@@ -102,7 +103,13 @@ def cmd_train(args) -> int:
     out = fresh_folder(Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"), args.force)
     from refilled.runs import train_once
 
-    summary = train_once(cfg, out, teacher_path=args.teacher)
+    ours = not out.exists() or not any(out.iterdir())  # nothing of the user's in it: ours to clean up
+    try:
+        summary = train_once(cfg, out, teacher_path=args.teacher)
+    except BaseException:  # Ctrl-C, a divergence, an error: leave nothing that would block the rerun
+        if ours:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"wrote {out}/metrics.json, {out}/student.pt and TensorBoard events (tensorboard --logdir {out})")
     return 0

@@ -283,3 +283,24 @@ def test_train_does_not_write_into_a_full_folder(results, ws):
     folder = ws["dir"] / "full"
     assert [p.name for p in folder.iterdir()] == ["keep.txt"]
     assert (folder / "keep.txt").read_text() == "keep me"  # also after pretrain --out full --force
+
+
+def test_an_interrupted_train_leaves_nothing_that_blocks_the_rerun(ws, monkeypatch, capsys):
+    import tune_refilled
+    from refilled import runs
+
+    def interrupted(cfg, out, **kw):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "events.out.tfevents.1").write_bytes(b"88 bytes")  # what TensorBoard writes first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "train_once", interrupted)
+    out = ws["dir"] / "interrupted"
+    args = ["train", "--config", str(ws["cfg"]), "--teacher", str(ws["teacher"]), "--out", str(out)]
+    assert tune_refilled.main(args) == 130 and not out.exists()
+    # into a folder of the user's (--force), the user's files stay and nothing is deleted
+    (ws["dir"] / "forced").mkdir()
+    (ws["dir"] / "forced" / "mine.txt").write_text("mine")
+    assert tune_refilled.main([*args[:-1], str(ws["dir"] / "forced"), "--force"]) == 130
+    assert (ws["dir"] / "forced" / "mine.txt").read_text() == "mine"
+    capsys.readouterr()
