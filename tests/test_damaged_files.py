@@ -260,3 +260,14 @@ def test_a_damaged_result_file_is_left_out_not_a_traceback(made, tmp_path, capsy
     _damage(folder / "trial_def" / "result.json", "random bytes")
     assert list(load_trials(folder)["trial_id"]) == ["abc"]
     assert "trial_def" in capsys.readouterr().err
+
+
+def test_a_damaged_trial_record_is_said_and_the_trial_kept_on_its_results(made, tmp_path, capsys):
+    from refilled.store.experiments import load_trials
+
+    folder = copy(made, tmp_path, None)
+    _damage(folder / "trial_abc" / "trial_record.json", "random bytes")
+    trials = load_trials(folder)
+    assert list(trials["trial_id"]) == ["abc"]
+    err = capsys.readouterr().err
+    assert "trial_abc" in err and "trial_record.json is damaged" in err

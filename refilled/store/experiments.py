@@ -128,6 +128,12 @@ def load_trials(folder: str | Path, left_out: dict[str, str] | None = None) -> p
                       "(retrain refuses it if it was the chosen trial)", file=sys.stderr)
             continue
         record = trial_records.read(trial_folder)
+        if not record and (trial_folder / trial_records.RECORD_FILE).is_file():
+            message = f"{trial_records.RECORD_FILE} is damaged: its status is read from its results alone"
+            if left_out is not None:
+                left_out.setdefault(f"{trial_folder.name.removeprefix('trial_')} (kept)", message)
+            else:
+                print(f"note: {trial_folder.name} of {folder.name}: its {message}", file=sys.stderr)
         # a trial that never reported is still a trial
         trial_id = record.get("trial_id") or (rows[-1].get("trial_id") if rows else trial_folder.name)
         s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1" and "val_accuracy" in r]

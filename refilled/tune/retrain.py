@@ -43,7 +43,7 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
     else:
         row = chosen_trial(folder, trials, left_out)
     for trial, why in left_out.items():  # not the one retrained: said, and the retrain goes on
-        print(f"note: trial_{trial} of {folder.name} is left out: its {why}", file=sys.stderr)
+        print(f"note: trial_{trial} of {folder.name}: its {why}", file=sys.stderr)
     source = {"experiment": folder.name, "trial_id": str(row["trial_id"]),
               "val_accuracy_stage2": round(float(row["best_val_accuracy_stage2"]), 4)}
     selection = read_selection(folder)
