@@ -39,6 +39,17 @@ def where(request, tmp_path):
     return location, folder / LEASE_FILE
 
 
+@pytest.fixture
+def clock(monkeypatch):
+    """The lease's wall clock, moved by hand: a lease goes stale without a real wait."""
+    from refilled.store import lease
+    from support.clocks import FakeClock
+
+    fake = FakeClock(time.time())
+    monkeypatch.setattr(lease, "now", fake)
+    return fake
+
+
 def never_lost(holder):
     raise AssertionError(f"lost the lease to {holder}")
 
@@ -99,7 +110,7 @@ def test_drivers_starting_at_the_same_instant_one_wins(where):
     assert not path.exists()
 
 
-def test_a_stale_lease_is_taken_over(where):
+def test_a_stale_lease_is_taken_over(where, clock):
     location, path = where
     dead = Lease(location, timeout=SHORT)
     dead.acquire(on_lost=never_lost)
@@ -107,7 +118,7 @@ def test_a_stale_lease_is_taken_over(where):
     dead._thread.join()
     with pytest.raises(Held):  # not yet stale
         Lease(location, timeout=SHORT).acquire(on_lost=never_lost)
-    time.sleep(SHORT + 0.2)
+    clock.advance(SHORT + 0.2)
     successor = Lease(location, timeout=SHORT)
     took = successor.acquire(on_lost=never_lost)
     try:
@@ -152,7 +163,7 @@ def test_an_unreadable_lease_counts_by_its_age(tmp_path):
         lease.release()
 
 
-def test_readers_are_told_that_the_search_is_running(where, capsys):
+def test_readers_are_told_that_the_search_is_running(where, capsys, clock):
     location, _ = where
     assert note_if_running(location) is None and capsys.readouterr().err == ""
     lease = Lease(location, timeout=SHORT)
@@ -163,7 +174,7 @@ def test_readers_are_told_that_the_search_is_running(where, capsys):
         assert len(err) == 1 and "still running" in err[0] and f"pid {os.getpid()}" in err[0], err
         lease._stop.set()
         lease._thread.join()
-        time.sleep(SHORT + 0.2)
+        clock.advance(SHORT + 0.2)
         note_if_running(location)
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and "did not end" in err[0] and "--resume" in err[0], err

@@ -76,6 +76,11 @@ LOCK_TRIES = 5  # a lock held for a moment (a reader's look, a driver whose thre
 LOCK_PAUSE_S = 0.05
 
 
+def now() -> float:
+    """Wall-clock time (heartbeats are compared across machines); the tests put a fake clock here."""
+    return time.time()
+
+
 def timeout_s() -> float:
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
     if not raw:
@@ -139,7 +144,7 @@ class Holder:
     gone: str | None = None
 
     def age(self) -> float:
-        return max(0.0, time.time() - self.heartbeat)
+        return max(0.0, now() - self.heartbeat)
 
     def stale(self) -> bool:
         return self.age() > self.timeout_s
@@ -283,7 +288,7 @@ class _Remote:
             if self.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
                 return None
             raise
-        mtime = info.mtime.timestamp() if info.mtime is not None else time.time()
+        mtime = info.mtime.timestamp() if info.mtime is not None else now()
         return data, mtime
 
     def write(self, data: bytes) -> None:
@@ -401,7 +406,7 @@ class Lease:
         with `gone` saying why (None if it was free). Raises Held if a live driver holds it.
         `on_lost` is called (from the heartbeat thread) if another driver's token is found
         at a renewal."""
-        self.token, self.started = secrets.token_hex(16), time.time()
+        self.token, self.started = secrets.token_hex(16), now()
         took = self._take_local() if isinstance(self._where, _Local) else self._take_remote()
         self._on_lost = on_lost
         self._stop.clear()
@@ -432,7 +437,7 @@ class Lease:
                     waited = "starting"
                     time.sleep(0.1)
                     continue
-                if where.create(self._content(time.time())):
+                if where.create(self._content(now())):
                     return None
                 continue  # another driver created it first: read it
             gone = self._gone(holder, lock)  # holding the lock ourselves: no other process holds it
@@ -445,7 +450,7 @@ class Lease:
             marker = where.takeover_marker(raw)
             if not where.create(b"", marker):  # another driver is taking this lease over
                 try:
-                    if time.time() - marker.stat().st_mtime > MARKER_EXPIRY_S:
+                    if now() - marker.stat().st_mtime > MARKER_EXPIRY_S:
                         where.delete(marker)  # left by one that died while taking over
                 except FileNotFoundError:
                     pass
@@ -454,7 +459,7 @@ class Lease:
             try:
                 if self._read()[0] != raw:
                     continue  # it changed meanwhile: judge it again
-                where.replace(self._content(time.time()))
+                where.replace(self._content(now()))
                 return dataclasses.replace(holder, gone=gone)
             finally:
                 where.delete(marker)
@@ -476,11 +481,11 @@ class Lease:
             if gone is None:
                 raise self._held(holder)
             holder = dataclasses.replace(holder, gone=gone)
-        self._where.write(self._content(time.time()))
+        self._where.write(self._content(now()))
         time.sleep(self.settle_s)  # a driver that wrote at the same time has written by now
-        _, now = self._read()
-        if now is None or now.token != self.token:
-            raise self._held(now) if now is not None else UserError(
+        _, there = self._read()
+        if there is None or there.token != self.token:
+            raise self._held(there) if there is not None else UserError(
                 f"{self.location}: the lease ({LEASE_FILE}) vanished while this driver took it: try again")
         return holder
 
@@ -490,7 +495,7 @@ class Lease:
         _, holder = self._read()
         if holder is None or holder.token != self.token:
             return False
-        data = self._content(time.time())
+        data = self._content(now())
         if isinstance(self._where, _Local):
             self._where.replace(data)
         else:
