@@ -294,7 +294,8 @@ def test_staged_search_at_a_uri_resumes_in_either_phase(search_teacher, tmp_path
     touched, and phase 2 goes on from the same choice (read back from the URI)."""
     n = 4
     config = tiny_experiment(tmp_path, "staged", search={
-        "num_samples": n, "max_concurrent": 1, "reuse_actors": False, "asha": {"grace_period": TOTAL_STEPS},
+        "num_samples": n, "max_concurrent": 1, "reuse_actors": False,
+        "asha": {"grace_period": TOTAL_STEPS - 2},  # phase 2 counts its 4 stage-2 epochs: no trial stopped
         "staged": {"num_samples": 4, "asha": {"grace_period": 2}}})  # phase 1: no trial stopped
     bucket = tmp_path / "bucket"
     uri = f"file://{bucket}"
