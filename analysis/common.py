@@ -233,7 +233,8 @@ def out_dir(path: str | Path, force: bool = False) -> Path:
         raise UserError(f"--out {folder} holds files these scripts did not write: choose another folder, or pass "
                         "--force to write into it (files of the same names are replaced)")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / OUTPUT_MARK).write_text("written by tune-refilled's analysis scripts; they may write here again\n")
+    if not (folder / OUTPUT_MARK).is_file():
+        (folder / OUTPUT_MARK).write_text("written by tune-refilled's analysis scripts; they may write here again\n")
     return folder
 
 

@@ -30,20 +30,15 @@ from pathlib import Path
 
 from refilled.config import from_dict, load_experiment, parse_overrides
 from refilled.errors import UserError
-from refilled.tune.rungs import experiment_curves, spearman, values_at
+from refilled.tune.rungs import correlations, counted_epochs, experiment_curves
 from refilled.tune.settings import parse_search
 
 
 def fidelity(curves: dict[str, dict[int, float]], end: int, epochs: list[int]) -> list[dict]:
-    """Spearman of each epoch in `epochs` with the end, over the trials that reached both."""
-    last = values_at(curves, end)
-    rows = []
-    for epoch in epochs:
-        here = values_at(curves, epoch)
-        common = sorted(set(here) & set(last))
-        rows.append({"epoch": epoch, "trials": len(common),
-                     "spearman": spearman([here[t] for t in common], [last[t] for t in common])})
-    return rows
+    """Spearman of each epoch in `epochs` with the end, over the trials that reached both: each
+    epoch taken as the one rung of refilled.tune.rungs.correlations."""
+    rows = [correlations(curves, [epoch], end)[0] for epoch in epochs]
+    return [{"epoch": r["rung"], "trials": r["trials"], "spearman": r["spearman"]} for r in rows]
 
 
 def plot(rows: list[dict], rungs: list[int], decay: int | None, path: Path, title: str) -> None:
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         section = dict(experiment.get("search") or {})
         settings = parse_search(section, cfg)
         staged = settings.staged is not None
-        end = cfg.n_training_epochs2 if staged else cfg.n_training_epochs1 + cfg.n_training_epochs2
+        end = counted_epochs(cfg, from_stage1=staged)
         rungs = settings.rung_epochs(end)
         section.update(num_samples=args.trials, asha={"grace_period": end, "reduction_factor": 3},
                        select={"top_k": 0}, budget_hours=None)

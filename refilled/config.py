@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from refilled.errors import UserError
 
-NETWORKS = ("wide_resnet", "resnet", "mobile_net")
 DATA_NAMES = ("CIFAR-100", "CUB-200", "digits")
 ALIASES = {"cifar-100": "CIFAR-100", "cifar100": "CIFAR-100", "cub-200": "CUB-200", "cub200": "CUB-200",
            "cub-200-2011": "CUB-200", "digits": "digits"}
@@ -68,6 +67,7 @@ OptInt = Annotated[Optional[int], BeforeValidator(_none_word), BeforeValidator(_
 OptFloat = Annotated[Optional[float], BeforeValidator(_none_word), BeforeValidator(_no_bool)]
 Epochs = Annotated[tuple[int, ...], BeforeValidator(_int_list)]
 Network = Literal["wide_resnet", "resnet", "mobile_net"]
+NETWORKS = get_args(Network)
 
 
 class Config(BaseModel):
@@ -258,11 +258,6 @@ def coerce(name: str, value: Any) -> Any:
         return adapter.validate_python(value)
     except ValidationError as e:
         raise UserError(_problem({**e.errors()[0], "loc": (name,)})) from None
-
-
-def validate(cfg: Config) -> Config:
-    """cfg checked as a whole (a Config made without validation, e.g. model_construct)."""
-    return _validated(cfg.model_dump())
 
 
 def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:

@@ -35,6 +35,11 @@ from support.searches import (CRASH_ENV, CRASH_MARKERS_ENV, REPO, RayRun, SEARCH
 
 # ----------------------------------------------------------------------------- the shared search
 
+# search_tiny.yaml's sections, read once: what the end-to-end checks compare the search with
+TINY_CONFIG = yaml.safe_load(TINY.read_text())["config"]
+TINY_SEARCH = yaml.safe_load(TINY.read_text())["search"]
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> SimpleNamespace:
     """search_tiny.yaml searched to the end: 8 trials, 2 at a time, ASHA and Optuna."""
@@ -50,7 +55,7 @@ def experiment(tmp_path_factory) -> SimpleNamespace:
 @pytest.mark.timeout(SEARCH_TIMEOUT + 120)
 def test_search_writes_one_row_per_trial_stopped_at_rungs_or_finished(experiment):
     folder = experiment.folder
-    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+    n = TINY_SEARCH["num_samples"]
 
     # trials.csv: one row per trial; ASHA stopped some at a rung, others ran every epoch
     table = pd.read_csv(folder / "trials.csv")
@@ -66,9 +71,8 @@ def test_search_writes_one_row_per_trial_stopped_at_rungs_or_finished(experiment
 @pytest.mark.timeout(SEARCH_TIMEOUT + 120)
 def test_trial_folders_agree_with_the_table_and_hold_their_records(experiment):
     folder = experiment.folder
-    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+    n = TINY_SEARCH["num_samples"]
     table = pd.read_csv(folder / "trials.csv")
-    folders = trial_folders(folder)
 
     # the trial folders agree with the table, and each holds its record
     folders = trial_folders(folder)
@@ -94,7 +98,7 @@ def test_trial_folders_agree_with_the_table_and_hold_their_records(experiment):
 @pytest.mark.timeout(SEARCH_TIMEOUT + 120)
 def test_the_optuna_study_has_pruned_and_complete_trials(experiment):
     folder = experiment.folder
-    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+    n = TINY_SEARCH["num_samples"]
     table = pd.read_csv(folder / "trials.csv")
     statuses = table["status"].value_counts().to_dict()
     folders = trial_folders(folder)
@@ -119,7 +123,7 @@ def test_the_optuna_study_has_pruned_and_complete_trials(experiment):
 @pytest.mark.timeout(SEARCH_TIMEOUT + 120)
 def test_start_with_config_makes_the_first_trial_the_configs_values(experiment):
     folder = experiment.folder
-    cfg = yaml.safe_load(TINY.read_text())["config"]
+    cfg = TINY_CONFIG
     folders = trial_folders(folder)
     ot_trials = study(folder).trials
 
@@ -134,8 +138,8 @@ def test_start_with_config_makes_the_first_trial_the_configs_values(experiment):
 @pytest.mark.timeout(SEARCH_TIMEOUT + 120)
 def test_best_config_is_the_best_stage2_trial(experiment):
     folder = experiment.folder
-    cfg = yaml.safe_load(TINY.read_text())["config"]
-    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+    cfg = TINY_CONFIG
+    n = TINY_SEARCH["num_samples"]
     folders = trial_folders(folder)
 
     # the best config: best stage-2 validation accuracy among trials that reached stage 2
@@ -183,7 +187,7 @@ def test_tensorboard_has_a_scalar_per_reported_epoch(experiment):
 @pytest.mark.timeout(SEARCH_TIMEOUT + 120)
 def test_what_the_user_sees_at_the_end(experiment):
     folder, out = experiment.folder, experiment.result.stdout
-    n = yaml.safe_load(TINY.read_text())["search"]["num_samples"]
+    n = TINY_SEARCH["num_samples"]
 
     # what the user sees at the end
     assert "trials, best stage-2 validation accuracy first" in out

@@ -52,7 +52,6 @@ def ncm(model: torch.nn.Module, data: DeviceTask) -> float:
     return ncm_accuracy(train_emb, train_y, eval_emb, eval_y, data.n_classes)
 
 
-BN_STATS = ("running", "precise")
 PRECISE_BN_IMAGES = 2048  # at most this many training images (pycls uses 8192 on ImageNet)
 PRECISE_BN_BATCH = 256
 

@@ -96,7 +96,13 @@ def _status(rows: list[dict], record: dict[str, Any]) -> str:
     return status if status in trial_records.ENDED else "running"
 
 
-def load_trials(folder: str | Path, left_out: dict[str, str] | None = None) -> pd.DataFrame:
+def say_notes(folder: Path, notes: dict[str, str]) -> None:
+    """The one-line notes of load_trials, one per trial, on stderr."""
+    for trial_id, why in notes.items():
+        print(f"note: trial_{trial_id} of {folder.name}: its {why}", file=sys.stderr)
+
+
+def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per trial of an experiment.
 
     Columns: experiment, trial_id, number (the order Tune created it in), status
@@ -113,27 +119,22 @@ def load_trials(folder: str | Path, left_out: dict[str, str] | None = None) -> p
     folder = Path(folder)
     cfg, data = experiment_config(folder)
     total = cfg.n_training_epochs1 + (0 if data.get("stage1_only") else cfg.n_training_epochs2)
+    said_here = notes is None  # else the caller says them (retrain: in its one line, when it matters)
+    notes = {} if notes is None else notes
     records = []
     for trial_folder in trial_folders(folder):
+        name = trial_folder.name.removeprefix("trial_")
         try:
             params = _params(trial_folder)
             rows = read_results(trial_folder)
         except DamagedTrial as e:
             if (folder / LEASE_FILE).is_file() and time.time() - trial_folder.stat().st_mtime < 60:
                 continue  # being written by a search still running: the trial began a moment ago
-            if left_out is not None:  # the caller says it (retrain: in its one line, if it matters)
-                left_out[trial_folder.name.removeprefix("trial_")] = str(e)
-            else:
-                print(f"note: {trial_folder.name} of {folder.name} is left out: its {e}; restore it from a backup "
-                      "(retrain refuses it if it was the chosen trial)", file=sys.stderr)
+            notes[name] = f"{e}: it is left out of the tables; restore it from a backup"
             continue
         record = trial_records.read(trial_folder)
         if not record and (trial_folder / trial_records.RECORD_FILE).is_file():
-            message = f"{trial_records.RECORD_FILE} is damaged: its status is read from its results alone"
-            if left_out is not None:
-                left_out.setdefault(f"{trial_folder.name.removeprefix('trial_')} (kept)", message)
-            else:
-                print(f"note: {trial_folder.name} of {folder.name}: its {message}", file=sys.stderr)
+            notes[name] = f"{trial_records.RECORD_FILE} is damaged: its status is read from its results alone"
         # a trial that never reported is still a trial
         trial_id = record.get("trial_id") or (rows[-1].get("trial_id") if rows else trial_folder.name)
         s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1" and "val_accuracy" in r]
@@ -156,6 +157,8 @@ def load_trials(folder: str | Path, left_out: dict[str, str] | None = None) -> p
             "checkpoint": record.get("checkpoint"), "folder": str(trial_folder),
             **{f"config/{k}": v for k, v in params.items()},
         })
+    if said_here:
+        say_notes(folder, notes)
     table = pd.DataFrame.from_records(records)
     if table.empty:
         return table
@@ -202,7 +205,7 @@ def read_selection(folder: str | Path) -> pd.DataFrame | None:
     return table.sort_values("val_accuracy_reeval_mean", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def chosen_trial(folder: str | Path, trials: pd.DataFrame, left_out: dict[str, str] | None = None) -> pd.Series:
+def chosen_trial(folder: str | Path, trials: pd.DataFrame, notes: dict[str, str] | None = None) -> pd.Series:
     """The trial the search chose: the re-evaluation's winner when there is one (the
     best mean over more seeds), else the best single stage-2 validation score. A winner
     that cannot be read is refused, never replaced by the runner-up."""
@@ -212,9 +215,9 @@ def chosen_trial(folder: str | Path, trials: pd.DataFrame, left_out: dict[str, s
         match = trials[trials["trial_id"].astype(str) == winner] if not trials.empty else trials
         if not match.empty:
             return match.iloc[0]
-        why = (left_out or {}).get(winner, "its files cannot be read")
-        raise UserError(f"the chosen trial {winner} ({SELECTION_FILE}) of {Path(folder).name} is damaged: {why}: "
-                        f"restore trial_{winner} from a backup, or retrain another with --trial ID")
+        why = (notes or {}).get(winner, "files cannot be read: restore them from a backup")
+        raise UserError(f"the chosen trial {winner} ({SELECTION_FILE}) of {Path(folder).name} cannot be read: its "
+                        f"{why}, or retrain another with --trial ID")
     return best_trial(trials)
 
 

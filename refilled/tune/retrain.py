@@ -9,7 +9,6 @@ to it; on a cluster, each task fetches the teacher and uploads its run itself.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ from refilled import checkpoint
 from refilled.store import storage
 from refilled.config import Config, load_experiment
 from refilled.errors import UserError
-from refilled.store.experiments import chosen_trial, experiment_config, load_trials, read_selection, trial_config
+from refilled.store.experiments import (chosen_trial, experiment_config, load_trials, read_selection, say_notes,
+                                       trial_config)
 from refilled.final_retrain import plan, retrain_local, run_one, run_one_at_uri, summarise, trained_on, write_results
 from refilled.store.lease import note_if_running
 from refilled.store.layout import RETRAIN_DIR, TEACHER_FILE
@@ -30,8 +30,8 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
     if config_file:
         cfg, _ = load_experiment(config_file)
         return cfg, {"config_file": str(config_file)}
-    left_out: dict[str, str] = {}
-    trials = load_trials(folder, left_out)
+    notes: dict[str, str] = {}
+    trials = load_trials(folder, notes)
     if trials.empty:
         raise UserError(f"experiment {folder} has no trial results yet: run or resume its search first")
     if trial_id:
@@ -41,9 +41,8 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
                             f"known ids: {', '.join(trials['trial_id'].astype(str))}")
         row = match.iloc[0]
     else:
-        row = chosen_trial(folder, trials, left_out)
-    for trial, why in left_out.items():  # not the one retrained: said, and the retrain goes on
-        print(f"note: trial_{trial} of {folder.name}: its {why}", file=sys.stderr)
+        row = chosen_trial(folder, trials, notes)
+    say_notes(folder, notes)  # not about the one retrained: said, and the retrain goes on
     source = {"experiment": folder.name, "trial_id": str(row["trial_id"]),
               "val_accuracy_stage2": round(float(row["best_val_accuracy_stage2"]), 4)}
     selection = read_selection(folder)

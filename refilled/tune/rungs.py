@@ -26,6 +26,14 @@ WEAK = 0.5  # a rank correlation below this is called weak
 MIN_JUDGED = 5  # over fewer trials a rank correlation is shown but not judged (3 trials: only +-0.5 or +-1)
 
 
+def counted_epochs(cfg, *, stage1_only: bool = False, from_stage1: bool = False) -> int:
+    """The epochs ASHA counts in a phase: stage 1 alone (phase 1 of a staged search),
+    stage 2 from phase 1's choice (phase 2), or both stages (a joint search)."""
+    if stage1_only:
+        return cfg.n_training_epochs1
+    return cfg.n_training_epochs2 if from_stage1 else cfg.n_training_epochs1 + cfg.n_training_epochs2
+
+
 def rung_epochs(grace_period: int, reduction_factor: float, max_t: int, explicit: list[int] | None = None
                 ) -> list[int]:
     """The epochs at which ASHA compares trials (those before max_t)."""
@@ -147,25 +155,18 @@ def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], i
     cfg, data = read(folder)
     settings = parse_search(data.get("search"), cfg)
     phase2 = settings.staged is not None  # its trials start at stage 2 and count stage-2 epochs
-    end = (cfg.n_training_epochs1 if data.get("stage1_only") else cfg.n_training_epochs2 if phase2
-           else cfg.n_training_epochs1 + cfg.n_training_epochs2)
+    end = counted_epochs(cfg, stage1_only=bool(data.get("stage1_only")), from_stage1=phase2)
+    key = "stage_epoch" if phase2 else "step"
     curves: dict[str, dict[int, float]] = {}
     for trial in trial_folders(folder):
         try:
             rows = [r for r in read_results(trial) if "val_accuracy" in r and not r.get("diverged")]
         except DamagedTrial:
             continue  # left out, as the trials' table says (refilled.store.experiments.load_trials)
-        key = "stage_epoch" if phase2 else "step"
         curve = {int(r[key]): float(r["val_accuracy"]) for r in rows if key in r}
         if curve:
             curves[str(rows[-1].get("trial_id") or trial.name)] = curve
     return curves, settings.rung_epochs(end), end
-
-
-def experiment_bn_stats(folder) -> str:
-    from refilled.store.experiment_file import read
-
-    return read(folder)[0].bn_stats
 
 
 def experiment_correlations(folder) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ from refilled.store.lease import Lease
 from refilled.store.layout import LEASE_FILE
 from refilled.store.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
-from refilled.tune.rungs import (correlation_lines, experiment_bn_stats, experiment_correlations, schedule_warnings,
+from refilled.tune.rungs import (correlation_lines, counted_epochs, experiment_correlations, schedule_warnings,
                                  scheduler_args)
 from refilled.tune.searcher import StudySearcher
 from refilled.store.layout import STUDY_FILE
@@ -127,12 +127,12 @@ def warn_about_rungs(cfg: Config, settings: SearchSettings, max_t: int, phase2: 
         print(f"warning: {line}", file=sys.stderr)
 
 
-def show_rung_fidelity(folder: Path) -> None:
+def show_rung_fidelity(folder: Path, bn_stats: str) -> None:
     """Print how well each ASHA rung ranked this search's trials (refilled.tune.rungs)."""
     rows = experiment_correlations(folder)
     if rows:
         print("\nASHA's rungs, rank-correlated with what followed (a rung is only worth what it ranks):")
-        print("\n".join(correlation_lines(rows, experiment_bn_stats(folder))))
+        print("\n".join(correlation_lines(rows, bn_stats)))
 
 
 def write_cost(folder: Path) -> None:
@@ -222,13 +222,13 @@ def _run(cfg: Config, settings: SearchSettings, data: dict, place: Place, name: 
         resume = resume and tune.Tuner.can_restore(place.location)
     trainable = trainable_for(cfg, phase, place, teacher_path, stage1=stage1)
     # phase 2 of a staged search starts at stage 2: ASHA's clock counts stage-2 epochs
-    max_t = cfg.n_training_epochs2 if stage1 is not None else cfg.n_training_epochs1 + cfg.n_training_epochs2
+    max_t = counted_epochs(cfg, from_stage1=stage1 is not None)
     warn_about_rungs(cfg, phase, max_t, phase2=stage1 is not None)
     fit(trainable, phase, cfg, place, name, max_t=max_t, resume=resume)
     trials = summarise(folder)
     place.push(TRIALS_FILE, STUDY_FILE)
     choose(folder, trials, settings, place, teacher_path, place.uri)
-    show_rung_fidelity(folder)
+    show_rung_fidelity(folder, cfg.bn_stats)
     write_cost(folder)
     place.push(BEST_CONFIG, COST_FILE)
     if place.uri:
@@ -313,7 +313,7 @@ def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: 
     print(f"phase 1 of 2 (staged search): stage 1 only, {phase.num_samples} trials over "
           f"{', '.join(phase.space)}, ranked by validation NCM accuracy")
     trainable = trainable_for(cfg, phase, place, teacher_path, stage1_only=True)
-    fit(trainable, phase, cfg, place, f"{name}-stage1", max_t=cfg.n_training_epochs1, resume=resume,
+    fit(trainable, phase, cfg, place, f"{name}-stage1", max_t=counted_epochs(cfg, stage1_only=True), resume=resume,
         sub=STAGE1_SEARCH)
     sub.push(STUDY_FILE)
 

@@ -329,11 +329,14 @@ def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings
 def check_rungs_within(s: SearchSettings, cfg: Config) -> None:
     """A rung the user placed beyond the epochs its trials run could never stop one: said,
     with the end (for a new search; an experiment.yaml read back holds every default)."""
-    e1, e2 = cfg.n_training_epochs1, cfg.n_training_epochs2
-    phases = [("search.asha", s.asha, e2 if s.staged else e1 + e2,
-               "stage-2 epochs (phase 2)" if s.staged else "epochs of both stages")]
-    if s.staged:
-        phases.append(("search.staged.asha", s.staged.asha, e1, "stage-1 epochs (phase 1)"))
+    from refilled.tune.rungs import counted_epochs
+
+    staged = s.staged is not None
+    phases = [("search.asha", s.asha, counted_epochs(cfg, from_stage1=staged),
+               "stage-2 epochs (phase 2)" if staged else "epochs of both stages")]
+    if staged:
+        phases.append(("search.staged.asha", s.staged.asha, counted_epochs(cfg, stage1_only=True),
+                       "stage-1 epochs (phase 1)"))
     for where, asha, end, unit in phases:
         if not asha.model_fields_set & {"grace_period", "rungs"}:
             continue  # the default grace period: no rung in a short run is no mistake of the user's

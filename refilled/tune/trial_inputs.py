@@ -15,6 +15,7 @@ import numpy as np
 from refilled import checkpoint
 from refilled.method.bank import read_array
 from refilled.config import Config, from_dict
+from refilled.tune.rungs import counted_epochs
 from refilled.store.cost import add_driver_cost, device_units
 from refilled.store.layout import DRIVER_FILE
 from refilled.runtime import keep_freed_memory, resolve_device
@@ -95,8 +96,7 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
 
     folder = place.folder
     # the epochs ASHA counts: stage 1 alone (phase 1), stage 2 from phase 1's choice (phase 2), or both
-    max_t = (cfg.n_training_epochs1 if stage1_only else cfg.n_training_epochs2 if stage1 is not None
-             else cfg.n_training_epochs1 + cfg.n_training_epochs2)
+    max_t = counted_epochs(cfg, stage1_only=stage1_only, from_stage1=stage1 is not None)
     teacher_state = checkpoint.load(teacher_path, "teacher checkpoint")
     bank_file, centers_file = folder / BANK_FILE, folder / CENTERS_FILE
     tuning_cfg = cfg.replace(flag_tuning=True)
