@@ -315,10 +315,13 @@ def test_staged_search_at_a_uri_resumes_in_either_phase(search_teacher, tmp_path
     check_run_again_from_saved_state(folder / "stage1_search", before, saved, resumable)
     phase1 = tree(folder / "stage1_search")
     choice = (folder / "stage1_choice.pt").read_bytes()
+    before = {tf.name: results(tf) for tf in trial_folders(folder) if results(tf)}
+    saved, resumable = saved_state(folder)
 
     resumed = RayRun(TUNE_REFILLED_CACHE=str(tmp_path / "cache-third")).run(resume)
     assert resumed.returncode == 0, explain(resumed)
     assert "phase 1 of 2" not in resumed.stdout
     assert tree(folder / "stage1_search") == phase1 and (folder / "stage1_choice.pt").read_bytes() == choice
-    check_staged(folder, n, n1=4)
+    check_run_again_from_saved_state(folder, before, saved, resumable)  # a phase-2 trial cut mid-way
+    check_staged(folder, n, n1=4, killed_in_phase2=True)
     assert (pd.read_csv(folder / "trials.csv")["status"] == "finished").all()
