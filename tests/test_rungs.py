@@ -6,6 +6,7 @@ import pytest
 
 from support.configs import make_tiny_config
 from refilled.errors import UserError
+from support.configs import REPO
 from refilled.tune.rungs import (clock, correlation_lines, correlations, rung_epochs, schedule_warnings,
                                  scheduler_args, spearman)
 from refilled.tune.settings import parse_search
@@ -80,6 +81,22 @@ def test_warnings_name_rungs_in_stage1_after_few_steps_or_before_the_decay_on_ru
     assert len(joint) == 1 and "is in stage 1" in joint[0] and "search.asha.rungs: [97]" in joint[0]
     none = schedule_warnings([], phase2=True, steps_per_epoch=1, bn_stats="precise", **common)
     assert "no trial is stopped early" in none[0]
+
+
+def test_a_search_over_a_whole_training_set_is_warned_without_a_step_count(capsys):
+    """No `shots`: the training set's size is unknown before its data is read, so the
+    steps before a rung are not judged (the CIFAR-100 files start, they did not: a TypeError)."""
+    from refilled.config import load_experiment
+    from refilled.tune.search import warn_about_rungs
+    from refilled.tune.settings import parse_search
+
+    cfg, data = load_experiment(REPO / "search_spaces" / "cifar100_crosstask.yaml")
+    assert cfg.shots is None
+    settings = parse_search({**data["search"], "asha": {"rungs": [110]}}, cfg)
+    warn_about_rungs(cfg, settings, cfg.n_training_epochs1 + cfg.n_training_epochs2, phase2=False)
+    out = capsys.readouterr()
+    assert "ASHA rungs at 110" in out.out and "optimizer steps" not in out.err
+    assert schedule_warnings([1], phase2=True, e1=0, e2=10, point=(), steps_per_epoch=None, bn_stats="precise") == []
 
 
 def test_spearman_and_rung_correlations():

@@ -16,12 +16,14 @@ from optuna.trial import TrialState
 from refilled.store import cost
 from refilled.tune.searcher import StudySearcher
 from refilled.store.layout import STUDY_FILE
+from refilled.tune.rungs import CLOCK, clock
 from refilled.tune.settings import distributions
 
 SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"uniform": [0.0, 10.0]},
          "flag_merge": {"choice": [False, True]}, "depth": {"randint": [10, 12]}}
 FIRST = {"tau1": 4.0, "lambd": 1.0, "flag_merge": False, "depth": 10}
 TOTAL = 6
+RUNGS = [2, 4]  # ASHA's rungs: each result carries the clock that puts them there (refilled.tune.rungs)
 
 
 def make(tmp_path, **changes) -> StudySearcher:
@@ -34,9 +36,14 @@ def report(searcher: StudySearcher, trial_id: str, steps: range, value=lambda st
     """Tune's results for these steps; the last one is returned (Tune ends a trial with it)."""
     result = {}
     for step in steps:
-        result = {"val_accuracy": value(step), "step": step, "total_steps": TOTAL, "diverged": 0}
+        result = at(step, value(step))
         searcher.on_trial_result(trial_id, result)
     return result
+
+
+def at(step: int, value: float, diverged: int = 0) -> dict:
+    return {"val_accuracy": value, "step": step, "total_steps": TOTAL, "diverged": diverged,
+            CLOCK: clock(step, RUNGS, 3, TOTAL)}
 
 
 def study(tmp_path) -> optuna.Study:
@@ -61,20 +68,22 @@ def test_each_trial_is_asked_reported_and_told_how_it_ended(tmp_path):
     # diverged; errored; stopped with a NaN
     searcher.on_trial_complete("t1", report(searcher, "t1", range(1, TOTAL + 1)))
     report(searcher, "t2", range(1, 4))
-    searcher.on_trial_complete("t2", {"val_accuracy": 0.4, "step": 4, "total_steps": TOTAL, "diverged": 0})
-    searcher.on_trial_complete("t3", {"val_accuracy": 0.0, "step": 3, "total_steps": TOTAL, "diverged": 1})
+    searcher.on_trial_complete("t2", at(4, 0.4))
+    searcher.on_trial_complete("t3", at(3, 0.0, diverged=1))
     report(searcher, "t4", range(1, 3))
     searcher.on_trial_complete("t4", None, error=True)
-    searcher.on_trial_complete("t5", {"val_accuracy": math.nan, "step": 2, "total_steps": TOTAL, "diverged": 0})
+    searcher.on_trial_complete("t5", at(2, math.nan))
 
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                         TrialState.FAIL, TrialState.FAIL]
     assert trials[0].value == pytest.approx(0.6) and trials[0].params == FIRST
-    assert trials[1].intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3), 4: 0.4}  # TPE learns from it
+    # reported at each rung (not every epoch: an SQLite write each) and where ASHA stopped it: TPE learns from it
+    assert trials[0].intermediate_values == {2: 0.2, 4: 0.4, 6: 0.6}
+    assert trials[1].intermediate_values == {2: 0.2, 4: 0.4}
     assert [t.params for t in trials] == [configs[i] for i in ids]
     # told once: Tune telling again (a resumed driver) changes nothing
-    searcher.on_trial_complete("t2", {"val_accuracy": 0.9, "step": TOTAL, "total_steps": TOTAL, "diverged": 0})
+    searcher.on_trial_complete("t2", at(TOTAL, 0.9))
     assert study(tmp_path).trials[1].state == TrialState.PRUNED
 
 
@@ -83,7 +92,7 @@ def test_a_retried_trial_reports_each_step_once(tmp_path, recwarn):
     searcher.suggest("t1")
     report(searcher, "t1", range(1, 5))
     report(searcher, "t1", range(3, 5), value=lambda step: 0.99)  # the epochs after its checkpoint, again
-    assert study(tmp_path).trials[0].intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3), 4: 0.4}
+    assert study(tmp_path).trials[0].intermediate_values == {2: 0.2, 4: 0.4}
     assert not [w for w in recwarn if "already reported" in str(w.message)]
 
 

@@ -8,7 +8,9 @@ analysis, a resumed search) need no Ray. Fields:
     number         the order Tune created the trial in, from 1
     status         running, finished, stopped (by ASHA), diverged, errored
     reason         why it ended, in words
-    step           the last step (epoch across both stages) it reported
+    step           the last step (epoch across both stages) it reported when the
+                   record was written last (at its start, each checkpoint and
+                   its end)
     total_steps    the steps it was to run
     stopped_at     the step ASHA stopped it at (a rung), or null
     checkpoint     its newest checkpoint folder

@@ -71,10 +71,15 @@ class TrialRecords(Callback):
         self._write(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        # written when the node changes (a start, a retry elsewhere); the step goes out with the
+        # next write (a checkpoint, the end): an fsync'd write every epoch was a
+        # large part of the driver's time per result at cluster scale (benchmarks/README.md, "Scale")
         record = self._record(trial, trials)
+        moved = (record.get("node"), record.get("node_id")) != (result.get("node_ip"), result.get("node_id"))
         record.update(step=result.get("step"), total_steps=result.get("total_steps"),
                       node=result.get("node_ip"), node_id=result.get("node_id"))
-        self._write(trial)
+        if moved:
+            self._write(trial)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self._record(trial, trials)["checkpoint"] = Path(checkpoint.path).name
@@ -89,6 +94,8 @@ class TrialRecords(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         record = self._record(trial, trials)
         last = trial.last_result or {}
+        if "step" in last:
+            record.update(step=last.get("step"), total_steps=last.get("total_steps"))
         status = trial_records.ending(last)
         reasons = {"finished": "ran every step",
                    "diverged": last.get("diverged_reason") or "diverged",

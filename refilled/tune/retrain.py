@@ -65,7 +65,10 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
                         "written next to it (<experiment>/retrain)")
     place = storage.experiment_at(experiment)
     folder = place.folder
-    experiment_config(folder, place.location)  # refuses what is not an experiment
+    _, data = experiment_config(folder, place.location)  # refuses what is not an experiment
+    if data.get("simulated"):
+        raise UserError(f"{place.location} is a simulated search (benchmarks/search_scale.py): its trials trained "
+                        "nothing, so there is nothing to retrain; run a real search")
     teacher = folder / TEACHER_FILE
     if not teacher.is_file():
         raise UserError(f"the experiment's teacher {place.location}/teacher.pt is missing: "

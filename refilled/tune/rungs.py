@@ -61,9 +61,10 @@ def scheduler_args(rungs: list[int], reduction_factor: float) -> dict[str, Any]:
 
 
 def schedule_warnings(rungs: list[int], *, phase2: bool, e1: int, e2: int, point: tuple[int, ...],
-                      steps_per_epoch: int, bn_stats: str) -> list[str]:
+                      steps_per_epoch: int | None, bn_stats: str) -> list[str]:
     """One line for each thing about these rungs that is expected to rank poorly, with a
-    suggested first rung; empty when nothing is."""
+    suggested first rung; empty when nothing is. `steps_per_epoch`: None when the training
+    set's size is not known before its data is read (no `shots`): the step count is not judged."""
     total = e2 if phase2 else e1 + e2
     start2 = 0 if phase2 else e1  # the rung clock's epoch where stage 2 starts
     decay = start2 + point[0] if point and point[0] < e2 else None
@@ -83,6 +84,8 @@ def schedule_warnings(rungs: list[int], *, phase2: bool, e1: int, e2: int, point
                    f"(epoch {decay}) and trials are evaluated with bn_stats: running, whose statistics trail "
                    f"the weights there: set bn_stats: precise, or move the rung{hint}; measure it with "
                    "benchmarks/rung_fidelity.py")
+    if steps_per_epoch is None:
+        return out
     steps = (first - start2) * steps_per_epoch if first > start2 else first * steps_per_epoch
     if steps < MIN_RUNG_STEPS:
         out.append(f"the first ASHA rung (epoch {first}) comes after {steps} optimizer steps of its stage "

@@ -51,7 +51,7 @@ from refilled.tune.searcher import StudySearcher
 from refilled.store.layout import STUDY_FILE
 from refilled.tune.selection import reevaluate
 from refilled.tune.settings import SearchSettings, check_rungs_within, parse_search
-from refilled.tune.trial_inputs import prepare_teacher, trainable_for
+from refilled.tune.trial_inputs import METHOD, TrialKind
 from refilled.store.layout import STAGE1_CHOICE
 from refilled.store.layout import BEST_CONFIG, INTERRUPTED_TRIALS, TRIALS_FILE
 
@@ -89,12 +89,12 @@ def _shown(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return table[searched + columns].rename(columns=lambda c: c.removeprefix("config/"))
 
 
-def choose(folder: Path, trials: pd.DataFrame, settings: SearchSettings, place: Place, teacher_path: Path,
-           location: str | None = None) -> None:
+def choose(folder: Path, trials: pd.DataFrame, settings: SearchSettings, place: Place, teacher_path: Path | None,
+           location: str | None = None, kind: TrialKind = METHOD) -> None:
     """Re-evaluate the top trials (search.select) and write the winner's best_config.yaml."""
     reeval = ""
     if settings.select.top_k:
-        table = reevaluate(trials, settings, place, teacher_path)
+        table = reevaluate(trials, settings, place, teacher_path, kind)
         with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
             print(f"\nre-evaluation ({SELECTION_FILE}), best mean first:")
             print(table.to_string(index=False))
@@ -148,9 +148,10 @@ def write_cost(folder: Path) -> None:
 # ----------------------------------------------------------------------------- the driver
 
 def run_search(cfg: Config, search_section: dict, *, name: str, storage_location: str, address: str | None,
-               resume: bool, teacher: str | None) -> Path:
+               resume: bool, teacher: str | None, kind: TrialKind = METHOD) -> Path:
     """Run (or resume) the search; returns the folder that holds its results (for a
     URI experiment, the local mirror: everything in it is also in the URI).
+    `kind`: what runs as trials (refilled.tune.trial_inputs): REFILLED, or a simulation.
 
     One driver per experiment: a live lease (refilled.store.lease) is refused before anything
     else, the lease is taken before anything is written and held, with its heartbeat,
@@ -186,7 +187,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
         print(f"note: took over the lease of {place.location} from a driver that is gone ({took.describe()}; "
               f"{took.gone})", file=sys.stderr)
     try:
-        return _run(cfg, settings, data, place, name, resume, teacher)
+        return _run(cfg, settings, data, place, name, resume, teacher, kind)
     finally:
         lease.release()
 
@@ -201,7 +202,7 @@ def _lost_lease(place: Place, holder) -> None:
 
 
 def _run(cfg: Config, settings: SearchSettings, data: dict, place: Place, name: str, resume: bool,
-         teacher: str | None) -> Path:
+         teacher: str | None, kind: TrialKind) -> Path:
     from ray import tune
 
     folder = place.folder
@@ -209,25 +210,25 @@ def _run(cfg: Config, settings: SearchSettings, data: dict, place: Place, name: 
         if place.uri:
             shutil.rmtree(folder, ignore_errors=True)  # a mirror left by an earlier experiment at this URI
         folder.mkdir(parents=True, exist_ok=True)
-        experiment_file.write(folder, cfg, settings.to_section())
+        experiment_file.write(folder, cfg, settings.to_section(), kind.note())
         place.push(EXPERIMENT_FILE)
-    teacher_path = prepare_teacher(cfg, folder, teacher)
-    place.push(teacher_path.name, DRIVER_FILE)
+    teacher_path = kind.prepare_teacher(cfg, folder, teacher)
+    place.push(*([teacher_path.name] if teacher_path else []), DRIVER_FILE)
     stage1, phase = None, settings
     if settings.staged:
-        choice = data.get("stage1_choice") or run_stage1_phase(cfg, settings, place, name, teacher_path, resume)
+        choice = data.get("stage1_choice") or run_stage1_phase(cfg, settings, place, name, teacher_path, resume, kind)
         stage1 = checkpoint.load(folder / STAGE1_CHOICE, "stage-1 choice",
                                  shown=f"{place.location}/{STAGE1_CHOICE}")["snapshot"]
         phase = settings.phase(2, choice["values"])
         resume = resume and tune.Tuner.can_restore(place.location)
-    trainable = trainable_for(cfg, phase, place, teacher_path, stage1=stage1)
+    trainable = kind.trainable_for(cfg, phase, place, teacher_path, stage1=stage1)
     # phase 2 of a staged search starts at stage 2: ASHA's clock counts stage-2 epochs
     max_t = counted_epochs(cfg, from_stage1=stage1 is not None)
     warn_about_rungs(cfg, phase, max_t, phase2=stage1 is not None)
     fit(trainable, phase, cfg, place, name, max_t=max_t, resume=resume)
     trials = summarise(folder)
     place.push(TRIALS_FILE, STUDY_FILE)
-    choose(folder, trials, settings, place, teacher_path, place.uri)
+    choose(folder, trials, settings, place, teacher_path, place.uri, kind)
     show_rung_fidelity(folder, cfg.bn_stats)
     write_cost(folder)
     place.push(BEST_CONFIG, COST_FILE)
@@ -294,7 +295,7 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
 
 
 def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: str, teacher_path: Path,
-                     resume: bool) -> dict[str, Any]:
+                     resume: bool, kind: TrialKind = METHOD) -> dict[str, Any]:
     """Phase 1 of a staged search: stage-1-only trials over the stage-1 keys, in
     <experiment>/stage1_search, ranked by their last validation NCM accuracy. The
     best one's end-of-stage-1 student is saved as stage1_choice.pt and its values
@@ -312,7 +313,7 @@ def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: 
         sub.push(EXPERIMENT_FILE)
     print(f"phase 1 of 2 (staged search): stage 1 only, {phase.num_samples} trials over "
           f"{', '.join(phase.space)}, ranked by validation NCM accuracy")
-    trainable = trainable_for(cfg, phase, place, teacher_path, stage1_only=True)
+    trainable = kind.trainable_for(cfg, phase, place, teacher_path, stage1_only=True)
     fit(trainable, phase, cfg, place, f"{name}-stage1", max_t=counted_epochs(cfg, stage1_only=True), resume=resume,
         sub=STAGE1_SEARCH)
     sub.push(STUDY_FILE)

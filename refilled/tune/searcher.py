@@ -6,11 +6,14 @@ saves its state (`save`, just before Tune uploads its own), so that a resume
 from another machine finds the study as that state knew it.
 
 Each Tune trial gets one Optuna trial: asked (`study.ask`; the first may be a
-given point, `study.enqueue_trial`), its validation accuracy reported every
-epoch (`Trial.report`: TPE also learns from pruned trials), and told once how
-it ended: COMPLETE (every step), PRUNED (ASHA stopped it short of its steps)
-or FAIL (diverged, errored). Tune saves only which Optuna trial each Tune
-trial is; everything else is in the study.
+given point, `study.enqueue_trial`), its validation accuracy reported at each
+ASHA rung it reaches and at its end (`Trial.report`: TPE learns from a pruned
+trial through its last reported value, the one ASHA stopped it on), and told
+once how it ended: COMPLETE (every step), PRUNED (ASHA stopped it short of its
+steps) or FAIL (diverged, errored). Every epoch's value is in the trial's
+result.json; one SQLite write per epoch was the largest part of the driver's
+time per result at cluster scale (benchmarks/README.md, "Scale"). Tune saves
+only which Optuna trial each Tune trial is; everything else is in the study.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ray.tune.search import Searcher
 
 from refilled.store import storage, trial_records
 from refilled.store.layout import STUDY_FILE
+from refilled.tune.rungs import CLOCK
 from refilled.tune.settings import distributions
 
 
@@ -72,6 +76,7 @@ class StudySearcher(Searcher):
         self._study: optuna.Study | None = None
         self._asked: dict[str, optuna.trial.Trial] = {}  # asked by this driver, not yet told: report() needs them
         self._reported: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
+        self._clock: dict[str, float] = {}  # Tune trial id -> its rung clock at that report
         self._unclaimed: list[tuple[int, dict]] = []  # asked by a killed driver after Tune's last save
         self._spent_s: float | None = None  # device seconds spent: the ledger's, then each result's
         self._counted: dict[str, int] = {}  # Tune trial id -> step of the last result added to _spent_s
@@ -79,7 +84,7 @@ class StudySearcher(Searcher):
 
     def __getstate__(self):  # Tune pickles the searcher into its experiment: no open study in it
         state = self.__dict__.copy()
-        for name in ("_study", "_asked", "_reported", "_unclaimed", "_spent_s", "_counted", "_said_spent"):
+        for name in ("_study", "_asked", "_reported", "_clock", "_unclaimed", "_spent_s", "_counted", "_said_spent"):
             state.pop(name, None)
         return state
 
@@ -147,7 +152,8 @@ class StudySearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._count(trial_id, result)
-        self._report(trial_id, result)
+        if result.get(CLOCK, 0.0) > self._clock.get(trial_id, 0.0):  # a rung reached (or the end)
+            self._report(trial_id, result)
 
     def _count(self, trial_id: str, result: dict) -> None:
         """Add a result's device seconds to the budget's tally, once: a finished trial's last
@@ -171,6 +177,7 @@ class StudySearcher(Searcher):
             return  # a retried trial reports its epochs after the checkpoint again: Optuna has them
         trial.report(float(value), int(step))
         self._reported[trial_id] = int(step)
+        self._clock[trial_id] = result.get(CLOCK, 0.0)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         number = self._numbers.get(trial_id)
@@ -184,6 +191,7 @@ class StudySearcher(Searcher):
         self.study.tell(number, value, state=state, skip_if_finished=True)
         self._asked.pop(trial_id, None)
         self._reported.pop(trial_id, None)
+        self._clock.pop(trial_id, None)
         self._counted.pop(trial_id, None)
 
     def save(self, checkpoint_path: str) -> None:

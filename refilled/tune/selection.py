@@ -22,13 +22,13 @@ from typing import Any
 
 import pandas as pd
 
-from refilled.store import storage
 from refilled.config import Config
 from refilled.store.cost import device_units
 from refilled.store.experiments import ranked, reeval_results, trial_config
 from refilled.store.layout import SELECTION_DIR, SELECTION_FILE
 from refilled.store.storage import Place
 from refilled.tune.settings import SearchSettings
+from refilled.tune.trial_inputs import METHOD, TrialKind
 from refilled.store.atomic import write_atomic
 
 
@@ -51,13 +51,13 @@ def _write_result(folder: Path, result: dict[str, Any]) -> Path:
     return write_atomic(path, json.dumps(result, indent=1))
 
 
-def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, teacher_path: Path) -> pd.DataFrame:
-    """Run what is missing of the re-evaluation (Ray must be connected), write
-    selection.csv, return it (best mean first)."""
+def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, teacher_path: Path | None,
+               kind: TrialKind = METHOD) -> pd.DataFrame:
+    """Run what is missing of the re-evaluation (Ray must be connected; each run is
+    the trial kind's, refilled.tune.trial_inputs), write selection.csv, return it
+    (best mean first)."""
     import ray
     from tqdm import tqdm
-
-    from refilled.final_retrain import run_one, run_one_at_uri
 
     folder = place.folder
     top = candidates(trials, settings.select.top_k)
@@ -70,14 +70,7 @@ def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, tea
         for seed in reeval_seeds(cfg, settings.select.seeds):
             if (trial_id, seed) in done:
                 continue
-            run_folder = f"{SELECTION_DIR}/{trial_id}/seed{seed}"
-            if place.uri:
-                ref = ray.remote(**resources)(run_one_at_uri).remote(
-                    cfg.to_dict(), "refilled", seed, storage.join(place.uri, teacher_path.name),
-                    storage.join(place.uri, run_folder), tuning=True)
-            else:
-                ref = ray.remote(**resources)(run_one).remote(
-                    cfg.to_dict(), "refilled", seed, str(teacher_path), str(folder / run_folder), tuning=True)
+            ref = kind.reevaluation(cfg, seed, place, teacher_path, f"{SELECTION_DIR}/{trial_id}/seed{seed}", resources)
             pending.append(ref)
             trial_of[ref] = (trial_id, cfg.n_training_epochs1 + cfg.n_training_epochs2)
     if pending:

@@ -11,12 +11,10 @@ Ray's object store (`tune.with_parameters`), never recomputed in a trial.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from ray import tune
 
@@ -30,6 +28,7 @@ from refilled.store.stage1_cache import Stage1Cache, stage1_key
 from refilled.method.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
 from refilled.runlog import STAGE_NAMES
 from refilled.store.layout import STATE_FILE
+from refilled.tune.report import report
 from refilled.tune.rungs import CLOCK
 from refilled.tune.rungs import clock as rung_clock
 
@@ -39,15 +38,7 @@ CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
 
 
 def _report(clock: Clock, metrics: dict[str, Any], snapshot: dict | None = None) -> None:
-    # Ray's node_ip is the same for nodes that share a machine; the node id tells them apart;
-    # the clock says what computing this report took (refilled.store.cost)
-    metrics = {**metrics, **clock.lap(), "node_id": ray.get_runtime_context().get_node_id()}
-    if snapshot is None:
-        tune.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint.save(snapshot, Path(folder) / STATE_FILE)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    report(clock, metrics, None if snapshot is None else lambda folder: checkpoint.save(snapshot, folder / STATE_FILE))
 
 
 def restored_state(ckpt: tune.Checkpoint | None) -> dict | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -133,3 +134,53 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
                               rungs=settings.rung_epochs(max_t), reduction_factor=settings.asha.reduction_factor,
                               max_t=max_t)
     return tune.with_resources(fn, {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
+
+
+class TrialKind(Protocol):
+    """What the driver runs as trials: REFILLED (METHOD), or a simulation of it
+    (refilled.tune.simulation.SimulatedTrials) that measures the driver at scale."""
+
+    simulated: bool
+
+    def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind ({} for the method)
+
+    def prepare_teacher(self, cfg: Config, folder: Path, teacher: str | None) -> Path | None: ...
+
+    def trainable_for(self, cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path | None, *,
+                      stage1: dict | None = None, stage1_only: bool = False): ...
+
+    def reevaluation(self, cfg: Config, seed: int, place: Place, teacher_path: Path | None, run_folder: str,
+                     resources: dict[str, float]): ...  # one re-evaluation run started as a Ray task: its ObjectRef
+
+
+class MethodTrials:
+    """Trials that train REFILLED: the kind of every search a user runs."""
+
+    simulated = False
+
+    def note(self) -> dict[str, Any]:
+        return {}
+
+    def prepare_teacher(self, cfg: Config, folder: Path, teacher: str | None) -> Path:
+        return prepare_teacher(cfg, folder, teacher)
+
+    def trainable_for(self, cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path, *,
+                      stage1: dict | None = None, stage1_only: bool = False):
+        return trainable_for(cfg, settings, place, teacher_path, stage1=stage1, stage1_only=stage1_only)
+
+    def reevaluation(self, cfg: Config, seed: int, place: Place, teacher_path: Path, run_folder: str,
+                     resources: dict[str, float]):
+        import ray
+
+        from refilled.final_retrain import run_one, run_one_at_uri
+        from refilled.store import storage
+
+        if place.uri:
+            return ray.remote(**resources)(run_one_at_uri).remote(
+                cfg.to_dict(), "refilled", seed, storage.join(place.uri, teacher_path.name),
+                storage.join(place.uri, run_folder), tuning=True)
+        return ray.remote(**resources)(run_one).remote(
+            cfg.to_dict(), "refilled", seed, str(teacher_path), str(place.folder / run_folder), tuning=True)
+
+
+METHOD = MethodTrials()
