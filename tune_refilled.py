@@ -47,7 +47,7 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="experiment or config YAML, e.g. search_spaces/digits.yaml")
     group = p.add_argument_group("config overrides (any key of the config schema, refilled/config.py)")
     for name, f in FIELDS.items():
-        default = f.default if f.default is not None else "null"
+        default = f.description or (f.default if f.default is not None else "null")
         group.add_argument(f"--{name}", dest=f"set_{name}", metavar="V", default=None,
                            help=f"(default {default})")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

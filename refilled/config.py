@@ -68,6 +68,10 @@ OptFloat = Annotated[Optional[float], BeforeValidator(_none_word), BeforeValidat
 Epochs = Annotated[tuple[int, ...], BeforeValidator(_int_list)]
 Network = Literal["wide_resnet", "resnet", "mobile_net"]
 NETWORKS = get_args(Network)
+# The teacher's depth when the config does not give one, by its family, as the authors'
+# main.py builds the teacher: ResNet-110, WRN-40-2 (teacher_width 2); a MobileNet has no
+# depth (teacher_ca 1.0 sizes it): 40 there, the earlier default, keeps its cache name.
+TEACHER_DEPTH = {"resnet": 110, "wide_resnet": 40, "mobile_net": 40}
 
 
 class Config(BaseModel):
@@ -97,7 +101,8 @@ class Config(BaseModel):
     tau2: Float = key(2.0, gt=0)
     lambd: Float = key(100.0, ge=0)
     # --- teacher: architecture (authors' defaults per network) and pre-training
-    teacher_depth: Int = key(40, TEACHER)
+    teacher_depth: OptInt = key(None, TEACHER, description="by teacher_network_name: resnet 110, wide_resnet 40, "
+                                "mobile_net unused, teacher_ca sizes it")  # TEACHER_DEPTH, as the authors' main.py
     teacher_width: Int = key(2, TEACHER, gt=0)
     teacher_ca: Float = key(1.0, TEACHER, gt=0)
     teacher_dropout_rate: Float = key(0.3, TEACHER, ge=0, lt=1)
@@ -131,7 +136,12 @@ class Config(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = key("auto", FIXED)
 
     def replace(self, **changes: Any) -> "Config":
-        return _validated({**self.model_dump(), **changes})
+        return _validated({**self.given(), **changes})
+
+    def given(self) -> dict[str, Any]:
+        """Every key's value, except teacher_depth where it was chosen by the teacher's
+        family (TEACHER_DEPTH): a config built on this one chooses it again by its own."""
+        return self.model_dump(exclude=None if "teacher_depth" in self.model_fields_set else {"teacher_depth"})
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump()
@@ -168,6 +178,9 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _together(self) -> "Config":
         """What no single key's type says: the checks that read several keys."""
+        if self.teacher_depth is None:  # by family; not counted as given (Config.given)
+            self.__dict__["teacher_depth"] = TEACHER_DEPTH[self.teacher_network_name]
+            self.model_fields_set.discard("teacher_depth")
         for prefix, net in (("", self.student_network_name), ("teacher_", self.teacher_network_name)):
             depth = getattr(self, prefix + "depth")
             if net == "wide_resnet" and (depth < 10 or (depth - 4) % 6):
@@ -267,7 +280,7 @@ def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
     for name in values:
         if name not in FIELDS:
             coerce(name, None)  # the one-line "unknown config key" error
-    return _validated({**(base or Config()).model_dump(), **values})
+    return _validated({**(base or Config()).given(), **values})
 
 
 class _UniqueKeys(yaml.SafeLoader):

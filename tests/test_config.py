@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refilled.config import FIELDS, Config, from_dict, load_experiment, parse_overrides, read_yaml
+from refilled.config import FIELDS, TEACHER_KEYS, Config, from_dict, load_experiment, parse_overrides, read_yaml
 from refilled.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -351,3 +351,36 @@ def test_override_unknown_key():
     with pytest.raises(UserError) as e:
         from_dict(parse_overrides(["foo=1"]))
     assert "'foo'" in one_line(e)
+
+
+@pytest.mark.parametrize("family, depth", [("resnet", 110), ("wide_resnet", 40)])
+def test_teacher_depth_follows_the_teachers_family_as_the_authors_main(family, depth):
+    """Their main.py: teacher ResNet-110, WRN-40-2, MobileNet ca 1.0, whatever the student."""
+    cfg = from_dict({"teacher_network_name": family})
+    assert cfg.teacher_depth == depth and cfg.to_dict()["teacher_depth"] == depth
+    assert from_dict(cfg.to_dict()) == cfg  # experiment files and trials write the number and read it back
+    if family == "wide_resnet":
+        assert cfg.teacher_width == 2
+
+
+def test_a_resnet_teacher_without_teacher_depth_is_accepted_on_any_base():
+    wrn = from_dict({"teacher_network_name": "wide_resnet"})
+    assert from_dict({"teacher_network_name": "resnet"}, wrn).teacher_depth == 110
+    assert wrn.replace(teacher_network_name="resnet").teacher_depth == 110
+    assert from_dict({"teacher_network_name": "mobile_net"}).teacher_ca == 1.0
+
+
+def test_a_given_teacher_depth_is_kept():
+    given = from_dict({"teacher_network_name": "resnet", "teacher_depth": 20})
+    assert given.teacher_depth == 20 and given.replace(seed=3).teacher_depth == 20
+    assert from_dict({"teacher_depth": 16}).replace(teacher_network_name="wide_resnet").teacher_depth == 16
+    with pytest.raises(UserError, match="teacher_depth"):
+        given.replace(teacher_network_name="wide_resnet")  # 20 is no WRN depth: given, so not chosen again
+
+
+def test_the_default_teachers_cache_name_is_unchanged_by_the_family_default():
+    """The depth chosen by family is the number a config that gives it holds: same teacher, same file."""
+    name = lambda cfg: cfg.digest(TEACHER_KEYS)  # noqa: E731  (runs.default_teacher_path's part of it)
+    assert name(Config()) == name(from_dict({"teacher_depth": 40}))
+    mobile = from_dict({"teacher_network_name": "mobile_net"})
+    assert name(mobile) == name(mobile.replace(teacher_depth=40))

@@ -1,4 +1,4 @@
-"""The experiment store's layout: named once, shown in the README as it is, written one way."""
+"""The experiment store's layout: named once, shown in docs/experiments.md as it is, written one way."""
 
 import os
 import re
@@ -13,10 +13,10 @@ from refilled.store.atomic import write_atomic
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_readme_table_is_the_layout():
-    readme = (REPO / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `([^`]+)` \| (.+) \|$", readme[readme.index("| file or folder | what it holds |"):],
-                           flags=re.M))
+def test_the_documented_table_is_the_layout():
+    page = (REPO / "docs" / "experiments.md").read_text()
+    table = page[page.index("| file or folder | what it holds |"):].split("\n\n")[0]
+    rows = dict(re.findall(r"^\| `([^`]+)` \| (.+) \|$", table, flags=re.M))
     assert rows == layout.LAYOUT
 
 
@@ -65,9 +65,9 @@ def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path, umask):
     assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
 
 
-def test_readme_what_is_where_names_every_folder_and_only_those_that_exist():
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("## What is where"):readme.index("## Commands")]
+def test_what_is_where_names_every_folder_and_only_those_that_exist():
+    page = (REPO / "docs" / "development.md").read_text()
+    table = page[page.index("## What is where"):page.index("## Tests")]
     named = set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.M))
     assert all((REPO / n).exists() for n in named), [n for n in named if not (REPO / n).exists()]
     folders = {f"{p.name}/" for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")

@@ -43,7 +43,7 @@ class Augmentation:
 
 
 def for_data(data_name: str, image_size: int | None = None) -> Augmentation:
-    """The authors' training augmentation for each data set (SPEC.md); digits get
+    """The authors' training augmentation for each data set (CUB: see docs/method.md); digits get
     CIFAR's crops, padded by an eighth of their side (4 px at 32, 1 px at 8), no flip."""
     if data_name == "CIFAR-100":
         return Augmentation("crop_flip", pad=4, flip=True)
