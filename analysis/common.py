@@ -24,7 +24,7 @@ from refilled.config import Config
 from refilled.store.integrity import study
 from refilled.errors import UserError
 from refilled.store.experiments import experiment_config, load_trials, read_results
-from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH, STUDY_FILE
+from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH
 from refilled.store.lease import note_if_running
 from refilled.store.stage1_cache import STAGE1_ONLY
 from refilled.store.storage import experiment_at
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
 METRIC = "best_val_accuracy_stage2"  # the final metric of a trial (what the search ranks by)
 LOG_KINDS = ("loguniform", "lograndint")
-ANALYSIS_STUDY = "restore it from a backup, or move it aside to report without parameter importances"
+ANALYSIS_STUDY = "restore it from a backup, or move it aside: the analysis reads the trials, not the study"
 
 
 @dataclass
@@ -102,8 +102,8 @@ def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     for p in paths:
         place = experiment_at(p)  # a URI is read from a local mirror
         experiment_config(place.folder, place.location)  # refuses what is not an experiment, in one line
-        # a damaged study is refused before any output is written (the importance plot reads it)
-        study(place.folder / STUDY_FILE, f"{place.location}/{STUDY_FILE}", remedy=ANALYSIS_STUDY)
+        # a damaged study is refused before any output is written
+        study(place.folder, place.location, remedy=ANALYSIS_STUDY)
         running.append(place.location)
         if place.folder not in folders:
             folders.append(place.folder)

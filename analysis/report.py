@@ -33,6 +33,7 @@ from analysis.compare_trials import experiment_summary, leaderboard, write_table
 from analysis.plot_trials import PLOTS
 from analysis.selection_cost import plot_cost, plot_selection
 from refilled.store import cost
+from refilled.store import study as study_store
 from refilled.store.layout import BEST_CONFIG, RETRAIN_DIR
 
 SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
@@ -174,7 +175,7 @@ def make_report(experiments, out: str | Path, force: bool = False) -> dict[str, 
     for exp in experiments:
         lines += [f"- {exp.label}: `tensorboard --logdir {exp.folder}` (every trial's scalars; the HParams tab "
                   f"lists the searched parameters with each trial's last reported metrics), "
-                  f"`optuna-dashboard sqlite:///{exp.folder / 'optuna.db'}`"]
+                  f"`{study_store.dashboard(exp.folder)}`"]
     index = folder / "index.md"
     index.write_text("\n".join(lines) + "\n")
     made["index"] = index

@@ -22,6 +22,7 @@ import yaml
 
 from support.processes import run_python, tiny_search as shared_tiny_search
 from refilled.errors import UserError
+from refilled.store import study as study_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -264,7 +265,7 @@ def test_importance_from_the_optuna_study(exp1, exp2, tmp_path):
     with pytest.raises(UserError, match=f"too few trials for parameter importance .*fANOVA needs {MIN_TRIALS}"):
         importances(exp)
     # the study the search wrote: finished trials are COMPLETE, trials ASHA stopped are PRUNED
-    study = optuna.load_study(study_name=exp1.name, storage=f"sqlite:///{exp1 / 'optuna.db'}")
+    study = study_store.load(exp1, exp1.name)
     states = [t.state for t in study.trials]
     board = read_board(exp1 / "trials.csv")
     assert len(states) == len(board) == 6

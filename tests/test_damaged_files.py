@@ -21,6 +21,7 @@ import torch
 from support.configs import make_tiny_config
 from refilled import checkpoint
 from refilled.store import experiment_file
+from refilled.store import study as study_store
 from refilled.errors import UserError
 from refilled.store.lease import Lease
 from refilled.store.layout import LEASE_FILE
@@ -38,6 +39,14 @@ def cut(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[:int(len(data) * keep)])
 
 
+def garble(path: Path) -> None:
+    """A journal's line damaged before its last (a last line cut short is what a crash
+    leaves, and Optuna skips it): its first line's middle overwritten."""
+    data = bytearray(path.read_bytes())
+    data[5:25] = b"\x00garbled-by-a-test\x00"
+    path.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, teacher_path) -> Path:
     """An interrupted search's experiment: its file, teacher, bank, study, and one trial
@@ -51,7 +60,7 @@ def made(tmp_path_factory, teacher_path) -> Path:
     np.save(folder / "bank-tuning.npy", np.ones((50, 18, 16), np.float16))
     np.save(folder / "centers-tuning.npy", np.ones((5, 16), np.float32))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="exp", storage=f"sqlite:///{folder / 'optuna.db'}", direction="maximize")
+    study = optuna.create_study(study_name="exp", storage=study_store.storage(folder), direction="maximize")
     for value in (0.5, 0.7):
         trial = study.ask({"tau1": optuna.distributions.FloatDistribution(0.5, 16, log=True)})
         study.tell(trial, value)
@@ -71,7 +80,9 @@ def made(tmp_path_factory, teacher_path) -> Path:
 def copy(made: Path, base: Path, damaged: str | None, keep: float = 0.5) -> Path:
     target = base / "storage" / made.name
     shutil.copytree(made, target)
-    if damaged:
+    if damaged == "optuna.journal":
+        garble(target / damaged)
+    elif damaged:
         cut(target / damaged, keep)
     return target
 
@@ -91,7 +102,7 @@ def refused(capsys, args: list[str], *needles: str) -> str:
 
 # ----------------------------------------------------------------------------- search --resume
 
-WHAT_TO_DO = {"experiment.yaml": "restore it from a backup", "optuna.db": "restore it from a backup",
+WHAT_TO_DO = {"experiment.yaml": "restore it from a backup", "optuna.journal": "restore it from a backup",
               "teacher.pt": "restore it from a backup", "bank-tuning.npy": "delete bank-tuning.npy and",
               "centers-tuning.npy": "delete bank-tuning.npy and", CHECKPOINT: "restore it from a backup"}
 
@@ -107,6 +118,30 @@ def test_resume_refuses_a_damaged_file(made, tmp_path, capsys, monkeypatch, dama
                    f"{storage}/exp/{damaged}", WHAT_TO_DO[damaged])
     assert "damaged" in line or "cut short" in line or "corrupt" in line, line
     assert tree(folder.parent) == before  # no lease left behind either
+
+
+def test_a_journal_cut_short_by_a_crash_is_read_and_a_study_of_an_earlier_version_opens(made, tmp_path, capsys):
+    """A journal's last line cut off (a driver killed mid-write) is what Optuna skips: not
+    damaged. An experiment made before the journal has its study in SQLite (optuna.db): it
+    opens as such, and a damaged one is refused like the journal."""
+    import optuna
+
+    folder = copy(made, tmp_path, None)
+    journal = folder / "optuna.journal"
+    journal.write_bytes(journal.read_bytes() + b'{"op_code": 5, "worker_id": "x", "trial_id": 2, "st')
+    refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
+            "has no Ray Tune state to resume")  # past the checks
+    assert len(study_store.load(folder, "exp").trials) == 3
+
+    journal.unlink()
+    legacy = optuna.create_study(study_name="exp", storage=f"sqlite:///{folder / 'optuna.db'}", direction="maximize")
+    legacy.enqueue_trial({"tau1": 3.0})
+    assert study_store.study_file(folder).name == "optuna.db"
+    assert len(study_store.load(folder, "exp").trials) == 1
+    assert study_store.dashboard(folder) == f"optuna-dashboard sqlite:///{folder / 'optuna.db'}"
+    cut(folder / "optuna.db", 0.3)
+    refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
+            f"{folder}/optuna.db", "damaged", "restore it from a backup")
 
 
 def test_resume_of_the_whole_experiment_gets_past_the_checks(made, tmp_path, capsys):
@@ -148,7 +183,7 @@ def test_retrain_refuses_a_damaged_file(made, tmp_path, capsys, damaged):
     assert tree(folder.parent) == before and not (folder / "retrain").exists()
 
 
-@pytest.mark.parametrize("damaged", ["experiment.yaml", "optuna.db"])
+@pytest.mark.parametrize("damaged", ["experiment.yaml", "optuna.journal"])
 @pytest.mark.parametrize("script", ["report", "plot_trials", "compare_trials"])
 def test_analysis_refuses_a_damaged_file(made, tmp_path, capsys, damaged, script):
     import importlib

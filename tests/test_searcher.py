@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from refilled.store import cost
 from refilled.tune.searcher import StudySearcher
+from refilled.store import study as study_store
 from refilled.store.layout import STUDY_FILE
 from refilled.tune.rungs import CLOCK, clock
 from refilled.tune.settings import distributions
@@ -47,7 +48,7 @@ def at(step: int, value: float, diverged: int = 0) -> dict:
 
 
 def study(tmp_path) -> optuna.Study:
-    return optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / STUDY_FILE}")
+    return study_store.load(tmp_path, "s")
 
 
 def test_the_space_as_optuna_distributions():
@@ -152,7 +153,7 @@ def test_at_a_uri_the_study_goes_up_whenever_tune_saves(tmp_path, monkeypatch):
     searcher.suggest("t1")
     assert not (bucket / "exp" / "stage1_search" / STUDY_FILE).exists()
     searcher.save(str(tmp_path / "state"))
-    uploaded = optuna.load_study(study_name="s", storage=f"sqlite:///{bucket / 'exp' / 'stage1_search' / STUDY_FILE}")
+    uploaded = study_store.load(bucket / "exp" / "stage1_search", "s")
     assert [t.params for t in uploaded.trials] == [FIRST]
     assert list((tmp_path / "cache").rglob(STUDY_FILE))  # made in the mirror
 

@@ -3,7 +3,7 @@
 A full disk, an interrupted copy or a crash can leave a file cut short. What
 `search --resume`, `retrain` and the analysis scripts read is checked here, by
 reading only, and a damaged file is refused in one line that names it (its URI
-for an experiment at a URI) and says what to do: the Optuna study (optuna.db),
+for an experiment at a URI) and says what to do: the Optuna study,
 the teacher, its embedding bank, a staged search's phase-1 choice and the trial
 checkpoints a resume continues trials from. experiment.yaml is checked wherever
 it is read (refilled.store.experiment_file). No Ray here.
@@ -11,7 +11,6 @@ it is read (refilled.store.experiment_file). No Ray here.
 
 from __future__ import annotations
 
-import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from refilled import checkpoint
 from refilled.store.layout import STATE_FILE
 from refilled.store import storage, trial_records
 from refilled.method.bank import read_array
-from refilled.errors import UserError
 from refilled.store.layout import STAGE1_SEARCH
-from refilled.store.layout import STUDY_FILE, BANK_FILES
+from refilled.store.layout import BANK_FILES
 from refilled.store.layout import TEACHER_FILE
 
 RESUME_STUDY = "restore it from a backup, or start a new search (--name OTHER); retrain and the analysis do not need it"
@@ -31,26 +29,12 @@ def _shown(place: storage.Place, rel: str) -> str:
     return storage.join(place.uri, rel) if place.uri else str(place.folder / rel)
 
 
-def study(path: Path, shown: str, remedy: str = RESUME_STUDY) -> None:
-    """An Optuna study file (SQLite) must open and pass SQLite's quick_check; it is
-    opened read-only, so a check never writes (Optuna would create tables in an empty one)."""
-    if not path.is_file():
-        return
-    try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            problem = None if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] else "no tables"
-            result = db.execute("PRAGMA quick_check").fetchall()
-            if problem is None and result != [("ok",)]:
-                problem = str(result[0][0])[:120]
-        finally:
-            db.close()
-    except sqlite3.Error as e:
-        if "readonly" in str(e) or "read-only" in str(e):
-            return  # a journal to roll back (a driver killed mid-write): Optuna rolls it back when it opens it
-        problem = str(e)
-    if problem:
-        raise UserError(f"Optuna study {shown} is damaged ({problem}): {remedy}")
+def study(folder: Path, shown: str, remedy: str = RESUME_STUDY) -> None:
+    """The experiment folder's Optuna study (refilled.store.study), checked whole, read only."""
+    from refilled.store import study as study_store
+
+    path = study_store.study_file(folder)
+    study_store.check(path, f"{shown}/{path.name}", remedy)
 
 
 def _checkpoint(place: storage.Place, rel: str, what: str, remedy: str) -> None:
@@ -96,12 +80,12 @@ def before_resume(place: storage.Place, data: dict) -> None:
             if (place.folder / name).is_file():
                 read_array(place.folder / name, "teacher bank file", shown=_shown(place, name), mmap=True,
                            remedy=f"delete {' and '.join(BANK_FILES)}: --resume computes both again from teacher.pt")
-    study(place.folder / STUDY_FILE, _shown(place, STUDY_FILE))
+    study(place.folder, place.location)
     if data.get("stage1_choice"):
         _checkpoint(place, "stage1_choice.pt", "stage-1 choice", "restore it from a backup: every phase-2 trial "
                     "starts from it")
     elif (data.get("search") or {}).get("staged"):  # phase 1 goes on, then chooses
         phase1 = place.part(STAGE1_SEARCH)
-        study(phase1.folder / STUDY_FILE, _shown(place, f"{STAGE1_SEARCH}/{STUDY_FILE}"))
+        study(phase1.folder, _shown(place, STAGE1_SEARCH))
         _trial_checkpoints(phase1, ended_too=True)
     _trial_checkpoints(place, ended_too=False)

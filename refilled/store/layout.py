@@ -1,6 +1,6 @@
 """Every file and folder of an experiment, named once.
 
-`LAYOUT` is the table README.md shows ("The experiment folder"); a test checks
+`LAYOUT` is the table docs/experiments.md shows ("The experiment folder"); a test checks
 that the two agree. Trial folders are `trial_<id>/` (refilled.store.trial_records).
 """
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 EXPERIMENT_FILE = "experiment.yaml"
 TEACHER_FILE = "teacher.pt"
-STUDY_FILE = "optuna.db"
+STUDY_FILE = "optuna.journal"
+STUDY_SQLITE = "optuna.db"  # the study of an experiment made before the journal
 BANK_FILE = "bank-tuning.npy"
 CENTERS_FILE = "centers-tuning.npy"
 STAGE1_CACHE = "stage1_cache"
@@ -33,11 +34,12 @@ BANK_FILES = (BANK_FILE, CENTERS_FILE)
 LAYOUT: dict[str, str] = {
     EXPERIMENT_FILE: "the resolved config and search settings (resume, retrain), ending with an end line",
     TEACHER_FILE: "the teacher, trained or copied once before any trial",
-    STUDY_FILE: "the Optuna study (SQLite; `optuna-dashboard sqlite:///.../optuna.db`)",
+    STUDY_FILE: "the Optuna study, a journal of JSON lines (`optuna-dashboard .../optuna.journal`)",
+    STUDY_SQLITE: "the Optuna study of an experiment made before the journal (SQLite), still opened as such",
     BANK_FILE: "the teacher's embedding of every training image and augmentation, computed once",
     CENTERS_FILE: "the teacher's global class centres, computed once",
     STAGE1_CACHE + "/": "stage-1 results shared by trials with equal stage-1 settings",
-    STAGE1_SEARCH + "/": "a staged search's phase 1: stage-1-only trials, their own experiment.yaml and optuna.db",
+    STAGE1_SEARCH + "/": "a staged search's phase 1: stage-1-only trials, their own experiment.yaml and study",
     STAGE1_CHOICE: "the end-of-stage-1 student phase 1 chose; every phase-2 trial starts there",
     TRIALS_FILE: "one row per trial: config, best stage-2 validation accuracy, epochs, status",
     SELECTION_FILE: "the re-evaluation of the best trials with more seeds, best mean first",

@@ -23,7 +23,7 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
                     "machine with a folder (the kernel dropped its lock), otherwise once its heartbeat is older than "
                     "the timeout (120 s; TUNE_REFILLED_LEASE_TIMEOUT). TensorBoard: "
                     "`tensorboard --logdir <storage>/<name>`; Optuna: "
-                    "`optuna-dashboard sqlite:///<storage>/<name>/optuna.db`.")
+                    "`optuna-dashboard <storage>/<name>/optuna.journal`.")
     add_config_args(p, required=False)  # --config is optional with --resume: checked in cmd_search
     p.add_argument("--name", help="experiment name (default: the config file's name)")
     p.add_argument("--storage", default="experiments",

@@ -1,12 +1,12 @@
 """`search`: the driver. Optuna (TPE) samples, ASHA stops, Ray runs the trials, locally or on a cluster.
 
 The experiment (`<storage>/<name>/`) holds everything a search makes: its files and
-folders are named in refilled.store.layout (README.md shows them as a table).
+folders are named in refilled.store.layout (docs/experiments.md shows them as a table).
 
 `--storage` is a folder (local, or a mount every node shares) or a URI pyarrow
 understands (s3://, gs://, ...). With a URI, Ray Tune writes the trials there
 itself, and our files are made in a local mirror (refilled.store.storage) and copied
-up; optuna.db is copied up whenever Tune saves its state (refilled.tune.searcher).
+up; the Optuna study is copied up whenever Tune saves its state (refilled.tune.searcher).
 
 A staged search (`search.staged`) runs two Ray Tune experiments: phase 1 in
 stage1_search/ searches the keys that act only on stage 1 (tau1, lr1, ...),
@@ -48,7 +48,7 @@ from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.rungs import (correlation_lines, counted_epochs, experiment_correlations, schedule_warnings,
                                  scheduler_args)
 from refilled.tune.searcher import StudySearcher
-from refilled.store.layout import STUDY_FILE
+from refilled.store.study import STUDY_FILES, study_file
 from refilled.tune.selection import reevaluate
 from refilled.tune.settings import SearchSettings, check_rungs_within, parse_search
 from refilled.tune.trial_inputs import METHOD, TrialKind
@@ -227,7 +227,7 @@ def _run(cfg: Config, settings: SearchSettings, data: dict, place: Place, name: 
     warn_about_rungs(cfg, phase, max_t, phase2=stage1 is not None)
     fit(trainable, phase, cfg, place, name, max_t=max_t, resume=resume)
     trials = summarise(folder)
-    place.push(TRIALS_FILE, STUDY_FILE)
+    place.push(TRIALS_FILE, study_file(folder).name)
     choose(folder, trials, settings, place, teacher_path, place.uri, kind)
     show_rung_fidelity(folder, cfg.bn_stats)
     write_cost(folder)
@@ -276,7 +276,7 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
     grid = tuner.fit()
     if place.uri:  # the trials' results and records, next to our files in the mirror (whose study is current)
-        storage.download(place.uri, folder, skip=lambda rel: storage.is_checkpoint(rel) or rel.endswith(STUDY_FILE))
+        storage.download(place.uri, folder, skip=lambda rel: storage.is_checkpoint(rel) or rel.endswith(STUDY_FILES))
     if resume:
         set_aside_unknown_trials(place, {Path(r.path).name for r in grid if r.path})
     # Tune ends fit() quietly on Ctrl-C (it saves its state, then marks the trials it stops as
@@ -316,7 +316,7 @@ def run_stage1_phase(cfg: Config, settings: SearchSettings, place: Place, name: 
     trainable = kind.trainable_for(cfg, phase, place, teacher_path, stage1_only=True)
     fit(trainable, phase, cfg, place, f"{name}-stage1", max_t=counted_epochs(cfg, stage1_only=True), resume=resume,
         sub=STAGE1_SEARCH)
-    sub.push(STUDY_FILE)
+    sub.push(study_file(sub.folder).name)
 
     trials = load_trials(sub.folder)
     done = trials[trials["status"] == "finished"] if not trials.empty else trials

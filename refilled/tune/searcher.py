@@ -1,6 +1,7 @@
 """The search's Tune searcher: an Optuna study (TPE), driven through its ask-and-tell interface.
 
-The study lives in `optuna.db` (SQLite) in the experiment folder; for an
+The study lives in the experiment folder (refilled.store.study: an Optuna
+journal, or the SQLite file of an experiment made before it); for an
 experiment at a URI, in the local mirror, uploaded to the URI whenever Tune
 saves its state (`save`, just before Tune uploads its own), so that a resume
 from another machine finds the study as that state knew it.
@@ -28,7 +29,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from refilled.store import storage, trial_records
-from refilled.store.layout import STUDY_FILE
+from refilled.store import study as study_store
 from refilled.tune.rungs import CLOCK
 from refilled.tune.settings import distributions
 
@@ -108,11 +109,11 @@ class StudySearcher(Searcher):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         folder = self.place.folder
         folder.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{folder / STUDY_FILE}"
+        store = study_store.storage(folder)
         size = 0
-        if self.study_name in optuna.get_all_study_names(storage=url):
-            size = len(optuna.load_study(study_name=self.study_name, storage=url).get_trials(deepcopy=False))
-        study = optuna.create_study(study_name=self.study_name, storage=url, direction="maximize",
+        if self.study_name in optuna.get_all_study_names(storage=store):
+            size = len(optuna.load_study(study_name=self.study_name, storage=store).get_trials(deepcopy=False))
+        study = optuna.create_study(study_name=self.study_name, storage=store, direction="maximize",
                                     sampler=optuna.samplers.TPESampler(seed=study_seed(self.seed, size)),
                                     load_if_exists=True)
         if size == 0:
@@ -197,8 +198,9 @@ class StudySearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         Path(checkpoint_path).write_text(json.dumps({"trials": self._numbers}))
         place = self.place
-        if place.uri and (place.folder / STUDY_FILE).is_file():
-            place.push(STUDY_FILE)  # before Tune uploads the state that names these trials
+        path = study_store.study_file(place.folder)
+        if place.uri and path.is_file():
+            place.push(path.name)  # before Tune uploads the state that names these trials
 
     def restore(self, checkpoint_path: str) -> None:
         """--resume: Tune saves its state every 10 s or more, so a driver killed in

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import yaml
 
+from refilled.store import study as study_store
 from support.configs import REPO
 
 TINY = REPO / "tests" / "search_tiny.yaml"
@@ -120,7 +121,7 @@ def kill_when(run: RayRun, args: list[str], ready, what: str, settle: float = 0.
     (LEASE_TIMEOUT). Returns the driver's exit status and pid, and `killed_at`, when it was
     killed (time.monotonic()). `settle`: at a URI, ready() sees files that Tune's upload of its
     state brought, and a kill in the middle of that upload leaves a truncated state that
-    Tune cannot resume from (README, "If the driver dies"): the upload is given time to end."""
+    Tune cannot resume from (docs/reliability.md, "If the driver dies"): the upload is given time to end."""
     driver = run.popen(args)
     try:
         deadline = time.monotonic() + SEARCH_TIMEOUT
@@ -256,9 +257,8 @@ def check_run_again_from_saved_state(folder: Path, before: dict[str, list[dict]]
 
 
 def study(folder: Path):
-    import optuna
 
-    return optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    return study_store.load(folder, folder.name)
 
 
 def optuna_trial_for(trials, values: dict):
@@ -302,7 +302,6 @@ def check_staged(folder: Path, n: int, n1: int = 3, killed_in_phase2: bool = Fal
     """What a finished staged search of search_tiny.yaml (n1 phase-1 and n phase-2 trials) must hold.
     killed_in_phase2: a phase-2 trial may have run epochs again from its checkpoint after a
     resume (check_run_again_from_saved_state says which and how)."""
-    import optuna
     import torch
 
     from refilled import checkpoint
@@ -354,7 +353,7 @@ def check_staged(folder: Path, n: int, n1: int = 3, killed_in_phase2: bool = Fal
     best = yaml.safe_load((folder / "best_config.yaml").read_text())["config"]
     assert same_params({k: best[k] for k in STAGE1_SEARCHED}, choice["values"])
     # one Optuna study per phase, each over its own keys
-    first_study = optuna.load_study(study_name=f"{folder.name}-stage1", storage=f"sqlite:///{phase1 / 'optuna.db'}")
+    first_study = study_store.load(phase1, f"{folder.name}-stage1")
     assert len(first_study.trials) == n1 and all(sorted(t.params) == sorted(STAGE1_SEARCHED) for t in first_study.trials)
     second = study(folder).trials
     assert len(second) == n and all(sorted(t.params) == ["lambd", "lr2", "tau2"] for t in second)
