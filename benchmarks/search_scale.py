@@ -91,6 +91,22 @@ def cpu_s(pid: int) -> float:
         return 0.0
 
 
+def process_kind(pid: int) -> str:
+    """raylet, gcs_server, a Ray worker (by its title: ray::ImplicitFunc for a trial, ray::IDLE, ...)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+    except OSError:
+        return "gone"
+    if not words:
+        return "unknown"
+    first = words[0].rsplit("/", 1)[-1]
+    if first.startswith("ray::"):
+        return "worker " + first.split(".")[0]
+    if "python" in first and len(words) > 1:
+        return words[1].rsplit("/", 1)[-1]
+    return first
+
+
 def torch_in(pid: int) -> bool:
     try:
         return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
@@ -105,6 +121,13 @@ class Memory(threading.Thread):
         super().__init__(daemon=True)
         self.every_s, self.samples, self.stopped = every_s, [], threading.Event()
         self.cpu: dict[int, float] = {}  # Ray process -> CPU seconds it had used when last seen
+        self.kind: dict[int, str] = {}  # Ray process -> what it is (raylet, gcs_server, a trial's worker, ...)
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, seconds in self.cpu.items():
+            out[self.kind[pid]] = out.get(self.kind[pid], 0.0) + seconds
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def run(self):
         while not self.stopped.wait(self.every_s):
@@ -113,6 +136,7 @@ class Memory(threading.Thread):
             workers = [p for p in marked_pids()]
             for p in workers:
                 self.cpu[p] = max(self.cpu.get(p, 0.0), cpu_s(p))
+                self.kind.setdefault(p, process_kind(p))
             self.samples.append({"t": time.perf_counter(), "driver_rss_mib": rss, "driver_pss_mib": pss_mib(os.getpid()),
                                  "ray_processes": len(workers), "ray_pss_mib": sum(pss_mib(p) for p in workers),
                                  "available_mib": available_mib()})
@@ -143,6 +167,7 @@ class Probe:
         self.profile_from, self.profile_s = profile_from, profile_s
         self.window: list[float] = []  # [start, end] of the profile, in perf_counter time
         self._thread_cpu: list[float] = []
+        self.run_process_cpu = 0.0
         self.run_cpu: list[float] = []  # the main thread's CPU time at the search's start and end
 
     def install(self) -> None:
@@ -288,6 +313,9 @@ def main() -> None:
                              "wait (sets the epoch time: concurrent / rate)")
     parser.add_argument("--checkpoint-bytes", type=int, default=1_400_000,
                         help="size of a checkpoint (a CIFAR ResNet-14 student and its SGD momentum: about 1.4 MB)")
+    parser.add_argument("--rungs", default="0.3,0.6",
+                        help="ASHA's rungs as fractions of --epochs (default 0.3,0.6)")
+    parser.add_argument("--reduction-factor", type=float, default=3.0)
     parser.add_argument("--config", default=str(REPO / "search_spaces" / "cifar100_crosstask.yaml"))
     parser.add_argument("--profile-from", type=int, default=128, help="open the profile at this trial's ask")
     parser.add_argument("--profile-s", type=float, default=60.0)
@@ -304,10 +332,10 @@ def main() -> None:
     n1 = min(cfg.n_training_epochs1, args.epochs // 4)
     cfg = cfg.replace(n_training_epochs1=n1, n_training_epochs2=args.epochs - n1)
     section = {k: v for k, v in (data.get("search") or {}).items() if k not in ("staged", "asha")}
-    # ASHA: the file's reduction factor; rungs at 30% and 60% of the epochs
+    rungs = [max(1, round(args.epochs * float(f))) for f in args.rungs.split(",")]
     section.update(num_samples=args.trials, max_concurrent=args.concurrent, reuse_actors=True,
                    resources={"cpu": 1, "gpu": args.gpu_per_trial},
-                   asha={"rungs": [round(args.epochs * 0.3), round(args.epochs * 0.6)], "reduction_factor": 3},
+                   asha={"rungs": rungs, "reduction_factor": args.reduction_factor},
                    select={"top_k": 4, "seeds": 2})
     epoch_s = args.concurrent / args.rate
     kind = SimulatedTrials(epoch_s=epoch_s, checkpoint_bytes=args.checkpoint_bytes)
@@ -326,12 +354,14 @@ def main() -> None:
 
     started = time.perf_counter()
     probe.run_cpu = [time.thread_time()]
+    process_cpu = os.times().user + os.times().system
     try:
         folder = run_search(cfg, section, name="scale", storage_location=str(out), address=address, resume=False,
                             teacher=None, kind=kind)
     finally:
         probe.close_profile()
         probe.run_cpu.append(time.thread_time())
+        probe.run_process_cpu = os.times().user + os.times().system - process_cpu
         probe.profile.dump_stats(str(out / "driver.prof"))
         wall = time.perf_counter() - started
         memory.stopped.set()
@@ -350,14 +380,14 @@ def main() -> None:
 
 def report_figures(args, folder: Path, probe: Probe, memory: Memory, wall: float, workers_with_torch: int,
                    out: Path) -> dict:
-    import optuna
     import pandas as pd
 
+    from refilled.store import study as study_store
     from refilled.store.experiments import load_trials, read_results, trial_folders
     from refilled.tune.retrain import choose_config
 
     trials_csv = pd.read_csv(folder / "trials.csv")
-    study = optuna.load_study(study_name="scale", storage=f"sqlite:///{folder / 'optuna.db'}")
+    study = study_store.load(folder, "scale")
     rows = [r for tf in trial_folders(folder) for r in read_results(tf)]
     waits = [r["report_wait_s"] for r in rows if r.get("step", 0) > 1]
     start = time.perf_counter()
@@ -392,6 +422,8 @@ def report_figures(args, folder: Path, probe: Probe, memory: Memory, wall: float
         / max(len(probe.results) - len(window_results), 1),
         "driver_process_cpu_s": os.times().user + os.times().system,
         "ray_processes_cpu_s": sum(memory.cpu.values()),
+        "ray_processes_cpu_s_by_kind": memory.cpu_by_kind(),
+        "driver_run_cpu_s": probe.run_process_cpu,
         "memory": {"driver_rss_mib_max": max((s["driver_rss_mib"] for s in memory.samples), default=0),
                    "ray_pss_mib_max": max((s["ray_pss_mib"] for s in memory.samples), default=0),
                    "ray_processes_max": max((s["ray_processes"] for s in memory.samples), default=0),
@@ -432,7 +464,10 @@ def show(f: dict, probe: Probe) -> None:
         print(f"  {name:<22} {seconds / n * 1e3:7.2f} ms")
     print(f"driver main thread outside the profile: {f['driver_main_thread_ms_per_result_unprofiled']:.2f} ms CPU "
           f"per epoch result; CPU seconds in all: driver process {f['driver_process_cpu_s']:.0f}, Ray's processes "
-          f"{f['ray_processes_cpu_s']:.0f} (this machine: {os.cpu_count()} cores x {f['wall_s']:.0f} s)")
+          f"{f['ray_processes_cpu_s']:.0f} (this machine: {os.cpu_count()} cores x {f['wall_s']:.0f} s); driver in the "
+          f"search {f['driver_run_cpu_s']:.0f}")
+    print("  Ray's processes by kind: " + ", ".join(f"{k} {v:.0f} s" for k, v in f["ray_processes_cpu_s_by_kind"].items()
+                                                   if v >= 1))
     m = f["memory"]
     print(f"memory: driver RSS max {m['driver_rss_mib_max']:.0f} MiB; Ray's {m['ray_processes_max']} processes "
           f"PSS max {m['ray_pss_mib_max']:.0f} MiB; machine available min {m['available_mib_min']:.0f} MiB; "

@@ -126,7 +126,6 @@ class SimulatedTrials:
 
     epoch_s: float = 0.5
     checkpoint_bytes: int = 0
-    simulated = True
 
     def note(self) -> dict[str, Any]:
         """What experiment.yaml says of the simulation."""

@@ -140,8 +140,6 @@ class TrialKind(Protocol):
     """What the driver runs as trials: REFILLED (METHOD), or a simulation of it
     (refilled.tune.simulation.SimulatedTrials) that measures the driver at scale."""
 
-    simulated: bool
-
     def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind ({} for the method)
 
     def prepare_teacher(self, cfg: Config, folder: Path, teacher: str | None) -> Path | None: ...
@@ -155,8 +153,6 @@ class TrialKind(Protocol):
 
 class MethodTrials:
     """Trials that train REFILLED: the kind of every search a user runs."""
-
-    simulated = False
 
     def note(self) -> dict[str, Any]:
         return {}

@@ -1,0 +1,60 @@
+"""The search layer at scale, simulated: benchmarks/search_scale.py's search of 256 simulated
+trials, 64 at once on a logical 16-GPU Ray head (refilled.tune.simulation: the real driver,
+searcher, callbacks, storage, selection and report; no torch in the trials). Every trial
+must end once: in the Optuna study, in its folder, in trials.csv and in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+import pytest
+from support.searches import REPO, RayRun, explain, results, trial_folders
+
+from refilled.store import study as study_store
+
+TRIALS, AT_ONCE = 256, 64
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_256_simulated_trials_each_end_once_in_the_study_the_folders_the_table_and_the_report(tmp_path):
+    run = RayRun()
+    done = run.run([sys.executable, str(REPO / "benchmarks" / "search_scale.py"), "--trials", str(TRIALS),
+                    "--concurrent", str(AT_ONCE), "--gpus", "16", "--epochs", "8", "--rate", "200",
+                    "--checkpoint-bytes", "1000", "--profile-from", "70", "--profile-s", "10",
+                    "--out", str(tmp_path), "--keep"], timeout=840)
+    assert done.returncode == 0, explain(done)
+    folder = tmp_path / "scale"
+    figures = json.loads((tmp_path / "figures.json").read_text())
+
+    folders = {tf.name.removeprefix("trial_") for tf in trial_folders(folder)}
+    assert len(folders) == TRIALS and not (folder / "interrupted_trials").exists()
+    for tf in trial_folders(folder):  # each ran from its first epoch to where it ended, once
+        steps = [r["step"] for r in results(tf)]
+        assert steps == list(range(1, len(steps) + 1)) and steps, tf.name
+        assert not any(r["torch_loaded"] for r in results(tf)), tf.name  # the trials stay small
+
+    study = study_store.load(folder, "scale")
+    assert study_store.study_file(folder).name == "optuna.journal"
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(TRIALS))
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    assert sorted(table["trial_id"]) == sorted(folders)
+    # each study trial is a trial of the table, with the same values (Tune's config is Optuna's params)
+    by_values = {tuple((k, round(v, 9)) for k, v in sorted(t.params.items())): t for t in study.trials}
+    for _, row in table.iterrows():
+        key = tuple((k, round(v, 9)) for k, v in sorted((k.removeprefix("config/"), row[k]) for k in row.index
+                                                        if k.startswith("config/")))
+        trial = by_values.pop(key)
+        assert trial.state.name == ("COMPLETE" if row["status"] == "finished" else "PRUNED"), row["trial_id"]
+    assert not by_values
+    assert (table["status"] == "stopped").sum() > TRIALS / 2  # ASHA stopped most at its rungs
+
+    report = pd.read_csv(tmp_path / "report" / "trials.csv", dtype={"trial_id": str})
+    assert sorted(report["trial_id"]) == sorted(folders)
+    assert figures["report_ok"] and figures["study_trials"] == TRIALS and figures["trials_csv_rows"] == TRIALS
+    assert figures["workers_with_torch"] == 0 and figures["memory"]["ray_processes_max"] >= AT_ONCE
