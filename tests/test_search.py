@@ -319,7 +319,7 @@ def test_a_retried_trial_keeps_the_results_it_reported_before_its_crash(tmp_path
     may be behind (Tune copies it there now and then): the last results before the crash
     went missing. The script leaves the storage copy at step 1 when the trial restarts;
     result.json must still hold every step the trial reported."""
-    script = str(REPO / "tests" / "retried_trial_logs.py")
+    script = str(REPO / "tests" / "support" / "retried_trial_logs.py")
     fixed = RayRun(PYTHONPATH=str(REPO)).run([sys.executable, script, str(tmp_path / "with")])
     assert "STEPS [1, 2, 3, 4]" in fixed.stdout, explain(fixed)
 

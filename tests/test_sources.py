@@ -20,8 +20,8 @@ from refilled.data.sources import (
     load_source,
 )
 from refilled.errors import UserError
-from tests.cifar_files import make_cifar as _make_cifar
-from tests.cifar_files import write_py2_pickle as _write_py2_pickle
+from tests.support.cifar_files import make_cifar as _make_cifar
+from tests.support.cifar_files import write_py2_pickle as _write_py2_pickle
 
 
 def _assert_one_line_error(excinfo, *fragments: str) -> str:
@@ -265,6 +265,15 @@ def test_cub200_stale_cache_is_rebuilt(tmp_path):
     os.utime(cache, ns=(old - 10**10, old - 10**10))  # now older than images.txt
     load_cub200(tmp_path, image_size=8)
     assert cache.stat().st_mtime_ns > old - 10**10
+
+
+def test_cub200_cache_that_cannot_be_written_warns_and_loads(tmp_path):
+    cub, expected = _make_cub(tmp_path)
+    (cub / "refilled_cache_8.npz").mkdir()  # in the way of the cache (a read-only folder is not, for root)
+    with pytest.warns(UserWarning, match="could not write CUB-200 cache"):
+        src = load_cub200(tmp_path, image_size=8)
+    _check_imageset(src.train, (3, 8, 8))
+    assert (cub / "refilled_cache_8.npz").is_dir() and not list(cub.glob("*.tmp"))
 
 
 def test_cub200_missing_folder(tmp_path):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,15 +359,14 @@ def _load_cub_cache(path: Path, index_file: Path, train_ids: np.ndarray, test_id
 
 
 def _save_cub_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write the cache atomically (temp file + os.replace) so a crash never leaves half a file."""
+    """Write the cache atomically, so a crash never leaves half a file (write_atomic removes its
+    temporary file when it fails)."""
     from refilled.store.atomic import write_atomic
 
     try:  # uncompressed: decoded photos barely compress, and loading is faster
         write_atomic(path, lambda f: np.savez(f, **arrays))
     except OSError as err:  # e.g. a read-only data folder: the cache is only an optimisation
         warnings.warn(f"could not write CUB-200 cache {path}: {_one_line(err)}")
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_cub200(root: str | Path, image_size: int = 256) -> Source:

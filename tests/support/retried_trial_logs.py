@@ -3,7 +3,7 @@ step-2 checkpoint, with the experiment's storage copy of result.json left at ste
 when the trial restarts (what a copy Tune made a while before leaves there). Prints
 the steps result.json ends with: with our callback, every step the trial reported.
 
-    python tests/retried_trial_logs.py STORAGE [--without-fix]
+    python tests/support/retried_trial_logs.py STORAGE [--without-fix]
 
 `--without-fix` runs the same without our callback (to see what it prevents).
 """
