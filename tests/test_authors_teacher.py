@@ -12,7 +12,7 @@ import yaml
 
 import tune_refilled
 from refilled import checkpoint
-from tests.support.cifar_files import make_cifar
+from support.cifar_files import make_cifar
 
 WRN16_1 = Path(__file__).resolve().parents[2] / "shared" / "authors_checkpoints" / "cifar100_wrn16_1.model"
 

@@ -20,8 +20,8 @@ from refilled.data.sources import (
     load_source,
 )
 from refilled.errors import UserError
-from tests.support.cifar_files import make_cifar as _make_cifar
-from tests.support.cifar_files import write_py2_pickle as _write_py2_pickle
+from support.cifar_files import make_cifar as _make_cifar
+from support.cifar_files import write_py2_pickle as _write_py2_pickle
 
 
 def _assert_one_line_error(excinfo, *fragments: str) -> str:
