@@ -27,8 +27,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from refilled.errors import UserError
 
 DATA_NAMES = ("CIFAR-100", "CUB-200", "digits")
-ALIASES = {"cifar-100": "CIFAR-100", "cifar100": "CIFAR-100", "cub-200": "CUB-200", "cub200": "CUB-200",
-           "cub-200-2011": "CUB-200", "digits": "digits"}
+# the names a data set may be given by, compared without case, dashes, underscores or spaces
+_ALIASES = {"cifar100": "CIFAR-100", "cub200": "CUB-200", "cub2002011": "CUB-200", "cub": "CUB-200",
+            "digits": "digits", "sklearndigits": "digits"}
+
+
+def canonical_data_name(data_name: str) -> str | None:
+    """The canonical name of a data set given as e.g. "cifar100" or "CUB-200-2011", or None."""
+    return _ALIASES.get("".join(ch for ch in str(data_name).lower() if ch not in "-_ "))
 
 # a key's groups (field metadata)
 TEACHER = "teacher"  # decides which teacher a config needs (its cache file name)
@@ -168,7 +174,7 @@ class Config(BaseModel):
     @classmethod
     def _data_name_aliases(cls, values: Any) -> Any:
         if isinstance(values, dict) and isinstance(values.get("data_name"), str):
-            name = ALIASES.get(values["data_name"].lower())
+            name = canonical_data_name(values["data_name"])
             if name is None:
                 raise UserError(f"config key 'data_name' must be one of {', '.join(DATA_NAMES)}, "
                                 f"got {values['data_name']!r}")

@@ -9,6 +9,7 @@ import pytest
 
 from refilled.config import FIELDS, TEACHER_KEYS, Config, from_dict, load_experiment, parse_overrides, read_yaml
 from refilled.errors import UserError
+from refilled.data import sources
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
@@ -93,6 +94,13 @@ def test_experiment_file_with_config_section(tmp_path):
     assert cfg.point == (3, 5) and cfg.flag_merge is True and cfg.shots == 10
     assert cfg.lr1 == 0.1  # untouched keys keep the defaults
     assert sections["search"] == {"num_samples": 4} and sections["name"] == "demo"
+
+
+@pytest.mark.parametrize("given, canonical", [("Cifar_100", "CIFAR-100"), ("CUB", "CUB-200"),
+                                               ("cub_200_2011", "CUB-200"), ("sklearn-digits", "digits")])
+def test_config_takes_every_name_the_loader_takes(given, canonical):
+    # one alias table: a name the data loader knows is never refused by the config
+    assert Config(data_name=given).data_name == canonical == sources.canonical_data_name(given)
 
 
 def test_flat_config_file(tmp_path):

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from refilled import config
+from refilled.config import DATA_NAMES
 from refilled.errors import UserError
-
-DATA_NAMES = ("CIFAR-100", "CUB-200", "digits")
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -71,25 +71,12 @@ def _one_line(text: object) -> str:
 # Dispatch
 # --------------------------------------------------------------------------- #
 
-# Case-, dash-, underscore- and space-insensitive aliases.
-_ALIASES = {
-    "cifar100": "CIFAR-100",
-    "cub200": "CUB-200",
-    "cub2002011": "CUB-200",
-    "cub": "CUB-200",
-    "digits": "digits",
-    "sklearndigits": "digits",
-}
-
-
 def canonical_data_name(data_name: str) -> str:
     """Map a user-given data set name (e.g. "cifar100", "cub-200-2011") to its canonical name."""
-    key = "".join(ch for ch in str(data_name).lower() if ch not in "-_ ")
-    if key not in _ALIASES:
-        raise UserError(
-            f"unknown data set {data_name!r}: use one of {', '.join(DATA_NAMES)}"
-        )
-    return _ALIASES[key]
+    name = config.canonical_data_name(data_name)
+    if name is None:
+        raise UserError(f"unknown data set {data_name!r}: use one of {', '.join(DATA_NAMES)}")
+    return name
 
 
 def load_source(data_name: str, root: str | Path = "data", download: bool = False,
