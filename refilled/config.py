@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from refilled.errors import UserError
 
 DATA_NAMES = ("CIFAR-100", "CUB-200", "digits")
+CLASS_COUNT = {"CIFAR-100": 100, "CUB-200": 200, "digits": 10}  # known before a file is read
 # the names a data set may be given by, compared without case, dashes, underscores or spaces
 _ALIASES = {"cifar100": "CIFAR-100", "cub200": "CUB-200", "cub2002011": "CUB-200", "cub": "CUB-200",
             "digits": "digits", "sklearndigits": "digits"}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from refilled.config import CLASS_COUNT
 from refilled.data import sources
 from refilled.data.sources import (
     ImageSet,
@@ -333,6 +334,7 @@ def test_cub200_missing_or_corrupt_image(tmp_path):
 def test_digits():
     src = load_source("Digits")
     assert src.name == "digits" and src.class_names == [str(d) for d in range(10)]
+    assert len(src.class_names) == CLASS_COUNT["digits"]  # what the search assumes before reading a file
     _check_imageset(src.train, (1, 8, 8))
     _check_imageset(src.test, (1, 8, 8))
     assert len(src.train.images) + len(src.test.images) == 1797

@@ -35,7 +35,7 @@ import pandas as pd
 from refilled import checkpoint
 from refilled.store.layout import COST_FILE
 from refilled.store import cost, integrity, experiment_file, storage, trial_records
-from refilled.config import Config
+from refilled.config import CLASS_COUNT, Config
 from refilled.errors import UserError
 from refilled.store.layout import EXPERIMENT_FILE
 from refilled.store.layout import DRIVER_FILE
@@ -119,8 +119,7 @@ def warn_about_rungs(cfg: Config, settings: SearchSettings, max_t: int, phase2: 
           f"{settings.asha.reduction_factor:g} at each)")
     steps = None
     if cfg.shots is not None:  # the training set is known without reading it: shots x classes
-        classes = {"CIFAR-100": 100, "CUB-200": 200, "digits": 10}[cfg.data_name]
-        n = cfg.shots * len(parse_positions(cfg.target_classes, classes, "target_classes"))
+        n = cfg.shots * len(parse_positions(cfg.target_classes, CLASS_COUNT[cfg.data_name], "target_classes"))
         steps = -(-n // cfg.batch_size)
     for line in schedule_warnings(rungs, phase2=phase2, e1=cfg.n_training_epochs1, e2=cfg.n_training_epochs2,
                                   point=cfg.point, steps_per_epoch=steps, bn_stats=cfg.bn_stats):
