@@ -11,7 +11,6 @@ trial folders that never reported an epoch added as rows of their own.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -23,12 +22,11 @@ import pandas as pd
 from refilled.config import Config
 from refilled.store.integrity import study
 from refilled.errors import UserError
-from refilled.store.experiments import experiment_config, load_trials, read_results
+from refilled.store.experiments import experiment_config, load_trials, read_results, read_retrain
 from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH
 from refilled.store.lease import note_if_running
 from refilled.store.stage1_cache import STAGE1_ONLY
 from refilled.store.storage import experiment_at
-from refilled.store.layout import RETRAIN_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,14 +180,24 @@ def curves(experiments: list[Experiment]) -> pd.DataFrame:
 
 
 def retrain_results(exp: Experiment) -> dict[str, Any] | None:
-    """<exp>/retrain/results.json if the final retrain ran, else None."""
-    path = exp.folder / RETRAIN_DIR / "results.json"
-    if not path.is_file():
-        return None
+    """<exp>/retrain/results.json if the final retrain ran and its file reads whole, else
+    None; a damaged one is left out, said once (note_left_out)."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return read_retrain(exp.folder)
+    except UserError as e:
+        note_left_out(e, "the final retrain is left out")
         return None
+
+
+_SAID: set[str] = set()
+
+
+def note_left_out(error: UserError, what: str) -> None:
+    """A damaged file a script can go on without: one line on stderr (once), and what it leaves out."""
+    line = f"note: {error}; {what}"
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- output
@@ -260,5 +268,6 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["Experiment", "open_experiments", "trials", "all_trials", "curves", "retrain_results", "markdown_table",
-           "out_dir", "experiments_parser", "run_cli", "fmt", "METRIC", "STATUS_ORDER", "EXPERIMENT_FILE", "UserError"]
+__all__ = ["Experiment", "open_experiments", "trials", "all_trials", "curves", "retrain_results", "note_left_out",
+           "markdown_table", "out_dir", "experiments_parser", "run_cli", "fmt", "METRIC", "STATUS_ORDER",
+           "EXPERIMENT_FILE", "UserError"]

@@ -27,14 +27,15 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.common import (experiments_parser, markdown_table, open_experiments, out_dir,
-                             retrain_results, run_cli)
+from analysis.common import (UserError, experiments_parser, markdown_table, note_left_out, open_experiments,
+                             out_dir, retrain_results, run_cli)
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables
 from analysis.plot_trials import PLOTS
 from analysis.selection_cost import plot_cost, plot_selection
 from refilled.store import cost
 from refilled.store import study as study_store
-from refilled.store.layout import BEST_CONFIG, RETRAIN_DIR
+from refilled.store.experiments import read_best_config
+from refilled.store.layout import BEST_CONFIG, RETRAIN_DIR, RETRAIN_RESULTS, RETRAIN_SUMMARY
 
 SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
 TOP = 10
@@ -71,16 +72,19 @@ def _slug(label: str) -> str:
 def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | None]:
     """Copy the retrain summary into the report; the markdown lines that show it."""
     results = retrain_results(exp)
+    if results is None and (exp.folder / RETRAIN_DIR / RETRAIN_RESULTS).is_file():
+        return [f"The final retrain of {exp.label} is left out: its {RETRAIN_DIR}/{RETRAIN_RESULTS} is damaged "
+                f"(run `python tune_refilled.py retrain --experiment {exp.folder} --force` again).", ""], None
     if results is None:
         return [f"No final retrain yet for {exp.label}: `python tune_refilled.py retrain --experiment "
                 f"{exp.folder}`, then run this report again.", ""], None
     target = folder / RETRAIN_DIR / _slug(exp.label)
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(exp.folder / RETRAIN_DIR / "results.json", target / "results.json")
+    shutil.copyfile(exp.folder / RETRAIN_DIR / RETRAIN_RESULTS, target / RETRAIN_RESULTS)
     lines = []
-    summary = exp.folder / RETRAIN_DIR / "summary.md"
+    summary = exp.folder / RETRAIN_DIR / RETRAIN_SUMMARY
     if summary.is_file():
-        shutil.copyfile(summary, target / "summary.md")
+        shutil.copyfile(summary, target / RETRAIN_SUMMARY)
         body = summary.read_text().splitlines()
         lines += [line for line in body if not line.startswith("# ")]
     rel = target.relative_to(folder).as_posix()
@@ -135,11 +139,16 @@ def make_report(experiments, out: str | Path, force: bool = False) -> dict[str, 
             lines += [f"### {exp.label}", ""]
         retrain_lines, _ = _retrain_section(exp, folder)
         lines += retrain_lines
-        best_cfg = exp.folder / BEST_CONFIG
-        if best_cfg.is_file():
+        try:
+            best_cfg = read_best_config(exp.folder)
+        except UserError as e:
+            note_left_out(e, "the report leaves it out")
+            lines += [f"The best configuration of {exp.label} is left out: its {BEST_CONFIG} is damaged.", ""]
+            best_cfg = None
+        if best_cfg is not None:
             target = folder / "best_config" / f"{_slug(exp.label)}.yaml"
             target.parent.mkdir(exist_ok=True)
-            shutil.copyfile(best_cfg, target)
+            shutil.copyfile(exp.folder / BEST_CONFIG, target)
             lines += [f"Best configuration of the search: [{target.name}]({target.relative_to(folder).as_posix()})",
                       ""]
 

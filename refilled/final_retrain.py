@@ -17,7 +17,8 @@ import yaml
 
 from refilled.config import Config
 from refilled.runlog import write_json
-from refilled.store.layout import TEACHER_FILE
+from refilled.store.layout import RETRAIN_RESULTS, RETRAIN_SUMMARY, TEACHER_FILE
+from refilled.store.atomic import write_atomic
 
 RUN_KINDS = ("refilled", "student_alone")
 
@@ -60,7 +61,7 @@ def run_one(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_path: str, o
         cfg = student_alone(cfg)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
+    write_atomic(folder / "config.yaml", yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
     # a re-evaluation needs only where the run ends: validation after the last epoch, not every epoch
     summary = train_once(cfg, folder, teacher_path=teacher_path, progress=progress, every_epoch=not tuning)
     accuracy = "val_accuracy" if tuning else "test_accuracy"
@@ -153,8 +154,8 @@ def _seeds(n: int) -> str:
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
-    write_json(results, out / "results.json")
-    (out / "summary.md").write_text("# Final retrain\n\n" + markdown(results))
+    write_json(results, out / RETRAIN_RESULTS)
+    write_atomic(out / RETRAIN_SUMMARY, "# Final retrain\n\n" + markdown(results))
 
 
 def retrain_local(cfg: Config, teacher_path: Path, seeds: int, baseline: bool, out: Path,

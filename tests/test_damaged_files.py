@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from support.configs import make_tiny_config
 from refilled import checkpoint
@@ -306,3 +307,79 @@ def test_a_damaged_trial_record_is_said_and_the_trial_kept_on_its_results(made, 
     assert list(trials["trial_id"]) == ["abc"]
     err = capsys.readouterr().err
     assert "trial_abc" in err and "trial_record.json is damaged" in err
+
+
+def _ended(folder: Path, trial_id: str, steps: int = 5) -> None:
+    """trial_<id> as a trial that ran all its steps, its record saying so."""
+    trial = folder / f"trial_{trial_id}"
+    rows = [{"step": s, "total_steps": steps, "stage": "stage1" if s <= 2 else "stage2", "val_accuracy": 0.1 * s,
+             "trial_id": trial_id} for s in range(1, steps + 1)]
+    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (trial / "trial_record.json").write_text(json.dumps({"trial_id": trial_id, "number": 1, "status": "finished",
+                                                         "step": steps, "total_steps": steps}))
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.55, 0.8])
+def test_an_ended_trial_whose_results_lost_their_end_is_left_out_and_refused_when_chosen(made, tmp_path, capsys,
+                                                                                          keep):
+    """Cut anywhere, even at a line's end, the file no longer holds the steps the trial's record
+    says it reported: the trial would rank on part of its curve, so it is left out, said once."""
+    from refilled.store.experiments import load_trials
+
+    folder = copy(made, tmp_path, None)
+    _another_trial(folder, "def")
+    for trial_id in ("abc", "def"):
+        _ended(folder, trial_id)
+    (folder / "selection.csv").write_text("trial_id,val_accuracy_reeval_mean\nabc,0.9\ndef,0.8\n")
+    cut(folder / "trial_abc" / "result.json", keep)
+    for _ in range(2):  # a script reads an experiment more than once: the note comes once
+        assert list(load_trials(folder)["trial_id"]) == ["def"]
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 1 and "trial_abc" in notes[0] and "reported step 5" in notes[0], notes
+    before = tree(folder.parent)
+    refused(capsys, ["retrain", "--experiment", str(folder), "--seeds", "1"], "the chosen trial abc",
+            "result.json ends at step")
+    refused(capsys, ["retrain", "--experiment", str(folder), "--seeds", "1", "--trial", "abc"],
+            "--trial abc", "result.json ends at step")
+    assert tree(folder.parent) == before
+
+
+@pytest.mark.parametrize("content", [b"trial_id,val_accuracy_reeval_mean\nabc,0.9\nd", b"trial_id\nabc\n",
+                                     bytes(range(128, 256))])
+def test_a_selection_cut_short_or_garbled_is_refused(made, tmp_path, capsys, content):
+    folder = copy(made, tmp_path, None)
+    _another_trial(folder, "def")
+    (folder / "selection.csv").write_bytes(content)
+    before = tree(folder.parent)
+    refused(capsys, ["retrain", "--experiment", str(folder), "--seeds", "1"], f"{folder}/selection.csv is damaged",
+            "search --resume")
+    assert tree(folder.parent) == before
+
+
+@pytest.mark.parametrize("how", ["random bytes", "cut"])
+def test_the_report_leaves_out_a_damaged_retrain_or_best_config_and_says_so_once(made, tmp_path, capsys, how):
+    from analysis.common import run_cli
+    from analysis.report import main as report
+    from refilled.store.experiments import read_best_config, read_retrain
+
+    folder = copy(made, tmp_path, None)
+    _ended(folder, "abc")
+    (folder / "retrain").mkdir()
+    results = {"refilled": {"test_accuracy": [0.9], "mean": 0.9, "std": 0.0}, "config": {"tau1": 2.0}}
+    (folder / "retrain" / "results.json").write_text(json.dumps(results, indent=2))
+    assert read_retrain(folder) == results
+    (folder / "best_config.yaml").write_text(yaml.safe_dump({"config": make_tiny_config().to_dict()}))
+    assert read_best_config(folder)["config"]["tau1"] == make_tiny_config().tau1
+    for name in ("retrain/results.json", "best_config.yaml"):
+        _damage(folder / name, how) if how == "random bytes" else cut(folder / name, 0.6)
+    before = tree(folder.parent)
+    out = tmp_path / "report"
+    assert run_cli(report, [str(folder), "--out", str(out)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(notes) == 2 and all(line.startswith("note: ") and "is damaged" in line for line in notes), notes
+    assert any("retrain/results.json" in line and "--force" in line for line in notes)
+    assert any("best_config.yaml" in line and "search --resume" in line for line in notes)
+    index = (out / "index.md").read_text()
+    assert "The final retrain of exp is left out" in index and "best configuration of exp is left out" in index
+    assert not (out / "best_config").exists() and not (out / "retrain").exists()  # nothing damaged copied
+    assert tree(folder.parent) == before

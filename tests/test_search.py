@@ -408,6 +408,11 @@ def test_settings_are_checked_by_their_meaning_before_ray_starts(tmp_path, capsy
     line = main_error(capsys, "search", "--config", str(TINY), "--storage", str(a_file))
     assert "is a file, not a folder" in line and a_file.read_text() == "mine"
     assert not storage.exists()
+    for resume in ([], ["--resume"]):  # the experiment's own folder a file of the user's
+        line = main_error(capsys, "search", "--config", str(TINY), "--storage", str(tmp_path), "--name", "a_file",
+                          *resume)
+        assert "is a file, not an experiment folder" in line and "--name" in line, line
+        assert a_file.read_text() == "mine"
 
 
 def test_unreachable_address(tmp_path, capsys):

@@ -23,8 +23,9 @@ from refilled.store import experiment_file, trial_records
 from refilled.config import Config, from_dict
 from refilled.errors import UserError
 from refilled.store.atomic import write_atomic
-from refilled.store.layout import SELECTION_FILE, SELECTION_DIR
-from refilled.store.layout import BEST_CONFIG, LEASE_FILE
+from refilled.config import FIELDS, read_yaml
+from refilled.store.layout import (BEST_CONFIG, LEASE_FILE, RETRAIN_DIR, RETRAIN_RESULTS, SELECTION_DIR,
+                                   SELECTION_FILE)
 
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation
@@ -96,10 +97,25 @@ def _status(rows: list[dict], record: dict[str, Any]) -> str:
     return status if status in trial_records.ENDED else "running"
 
 
+_SAID: set[tuple[str, str, str]] = set()  # a script reads an experiment several times: each note once
+
+
 def say_notes(folder: Path, notes: dict[str, str]) -> None:
-    """The one-line notes of load_trials, one per trial, on stderr."""
+    """The one-line notes of load_trials, one per trial, on stderr, each once in a process."""
     for trial_id, why in notes.items():
-        print(f"note: trial_{trial_id} of {folder.name}: its {why}", file=sys.stderr)
+        if (str(Path(folder).resolve()), trial_id, why) not in _SAID:
+            _SAID.add((str(Path(folder).resolve()), trial_id, why))
+            print(f"note: trial_{trial_id} of {folder.name}: its {why}", file=sys.stderr)
+
+
+def _check_ended(rows: list[dict], record: dict[str, Any]) -> None:
+    """An ended trial's result.json holds every step its record says it reported; one cut
+    short (a full disk, an interrupted copy) would rank the trial on part of its curve."""
+    step = record.get("step")
+    reported = max((r.get("step", 0) for r in rows), default=0)
+    if record.get("status") in trial_records.ENDED and isinstance(step, int) and reported < step:
+        raise DamagedTrial(f"result.json ends at step {reported}, but its {trial_records.RECORD_FILE} says it "
+                           f"reported step {step}")
 
 
 def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.DataFrame:
@@ -135,6 +151,12 @@ def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.D
         record = trial_records.read(trial_folder)
         if not record and (trial_folder / trial_records.RECORD_FILE).is_file():
             notes[name] = f"{trial_records.RECORD_FILE} is damaged: its status is read from its results alone"
+        try:
+            if not (folder / LEASE_FILE).is_file():  # a running search's trial may be between two writes
+                _check_ended(rows, record)
+        except DamagedTrial as e:
+            notes[name] = f"{e}: it is left out of the tables; restore it from a backup"
+            continue
         # a trial that never reported is still a trial
         trial_id = record.get("trial_id") or (rows[-1].get("trial_id") if rows else trial_folder.name)
         s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1" and "val_accuracy" in r]
@@ -198,10 +220,14 @@ def read_selection(folder: str | Path) -> pd.DataFrame | None:
     path = Path(folder) / SELECTION_FILE
     if not path.is_file():
         return None
+    damaged = UserError(f"{path} is damaged: delete it and run `search --resume` to re-evaluate again")
     try:
         table = pd.read_csv(path, dtype={"trial_id": str})
     except (ValueError, pd.errors.ParserError):
-        raise UserError(f"{path} is damaged: delete it and run `search --resume` to re-evaluate again") from None
+        raise damaged from None
+    needed = ["trial_id", "val_accuracy_reeval_mean"]
+    if not set(needed) <= set(table.columns) or table[needed].isna().any().any():
+        raise damaged  # a row cut short reads as empty cells
     return table.sort_values("val_accuracy_reeval_mean", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -268,3 +294,33 @@ def write_best_config(folder: str | Path, trials: pd.DataFrame, reeval: str = ""
               f"epochs){'; ' + reeval if reeval else ''}\n")
     write_atomic(path, header + yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
     return path, cfg, best
+
+
+def read_best_config(folder: str | Path) -> dict[str, Any] | None:
+    """best_config.yaml read whole (every config key there), or None when the search wrote none."""
+    path = Path(folder) / BEST_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = read_yaml(path)
+    except UserError:
+        data = {}
+    section = data.get("config")
+    if not isinstance(section, dict) or not set(FIELDS) <= set(section):
+        raise UserError(f"{path} is damaged: delete it and run `search --resume`, which writes it again")
+    return data
+
+
+def read_retrain(folder: str | Path) -> dict[str, Any] | None:
+    """The final retrain's results.json read whole, or None when `retrain` has not run."""
+    path = Path(folder) / RETRAIN_DIR / RETRAIN_RESULTS
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        results = None
+    if not isinstance(results, dict) or not {"refilled", "config"} <= results.keys():
+        raise UserError(f"{path} is damaged: run `retrain --experiment {folder} --force` again "
+                        "(or restore it from a backup)")
+    return results

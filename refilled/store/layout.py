@@ -25,6 +25,8 @@ LEASE_FILE = "driver.lease"
 LOCK_FILE = LEASE_FILE + ".lock"  # the driver's flock beside the lease, dropped by the kernel when it dies
 INTERRUPTED_TRIALS = "interrupted_trials"
 RETRAIN_DIR = "retrain"
+RETRAIN_RESULTS = "results.json"  # in RETRAIN_DIR, beside summary.md
+RETRAIN_SUMMARY = "summary.md"
 # inside a trial folder
 RECORD_FILE = "trial_record.json"
 STATE_FILE = "state.pt"  # the trial's state in each of its checkpoint folders

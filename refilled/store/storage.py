@@ -161,6 +161,8 @@ def experiment_place(location: str, name: str) -> Place:
     folder = Path(location).expanduser().resolve()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--storage {location} is a file, not a folder: name a folder (made if missing) or a URI")
+    if (folder / name).exists() and not (folder / name).is_dir():
+        raise UserError(f"{folder / name} is a file, not an experiment folder: choose another --name (or --storage)")
     return Place(folder / name)
 
 

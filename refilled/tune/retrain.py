@@ -22,7 +22,7 @@ from refilled.store.experiments import (chosen_trial, experiment_config, load_tr
                                        trial_config)
 from refilled.final_retrain import plan, retrain_local, run_one, run_one_at_uri, summarise, trained_on, write_results
 from refilled.store.lease import note_if_running
-from refilled.store.layout import RETRAIN_DIR, TEACHER_FILE
+from refilled.store.layout import RETRAIN_DIR, RETRAIN_RESULTS, TEACHER_FILE
 
 
 def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -> tuple[Config, dict[str, Any]]:
@@ -36,6 +36,9 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
         raise UserError(f"experiment {folder} has no trial results yet: run or resume its search first")
     if trial_id:
         match = trials[trials["trial_id"].astype(str).str.startswith(trial_id)]
+        damaged = [t for t in notes if t.startswith(trial_id)]
+        if match.empty and len(damaged) == 1:
+            raise UserError(f"--trial {trial_id} of {folder.name} cannot be read: its {notes[damaged[0]]}")
         if len(match) != 1:
             raise UserError(f"--trial {trial_id} matches {len(match)} trials of {folder.name}; "
                             f"known ids: {', '.join(trials['trial_id'].astype(str))}")
@@ -80,7 +83,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
     out_dir = Path(out).expanduser().resolve() if out else folder / RETRAIN_DIR
     upload_to = storage.join(place.uri, RETRAIN_DIR) if place.uri and not out else None
     shown = upload_to or str(out_dir)
-    if (out_dir / "results.json").exists() and not force:
+    if (out_dir / RETRAIN_RESULTS).exists() and not force:
         raise UserError(f"{shown} already holds results: pass --force to replace them or --out for another folder")
     cfg, source = choose_config(folder, trial, config)
     if teacher_file:  # checked before anything is written

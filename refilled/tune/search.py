@@ -54,6 +54,7 @@ from refilled.tune.settings import SearchSettings, check_rungs_within, parse_sea
 from refilled.tune.trial_inputs import METHOD, TrialKind
 from refilled.store.layout import STAGE1_CHOICE
 from refilled.store.layout import BEST_CONFIG, INTERRUPTED_TRIALS, TRIALS_FILE
+from refilled.store.atomic import write_atomic
 
 METRIC = "val_accuracy"
 
@@ -76,7 +77,7 @@ def summarise(folder: Path) -> pd.DataFrame:
     trials = load_trials(folder)
     if trials.empty or not (trials["epochs"] > 0).any():
         raise UserError(f"the search in {folder} reported no epoch: see the trial errors above")
-    trials.to_csv(folder / TRIALS_FILE, index=False)
+    write_atomic(folder / TRIALS_FILE, trials.to_csv(index=False))
     with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.4g}".format):
         print(f"\n{len(trials)} trials, best stage-2 validation accuracy first "
               f"({', '.join(f'{n} {s}' for s, n in trials['status'].value_counts().items())}):")
@@ -137,7 +138,7 @@ def show_rung_fidelity(folder: Path, bn_stats: str) -> None:
 def write_cost(folder: Path) -> None:
     """cost.csv: what every trial, the teacher, the bank and the re-evaluation took."""
     table = cost.ledger(folder)
-    table.to_csv(folder / COST_FILE, index=False)
+    write_atomic(folder / COST_FILE, table.to_csv(index=False))
     spent = cost.totals(table)
     by_device = ", ".join(f"{v:.3g} {k.removesuffix('_hours')} hours" for k, v in spent.items()
                           if k.endswith("_hours") and k not in ("wall_hours", "device_hours"))

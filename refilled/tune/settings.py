@@ -295,6 +295,8 @@ def _problem(error: dict[str, Any]) -> str:
         return f"{where} must be a mapping of settings, got {error.get('input')!r}"
     if kind == "string_type":
         return f"{where} must be a string, got {error.get('input')!r}"
+    if kind in ("int_from_float", "int_parsing", "int_type"):
+        return f"{where} must be a whole number, got {error.get('input')!r}"
     return f"{where} must be a number, got {error.get('input')!r}"
 
 

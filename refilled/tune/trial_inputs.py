@@ -23,6 +23,7 @@ from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.store.storage import Place
 from refilled.tune.settings import SearchSettings
 from refilled.store.layout import BANK_FILE, CENTERS_FILE, STAGE1_CACHE, TEACHER_FILE
+from refilled.store.atomic import write_atomic
 
 
 def file_digest(path: Path) -> str:
@@ -113,14 +114,14 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
         add_driver_cost(folder, "teacher_bank", "bank", wall_s, device,
                         device_units(device, settings.resources.cpu, settings.resources.gpu))
         if bank is not None:
-            np.save(bank_file, bank)
+            write_atomic(bank_file, lambda f: np.save(f, bank))
             print(f"teacher bank: {bank.shape[0]} images x {bank.shape[1]} augmentations computed once "
                   f"({bank.nbytes / 2**20:.1f} MiB, {bank_file.name})")
         else:
             print(f"teacher bank: off ({cfg.data_name} augmentation is not a finite set, or teacher_bank=off): "
                   "trials run the teacher")
         if centers is not None:
-            np.save(centers_file, centers)
+            write_atomic(centers_file, lambda f: np.save(f, centers))
         place.push(bank_file.name, centers_file.name, DRIVER_FILE)
     # the stage-1 cache needs a folder every trial can lock; an object store has no locks
     # (a staged search needs none: phase 1 searches stage 1, phase 2 starts from its choice)
