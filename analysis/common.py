@@ -11,11 +11,15 @@ trial folders that never reported an epoch added as rows of their own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
@@ -231,18 +235,56 @@ def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
 OUTPUT_MARK = ".tune-refilled-output"  # in a folder the analysis scripts wrote: they may write it again
 
 
-def out_dir(path: str | Path, force: bool = False) -> Path:
-    """The output folder: made, or one these scripts wrote before (it holds OUTPUT_MARK); a
-    folder holding anything else is the user's, refused without `force`."""
+def _checked_out(path: str | Path, force: bool) -> Path:
+    """The output folder if it is new or one these scripts wrote before (it holds OUTPUT_MARK);
+    a folder holding anything else is the user's, refused without `force`."""
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file: pass a folder")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / OUTPUT_MARK).is_file() and not force:
         raise UserError(f"--out {folder} holds files these scripts did not write: choose another folder, or pass "
                         "--force to write into it (files of the same names are replaced)")
-    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """A script's outputs, assembled aside: yields a new folder beside `path` to write into and
+    moves its files into `path` when the block ends. A script that fails leaves `path` (and the
+    folders above it) as they were; `path` is checked as out_dir checks it."""
+    folder = _checked_out(path, force)
+    made_above = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]  # nearest first
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        yield aside
+        folder.mkdir(exist_ok=True)
+        for source in sorted(aside.rglob("*")):
+            if source.is_file():
+                target = folder / source.relative_to(aside)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+        _mark(folder)
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        for above in made_above:
+            with contextlib.suppress(OSError):
+                above.rmdir()  # only while empty
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _mark(folder: Path) -> None:
     if not (folder / OUTPUT_MARK).is_file():
         (folder / OUTPUT_MARK).write_text("written by tune-refilled's analysis scripts; they may write here again\n")
+
+
+def out_dir(path: str | Path, force: bool = False) -> Path:
+    """The output folder, made and marked (for library calls; the scripts write through
+    output_folder): new, or one these scripts wrote before; the user's refused without `force`."""
+    folder = _checked_out(path, force)
+    folder.mkdir(parents=True, exist_ok=True)
+    _mark(folder)
     return folder
 
 
@@ -269,5 +311,5 @@ def run_cli(main, argv: list[str] | None = None) -> int:
 
 
 __all__ = ["Experiment", "open_experiments", "trials", "all_trials", "curves", "retrain_results", "note_left_out",
-           "markdown_table", "out_dir", "experiments_parser", "run_cli", "fmt", "METRIC", "STATUS_ORDER",
+           "markdown_table", "out_dir", "output_folder", "experiments_parser", "run_cli", "fmt", "METRIC", "STATUS_ORDER",
            "EXPERIMENT_FILE", "UserError"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.common import (METRIC, STATUS_ORDER, Experiment, UserError, all_trials, markdown_table,
-                             experiments_parser, open_experiments, out_dir, retrain_results, run_cli)
+                             experiments_parser, open_experiments, out_dir, output_folder, retrain_results, run_cli)
 from refilled.store.layout import TRIALS_FILE
 
 # Column order of the leaderboard: FIRST, the searched values, METRICS, LAST.
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     experiments = open_experiments(args.experiments)
     board = leaderboard(experiments, sort=args.sort, ascending=args.ascending, filter=args.filter, top=args.top)
     summary = experiment_summary(experiments) if len(experiments) > 1 else None
-    written = write_tables(board, args.out, summary, args.force)
+    with output_folder(args.out, args.force) as folder:
+        written = [Path(args.out) / path.relative_to(folder) for path in write_tables(board, folder, summary)]
     shown = board.drop(columns=["folder", "trial", "diverged_reason"], errors="ignore")
     with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.4g}".format):
         print(shown.to_string(index=False, na_rep="-") if not shown.empty else "no trial matches")

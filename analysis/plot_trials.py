@@ -43,7 +43,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,
-                             experiments_parser, out_dir, read_results, run_cli, trials)
+                             experiments_parser, out_dir, output_folder, read_results, run_cli, trials)
 from refilled.store.experiments import plain_value
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
@@ -249,8 +249,9 @@ def plot_params(experiments, path: str | Path) -> pd.DataFrame:
     seen = {}
     for h, lab in zip(handles, labels):
         seen.setdefault(lab, h)
-    fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=min(len(seen), 6), fontsize=8,
-               frameon=False, bbox_to_anchor=(0.5, -0.03))
+    if seen:  # none while no trial has a stage-2 accuracy yet
+        fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=min(len(seen), 6), fontsize=8,
+                   frameon=False, bbox_to_anchor=(0.5, -0.03))
     missing = int(table[METRIC].isna().sum())
     fig.suptitle("searched parameters against the final metric (hollow: stopped by ASHA)" +
                  (f"\n{missing} trial(s) stopped before stage 2 have no stage-2 accuracy and are not shown"
@@ -467,10 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     experiments = open_experiments(args.experiments)
-    folder = out_dir(args.out, args.force)
-    for name in args.only or list(PLOTS):
-        df = PLOTS[name](experiments, folder / f"{name}.png")
-        print(f"wrote {folder / f'{name}.png'}")
+    with output_folder(args.out, args.force) as folder:
+        made = {name: PLOTS[name](experiments, folder / f"{name}.png") for name in args.only or list(PLOTS)}
+    for name, df in made.items():
+        print(f"wrote {Path(args.out) / f'{name}.png'}")
         if name == "importance" and not df.empty:
             for exp, part in df.groupby("experiment", sort=False):
                 print(f"  {exp}: " + ", ".join(f"{p} {v:.3f}" for p, v in zip(part["param"], part["importance"])))

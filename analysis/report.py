@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.common import (UserError, experiments_parser, markdown_table, note_left_out, open_experiments,
-                             out_dir, retrain_results, run_cli)
+                             output_folder, retrain_results, run_cli)
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables
 from analysis.plot_trials import PLOTS
 from analysis.selection_cost import plot_cost, plot_selection
@@ -98,7 +98,13 @@ def make_report(experiments, out: str | Path, force: bool = False) -> dict[str, 
     leaderboard, "experiments": the per-experiment summary, "importance": importances,
     and one DataFrame per plot under its name}."""
     experiments = open_experiments(experiments if not isinstance(experiments, (str, Path)) else [experiments])
-    folder = out_dir(out, force)
+    with output_folder(out, force) as folder:
+        made = _write_report(experiments, folder)
+    made["index"] = Path(out).expanduser() / "index.md"
+    return made
+
+
+def _write_report(experiments, folder: Path) -> dict[str, Any]:
     board = leaderboard(experiments)
     summary = experiment_summary(experiments)
     write_tables(board, folder, summary if len(experiments) > 1 else None)

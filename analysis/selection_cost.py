@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, out_dir,
+from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, output_folder,
                              retrain_results, run_cli, trials)
 from refilled.store import cost
 from analysis.plot_trials import _experiments, _save
@@ -129,10 +129,11 @@ def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     args = experiments_parser("selection_cost.py", __doc__).parse_args(argv)
     experiments = open_experiments(args.experiments)
-    folder = out_dir(args.out, args.force)
-    for name, plot in (("selection", plot_selection), ("cost", plot_cost)):
-        plot(experiments, folder / f"{name}.png")
-        print(f"wrote {folder / f'{name}.png'}")
+    with output_folder(args.out, args.force) as folder:
+        for name, plot in (("selection", plot_selection), ("cost", plot_cost)):
+            plot(experiments, folder / f"{name}.png")
+    for name in ("selection", "cost"):
+        print(f"wrote {Path(args.out) / f'{name}.png'}")
     return 0
 
 

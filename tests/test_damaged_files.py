@@ -354,6 +354,21 @@ def test_a_selection_cut_short_or_garbled_is_refused(made, tmp_path, capsys, con
     refused(capsys, ["retrain", "--experiment", str(folder), "--seeds", "1"], f"{folder}/selection.csv is damaged",
             "search --resume")
     assert tree(folder.parent) == before
+    # found after the output folder was checked: a script that fails writes nothing, there or above it
+    from analysis.common import run_cli
+    from analysis.report import main as report
+
+    out = tmp_path / "new" / "deeper" / "report"
+    assert run_cli(report, [str(folder), "--out", str(out)]) == 2
+    assert "selection.csv is damaged" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and tree(folder.parent) == before
+    mine = tmp_path / "mine"  # a folder the scripts wrote before keeps what it held
+    mine.mkdir()
+    (mine / ".tune-refilled-output").write_text("")
+    (mine / "index.md").write_text("the last report")
+    assert run_cli(report, [str(folder), "--out", str(mine)]) == 2
+    assert sorted(p.name for p in mine.iterdir()) == [".tune-refilled-output", "index.md"]
+    assert (mine / "index.md").read_text() == "the last report"
 
 
 @pytest.mark.parametrize("how", ["random bytes", "cut"])
@@ -383,3 +398,15 @@ def test_the_report_leaves_out_a_damaged_retrain_or_best_config_and_says_so_once
     assert "The final retrain of exp is left out" in index and "best configuration of exp is left out" in index
     assert not (out / "best_config").exists() and not (out / "retrain").exists()  # nothing damaged copied
     assert tree(folder.parent) == before
+
+
+def test_the_report_of_a_search_before_any_stage_2_is_written(made, tmp_path, capsys):
+    """An interrupted search whose one trial is in stage 1: every plot is made, with nothing to show."""
+    from analysis.common import run_cli
+    from analysis.report import main as report
+
+    folder = copy(made, tmp_path, None)
+    out = tmp_path / "report"
+    assert run_cli(report, [str(folder), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "index.md").is_file() and (out / "params.png").is_file()
+    assert not list(tmp_path.glob(".report.*.partial"))  # the folder it was assembled in is gone
