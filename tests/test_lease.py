@@ -50,6 +50,14 @@ def clock(monkeypatch):
     return fake
 
 
+def until(condition, what: str, limit: float = 30.0) -> None:
+    """Wait for the lease's own heartbeat thread (no fixed sleep: as long as it takes, up to `limit`)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not come in {limit:g} s"
+        time.sleep(0.01)
+
+
 def never_lost(holder):
     raise AssertionError(f"lost the lease to {holder}")
 
@@ -62,8 +70,7 @@ def test_a_second_driver_on_a_live_lease_is_refused(where):
         held = json.loads(path.read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         beat = held["heartbeat"]
-        time.sleep(3 * first.interval)
-        assert json.loads(path.read_text())["heartbeat"] > beat  # renewed while it runs
+        until(lambda: json.loads(path.read_text())["heartbeat"] > beat, "a renewed heartbeat")  # while it runs
         second = Lease(location, timeout=SHORT)
         with pytest.raises(Held) as refused:
             second.acquire(on_lost=never_lost)
@@ -102,8 +109,9 @@ def test_drivers_starting_at_the_same_instant_one_wins(where):
     try:
         assert sorted(outcome.values()) == ["held", "refused", "refused", "refused"], outcome
         winner = next(i for i, o in outcome.items() if o == "held")
-        time.sleep(1.5 * leases[winner].interval)  # and it keeps it: nobody else's token is there
-        assert json.loads(path.read_text())["token"] == leases[winner].token
+        beat = json.loads(path.read_text())["heartbeat"]
+        until(lambda: json.loads(path.read_text())["heartbeat"] > beat, "a renewed heartbeat")
+        assert json.loads(path.read_text())["token"] == leases[winner].token  # it kept it: its own token there
     finally:
         for lease in leases:
             lease.release()
