@@ -49,6 +49,7 @@ class Experiment:
     config: Config
     data: dict[str, Any]  # experiment.yaml as written by `search`
     space: dict[str, dict[str, list]] = field(default_factory=dict)
+    location: str = ""  # as given: the folder, or the URI whose local mirror `folder` is
 
     @property
     def name(self) -> str:
@@ -100,7 +101,7 @@ class Experiment:
 
 def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     """The experiments at these folders; a folder that is not one is a UserError."""
-    folders, names, running = [], [], []
+    folders, names, running, locations = [], [], [], []
     for p in paths:
         place = experiment_at(p)  # a URI is read from a local mirror
         experiment_config(place.folder, place.location)  # refuses what is not an experiment, in one line
@@ -109,20 +110,21 @@ def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
         running.append(place.location)
         if place.folder not in folders:
             folders.append(place.folder)
+            locations.append(place.location)
             names.append(place.location.rstrip("/").rsplit("/", 1)[-1])
     if not folders:
         raise UserError("no experiment given: pass one or more experiment folders, e.g. experiments/digits")
     for location in dict.fromkeys(running):  # a search still running is read as it is now: said, not refused
         note_if_running(location)
     out = []
-    for folder, name in zip(folders, names):
+    for folder, name, location in zip(folders, names, locations):
         label = name if names.count(name) == 1 else f"{folder.parent.name}/{name}"
         cfg, data = experiment_config(folder)
         search = data.get("search") or {}
         space = dict(search.get("space") or {})
         if search.get("staged"):  # phase 2's trials share phase 1's choice: those keys do not vary
             space = {k: v for k, v in space.items() if k not in STAGE1_ONLY}
-        out.append(Experiment(folder, label, cfg, data, space))
+        out.append(Experiment(folder, label, cfg, data, space, location))
     return out
 
 
@@ -187,7 +189,7 @@ def retrain_results(exp: Experiment) -> dict[str, Any] | None:
     """<exp>/retrain/results.json if the final retrain ran and its file reads whole, else
     None; a damaged one is left out, said once (note_left_out)."""
     try:
-        return read_retrain(exp.folder)
+        return read_retrain(exp.folder, exp.location or None)
     except UserError as e:
         note_left_out(e, "the final retrain is left out")
         return None
@@ -249,16 +251,19 @@ def _checked_out(path: str | Path, force: bool) -> Path:
 
 @contextlib.contextmanager
 def output_folder(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """A script's outputs, assembled aside: yields a new folder beside `path` to write into and
-    moves its files into `path` when the block ends. A script that fails leaves `path` (and the
-    folders above it) as they were; `path` is checked as out_dir checks it."""
+    """A script's outputs, assembled aside: yields a hidden folder inside `path` to write into
+    and moves its files into `path` when the block ends. A script that fails leaves `path` (and
+    the folders above it) as they were; `path` is checked as out_dir checks it."""
     folder = _checked_out(path, force)
-    made_above = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]  # nearest first
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    made = [p for p in [folder, *folder.parents] if not p.exists()]  # nearest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        aside = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))  # same file system as its files
+    except OSError as e:
+        _remove_empty(made)
+        raise UserError(f"--out {folder} cannot be written ({e.strerror}): choose another folder") from None
     try:
         yield aside
-        folder.mkdir(exist_ok=True)
         for source in sorted(aside.rglob("*")):
             if source.is_file():
                 target = folder / source.relative_to(aside)
@@ -267,11 +272,15 @@ def output_folder(path: str | Path, force: bool = False) -> Iterator[Path]:
         _mark(folder)
     except BaseException:
         shutil.rmtree(aside, ignore_errors=True)
-        for above in made_above:
-            with contextlib.suppress(OSError):
-                above.rmdir()  # only while empty
+        _remove_empty(made)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # nearest first: each is empty once the one below it is gone
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _mark(folder: Path) -> None:

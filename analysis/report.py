@@ -74,7 +74,8 @@ def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | Non
     results = retrain_results(exp)
     if results is None and (exp.folder / RETRAIN_DIR / RETRAIN_RESULTS).is_file():
         return [f"The final retrain of {exp.label} is left out: its {RETRAIN_DIR}/{RETRAIN_RESULTS} is damaged "
-                f"(run `python tune_refilled.py retrain --experiment {exp.folder} --force` again).", ""], None
+                f"(run `python tune_refilled.py retrain --experiment {exp.location or exp.folder} --force` "
+                f"again).", ""], None
     if results is None:
         return [f"No final retrain yet for {exp.label}: `python tune_refilled.py retrain --experiment "
                 f"{exp.folder}`, then run this report again.", ""], None
@@ -146,7 +147,7 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
         retrain_lines, _ = _retrain_section(exp, folder)
         lines += retrain_lines
         try:
-            best_cfg = read_best_config(exp.folder)
+            best_cfg = read_best_config(exp.folder, exp.location or None)
         except UserError as e:
             note_left_out(e, "the report leaves it out")
             lines += [f"The best configuration of {exp.label} is left out: its {BEST_CONFIG} is damaged.", ""]

@@ -345,7 +345,7 @@ def test_an_ended_trial_whose_results_lost_their_end_is_left_out_and_refused_whe
 
 
 @pytest.mark.parametrize("content", [b"trial_id,val_accuracy_reeval_mean\nabc,0.9\nd", b"trial_id\nabc\n",
-                                     bytes(range(128, 256))])
+                                     b"trial_id,val_accuracy_reeval_mean\nabc,0.9\ndef,0.8", bytes(range(128, 256))])
 def test_a_selection_cut_short_or_garbled_is_refused(made, tmp_path, capsys, content):
     folder = copy(made, tmp_path, None)
     _another_trial(folder, "def")
@@ -409,4 +409,5 @@ def test_the_report_of_a_search_before_any_stage_2_is_written(made, tmp_path, ca
     out = tmp_path / "report"
     assert run_cli(report, [str(folder), "--out", str(out)]) == 0, capsys.readouterr().err
     assert (out / "index.md").is_file() and (out / "params.png").is_file()
-    assert not list(tmp_path.glob(".report.*.partial"))  # the folder it was assembled in is gone
+    assert not list(out.glob(".partial-*"))  # the folder it was assembled in is gone
+    assert sorted(p.name for p in out.iterdir())[:2] == [".tune-refilled-output", "cost.csv"]

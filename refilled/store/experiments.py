@@ -24,8 +24,8 @@ from refilled.config import Config, from_dict
 from refilled.errors import UserError
 from refilled.store.atomic import write_atomic
 from refilled.config import FIELDS, read_yaml
-from refilled.store.layout import (BEST_CONFIG, LEASE_FILE, RETRAIN_DIR, RETRAIN_RESULTS, SELECTION_DIR,
-                                   SELECTION_FILE)
+from refilled.store.layout import (BEST_CONFIG, EXPERIMENT_FILE, LEASE_FILE, RETRAIN_DIR, RETRAIN_RESULTS, SELECTION_DIR,
+                                   SELECTION_FILE, STAGE1_SEARCH)
 
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation
@@ -135,6 +135,8 @@ def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.D
     folder = Path(folder)
     cfg, data = experiment_config(folder)
     total = cfg.n_training_epochs1 + (0 if data.get("stage1_only") else cfg.n_training_epochs2)
+    # a search may be running: the lease is in the experiment's folder, above a staged search's phase 1
+    running = any((f / LEASE_FILE).is_file() for f in (folder, folder.parent if folder.name == STAGE1_SEARCH else folder))
     said_here = notes is None  # else the caller says them (retrain: in its one line, when it matters)
     notes = {} if notes is None else notes
     records = []
@@ -152,7 +154,7 @@ def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.D
         if not record and (trial_folder / trial_records.RECORD_FILE).is_file():
             notes[name] = f"{trial_records.RECORD_FILE} is damaged: its status is read from its results alone"
         try:
-            if not (folder / LEASE_FILE).is_file():  # a running search's trial may be between two writes
+            if not running:  # a running search's trial may be between two writes (or two copies)
                 _check_ended(rows, record)
         except DamagedTrial as e:
             notes[name] = f"{e}: it is left out of the tables; restore it from a backup"
@@ -228,6 +230,8 @@ def read_selection(folder: str | Path) -> pd.DataFrame | None:
     needed = ["trial_id", "val_accuracy_reeval_mean"]
     if not set(needed) <= set(table.columns) or table[needed].isna().any().any():
         raise damaged  # a row cut short reads as empty cells
+    if not path.read_bytes().endswith(b"\n"):
+        raise damaged  # cut inside its last number: every row written ends with a newline
     return table.sort_values("val_accuracy_reeval_mean", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -296,8 +300,9 @@ def write_best_config(folder: str | Path, trials: pd.DataFrame, reeval: str = ""
     return path, cfg, best
 
 
-def read_best_config(folder: str | Path) -> dict[str, Any] | None:
-    """best_config.yaml read whole (every config key there), or None when the search wrote none."""
+def read_best_config(folder: str | Path, location: str | None = None) -> dict[str, Any] | None:
+    """best_config.yaml read whole (every config key experiment.yaml has), or None when the
+    search wrote none; `location` names the experiment in the error (a URI's mirror)."""
     path = Path(folder) / BEST_CONFIG
     if not path.is_file():
         return None
@@ -305,13 +310,17 @@ def read_best_config(folder: str | Path) -> dict[str, Any] | None:
         data = read_yaml(path)
     except UserError:
         data = {}
+    experiment_config(folder, location)  # refused first when damaged itself
+    written = read_yaml(Path(folder) / EXPERIMENT_FILE).get("config")  # the keys of the version that wrote both
+    keys = set(written) if isinstance(written, dict) else set(FIELDS)
     section = data.get("config")
-    if not isinstance(section, dict) or not set(FIELDS) <= set(section):
-        raise UserError(f"{path} is damaged: delete it and run `search --resume`, which writes it again")
+    if not isinstance(section, dict) or not keys <= set(section):
+        raise UserError(f"{location or folder}/{BEST_CONFIG} is damaged: delete it and run `search --resume`, "
+                        "which writes it again")
     return data
 
 
-def read_retrain(folder: str | Path) -> dict[str, Any] | None:
+def read_retrain(folder: str | Path, location: str | None = None) -> dict[str, Any] | None:
     """The final retrain's results.json read whole, or None when `retrain` has not run."""
     path = Path(folder) / RETRAIN_DIR / RETRAIN_RESULTS
     if not path.is_file():
@@ -321,6 +330,6 @@ def read_retrain(folder: str | Path) -> dict[str, Any] | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         results = None
     if not isinstance(results, dict) or not {"refilled", "config"} <= results.keys():
-        raise UserError(f"{path} is damaged: run `retrain --experiment {folder} --force` again "
-                        "(or restore it from a backup)")
+        raise UserError(f"{location or folder}/{RETRAIN_DIR}/{RETRAIN_RESULTS} is damaged: run `retrain --experiment "
+                        f"{location or folder} --force` again (or restore it from a backup)")
     return results
