@@ -26,7 +26,7 @@ import pandas as pd
 from refilled.config import Config
 from refilled.store.integrity import study
 from refilled.errors import UserError
-from refilled.store.experiments import experiment_config, load_trials, read_results, read_retrain
+from refilled.store.experiments import experiment_config, load_trials, read_results, read_retrain, say_once
 from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH
 from refilled.store.lease import note_if_running
 from refilled.store.stage1_cache import STAGE1_ONLY
@@ -195,15 +195,9 @@ def retrain_results(exp: Experiment) -> dict[str, Any] | None:
         return None
 
 
-_SAID: set[str] = set()
-
-
 def note_left_out(error: UserError, what: str) -> None:
     """A damaged file a script can go on without: one line on stderr (once), and what it leaves out."""
-    line = f"note: {error}; {what}"
-    if line not in _SAID:
-        _SAID.add(line)
-        print(line, file=sys.stderr)
+    say_once(f"note: {error}; {what}")
 
 
 # ----------------------------------------------------------------------------- output

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.common import (METRIC, STATUS_ORDER, Experiment, UserError, all_trials, markdown_table,
-                             experiments_parser, open_experiments, out_dir, output_folder, retrain_results, run_cli)
+                             experiments_parser, open_experiments, output_folder, retrain_results, run_cli)
 from refilled.store.layout import TRIALS_FILE
 
 # Column order of the leaderboard: FIRST, the searched values, METRICS, LAST.
@@ -124,10 +124,8 @@ def experiment_summary(experiments) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows)
 
 
-def write_tables(board: pd.DataFrame, out: str | Path, summary: pd.DataFrame | None = None,
-                 force: bool = False) -> list[Path]:
-    """trials.csv and trials.md (and experiments.csv/.md with a summary) in `out`."""
-    folder = out_dir(out, force)
+def write_tables(board: pd.DataFrame, folder: Path, summary: pd.DataFrame | None = None) -> list[Path]:
+    """trials.csv and trials.md (and experiments.csv/.md with a summary) in `folder` (output_folder's)."""
     written = [folder / TRIALS_FILE, folder / "trials.md"]
     board.to_csv(written[0], index=False)
     shown = board.drop(columns=[c for c in ("folder", "trial", "diverged_reason") if c in board.columns])

@@ -28,13 +28,13 @@ from typing import Any
 import pandas as pd
 
 from analysis.common import (UserError, experiments_parser, markdown_table, note_left_out, open_experiments,
-                             output_folder, retrain_results, run_cli)
+                             output_folder, run_cli)
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables
 from analysis.plot_trials import PLOTS
 from analysis.selection_cost import plot_cost, plot_selection
 from refilled.store import cost
 from refilled.store import study as study_store
-from refilled.store.experiments import read_best_config
+from refilled.store.experiments import read_best_config, read_retrain
 from refilled.store.layout import BEST_CONFIG, RETRAIN_DIR, RETRAIN_RESULTS, RETRAIN_SUMMARY
 
 SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
@@ -71,8 +71,10 @@ def _slug(label: str) -> str:
 
 def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | None]:
     """Copy the retrain summary into the report; the markdown lines that show it."""
-    results = retrain_results(exp)
-    if results is None and (exp.folder / RETRAIN_DIR / RETRAIN_RESULTS).is_file():
+    try:
+        results = read_retrain(exp.folder, exp.location or None)
+    except UserError as e:
+        note_left_out(e, "the final retrain is left out")
         return [f"The final retrain of {exp.label} is left out: its {RETRAIN_DIR}/{RETRAIN_RESULTS} is damaged "
                 f"(run `python tune_refilled.py retrain --experiment {exp.location or exp.folder} --force` "
                 f"again).", ""], None

@@ -97,15 +97,22 @@ def _status(rows: list[dict], record: dict[str, Any]) -> str:
     return status if status in trial_records.ENDED else "running"
 
 
-_SAID: set[tuple[str, str, str]] = set()  # a script reads an experiment several times: each note once
+_SAID: set[Any] = set()  # a script reads an experiment several times: each note once
+
+
+def say_once(line: str, key: Any = None) -> None:
+    """A note on stderr, once in a process (`key`: what makes two notes the same; the line itself
+    by default)."""
+    key = line if key is None else key
+    if key not in _SAID:
+        _SAID.add(key)
+        print(line, file=sys.stderr)
 
 
 def say_notes(folder: Path, notes: dict[str, str]) -> None:
     """The one-line notes of load_trials, one per trial, on stderr, each once in a process."""
     for trial_id, why in notes.items():
-        if (str(Path(folder).resolve()), trial_id, why) not in _SAID:
-            _SAID.add((str(Path(folder).resolve()), trial_id, why))
-            print(f"note: trial_{trial_id} of {folder.name}: its {why}", file=sys.stderr)
+        say_once(f"note: trial_{trial_id} of {folder.name}: its {why}", key=(str(Path(folder).resolve()), trial_id, why))
 
 
 def _check_ended(rows: list[dict], record: dict[str, Any]) -> None:
@@ -145,20 +152,16 @@ def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.D
         try:
             params = _params(trial_folder)
             rows = read_results(trial_folder)
+            record = trial_records.read(trial_folder)
+            if not running:  # a running search's trial may be between two writes (or two copies)
+                _check_ended(rows, record)
         except DamagedTrial as e:
             if (folder / LEASE_FILE).is_file() and time.time() - trial_folder.stat().st_mtime < 60:
                 continue  # being written by a search still running: the trial began a moment ago
             notes[name] = f"{e}: it is left out of the tables; restore it from a backup"
             continue
-        record = trial_records.read(trial_folder)
         if not record and (trial_folder / trial_records.RECORD_FILE).is_file():
             notes[name] = f"{trial_records.RECORD_FILE} is damaged: its status is read from its results alone"
-        try:
-            if not running:  # a running search's trial may be between two writes (or two copies)
-                _check_ended(rows, record)
-        except DamagedTrial as e:
-            notes[name] = f"{e}: it is left out of the tables; restore it from a backup"
-            continue
         # a trial that never reported is still a trial
         trial_id = record.get("trial_id") or (rows[-1].get("trial_id") if rows else trial_folder.name)
         s1 = [r["val_accuracy"] for r in rows if r.get("stage") == "stage1" and "val_accuracy" in r]
