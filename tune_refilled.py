@@ -41,7 +41,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    from refilled.config import FIELDS
+    from refilled.schema.config import FIELDS
 
     p.add_argument("--config", required=required, metavar="FILE",
                    help="experiment or config YAML, e.g. search_spaces/digits.yaml")
@@ -56,7 +56,7 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The experiment file's config with the command line's overrides applied."""
-    from refilled.config import from_dict, load_experiment, parse_overrides
+    from refilled.schema.config import from_dict, load_experiment, parse_overrides
 
     cfg, experiment = load_experiment(args.config)
     overrides = parse_overrides(args.set)
@@ -85,7 +85,7 @@ def fresh_folder(path: Path, force: bool = False) -> Path:
 
 def cmd_pretrain(args) -> int:
     cfg, _ = config_from_args(args)  # before importing torch: bad input is reported at once
-    from refilled.runs import pretrain
+    from refilled.runs.single_run import pretrain
 
     out = Path(args.out) if args.out else None
     path, metrics = pretrain(cfg, out, force=args.force)
@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
 
     cfg, _ = config_from_args(args)  # before importing torch: bad input is reported at once
     out = fresh_folder(Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"), args.force)
-    from refilled.runs import train_once
+    from refilled.runs.single_run import train_once
 
     ours = not out.exists() or not any(out.iterdir())  # nothing of the user's in it: ours to clean up
     try:
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     # search / retrain: Ray is imported only when one of them runs
-    from refilled.tune.cli import add_tune_commands
+    from refilled.tune.commands import add_tune_commands
 
     add_tune_commands(sub, add_config_args, config_from_args, fresh_folder)
     return parser

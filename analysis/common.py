@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
-from refilled.config import Config
+from refilled.schema.config import Config
 from refilled.store.integrity import study
 from refilled.errors import UserError
 from refilled.store.experiments import experiment_config, load_trials, read_results, read_retrain, say_once

@@ -301,7 +301,7 @@ def importances(exp: Experiment) -> pd.DataFrame:
     importance_std, trials, sample (in words); largest first."""
     import optuna
 
-    from refilled.tune.settings import distributions
+    from refilled.schema.search import distributions
 
     sample, described = importance_sample(exp)
     params = [p for p in exp.searched if p in sample.columns]
@@ -408,8 +408,8 @@ def plot_efficiency(experiments, path: str | Path) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- rungs
 
 def rung_correlations(experiments) -> pd.DataFrame:
-    """refilled.tune.rungs.experiment_correlations of each experiment, one row per (rung, against)."""
-    from refilled.tune.rungs import experiment_correlations
+    """refilled.store.rung_fidelity.experiment_correlations of each experiment, one row per (rung, against)."""
+    from refilled.store.rung_fidelity import experiment_correlations
 
     rows = [{"experiment": exp.label, **r} for exp in _experiments(experiments)
             for r in experiment_correlations(exp.folder)]
@@ -418,7 +418,7 @@ def rung_correlations(experiments) -> pd.DataFrame:
 
 def plot_rungs(experiments, path: str | Path) -> pd.DataFrame:
     """Bars of each rung's rank correlation with what followed it, one panel per experiment."""
-    from refilled.tune.rungs import WEAK
+    from refilled.store.rung_fidelity import WEAK
 
     experiments = _experiments(experiments)
     data = rung_correlations(experiments)

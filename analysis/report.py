@@ -181,7 +181,7 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
             else:
                 lines += [markdown_table(importance, digits=3), "File: [importance.csv](importance.csv)", ""]
         if name == "rungs" and not made["rungs"].empty:
-            from refilled.tune.rungs import correlation_lines
+            from refilled.store.rung_fidelity import correlation_lines
 
             lines += [markdown_table(made["rungs"], digits=2)]
             weak = [f"{e.label}: {line.strip()}" for e in experiments

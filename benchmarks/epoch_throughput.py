@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from refilled.method.bank import TeacherBank, teacher_embeddings
-from refilled.config import Config
+from refilled.schema.config import Config
 from refilled.data import augment
 from refilled.data.device import to_device
 from refilled.data.sources import CIFAR100_MEAN, CIFAR100_STD, ImageSet

@@ -19,12 +19,12 @@ import torch
 
 from _common import machine, median_time
 from refilled.method import evaluate
-from refilled.config import Config, load_experiment
+from refilled.schema.config import Config, load_experiment
 from refilled.data.augment import for_data
 from refilled.data.device import DeviceTask
 from refilled.data.sources import ImageSet
 from refilled.data.splits import Task
-from refilled.runs import student_data
+from refilled.runs.inputs import student_data
 from refilled.method.train import build_student
 
 

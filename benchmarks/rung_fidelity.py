@@ -28,15 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from refilled.config import from_dict, load_experiment, parse_overrides
+from refilled.schema.config import from_dict, load_experiment, parse_overrides
 from refilled.errors import UserError
-from refilled.tune.rungs import correlations, counted_epochs, experiment_curves
-from refilled.tune.settings import parse_search
+from refilled.schema.rungs import counted_epochs
+from refilled.store.rung_fidelity import correlations, experiment_curves
+from refilled.schema.search import parse_search
 
 
 def fidelity(curves: dict[str, dict[int, float]], end: int, epochs: list[int]) -> list[dict]:
     """Spearman of each epoch in `epochs` with the end, over the trials that reached both: each
-    epoch taken as the one rung of refilled.tune.rungs.correlations."""
+    epoch taken as the one rung of refilled.store.rung_fidelity.correlations."""
     rows = [correlations(curves, [epoch], end)[0] for epoch in epochs]
     return [{"epoch": r["rung"], "trials": r["trials"], "spearman": r["spearman"]} for r in rows]
 

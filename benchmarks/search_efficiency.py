@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from refilled.config import load_experiment
+from refilled.schema.config import load_experiment
 from refilled.store.experiments import best_trial, load_trials
 from refilled.store.layout import STAGE1_SEARCH
 

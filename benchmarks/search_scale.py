@@ -1,5 +1,5 @@
 """The search's driver at cluster scale, by simulation: a logical 64-GPU Ray cluster on this
-machine, 1,024 simulated trials at 0.25 GPU each (refilled.tune.simulation: the real driver,
+machine, 1,024 simulated trials at 0.25 GPU each (simulated_trials: the real driver,
 searcher, callbacks, storage, selection and report; a synthetic curve instead of training).
 
     python benchmarks/search_scale.py                  # the figures of benchmarks/README.md, "Scale"
@@ -43,8 +43,11 @@ def start_head(gpus: int, cpus: int, tmp: Path) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, MARKER: "1", "RAY_TMPDIR": str(tmp)}
-    started = subprocess.run(["ray", "start", "--head", f"--port={port}", f"--num-gpus={gpus}", f"--num-cpus={cpus}",
+    # the trial workers import the simulated trials (benchmarks/simulated_trials.py) from this folder
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, MARKER: "1", "RAY_TMPDIR": str(tmp), "PYTHONPATH": path}
+    ray = Path(sys.executable).parent / "ray"  # beside this Python: a virtual environment need not be activated
+    started = subprocess.run([str(ray), "start", "--head", f"--port={port}", f"--num-gpus={gpus}", f"--num-cpus={cpus}",
                               "--include-dashboard=false", "--disable-usage-stats"],
                              env=env, capture_output=True, text=True, timeout=300)
     if started.returncode:
@@ -323,8 +326,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the experiment (default: delete it at the end)")
     args = parser.parse_args()
 
-    from refilled.config import load_experiment
-    from refilled.tune.simulation import SimulatedTrials
+    from refilled.schema.config import load_experiment
+    from simulated_trials import SimulatedTrials
 
     out = Path(args.out or tempfile.mkdtemp(prefix="search_scale-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +387,7 @@ def report_figures(args, folder: Path, probe: Probe, memory: Memory, wall: float
 
     from refilled.store import study as study_store
     from refilled.store.experiments import load_trials, read_results, trial_folders
-    from refilled.tune.retrain import choose_config
+    from refilled.tune.retrain_runner import choose_config
 
     trials_csv = pd.read_csv(folder / "trials.csv")
     study = study_store.load(folder, "scale")

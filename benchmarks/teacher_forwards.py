@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from refilled.method.bank import TeacherBank
-from refilled.config import load_experiment
-from refilled.runs import student_data, teacher_inputs
+from refilled.schema.config import load_experiment
+from refilled.runs.inputs import student_data, teacher_inputs
 from refilled.method.train import build_student, build_teacher, refilled_epochs
 
 

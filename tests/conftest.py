@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from refilled.config import Config
+from refilled.schema.config import Config
 from support.configs import REPO, TINY, make_tiny_config  # noqa: F401 (the fixtures' base)
 from support.processes import run_python, tiny_search  # noqa: F401
 
@@ -33,7 +33,7 @@ def tiny_config() -> Config:
 @pytest.fixture(scope="session")
 def teacher_path(tmp_path_factory) -> Path:
     """A teacher pretrained once per session with the tiny config (2 epochs)."""
-    from refilled.runs import pretrain
+    from refilled.runs.single_run import pretrain
 
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     out, metrics = pretrain(make_tiny_config(), path, progress=False)
@@ -46,8 +46,8 @@ def teacher_path(tmp_path_factory) -> Path:
 def search_teacher(tmp_path_factory) -> Path:
     """tests/search_tiny.yaml's teacher, pretrained once per session in this process: the
     searches that do not test pre-training take it with `--teacher`."""
-    from refilled.config import load_experiment
-    from refilled.runs import pretrain
+    from refilled.schema.config import load_experiment
+    from refilled.runs.single_run import pretrain
 
     cfg, _ = load_experiment(Path(__file__).parent / "search_tiny.yaml")
     path = tmp_path_factory.mktemp("search_teacher") / "teacher.pt"

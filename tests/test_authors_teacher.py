@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import tune_refilled
-from refilled import checkpoint
+from refilled.files import checkpoint
 from support.cifar_files import make_cifar
 
 WRN16_1 = Path(__file__).resolve().parents[2] / "shared" / "authors_checkpoints" / "cifar100_wrn16_1.model"
@@ -62,8 +62,8 @@ def test_another_architecture_or_class_count_is_refused(cifar_yaml, tmp_path, ca
 def test_search_keeps_the_authors_teacher_in_our_format(cifar_yaml, tmp_path):
     """`search --teacher FILE` stores the file in the experiment as a teacher checkpoint
     of ours (architecture, source classes, where it came from), loaded like any other."""
-    from refilled.config import load_experiment
-    from refilled.runs import load_teacher, student_data
+    from refilled.schema.config import load_experiment
+    from refilled.runs.inputs import load_teacher, student_data
     from refilled.tune.trial_inputs import prepare_teacher
 
     cfg, _ = load_experiment(cifar_yaml)

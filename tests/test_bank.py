@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support.configs import make_tiny_config
-from refilled import runs
+from refilled.runs import inputs as runs
 from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.data import augment
 from refilled.data.device import Batch

@@ -1,4 +1,4 @@
-"""refilled.checkpoint and teacher loading: atomic writes, safe reads, mismatch checks."""
+"""refilled.files.checkpoint and teacher loading: atomic writes, safe reads, mismatch checks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from support.configs import make_tiny_config
-from refilled import checkpoint, runs
+from refilled.files import checkpoint
+from refilled.runs import inputs as runs
 from refilled.errors import UserError
 from refilled.method.networks import Network
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 import tune_refilled
-from refilled import checkpoint
+from refilled.files import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 END_TO_END = ("pretrain", "train", "train_tuning")  # subprocesses that train
@@ -287,7 +287,7 @@ def test_train_does_not_write_into_a_full_folder(results, ws):
 
 def test_an_interrupted_train_leaves_nothing_that_blocks_the_rerun(ws, monkeypatch, capsys):
     import tune_refilled
-    from refilled import runs
+    from refilled.runs import single_run as runs
 
     def interrupted(cfg, out, **kw):
         out.mkdir(parents=True, exist_ok=True)

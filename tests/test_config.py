@@ -1,4 +1,4 @@
-"""refilled.config: the authors' defaults, YAML loading, overrides and validation."""
+"""refilled.schema.config: the authors' defaults, YAML loading, overrides and validation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refilled.config import FIELDS, TEACHER_KEYS, Config, from_dict, load_experiment, parse_overrides, read_yaml
+from refilled.schema.config import FIELDS, TEACHER_KEYS, Config, from_dict, load_experiment, parse_overrides, read_yaml
 from refilled.errors import UserError
 from refilled.data import sources
 
@@ -164,7 +164,7 @@ def test_embedded_default_is_the_papers_cross_task_setting():
     size; trials ranked on at least 150 validation images outside the shots (one image moves
     the metric by under a point), and the final run trains on the same shots."""
     from refilled.data.splits import student_task
-    from refilled.runs import source_for
+    from refilled.runs.inputs import source_for
 
     cfg, _ = load_experiment(REPO / "search_spaces" / "digits.yaml")
     assert (cfg.source_classes, cfg.target_classes, cfg.transfer_set, cfg.image_size) == ("0-4", "5-9", False, 32)

@@ -81,7 +81,7 @@ def test_clock_laps_and_device_units():
 
 def test_selection_table_orders_by_the_reevaluated_mean():
     from refilled.tune.selection import selection_table
-    from refilled.tune.settings import SearchSettings
+    from refilled.schema.search import SearchSettings
 
     top = pd.DataFrame({"trial_id": ["x", "y"], "config/tau1": [1.0, 2.0], "config/lr2": [0.1, 0.2],
                         "best_val_accuracy_stage2": [0.95, 0.90]})

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from support.configs import make_tiny_config
-from refilled import checkpoint
+from refilled.files import checkpoint
 from refilled.store import experiment_file
 from refilled.store import study as study_store
 from refilled.errors import UserError

@@ -89,8 +89,8 @@ def test_readme_shows_the_test_commands_ci_runs():
 
 
 def test_the_readmes_search_section_is_one_the_search_accepts():
-    from refilled.config import load_experiment
-    from refilled.tune.settings import check_rungs_within, parse_search
+    from refilled.schema.config import load_experiment
+    from refilled.schema.search import check_rungs_within, parse_search
 
     example = re.search(r"```yaml\n(search:.*?)```", README.read_text(), flags=re.S).group(1)
     cfg, _ = load_experiment(REPO / "search_spaces" / "digits.yaml")

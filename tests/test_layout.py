@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from refilled.store import layout
-from refilled.store.atomic import write_atomic
+from refilled.files.atomic import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -115,7 +115,7 @@ def _runs(refilled: list[float], alone: list[float]) -> list[dict]:
 
 
 def test_gain_is_paired_by_seed_with_its_standard_error():
-    from refilled.final_retrain import markdown, summarise
+    from refilled.runs.final_retrain import markdown, summarise
 
     # seed by seed: +0.00, +0.02, -0.01 -> mean 0.00333, stdev 0.01528, standard error 0.00882
     results = summarise(_runs([0.90, 0.95, 0.97], [0.90, 0.93, 0.98]), {})
@@ -134,7 +134,7 @@ def test_gain_is_paired_by_seed_with_its_standard_error():
 
 
 def test_a_config_file_is_not_called_tuned():
-    from refilled.final_retrain import markdown, summarise
+    from refilled.runs.final_retrain import markdown, summarise
 
     runs = _runs([0.95], [0.90])
     assert "| REFILLED (tuned) |" in markdown(summarise(runs, {"source": {"experiment": "e", "trial_id": "abc"}}))

@@ -7,9 +7,9 @@ import pytest
 from support.configs import make_tiny_config
 from refilled.errors import UserError
 from support.configs import REPO
-from refilled.tune.rungs import (clock, correlation_lines, correlations, rung_epochs, schedule_warnings,
-                                 scheduler_args, spearman)
-from refilled.tune.settings import parse_search
+from refilled.schema.rungs import clock, rung_epochs, schedule_warnings, scheduler_args
+from refilled.store.rung_fidelity import correlation_lines, correlations, spearman
+from refilled.schema.search import parse_search
 
 
 def _stopped_at(rungs, rf, max_t, curves):
@@ -86,9 +86,9 @@ def test_warnings_name_rungs_in_stage1_after_few_steps_or_before_the_decay_on_ru
 def test_a_search_over_a_whole_training_set_is_warned_without_a_step_count(capsys):
     """No `shots`: the training set's size is unknown before its data is read, so the
     steps before a rung are not judged (the CIFAR-100 files start, they did not: a TypeError)."""
-    from refilled.config import load_experiment
+    from refilled.schema.config import load_experiment
     from refilled.tune.search import warn_about_rungs
-    from refilled.tune.settings import parse_search
+    from refilled.schema.search import parse_search
 
     cfg, data = load_experiment(REPO / "search_spaces" / "cifar100_crosstask.yaml")
     assert cfg.shots is None
@@ -124,7 +124,7 @@ def test_spearman_and_rung_correlations():
 
 
 def test_a_rung_beyond_the_epochs_is_refused_for_a_new_search_only_where_it_was_given():
-    from refilled.tune.settings import check_rungs_within
+    from refilled.schema.search import check_rungs_within
 
     base = make_tiny_config()  # 2 + 3 epochs
     for section, needle in [({"asha": {"grace_period": 500}}, "search.asha: rung 500 is beyond the 5 epochs"),

@@ -1,5 +1,5 @@
 """The search layer at scale, simulated: benchmarks/search_scale.py's search of 128 simulated
-trials, 32 at once on a logical 16-GPU Ray head (refilled.tune.simulation: the real driver,
+trials, 32 at once on a logical 16-GPU Ray head (simulated_trials: the real driver,
 searcher, callbacks, storage, selection and report; no torch in the trials). Every trial
 must end once: in the Optuna study, in its folder, in trials.csv and in the report.
 """

@@ -153,7 +153,7 @@ def test_best_config_is_the_best_stage2_trial(experiment):
     assert ranked and len(ranked) < n  # some trials were stopped in stage 1 and cannot be chosen
     top = max(ranked.values())
     best_folders = [tf for tf, r in ranked.items() if r == top]
-    from refilled.config import load_experiment
+    from refilled.schema.config import load_experiment
 
     best_cfg, _ = load_experiment(folder / "best_config.yaml")
     chosen = {k: getattr(best_cfg, k) for k in SEARCHED}
@@ -210,7 +210,8 @@ def test_search_says_where_its_rungs_are_and_how_well_they_ranked(experiment):
     # the rung is in stage 1 (NCM), which the start-up warning says, with a later rung to use
     assert "warning: the first ASHA rung (epoch 2) is in stage 1" in experiment.result.stderr
     # every report carries the clock that places ASHA's decisions at the rungs
-    from refilled.tune.rungs import clock, correlations, experiment_curves
+    from refilled.schema.rungs import clock
+    from refilled.store.rung_fidelity import correlations, experiment_curves
 
     for tf in trial_folders(folder):
         assert [r["rung_clock"] for r in results(tf)] == [clock(r["step"], [2, 4], 2, 6) for r in results(tf)]

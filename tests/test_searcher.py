@@ -17,14 +17,14 @@ from refilled.store import cost
 from refilled.tune.searcher import StudySearcher
 from refilled.store import study as study_store
 from refilled.store.layout import STUDY_FILE
-from refilled.tune.rungs import CLOCK, clock
-from refilled.tune.settings import distributions
+from refilled.schema.rungs import CLOCK, clock
+from refilled.schema.search import distributions
 
 SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"uniform": [0.0, 10.0]},
          "flag_merge": {"choice": [False, True]}, "depth": {"randint": [10, 12]}}
 FIRST = {"tau1": 4.0, "lambd": 1.0, "flag_merge": False, "depth": 10}
 TOTAL = 6
-RUNGS = [2, 4]  # ASHA's rungs: each result carries the clock that puts them there (refilled.tune.rungs)
+RUNGS = [2, 4]  # ASHA's rungs: each result carries the clock that puts them there (refilled.schema.rungs)
 
 
 def make(tmp_path, **changes) -> StudySearcher:

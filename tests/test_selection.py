@@ -60,7 +60,7 @@ def test_the_top_trials_are_reevaluated_and_the_best_mean_wins(reevaluated):
     chosen = yaml.safe_load((folder / "best_config.yaml").read_text())["config"]
     assert chosen == trial_config(folder, winner).to_dict()
     assert f"chosen trial {winner['trial_id']}" in (folder / "best_config.yaml").read_text().splitlines()[0]
-    from refilled.tune.retrain import choose_config  # retrain takes the re-evaluated winner
+    from refilled.tune.retrain_runner import choose_config  # retrain takes the re-evaluated winner
 
     _, source = choose_config(folder, None, None)
     assert source["trial_id"] == winner["trial_id"] and source["reeval_seeds"] == "1 2"

@@ -3,7 +3,8 @@
 import pytest
 
 from refilled.errors import UserError
-from refilled.tune.settings import parse_search
+from refilled.schema.search import parse_search
+from refilled.store.experiments import first_points
 from support.configs import REPO, make_tiny_config
 
 
@@ -97,12 +98,12 @@ def test_bad_selection_budget_or_start_are_one_line_errors(section, needle):
 def test_start_with_an_experiment_that_is_none_is_refused_when_read(tmp_path):
     s = parse_search({"start_with": str(tmp_path / "nowhere")}, make_tiny_config())  # read when the search starts
     with pytest.raises(UserError, match="not a tune-refilled experiment"):
-        s.first_points(make_tiny_config())
+        first_points(s, make_tiny_config())
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_search_section_parses_and_reads_back_the_same(path):
-    from refilled.config import load_experiment
+    from refilled.schema.config import load_experiment
 
     cfg, data = load_experiment(path)
     settings = parse_search(data.get("search"), cfg)

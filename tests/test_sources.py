@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refilled.config import CLASS_COUNT
+from refilled.schema.config import CLASS_COUNT
 from refilled.data import sources
 from refilled.data.sources import (
     ImageSet,
@@ -235,7 +235,7 @@ def test_cub200_decodes_split_and_caches(tmp_path, monkeypatch):
     def no_open(*args, **kwargs):
         raise AssertionError("cached load must not open images")
 
-    monkeypatch.setattr(sources.Image, "open", no_open)
+    monkeypatch.setattr(Image, "open", no_open)
     again = load_cub200(tmp_path)
     for a, b in ((src.train, again.train), (src.test, again.test)):
         np.testing.assert_array_equal(a.images, b.images)

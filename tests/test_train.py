@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from support.configs import make_tiny_config
-from refilled import checkpoint, runs
+from refilled.files import checkpoint
+from refilled.runs import inputs as runs
+from refilled.runs import single_run
 from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.method.train import (
     STAGE1,
@@ -421,7 +423,7 @@ def test_precise_bn_statistics_are_those_of_the_training_images_and_put_back(wor
 
 def test_final_student_keeps_the_statistics_it_was_tested_with(teacher_path, tmp_path):
     cfg = make_tiny_config(bn_stats="precise")
-    runs.train_once(cfg, tmp_path, teacher_path=teacher_path, progress=False)
+    single_run.train_once(cfg, tmp_path, teacher_path=teacher_path, progress=False)
     saved = checkpoint.load(tmp_path / "student.pt", "student")["student"]
     data = runs.student_data(cfg)
     student = build_student(cfg, data)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from refilled.data import augment
 from refilled.data.device import Batch, DeviceTask
-from refilled.errors import UserError
+from refilled.files.arrays import read_array
 from refilled.runtime import autocast
 
 
@@ -60,7 +60,7 @@ class TeacherBank:
 
     def save(self, path: str | Path) -> Path:
         """Atomic write (temp file + rename) of the .npy file."""
-        from refilled.store.atomic import write_atomic
+        from refilled.files.atomic import write_atomic
 
         array = self.embeddings.cpu().numpy() if torch.is_tensor(self.embeddings) else self.embeddings
         return write_atomic(path, lambda f: np.save(f, array))
@@ -88,17 +88,6 @@ class TeacherBank:
         return torch.from_numpy(np.array(self.embeddings[:, identity_variant], dtype=np.float32))
 
 
-def read_array(path: str | Path, what: str, *, shown: str | None = None, mmap: bool = False,
-               remedy: str = "delete it: the search computes it again") -> np.ndarray:
-    """A .npy file (memory-mapped with `mmap`); a damaged one (cut short: its header
-    promises more bytes than it holds) is a one-line UserError naming it."""
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"{what} {shown or path} not found: {remedy}") from None
-    except (ValueError, OSError, EOFError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise UserError(f"{what} {shown or path} is damaged ({reason}): {remedy}") from None
 
 
 TeacherEmbeddings = Callable[[Batch], torch.Tensor]

@@ -313,7 +313,7 @@ def from_authors(path: str | Path, name: str, n_classes: int, *, image_size: int
     their argument names (defaults are theirs). `embedding, logits = net(x)`
     equals their `logits, embedding = net(x, flag_both=True)`.
     """
-    from refilled import checkpoint
+    from refilled.files import checkpoint
 
     obj = checkpoint.load(path, "authors' checkpoint")
     net = build_network(name, n_classes, depth=depth, width=width, ca=ca, dropout_rate=dropout_rate,

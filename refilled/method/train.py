@@ -19,7 +19,7 @@ import torch
 
 from refilled.method import evaluate
 from refilled.method.bank import TeacherBank, TeacherEmbeddings
-from refilled.config import Config
+from refilled.schema.config import Config
 from refilled.data.device import DeviceTask
 from refilled.errors import Diverged  # noqa: F401  (raised here, imported from here by callers)
 from refilled.method.losses import class_centers

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
-from refilled.store.atomic import write_atomic
+from refilled.files.atomic import write_atomic
 from refilled.store.layout import DRIVER_FILE
 
 COLUMNS = ["trial_id", "stage", "epochs", "wall_s", "device", "device_s"]

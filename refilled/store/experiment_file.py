@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from refilled.store import storage
-from refilled.config import Config, load_experiment
+from refilled.schema.config import Config, load_experiment
 from refilled.errors import UserError
-from refilled.store.atomic import write_atomic
+from refilled.files.atomic import write_atomic
 from refilled.store.layout import EXPERIMENT_FILE
 
 # The first and last lines of the file as `write` makes it: a file that starts with HEADER

@@ -20,10 +20,11 @@ import pandas as pd
 import yaml
 
 from refilled.store import experiment_file, trial_records
-from refilled.config import Config, from_dict
+from refilled.schema.config import Config, from_dict
 from refilled.errors import UserError
-from refilled.store.atomic import write_atomic
-from refilled.config import FIELDS, read_yaml
+from refilled.files.atomic import write_atomic
+from refilled.schema.config import FIELDS, read_yaml
+from refilled.schema.search import SearchSettings
 from refilled.store.layout import (BEST_CONFIG, EXPERIMENT_FILE, LEASE_FILE, RETRAIN_DIR, RETRAIN_RESULTS, SELECTION_DIR,
                                    SELECTION_FILE, STAGE1_SEARCH)
 
@@ -336,3 +337,18 @@ def read_retrain(folder: str | Path, location: str | None = None) -> dict[str, A
         raise UserError(f"{location or folder}/{RETRAIN_DIR}/{RETRAIN_RESULTS} is damaged: run `retrain --experiment "
                         f"{location or folder} --force` again (or restore it from a backup)")
     return results
+
+
+def first_points(settings: SearchSettings, cfg: Config) -> list[dict[str, Any]]:
+    """The configurations queued as the first trials (`search.start_with`): the authors'
+    defaults, the config's values, none, or the top trials of an earlier experiment (its
+    re-evaluated ranking when it has one), each restricted to this space."""
+    if settings.start_with in ("authors", "config", "none"):
+        return settings.fixed_points(cfg)
+    points = []
+    for values in top_configs(settings.start_with, max(settings.select.top_k, 3)):
+        point = {k: values[k] for k in settings.space if k in values}
+        if len(point) == len(settings.space) and all(settings.inside(k, v) for k, v in point.items()) \
+                and point not in points:
+            points.append(point)
+    return points

@@ -14,10 +14,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from refilled import checkpoint
+from refilled.files import checkpoint
 from refilled.store.layout import STATE_FILE
 from refilled.store import storage, trial_records
-from refilled.method.bank import read_array
+from refilled.files.arrays import read_array
 from refilled.store.layout import STAGE1_SEARCH
 from refilled.store.layout import BANK_FILES
 from refilled.store.layout import TEACHER_FILE

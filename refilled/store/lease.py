@@ -66,7 +66,7 @@ import pyarrow.fs as pafs
 
 from refilled.store import storage
 from refilled.errors import UserError
-from refilled.store.atomic import write_atomic
+from refilled.files.atomic import write_atomic
 from refilled.store.layout import LEASE_FILE, LOCK_FILE
 
 TIMEOUT_ENV = "TUNE_REFILLED_LEASE_TIMEOUT"  # seconds without a heartbeat before a lease is stale

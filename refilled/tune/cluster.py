@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 from refilled.errors import UserError
-from refilled.tune.settings import SearchSettings
+from refilled.schema.search import SearchSettings
 
 START_IT = "start it with `ray start --head` or check the address"
 

@@ -32,29 +32,29 @@ from typing import Any
 
 import pandas as pd
 
-from refilled import checkpoint
+from refilled.files import checkpoint
 from refilled.store.layout import COST_FILE
 from refilled.store import cost, integrity, experiment_file, storage, trial_records
-from refilled.config import CLASS_COUNT, Config
+from refilled.schema.config import CLASS_COUNT, Config
 from refilled.errors import UserError
 from refilled.store.layout import EXPERIMENT_FILE
 from refilled.store.layout import DRIVER_FILE
-from refilled.store.experiments import load_trials, plain_value, write_best_config
+from refilled.store.experiments import first_points, load_trials, plain_value, write_best_config
 from refilled.store.layout import SELECTION_FILE, STAGE1_SEARCH
 from refilled.store.lease import Lease
 from refilled.store.layout import LEASE_FILE
 from refilled.store.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
-from refilled.tune.rungs import (correlation_lines, counted_epochs, experiment_correlations, schedule_warnings,
-                                 scheduler_args)
+from refilled.schema.rungs import counted_epochs, schedule_warnings, scheduler_args
+from refilled.store.rung_fidelity import correlation_lines, experiment_correlations
 from refilled.tune.searcher import StudySearcher
 from refilled.store.study import STUDY_FILES, study_file
 from refilled.tune.selection import reevaluate
-from refilled.tune.settings import SearchSettings, check_rungs_within, parse_search
+from refilled.schema.search import SearchSettings, check_rungs_within, parse_search
 from refilled.tune.trial_inputs import METHOD, TrialKind
 from refilled.store.layout import STAGE1_CHOICE
 from refilled.store.layout import BEST_CONFIG, INTERRUPTED_TRIALS, TRIALS_FILE
-from refilled.store.atomic import write_atomic
+from refilled.files.atomic import write_atomic
 
 METRIC = "val_accuracy"
 
@@ -128,7 +128,7 @@ def warn_about_rungs(cfg: Config, settings: SearchSettings, max_t: int, phase2: 
 
 
 def show_rung_fidelity(folder: Path, bn_stats: str) -> None:
-    """Print how well each ASHA rung ranked this search's trials (refilled.tune.rungs)."""
+    """Print how well each ASHA rung ranked this search's trials (refilled.schema.rungs)."""
     rows = experiment_correlations(folder)
     if rows:
         print("\nASHA's rungs, rank-correlated with what followed (a rung is only worth what it ranks):")
@@ -177,7 +177,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
         if place.exists(ignore=lambda entry: LEASE_FILE in entry):
             raise UserError(f"experiment {place.location} already exists: pass --resume to continue it "
                             "or choose another --name")
-        settings.first_points(cfg)  # a warm start's earlier experiment: a bad one refused before anything is written
+        first_points(settings, cfg)  # a warm start's earlier experiment: a bad one refused before anything is written
     if not address:
         check_local_gpus(settings)  # before starting Ray: its start-up lines would bury the error
     connect(address)
@@ -254,12 +254,12 @@ def fit(trainable, settings: SearchSettings, cfg: Config, experiment: Place, stu
     else:
         # a phase of a staged search killed before Ray saved any state starts again: its trials go aside
         set_aside_unknown_trials(place, set())
-        # rungs at the epochs the settings name, through the clock every trial reports (refilled.tune.rungs)
+        # rungs at the epochs the settings name, through the clock every trial reports (refilled.schema.rungs)
         scheduler = ASHAScheduler(metric=METRIC, mode="max",
                                   **scheduler_args(settings.rung_epochs(max_t), settings.asha.reduction_factor))
         searcher = StudySearcher(settings.space, metric=METRIC, study_name=study_name,
                                  experiment=experiment.location, sub=sub, seed=settings.seed,
-                                 first=settings.first_points(cfg), budget_hours=settings.budget_hours)
+                                 first=first_points(settings, cfg), budget_hours=settings.budget_hours)
         tuner = tune.Tuner(
             trainable, param_space=settings.param_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,

@@ -30,8 +30,8 @@ from ray.tune.search import Searcher
 
 from refilled.store import storage, trial_records
 from refilled.store import study as study_store
-from refilled.tune.rungs import CLOCK
-from refilled.tune.settings import distributions
+from refilled.schema.rungs import CLOCK
+from refilled.schema.search import distributions
 
 
 def outcome(result: dict | None, error: bool, metric: str) -> tuple[TrialState, float | None]:

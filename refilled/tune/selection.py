@@ -22,14 +22,14 @@ from typing import Any
 
 import pandas as pd
 
-from refilled.config import Config
+from refilled.schema.config import Config
 from refilled.store.cost import device_units
 from refilled.store.experiments import ranked, reeval_results, trial_config
 from refilled.store.layout import SELECTION_DIR, SELECTION_FILE
 from refilled.store.storage import Place
-from refilled.tune.settings import SearchSettings
+from refilled.schema.search import SearchSettings
 from refilled.tune.trial_inputs import METHOD, TrialKind
-from refilled.store.atomic import write_atomic
+from refilled.files.atomic import write_atomic
 
 
 def candidates(trials: pd.DataFrame, top_k: int) -> pd.DataFrame:

@@ -18,19 +18,19 @@ import numpy as np
 import torch
 from ray import tune
 
-from refilled import checkpoint
+from refilled.files import checkpoint
 from refilled.method.bank import TeacherBank, teacher_embeddings
-from refilled.config import Config, from_dict
+from refilled.schema.config import Config, from_dict
 from refilled.store.cost import Clock, device_units
-from refilled.runs import load_teacher_state, student_data, transfer_teacher
+from refilled.runs.inputs import load_teacher_state, student_data, transfer_teacher
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.store.stage1_cache import Stage1Cache, stage1_key
 from refilled.method.train import STAGE2, Diverged, build_student, global_centers, refilled_epochs
-from refilled.runlog import STAGE_NAMES
+from refilled.runs.epoch_log import STAGE_NAMES
 from refilled.store.layout import STATE_FILE
-from refilled.tune.report import report
-from refilled.tune.rungs import CLOCK
-from refilled.tune.rungs import clock as rung_clock
+from refilled.tune.trial_report import report
+from refilled.schema.rungs import CLOCK
+from refilled.schema.rungs import clock as rung_clock
 
 # fault injection for tests: each trial crashes once at this step (markers in the folder CRASH_MARKERS_ENV names)
 CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
@@ -75,7 +75,7 @@ def refilled_trial(params: dict[str, Any], *, base: dict[str, Any], teacher: dic
     search: the trial reports stage-2 epochs only, their steps continue stage 1's).
     `stage1_only`: end after stage 1 (phase 1 of a staged search).
     `rungs`, `reduction_factor`, `max_t`: where ASHA compares trials, in the epochs this
-    phase counts; each report carries the clock that puts them there (refilled.tune.rungs)."""
+    phase counts; each report carries the clock that puts them there (refilled.schema.rungs)."""
     cfg: Config = from_dict(params, from_dict(base))
     cfg = cfg.replace(flag_tuning=True, device="auto")  # searching never sees the test split
     resources = tune.get_context().get_trial_resources().required_resources

@@ -13,17 +13,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from refilled import checkpoint
-from refilled.method.bank import read_array
-from refilled.config import Config, from_dict
-from refilled.tune.rungs import counted_epochs
+from refilled.files import checkpoint
+from refilled.files.arrays import read_array
+from refilled.schema.config import Config, from_dict
+from refilled.schema.rungs import counted_epochs
 from refilled.store.cost import add_driver_cost, device_units
 from refilled.store.layout import DRIVER_FILE
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.store.storage import Place
-from refilled.tune.settings import SearchSettings
+from refilled.schema.search import SearchSettings
 from refilled.store.layout import BANK_FILE, CENTERS_FILE, STAGE1_CACHE, TEACHER_FILE
-from refilled.store.atomic import write_atomic
+from refilled.files.atomic import write_atomic
 
 
 def file_digest(path: Path) -> str:
@@ -38,7 +38,7 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
     import torch
 
     from refilled.method.bank import TeacherBank
-    from refilled.runs import bank_wanted, load_teacher_state, student_data
+    from refilled.runs.inputs import bank_wanted, load_teacher_state, student_data
     from refilled.method.train import global_centers
 
     start = time.perf_counter()
@@ -60,7 +60,8 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
 def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
     """Copy the given (or default) teacher into the experiment (an authors' checkpoint
     in our format), or pretrain it there."""
-    from refilled.runs import default_teacher_path, load_teacher_state, pretrain, read_teacher, student_data
+    from refilled.runs.inputs import default_teacher_path, load_teacher_state, read_teacher, student_data
+    from refilled.runs.single_run import pretrain
 
     target = folder / TEACHER_FILE
     if target.exists():
@@ -139,7 +140,7 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
 
 class TrialKind(Protocol):
     """What the driver runs as trials: REFILLED (METHOD), or a simulation of it
-    (refilled.tune.simulation.SimulatedTrials) that measures the driver at scale."""
+    (simulated_trials.SimulatedTrials) that measures the driver at scale."""
 
     def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind ({} for the method)
 
@@ -169,7 +170,7 @@ class MethodTrials:
                      resources: dict[str, float]):
         import ray
 
-        from refilled.final_retrain import run_one, run_one_at_uri
+        from refilled.runs.final_retrain import run_one, run_one_at_uri
         from refilled.store import storage
 
         if place.uri:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refilled.config import Config
+from refilled.schema.config import Config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -304,7 +304,7 @@ def check_staged(folder: Path, n: int, n1: int = 3, killed_in_phase2: bool = Fal
     resume (check_run_again_from_saved_state says which and how)."""
     import torch
 
-    from refilled import checkpoint
+    from refilled.files import checkpoint
     from refilled.store.experiments import load_trials
 
     e1 = 2

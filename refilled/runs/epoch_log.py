@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from refilled.method.train import STAGE1, STAGE2, TEACHER, Epoch
-from refilled.store.atomic import write_atomic
+from refilled.files.atomic import write_json
 
 STAGE_NAMES = {TEACHER: "teacher", STAGE1: "stage1", STAGE2: "stage2"}
 
 
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Atomic JSON write (temp file + rename)."""
-    return write_atomic(path, json.dumps(obj, indent=2))
 
 
 def epoch_record(e: Epoch) -> dict[str, Any]:

@@ -337,7 +337,7 @@ def load_experiment(path: str | Path) -> tuple[Config, dict[str, Any]]:
     data = read_yaml(path)
     sections = {"config", "search", "retrain", "name", "description",
                 "stage1_choice", "stage1_only",  # written by a staged search into its experiment.yaml
-                "simulated"}  # written by a simulated search (refilled.tune.simulation)
+                "simulated"}  # written by a simulated search (simulated_trials)
     if not data:
         raise UserError(f"config file {path} is empty: give it a config: section (e.g. copy "
                         "search_spaces/digits.yaml), or `config: {data_name: CIFAR-100}` for the authors' defaults")

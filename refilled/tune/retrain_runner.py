@@ -1,7 +1,7 @@
 """`retrain`: the best configuration of an experiment, retrained and tested.
 
 Reads the experiment's best trial (or `--trial`, or `--config`), then runs the
-final seeds (refilled.final_retrain) as Ray tasks on a cluster (`--address`) or one
+final seeds (refilled.runs.final_retrain) as Ray tasks on a cluster (`--address`) or one
 after another on this machine, with a progress bar either way. An experiment
 at a URI is read from its local mirror, and its retrain folder is uploaded next
 to it; on a cluster, each task fetches the teacher and uploads its run itself.
@@ -14,13 +14,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from refilled import checkpoint
+from refilled.files import checkpoint
 from refilled.store import storage
-from refilled.config import Config, load_experiment
+from refilled.schema.config import Config, load_experiment
 from refilled.errors import UserError
 from refilled.store.experiments import (chosen_trial, experiment_config, load_trials, read_selection, say_notes,
                                        trial_config)
-from refilled.final_retrain import plan, retrain_local, run_one, run_one_at_uri, summarise, trained_on, write_results
+from refilled.runs.final_retrain import plan, retrain_local, run_one, run_one_at_uri, summarise, trained_on, write_results
 from refilled.store.lease import note_if_running
 from refilled.store.layout import RETRAIN_DIR, RETRAIN_RESULTS, TEACHER_FILE
 
@@ -87,7 +87,7 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
         raise UserError(f"{shown} already holds results: pass --force to replace them or --out for another folder")
     cfg, source = choose_config(folder, trial, config)
     if teacher_file:  # checked before anything is written
-        from refilled.runs import load_teacher_state, read_teacher, student_data
+        from refilled.runs.inputs import load_teacher_state, read_teacher, student_data
 
         given = read_teacher(teacher_file, cfg)
         load_teacher_state(given, cfg, student_data(cfg.replace(device="cpu")), teacher_file)

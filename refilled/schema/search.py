@@ -39,7 +39,8 @@ from typing import Annotated, Any, Optional
 from pydantic_core import PydanticCustomError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
-from refilled.config import FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict
+from refilled.schema.rungs import counted_epochs, rung_epochs
+from refilled.schema.config import FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict
 from refilled.errors import UserError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
@@ -68,7 +69,7 @@ class _Section(BaseModel):
 
 
 class Asha(_Section):
-    """ASHA's rungs: geometric from grace_period, or placed (`rungs`, refilled.tune.rungs)."""
+    """ASHA's rungs: geometric from grace_period, or placed (`rungs`, refilled.schema.rungs)."""
     grace_period: Count = Field(10, ge=1)
     reduction_factor: Number = Field(3, gt=1)
     rungs: Optional[list[Count]] = None
@@ -112,7 +113,7 @@ class Staged(_Section):
 
 
 class SearchSettings(_Section):
-    """The `search:` section as it is written (refilled.tune.settings: the example above)."""
+    """The `search:` section as it is written (refilled.schema.search: the example above)."""
     space: dict[str, dict[str, list]] = Field(default_factory=lambda: dict(DEFAULT_SPACE))
     num_samples: Count = Field(16, ge=1)
     start_with: Optional[str] = "authors"  # "authors", "config", "none", or an earlier experiment
@@ -165,37 +166,25 @@ class SearchSettings(_Section):
         return dict(self.fixed)
 
     def rung_epochs(self, max_t: int) -> list[int]:
-        """The epochs at which ASHA compares this phase's trials (refilled.tune.rungs)."""
-        from refilled.tune.rungs import rung_epochs
-
+        """The epochs at which ASHA compares this phase's trials (refilled.schema.rungs)."""
         return rung_epochs(self.asha.grace_period, self.asha.reduction_factor, max_t, self.asha.rungs)
 
     def is_log(self, key: str) -> bool:
         return next(iter(self.space[key])) in ("loguniform", "lograndint")
 
-    def first_points(self, cfg: Config) -> list[dict[str, Any]]:
-        """The configurations queued as the first trials: the authors' defaults, the
-        config's values, none, or the top trials of an earlier experiment (its
-        re-evaluated ranking when it has one), each restricted to this space."""
-        if self.start_with == "none":
+    def fixed_points(self, cfg: Config) -> list[dict[str, Any]]:
+        """The configuration queued as the first trial when `start_with` is authors or
+        config (none: no point). An earlier experiment's top trials are the store's to
+        read (refilled.store.experiments.first_points)."""
+        if self.start_with not in ("authors", "config"):
             return []
-        if self.start_with in ("authors", "config"):
-            source = Config() if self.start_with == "authors" else cfg
-            point = {k: getattr(source, k) for k in self.space}
-            for key, value in point.items():
-                if not self.inside(key, value):
-                    raise UserError(f"search.start_with '{self.start_with}' puts {key}={value} outside its space "
-                                    f"{self.space[key]}: widen the space or use start_with: none")
-            return [point]
-        from refilled.store.experiments import top_configs
-
-        points = []
-        for values in top_configs(self.start_with, max(self.select.top_k, 3)):
-            point = {k: values[k] for k in self.space if k in values}
-            if len(point) == len(self.space) and all(self.inside(k, v) for k, v in point.items()) \
-                    and point not in points:
-                points.append(point)
-        return points
+        source = Config() if self.start_with == "authors" else cfg
+        point = {k: getattr(source, k) for k in self.space}
+        for key, value in point.items():
+            if not self.inside(key, value):
+                raise UserError(f"search.start_with '{self.start_with}' puts {key}={value} outside its space "
+                                f"{self.space[key]}: widen the space or use start_with: none")
+        return [point]
 
     def inside(self, key: str, value: Any) -> bool:
         """Whether `value` lies in the space of `key`."""
@@ -323,15 +312,13 @@ def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings
         raise UserError(_problem(e.errors()[0])) from None
     if s.staged is not None:
         _check_staged(s)
-    if s.start_with in ("authors", "config"):
-        s.first_points(base)  # an earlier experiment is read when the search starts
+    s.fixed_points(base)  # an earlier experiment (start_with: PATH) is read when the search starts
     return s
 
 
 def check_rungs_within(s: SearchSettings, cfg: Config) -> None:
     """A rung the user placed beyond the epochs its trials run could never stop one: said,
     with the end (for a new search; an experiment.yaml read back holds every default)."""
-    from refilled.tune.rungs import counted_epochs
 
     staged = s.staged is not None
     phases = [("search.asha", s.asha, counted_epochs(cfg, from_stage1=staged),

@@ -20,7 +20,7 @@ from refilled.errors import UserError
 
 def save(obj: dict[str, Any], path: str | Path) -> Path:
     """Write to a temp file in the same folder, then rename: never a half file."""
-    from refilled.store.atomic import write_atomic
+    from refilled.files.atomic import write_atomic
 
     return write_atomic(path, lambda f: torch.save(obj, f))
 

@@ -115,8 +115,8 @@ def add_retrain_command(sub) -> None:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from refilled.final_retrain import markdown
-    from refilled.tune.retrain import retrain
+    from refilled.runs.final_retrain import markdown
+    from refilled.tune.retrain_runner import retrain
 
     results, written = retrain(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial, config=args.config,
                       baseline=args.baseline, force=args.force, address=args.address, teacher_file=args.teacher)

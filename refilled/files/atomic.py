@@ -8,10 +8,11 @@ shared cluster storage could not read.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 
 def _umask() -> int:
@@ -46,3 +47,8 @@ def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Atomic JSON write (temp file + rename)."""
+    return write_atomic(path, json.dumps(obj, indent=2))

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from refilled.store.cost import Clock, device_units
-from refilled.tune.report import report
-from refilled.tune.rungs import CLOCK, counted_epochs
-from refilled.tune.rungs import clock as rung_clock
+from refilled.tune.trial_report import report
+from refilled.schema.rungs import CLOCK, counted_epochs
+from refilled.schema.rungs import clock as rung_clock
 
 STATE = "state.json"  # the simulated trial's checkpoint (a real one's is state.pt)
 

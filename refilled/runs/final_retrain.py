@@ -15,10 +15,9 @@ from typing import Any, Callable
 
 import yaml
 
-from refilled.config import Config
-from refilled.runlog import write_json
+from refilled.schema.config import Config
+from refilled.files.atomic import write_atomic, write_json
 from refilled.store.layout import RETRAIN_RESULTS, RETRAIN_SUMMARY, TEACHER_FILE
-from refilled.store.atomic import write_atomic
 
 RUN_KINDS = ("refilled", "student_alone")
 
@@ -49,8 +48,8 @@ def run_one(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_path: str, o
 
     import torch
 
-    from refilled.config import from_dict
-    from refilled.runs import train_once
+    from refilled.schema.config import from_dict
+    from refilled.runs.single_run import train_once
     from refilled.runtime import keep_freed_memory, resolve_device
 
     start = time.perf_counter()
