@@ -3,14 +3,12 @@ decoded once to fixed squares and cached next to the data."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from refilled.data.sources._images import decode_all
 from refilled.data.sources._base import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Source, one_line
 from refilled.errors import UserError
 
@@ -61,59 +59,6 @@ def _int_values(table: dict[int, str], path: Path, allowed: range) -> dict[int, 
                 f"in {allowed.start}..{allowed.stop - 1}"
             )
         out[key] = int(value)
-    return out
-
-
-def _square_rgb(path: Path, size: int) -> np.ndarray:
-    """Decode one image to RGB, shorter side -> size, centre crop size x size; CHW uint8.
-
-    Mirrors torchvision's Resize(size) + CenterCrop(size) on PIL images.
-    """
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            # The shorter side becomes exactly `size`; the longer one is truncated like torchvision.
-            if w <= h:
-                new_w, new_h = size, int(size * h / w)
-            else:
-                new_w, new_h = int(size * w / h), size
-            img = img.resize((new_w, new_h), Image.BILINEAR)
-            left = int(round((new_w - size) / 2.0))
-            top = int(round((new_h - size) / 2.0))
-            img = img.crop((left, top, left + size, top + size))
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-    except (OSError, ValueError) as err:  # missing, unreadable or corrupt file
-        raise UserError(
-            f"cannot read CUB-200-2011 image {path} ({one_line(err)}): re-extract CUB_200_2011.tgz"
-        ) from None
-
-
-def _decode_all(paths: list[Path], size: int, desc: str) -> np.ndarray:
-    """Decode images into one preallocated (N, 3, size, size) array with a thread pool.
-
-    PIL releases the GIL while decoding and resizing, so threads scale; filling a
-    preallocated array avoids holding a second copy of the whole set.
-    """
-    from tqdm import tqdm
-
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-
-    def work(i: int) -> None:
-        out[i] = _square_rgb(paths[i], size)
-
-    workers = min(32, (os.cpu_count() or 1) + 4)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(work, i) for i in range(len(paths))]
-        try:
-            with tqdm(total=len(paths), desc=desc, unit="img") as bar:
-                for fut in concurrent.futures.as_completed(futures):
-                    fut.result()  # re-raises the first UserError
-                    bar.update(1)
-        except BaseException:
-            for fut in futures:  # don't decode thousands more images before reporting it
-                fut.cancel()
-            raise
     return out
 
 
@@ -192,7 +137,7 @@ def load_cub200(root: str | Path, image_size: int = 256) -> Source:
         arrays = {"train_ids": train_ids, "test_ids": test_ids}
         for part, part_ids in (("train", train_ids), ("test", test_ids)):
             paths = [folder / "images" / images[i] for i in part_ids]
-            arrays[f"{part}_images"] = _decode_all(paths, image_size, f"CUB-200 {part} images")
+            arrays[f"{part}_images"] = decode_all(paths, image_size, f"CUB-200 {part} images", "re-extract CUB_200_2011.tgz")
             arrays[f"{part}_labels"] = np.array([labels[i] - 1 for i in part_ids], dtype=np.int64)
         _save_cub_cache(cache, arrays)
 
