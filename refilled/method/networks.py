@@ -266,6 +266,8 @@ def build_network(name: str, n_classes: int, *, depth: int = 16, width: int = 1,
 
 def describe(arch: dict) -> str:
     """'wide_resnet depth 16 width 1 dropout_rate 0.3, 100 classes': for messages."""
+    if arch["name"] not in FAMILY_ARGS:  # torchvision:NAME
+        return f"{arch['name']}, {arch['n_classes']} classes"
     args = " ".join(f"{k} {arch[k]:g}" if isinstance(arch[k], float) else f"{k} {arch[k]}"
                     for k in FAMILY_ARGS[arch["name"]])
     return f"{arch['name']} {args}, {arch['n_classes']} classes"
