@@ -10,7 +10,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_console_script_and_script_give_the_same_help(tmp_path):
     # run from elsewhere: the package is importable because it is installed, not because of the folder
-    script = subprocess.run(["tune-refilled", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    # the console script beside this Python: a virtual environment used without activating it has no PATH entry
+    console = Path(sys.executable).parent / "tune-refilled"
+    script = subprocess.run([str(console), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     plain = subprocess.run([sys.executable, str(REPO / "tune_refilled.py"), "--help"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=60)
     assert script.returncode == plain.returncode == 0, script.stderr + plain.stderr
