@@ -202,7 +202,7 @@ class Probe:
 
         optuna.Study.ask, optuna.Study.tell = timed_ask, timed_tell
         callbacks.TrialRecords.on_trial_result = counted_result
-        for name in ("summarise", "reevaluate", "show_rung_fidelity", "write_cost"):
+        for name in ("write_trials_table", "reevaluate", "experiment_correlations", "write_cost"):
             setattr(search, name, self._timed(name, getattr(search, name)))
 
     def _timed(self, name, fn):
@@ -353,14 +353,16 @@ def main() -> None:
     probe, memory = Probe(args.profile_from, args.profile_s), Memory()
     probe.install()
     memory.start()
-    from refilled.tune.search import run_search
+    from refilled.tune.search import Outcome, open_search
 
     started = time.perf_counter()
     probe.run_cpu = [time.thread_time()]
     process_cpu = os.times().user + os.times().system
     try:
-        folder = run_search(cfg, section, name="scale", storage_location=str(out), address=address, resume=False,
-                            teacher=None, kind=kind)
+        search = open_search(str(out), "scale", cfg, section, kind)
+        if search.run(address) is not Outcome.FINISHED:
+            sys.exit("search_scale: the search did not finish")
+        folder = search.place.folder
     finally:
         probe.close_profile()
         probe.run_cpu.append(time.thread_time())
@@ -434,9 +436,9 @@ def report_figures(args, folder: Path, probe: Probe, memory: Memory, wall: float
         "workers_with_torch": workers_with_torch,
         "torch_loaded_in_trials": sum(r.get("torch_loaded", 0) for r in rows),
         "files": leaves(folder),
-        "seconds": {"trials_csv (in the search)": probe.timed.get("summarise"),
+        "seconds": {"trials_csv (in the search)": probe.timed.get("write_trials_table"),
                     "reevaluation (hand-off and simulated runs)": probe.timed.get("reevaluate"),
-                    "rung correlations": probe.timed.get("show_rung_fidelity"),
+                    "rung correlations": probe.timed.get("experiment_correlations"),
                     "cost.csv": probe.timed.get("write_cost"),
                     "load_trials again": load_s, "retrain's reading (choose_config)": retrain_read_s,
                     "analysis/report.py": report_s},

@@ -25,7 +25,8 @@ from typing import Any
 
 from refilled.store.cost import Clock, device_units
 from refilled.tune.trial_report import report
-from refilled.schema.rungs import CLOCK, counted_epochs
+from refilled.schema.rungs import CLOCK
+from refilled.tune.trial_inputs import Phase, TrialInputs, TrialPlan
 from refilled.schema.rungs import clock as rung_clock
 
 STATE = "state.json"  # the simulated trial's checkpoint (a real one's is state.pt)
@@ -58,9 +59,8 @@ def curve_point(params: dict[str, Any], base: dict[str, Any], seed: int, step: i
     return min(1.0, max(0.0, end * progress + noise))
 
 
-def simulated_trial(params: dict[str, Any], *, base: dict[str, Any], epoch_s: float, rungs: list[int],
-                    reduction_factor: float, max_t: int, checkpoint_every: int = 1, checkpoint_bytes: int = 0,
-                    stage1_only: bool = False) -> None:
+def simulated_trial(params: dict[str, Any], *, base: dict[str, Any], epoch_s: float, checkpoint_bytes: int,
+                    plan: TrialPlan) -> None:
     """One simulated trial: `epoch_s` seconds of sleep an epoch, then the report a real
     trial would make (refilled.tune.trainable). Each report also says how long the
     previous one waited for the driver (`report_wait_s`) and whether torch was loaded
@@ -68,7 +68,7 @@ def simulated_trial(params: dict[str, Any], *, base: dict[str, Any], epoch_s: fl
     from ray import tune
 
     n1, n2 = int(base["n_training_epochs1"]), int(base["n_training_epochs2"])
-    total = n1 if stage1_only else n1 + n2
+    total = n1 if plan.stage1_only else n1 + n2
     seed = int(base.get("seed", 0))
     resources = tune.get_context().get_trial_resources().required_resources
     device = "cuda" if resources.get("GPU", 0) > 0 else "cpu"  # what a real trial would run on
@@ -85,8 +85,8 @@ def simulated_trial(params: dict[str, Any], *, base: dict[str, Any], epoch_s: fl
                    "val_accuracy": accuracy, "report_wait_s": waited, "torch_loaded": int("torch" in sys.modules)}
         if not stage1:
             best2 = metrics["best_val_accuracy_stage2"] = max(best2, accuracy)
-        metrics[CLOCK] = rung_clock(step, list(rungs), reduction_factor, max_t)
-        save = step == total or step % checkpoint_every == 0
+        metrics[CLOCK] = rung_clock(step, list(plan.rungs), plan.reduction_factor, plan.max_t)
+        save = step == total or step % plan.checkpoint_every == 0
         snapshot = {"step": step, "best_val_accuracy_stage2": best2}
         sent = time.perf_counter()
         report(clock, metrics, (lambda path: _save(path, snapshot, checkpoint_bytes)) if save else None)
@@ -131,26 +131,24 @@ class SimulatedTrials:
         """What experiment.yaml says of the simulation."""
         return {"simulated": asdict(self)}
 
-    def prepare_teacher(self, cfg, folder: Path, teacher: str | None) -> None:
+    def prepare_teacher(self, cfg, place, teacher: str | None) -> None:
         return None  # no teacher: nothing is trained
 
-    def trainable_for(self, cfg, settings, place, teacher_path, *, stage1=None, stage1_only=False):
+    def trainable_for(self, inputs: TrialInputs, phase: Phase):
         from ray import tune
 
-        if stage1 is not None or stage1_only:
+        if phase.stage1 is not None or phase.stage1_only:
             from refilled.errors import UserError
             raise UserError("a simulated search is not staged: remove search.staged")
-        max_t = counted_epochs(cfg)
-        fn = tune.with_parameters(simulated_trial, base=cfg.to_dict(), epoch_s=self.epoch_s,
-                                  rungs=settings.rung_epochs(max_t), reduction_factor=settings.asha.reduction_factor,
-                                  max_t=max_t, checkpoint_every=settings.checkpoint_every,
-                                  checkpoint_bytes=self.checkpoint_bytes)
+        settings = phase.settings
+        fn = tune.with_parameters(simulated_trial, base=inputs.cfg.to_dict(), epoch_s=self.epoch_s,
+                                  checkpoint_bytes=self.checkpoint_bytes, plan=TrialPlan.of(phase, settings, ""))
         return tune.with_resources(fn, {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
 
-    def reevaluation(self, cfg, seed: int, place, teacher_path, run_folder: str, resources: dict):
+    def reevaluation(self, inputs: TrialInputs, cfg, seed: int, run_folder: str, resources: dict):
         import ray
 
-        base = {**cfg.to_dict(), "simulation_base": _base_of(place)}
+        base = {**cfg.to_dict(), "simulation_base": _base_of(inputs.place)}
         return ray.remote(**resources)(simulated_run).remote(base, "refilled", seed, None, run_folder)
 
 

@@ -64,10 +64,11 @@ def test_search_keeps_the_authors_teacher_in_our_format(cifar_yaml, tmp_path):
     of ours (architecture, source classes, where it came from), loaded like any other."""
     from refilled.schema.config import load_experiment
     from refilled.runs.inputs import load_teacher, student_data
+    from refilled.store.storage import Place
     from refilled.tune.trial_inputs import prepare_teacher
 
     cfg, _ = load_experiment(cifar_yaml)
-    path = prepare_teacher(cfg, tmp_path, str(WRN16_1))
+    path = prepare_teacher(cfg, Place(tmp_path), str(WRN16_1))
     stored = checkpoint.load(path)
     assert stored["kind"] == "teacher" and stored["classes"] == list(range(100))
     assert stored["arch"] == {"name": "wide_resnet", "depth": 16, "width": 1, "dropout_rate": 0.3}

@@ -12,6 +12,7 @@ from support.clocks import FakeClock
 
 from refilled.store.layout import DRIVER_FILE
 from refilled.store import cost
+from refilled.store.storage import Place
 from refilled.errors import UserError
 
 
@@ -31,8 +32,8 @@ def test_ledger_of_trials_driver_and_reevaluation(tmp_path):
     _trial(tmp_path, "a", [_epoch("stage1", 2.0), _epoch("stage1", 1.0), _epoch("stage2", 3.0, units=2)])
     _trial(tmp_path, "b", [_epoch("stage1", 1.5), _epoch("stage2", 0.5, diverged=1)])  # its diverged report
     _trial(tmp_path / "stage1_search", "p1", [_epoch("stage1", 4.0)])  # a staged search's phase 1
-    cost.add_driver_cost(tmp_path, "teacher", "pretrain", 60.0, "cpu", 2.0, epochs=8)
-    cost.add_driver_cost(tmp_path, "teacher_bank", "bank", 5.0, "cuda", 0.25)
+    cost.add_driver_cost(Place(tmp_path), "teacher", "pretrain", 60.0, "cpu", 2.0)
+    cost.add_driver_cost(Place(tmp_path), "teacher_bank", "bank", 5.0, "cuda", 0.25)
     (tmp_path / "selection").mkdir()
     (tmp_path / "selection" / "a-seed1.json").write_text(json.dumps(
         {"trial_id": "a", "seed": 1, "val_accuracy": 0.8, "epochs": 3, "wall_s": 7.0, "device": "cpu",

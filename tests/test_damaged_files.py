@@ -21,6 +21,7 @@ import yaml
 
 from support.configs import make_tiny_config
 from refilled.files import checkpoint
+from refilled.store.storage import Place
 from refilled.store import experiment_file
 from refilled.store import study as study_store
 from refilled.errors import UserError
@@ -56,7 +57,7 @@ def made(tmp_path_factory, teacher_path) -> Path:
 
     folder = tmp_path_factory.mktemp("made") / "exp"
     folder.mkdir()
-    experiment_file.write(folder, make_tiny_config(), {"num_samples": 2, "space": {"tau1": {"loguniform": [0.5, 16]}}})
+    experiment_file.write(Place(folder), make_tiny_config(), {"num_samples": 2, "space": {"tau1": {"loguniform": [0.5, 16]}}})
     shutil.copyfile(teacher_path, folder / "teacher.pt")
     np.save(folder / "bank-tuning.npy", np.ones((50, 18, 16), np.float16))
     np.save(folder / "centers-tuning.npy", np.ones((5, 16), np.float32))

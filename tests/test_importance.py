@@ -13,6 +13,7 @@ import pytest
 from analysis.common import open_experiments
 from analysis.plot_trials import FANOVA_SEEDS, MIN_TRIALS, importances, plot_importance
 from support.configs import make_tiny_config
+from refilled.store.storage import Place
 from refilled.store import experiment_file, trial_records
 from refilled.errors import UserError
 
@@ -24,7 +25,7 @@ def write_experiment(folder: Path, trials: list[tuple[dict, list[float], str]]) 
     """trials: (params, stage-2 validation accuracies by epoch, status)."""
     cfg = make_tiny_config(n_training_epochs1=E1, n_training_epochs2=E2)
     folder.mkdir(parents=True)
-    experiment_file.write(folder, cfg, {"space": SPACE})
+    experiment_file.write(Place(folder), cfg, {"space": SPACE})
     for i, (params, accs, status) in enumerate(trials):
         trial = folder / trial_records.folder_name(f"t{i:02d}")
         trial.mkdir()

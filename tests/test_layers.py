@@ -66,3 +66,19 @@ def _all_imports(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.append(node.module)
     return out
+
+
+def parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def test_no_function_of_the_search_layer_takes_more_than_five_parameters():
+    # a function that needs more takes the object that holds them (refilled.tune.trial_inputs)
+    wide = [f"{path.relative_to(REPO)}:{node.lineno} {node.name}({', '.join(parameters(node))})"
+            for _, path in modules() if path.parent.name == "tune"
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(parameters(node)) > 5]
+    assert not wide, wide

@@ -115,10 +115,10 @@ def _runs(refilled: list[float], alone: list[float]) -> list[dict]:
 
 
 def test_gain_is_paired_by_seed_with_its_standard_error():
-    from refilled.runs.final_retrain import markdown, summarise
+    from refilled.runs.final_retrain import markdown, results_of_runs
 
     # seed by seed: +0.00, +0.02, -0.01 -> mean 0.00333, stdev 0.01528, standard error 0.00882
-    results = summarise(_runs([0.90, 0.95, 0.97], [0.90, 0.93, 0.98]), {})
+    results = results_of_runs(_runs([0.90, 0.95, 0.97], [0.90, 0.93, 0.98]), {})
     assert results["gain"] == pytest.approx(0.01 / 3)
     assert results["gain_se"] == pytest.approx(0.0152753 / 3 ** 0.5, rel=1e-4)
     assert (results["gain_seeds_won"], results["gain_seeds_lost"], results["gain_paired_seeds"]) == (1, 1, 3)
@@ -127,18 +127,18 @@ def test_gain_is_paired_by_seed_with_its_standard_error():
     assert "standard error of the paired difference 0.88 points" in text
     assert "within two standard errors of zero" in text  # 0.33 < 2 * 0.88
 
-    clear = summarise(_runs([0.95, 0.96, 0.97], [0.90, 0.92, 0.93]), {})  # +5, +4, +4
+    clear = results_of_runs(_runs([0.95, 0.96, 0.97], [0.90, 0.92, 0.93]), {})  # +5, +4, +4
     assert clear["gain_seeds_won"] == 3 and "within two standard errors" not in markdown(clear)
-    one = summarise(_runs([0.95], [0.90]), {})
+    one = results_of_runs(_runs([0.95], [0.90]), {})
     assert one["gain_se"] is None and "one seed: no standard error" in markdown(one)
 
 
 def test_a_config_file_is_not_called_tuned():
-    from refilled.runs.final_retrain import markdown, summarise
+    from refilled.runs.final_retrain import markdown, results_of_runs
 
     runs = _runs([0.95], [0.90])
-    assert "| REFILLED (tuned) |" in markdown(summarise(runs, {"source": {"experiment": "e", "trial_id": "abc"}}))
-    assert "| REFILLED |" in markdown(summarise(runs, {"source": {"config_file": "digits.yaml"}}))
+    assert "| REFILLED (tuned) |" in markdown(results_of_runs(runs, {"source": {"experiment": "e", "trial_id": "abc"}}))
+    assert "| REFILLED |" in markdown(results_of_runs(runs, {"source": {"config_file": "digits.yaml"}}))
 
 
 @pytest.mark.slow

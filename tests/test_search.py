@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import yaml
-from support.searches import (CRASH_ENV, CRASH_MARKERS_ENV, REPO, RayRun, SEARCHED, SEARCH_TIMEOUT, STAGED, TINY,
+from support.searches import (REPO, RayRun, SEARCHED, SEARCH_TIMEOUT, STAGED, TINY,
                               TOTAL_STEPS, check_staged, cli, explain, finished, free_port, main_error,
                               optuna_trial_for, params, record, results, same_params, study, tiny_experiment, tree,
                               trial_folders, trial_number)
@@ -272,8 +272,8 @@ def faults(search_teacher, tmp_path_factory) -> SimpleNamespace:
     storage = tmp / "storage"
     markers = tmp / "crash_markers"
     markers.mkdir()
-    result = RayRun(**{CRASH_ENV: "4", CRASH_MARKERS_ENV: str(markers)}).run(
-        cli("search", "--config", str(config), "--storage", str(storage), "--teacher", str(search_teacher)))
+    result = RayRun().run([sys.executable, str(REPO / "tests" / "support" / "crashing_search.py"), "4", str(markers),
+                           str(config), str(storage), str(search_teacher)])
     assert result.returncode == 0, explain(result)
     folder = storage / "faults"
     folders = trial_folders(folder)

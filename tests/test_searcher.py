@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from refilled.store.storage import Place
 from refilled.store import cost
 from refilled.tune.searcher import StudySearcher
 from refilled.store import study as study_store
@@ -171,7 +172,7 @@ def test_no_new_trial_once_the_budget_is_spent(tmp_path, capsys):
     teacher bank of 30 device seconds), plus every result's cost_device_s since."""
     from ray.tune.search import Searcher
 
-    cost.add_driver_cost(tmp_path, "teacher_bank", "bank", 30.0, "cpu", 1.0)
+    cost.add_driver_cost(Place(tmp_path), "teacher_bank", "bank", 30.0, "cpu", 1.0)
     searcher = make(tmp_path, budget_hours=60 / 3600)  # one device minute
     assert searcher.suggest("a") is not None
     for step in (1, 2):

@@ -11,7 +11,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -22,7 +22,12 @@ def save(obj: dict[str, Any], path: str | Path) -> Path:
     """Write to a temp file in the same folder, then rename: never a half file."""
     from refilled.files.atomic import write_atomic
 
-    return write_atomic(path, lambda f: torch.save(obj, f))
+    return write_atomic(path, writer(obj))
+
+
+def writer(obj: dict[str, Any]) -> Callable[[BinaryIO], None]:
+    """What writes `obj` into an open file: for an atomic write elsewhere (a place that keeps it at a URI too)."""
+    return lambda f: torch.save(obj, f)
 
 
 def load(path: str | Path, what: str = "checkpoint", *, shown: str | None = None,

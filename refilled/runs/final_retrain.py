@@ -88,7 +88,7 @@ def plan(cfg: Config, seeds: int, baseline: bool, out: Path) -> list[tuple[str, 
     return [(kind, seed, out / kind / f"seed{seed}") for kind in kinds for seed in range(cfg.seed, cfg.seed + seeds)]
 
 
-def summarise(runs: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+def results_of_runs(runs: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
     """results.json: accuracies as fractions, per seed, mean, std, and the gain."""
     out: dict[str, Any] = {}
     for kind in RUN_KINDS:

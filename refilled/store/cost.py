@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
-from refilled.files.atomic import write_atomic
 from refilled.store.layout import DRIVER_FILE
+from refilled.store.storage import Place
 
 COLUMNS = ["trial_id", "stage", "epochs", "wall_s", "device", "device_s"]
 
@@ -50,14 +50,13 @@ def device_units(device: str, cpus: float, gpus: float) -> float:
     return gpus if device == "cuda" else cpus
 
 
-def add_driver_cost(folder: str | Path, item: str, stage: str, wall_s: float, device: str, units: float,
-                    epochs: int = 0) -> None:
-    """Append one row of the driver's own work (teacher, bank) to driver_cost.json, atomically."""
-    path = Path(folder) / DRIVER_FILE
-    rows = read_driver_cost(folder)
-    rows.append({"trial_id": item, "stage": stage, "epochs": epochs, "wall_s": wall_s, "device": device,
+def add_driver_cost(place: Place, item: str, stage: str, wall_s: float, device: str, units: float) -> None:
+    """Append one row of the driver's own work (teacher, bank) to driver_cost.json, atomically
+    (kept at the experiment's URI too)."""
+    rows = read_driver_cost(place.folder)
+    rows.append({"trial_id": item, "stage": stage, "epochs": 0, "wall_s": wall_s, "device": device,
                  "device_s": wall_s * units})
-    write_atomic(path, json.dumps(rows, indent=1))
+    place.write(DRIVER_FILE, json.dumps(rows, indent=1))
 
 
 def read_driver_cost(folder: str | Path) -> list[dict[str, Any]]:

@@ -17,7 +17,6 @@ import yaml
 from refilled.store import storage
 from refilled.schema.config import Config, load_experiment
 from refilled.errors import UserError
-from refilled.files.atomic import write_atomic
 from refilled.store.layout import EXPERIMENT_FILE
 
 # The first and last lines of the file as `write` makes it: a file that starts with HEADER
@@ -72,7 +71,7 @@ def check(place: storage.Place, hint: str = SEARCH_HINT) -> None:
         read(place.folder, hint=hint)
 
 
-def write(folder: Path, cfg: Config, search: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Write (or replace, atomically) the experiment file of `folder`."""
+def write(place: storage.Place, cfg: Config, search: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write (or replace, atomically) the experiment file of `place` (kept at its URI too)."""
     data = {"config": cfg.to_dict(), "search": search, **(extra or {})}
-    return write_atomic(folder / EXPERIMENT_FILE, f"{HEADER}\n{yaml.safe_dump(data, sort_keys=False)}{END}\n")
+    return place.write(EXPERIMENT_FILE, f"{HEADER}\n{yaml.safe_dump(data, sort_keys=False)}{END}\n")

@@ -22,9 +22,9 @@ import yaml
 from refilled.store import experiment_file, trial_records
 from refilled.schema.config import Config, from_dict
 from refilled.errors import UserError
-from refilled.files.atomic import write_atomic
 from refilled.schema.config import FIELDS, read_yaml
 from refilled.schema.search import SearchSettings
+from refilled.store.storage import Place
 from refilled.store.layout import (BEST_CONFIG, EXPERIMENT_FILE, LEASE_FILE, RETRAIN_DIR, RETRAIN_RESULTS, SELECTION_DIR,
                                    SELECTION_FILE, STAGE1_SEARCH)
 
@@ -291,16 +291,15 @@ def _present(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def write_best_config(folder: str | Path, trials: pd.DataFrame, reeval: str = "") -> tuple[Path, Config, pd.Series]:
+def write_best_config(place: Place, trials: pd.DataFrame, reeval: str = "") -> tuple[Path, Config, pd.Series]:
     """best_config.yaml: the chosen trial's full config (`reeval`: how its re-evaluation went, for the header)."""
-    folder = Path(folder)
+    folder = place.folder
     best = chosen_trial(folder, trials)
     cfg = trial_config(folder, best)
-    path = folder / BEST_CONFIG
     header = (f"# {'chosen' if reeval else 'best'} trial {best['trial_id']} of {folder.name}: stage-2 validation "
               f"accuracy {best['best_val_accuracy_stage2']:.4f} in the search ({best['status']}, {best['epochs']} "
               f"epochs){'; ' + reeval if reeval else ''}\n")
-    write_atomic(path, header + yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
+    path = place.write(BEST_CONFIG, header + yaml.safe_dump({"config": cfg.to_dict()}, sort_keys=False))
     return path, cfg, best
 
 

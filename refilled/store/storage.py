@@ -16,12 +16,13 @@ import shutil
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import pyarrow
 import pyarrow.fs as pafs
 
 from refilled.errors import UserError
+from refilled.files.atomic import write_atomic
 
 CACHE_ENV = "TUNE_REFILLED_CACHE"
 
@@ -144,8 +145,15 @@ class Place:
             download(self.uri, self.folder, skip=skip)
 
     def push(self, *names: str) -> None:
+        """Copy files the folder already holds (written by another library) up to the URI."""
         if self.uri:
             upload(self.folder, self.uri, names)
+
+    def write(self, name: str, content: bytes | str | Callable[[BinaryIO], object]) -> Path:
+        """Write the file `name` (a path inside the experiment) atomically, and keep it at the URI too."""
+        path = write_atomic(self.folder / name, content)
+        self.push(name)
+        return path
 
     def part(self, name: str) -> "Place":
         """The folder `name` inside this experiment, as a place of its own (a staged search's phase 1)."""

@@ -242,3 +242,26 @@ class KeepLogsOfRetriedTrials(Callback):
             target = f"{trial.path}/{file.name}"
             pyarrow.fs.copy_files(str(file), f"{target}.uploading", destination_filesystem=fs)
             fs.move(f"{target}.uploading", target)
+
+
+class LeaseGuard(Callback):
+    """Ends Tune's loop at its next step once this driver's lease of the experiment is lost
+    (refilled.store.lease sets `lost` from its heartbeat thread): `fit()` raises, the driver
+    returns Outcome.LEASE_LOST and writes nothing more.
+
+    The lease is this process's (`watch`), not the callback's: Tune pickles its callbacks
+    into the experiment's state and a resumed search runs the unpickled ones, which must
+    watch the lease the resuming driver holds. One driver process runs one search at a time."""
+
+    _lease = None
+
+    @classmethod
+    def watch(cls, lease) -> None:
+        cls._lease = lease
+
+    def on_step_begin(self, iteration, trials, **info):
+        lease = LeaseGuard._lease
+        if lease is not None and lease.lost.is_set():
+            from refilled.tune.search import LeaseLost
+
+            raise LeaseLost(lease.location)

@@ -48,21 +48,18 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
 
 
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
-    from refilled.store import experiment_file
     from refilled.errors import UserError
-    from refilled.store.lease import Lease
+    from refilled.store.lease import lease_at
     from refilled.store.storage import experiment_place
 
     if args.name or args.config:  # a live driver on this experiment: refused before Ray loads (seconds)
-        Lease(experiment_place(args.storage, args.name or Path(args.config).stem).location).refuse_if_held()
-    from refilled.tune.search import run_search
+        lease_at(experiment_place(args.storage, args.name or Path(args.config).stem).location).refuse_if_held()
+    from refilled.tune.search import open_search
 
     if args.resume:
         if not args.name and not args.config:
             raise UserError("--resume needs --name (and --storage if not the default) of the experiment to continue")
-        name = args.name or Path(args.config).stem
-        experiment_file.check(experiment_place(args.storage, name))
-        cfg, section = None, None
+        search = open_search(args.storage, args.name or Path(args.config).stem)
     else:
         if not args.config:
             raise UserError("search needs --config FILE (e.g. search_spaces/digits.yaml), or --resume --name NAME")
@@ -77,10 +74,8 @@ def cmd_search(args: argparse.Namespace, config_from_args) -> int:
             resources["gpu"] = args.gpus_per_trial
         if resources:
             section["resources"] = resources
-        name = args.name or Path(args.config).stem
-    run_search(cfg, section, name=name, storage_location=args.storage, address=args.address, resume=args.resume,
-               teacher=args.teacher)
-    return 0
+        search = open_search(args.storage, args.name or Path(args.config).stem, cfg, section)
+    return search.run(args.address, args.teacher).value
 
 
 def add_retrain_command(sub) -> None:
@@ -116,10 +111,11 @@ def add_retrain_command(sub) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from refilled.runs.final_retrain import markdown
-    from refilled.tune.retrain_runner import retrain
+    from refilled.tune.retrain_runner import RetrainRequest, retrain
 
-    results, written = retrain(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial, config=args.config,
-                      baseline=args.baseline, force=args.force, address=args.address, teacher_file=args.teacher)
+    results, written = retrain(RetrainRequest(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial,
+                                              config=args.config, baseline=args.baseline, force=args.force,
+                                              address=args.address, teacher=args.teacher))
     print(markdown(results))
     print(f"wrote {written}/results.json and summary.md")
     return 0

@@ -9,8 +9,9 @@ to it; on a cluster, each task fetches the teacher and uploads its run itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -20,7 +21,10 @@ from refilled.schema.config import Config, load_experiment
 from refilled.errors import UserError
 from refilled.store.experiments import (chosen_trial, experiment_config, load_trials, read_selection, say_notes,
                                        trial_config)
-from refilled.runs.final_retrain import plan, retrain_local, run_one, run_one_at_uri, summarise, trained_on, write_results
+from refilled.runs.final_retrain import (plan, results_of_runs, retrain_local, run_one, run_one_at_uri, trained_on,
+                                         write_results)
+from refilled.schema.search import parse_search
+from refilled.store import experiment_file
 from refilled.store.lease import note_if_running
 from refilled.store.layout import RETRAIN_DIR, RETRAIN_RESULTS, TEACHER_FILE
 
@@ -57,16 +61,31 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
     return trial_config(folder, row), source
 
 
-def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, config: str | None,
-            baseline: bool, force: bool, address: str | None, teacher_file: str | None = None
-            ) -> tuple[dict[str, Any], str]:
+@dataclass(frozen=True)
+class RetrainRequest:
+    """What `retrain` is asked: the experiment (a folder or a URI), how many seeds, where to
+    write (default <experiment>/retrain), which configuration (the chosen one, `trial`'s, or
+    a `config` file), whether the student alone runs beside it, and where the seeds run."""
+
+    experiment: str
+    seeds: int = 3
+    out: str | None = None
+    trial: str | None = None
+    config: str | None = None
+    baseline: bool = True
+    force: bool = False
+    address: str | None = None  # a Ray cluster: each seed a task
+    teacher: str | None = None  # a teacher file to use instead of the experiment's
+
+
+def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
     """Returns results.json's content and where it was written (a folder or a URI)."""
-    if seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {seeds}")
-    if out and storage.is_uri(out):
-        raise UserError(f"--out {out}: give a folder; without --out, a URI experiment's retrain is "
+    if request.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {request.seeds}")
+    if request.out and storage.is_uri(request.out):
+        raise UserError(f"--out {request.out}: give a folder; without --out, a URI experiment's retrain is "
                         "written next to it (<experiment>/retrain)")
-    place = storage.experiment_at(experiment)
+    place = storage.experiment_at(request.experiment)
     folder = place.folder
     _, data = experiment_config(folder, place.location)  # refuses what is not an experiment
     if data.get("simulated"):
@@ -76,71 +95,84 @@ def retrain(experiment: str, *, seeds: int, out: str | None, trial: str | None, 
     if not teacher.is_file():
         raise UserError(f"the experiment's teacher {place.location}/teacher.pt is missing: "
                         "resume the search or copy the teacher there")
-    if not teacher_file:  # a damaged teacher is refused before anything is written
+    if not request.teacher:  # a damaged teacher is refused before anything is written
         checkpoint.load(teacher, "the experiment's teacher", shown=f"{place.location}/teacher.pt",
                         remedy="restore it from a backup, or pass --teacher FILE")
     note_if_running(place.location)  # a running search's best trial so far: said, not refused
-    out_dir = Path(out).expanduser().resolve() if out else folder / RETRAIN_DIR
-    upload_to = storage.join(place.uri, RETRAIN_DIR) if place.uri and not out else None
+    out_dir = Path(request.out).expanduser().resolve() if request.out else folder / RETRAIN_DIR
+    upload_to = storage.join(place.uri, RETRAIN_DIR) if place.uri and not request.out else None
     shown = upload_to or str(out_dir)
-    if (out_dir / RETRAIN_RESULTS).exists() and not force:
+    if (out_dir / RETRAIN_RESULTS).exists() and not request.force:
         raise UserError(f"{shown} already holds results: pass --force to replace them or --out for another folder")
-    cfg, source = choose_config(folder, trial, config)
-    if teacher_file:  # checked before anything is written
+    cfg, source = choose_config(folder, request.trial, request.config)
+    if request.teacher:  # checked before anything is written
         from refilled.runs.inputs import load_teacher_state, read_teacher, student_data
 
-        given = read_teacher(teacher_file, cfg)
-        load_teacher_state(given, cfg, student_data(cfg.replace(device="cpu")), teacher_file)
+        given = read_teacher(request.teacher, cfg)
+        load_teacher_state(given, cfg, student_data(cfg.replace(device="cpu")), request.teacher)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if teacher_file:
+    if request.teacher:
         teacher = checkpoint.save(given, out_dir / TEACHER_FILE)  # ours or the authors', in our format
-        source["teacher"] = str(teacher_file)
-    runs = plan(cfg, seeds, baseline, out_dir)
+        source["teacher"] = str(request.teacher)
+    runs = plan(cfg, request.seeds, request.baseline, out_dir)
     bar = tqdm(total=len(runs), desc="final runs", unit="run")
 
     def done(r: dict) -> None:
         bar.set_postfix_str(f"{r['kind']} seed {r['seed']}: test {r['test_accuracy']:.4f}")
         bar.update()
 
-    if address:
-        results = _retrain_on_cluster(cfg, place, runs, out_dir, upload_to, address, done, teacher)
+    if request.address:
+        results = _on_cluster(FinalRuns(cfg, place, runs, out_dir, upload_to, teacher), request.address, done)
     else:
-        results = retrain_local(cfg, teacher, seeds, baseline, out_dir, done)
+        results = retrain_local(cfg, teacher, request.seeds, request.baseline, out_dir, done)
     bar.close()
-    summary = summarise(results, {"source": source, "config": cfg.to_dict(),
-                                  "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
-                                  "eval_split": "test", "trained_on": trained_on(cfg)})
+    summary = results_of_runs(results, {"source": source, "config": cfg.to_dict(),
+                                        "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
+                                        "eval_split": "test", "trained_on": trained_on(cfg)})
     write_results(out_dir, summary)
     if upload_to:
         place.push(RETRAIN_DIR)
     return summary, shown
 
 
-def _retrain_on_cluster(cfg: Config, place: storage.Place, runs, out_dir: Path, upload_to: str | None,
-                        address: str, done, teacher: Path) -> list[dict]:
+@dataclass(frozen=True)
+class FinalRuns:
+    """The final runs of one retrain: their config, the experiment, each run's (kind, seed,
+    folder), where they are written (and uploaded, for a URI experiment) and the teacher."""
+
+    cfg: Config
+    place: storage.Place
+    runs: list[tuple[str, int, Path]]
+    out_dir: Path
+    upload_to: str | None
+    teacher: Path
+
+
+def _on_cluster(final: FinalRuns, address: str, done: Callable[[dict], None]) -> list[dict]:
     """Each seed is a Ray task. A folder experiment must be on storage all nodes see;
     with a URI experiment each task reads the teacher from it and uploads its run."""
     import ray
 
     from refilled.tune.cluster import connect
-    from refilled.tune.search import read_experiment
 
     connect(address)
-    _, settings, _ = read_experiment(place.folder)
+    cfg, data = experiment_file.read(final.place.folder)
+    settings = parse_search(data.get("search"), cfg)
     resources = {"num_cpus": settings.resources.cpu, "num_gpus": settings.resources.gpu}
-    if upload_to:
+    config = final.cfg.to_dict()
+    if final.upload_to:
         task = ray.remote(**resources)(run_one_at_uri)
-        if teacher.parent == out_dir:  # --teacher: up beside the runs, where every task finds it
-            place.push(RETRAIN_DIR)
-            teacher_uri = storage.join(upload_to, TEACHER_FILE)
+        if final.teacher.parent == final.out_dir:  # --teacher: up beside the runs, where every task finds it
+            final.place.push(RETRAIN_DIR)
+            teacher_uri = storage.join(final.upload_to, TEACHER_FILE)
         else:
-            teacher_uri = storage.join(place.uri, TEACHER_FILE)
-        pending = [task.remote(cfg.to_dict(), kind, seed, teacher_uri,
-                               storage.join(upload_to, folder.relative_to(out_dir).as_posix()))
-                   for kind, seed, folder in runs]
+            teacher_uri = storage.join(final.place.uri, TEACHER_FILE)
+        pending = [task.remote(config, kind, seed, teacher_uri,
+                               storage.join(final.upload_to, folder.relative_to(final.out_dir).as_posix()))
+                   for kind, seed, folder in final.runs]
     else:
         task = ray.remote(**resources)(run_one)
-        pending = [task.remote(cfg.to_dict(), kind, seed, str(teacher), str(folder)) for kind, seed, folder in runs]
+        pending = [task.remote(config, kind, seed, str(final.teacher), str(folder)) for kind, seed, folder in final.runs]
     results = []
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -26,10 +25,8 @@ from refilled.schema.config import Config
 from refilled.store.cost import device_units
 from refilled.store.experiments import ranked, reeval_results, trial_config
 from refilled.store.layout import SELECTION_DIR, SELECTION_FILE
-from refilled.store.storage import Place
 from refilled.schema.search import SearchSettings
-from refilled.tune.trial_inputs import METHOD, TrialKind
-from refilled.files.atomic import write_atomic
+from refilled.tune.trial_inputs import METHOD, TrialInputs, TrialKind
 
 
 def candidates(trials: pd.DataFrame, top_k: int) -> pd.DataFrame:
@@ -42,16 +39,7 @@ def reeval_seeds(cfg: Config, n: int) -> list[int]:
     return [cfg.seed + 1 + i for i in range(n)]
 
 
-def _result_path(folder: Path, trial_id: str, seed: int) -> Path:
-    return folder / SELECTION_DIR / f"{trial_id}-seed{seed}.json"
-
-
-def _write_result(folder: Path, result: dict[str, Any]) -> Path:
-    path = _result_path(folder, result["trial_id"], result["seed"])
-    return write_atomic(path, json.dumps(result, indent=1))
-
-
-def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, teacher_path: Path | None,
+def reevaluate(trials: pd.DataFrame, settings: SearchSettings, inputs: TrialInputs,
                kind: TrialKind = METHOD) -> pd.DataFrame:
     """Run what is missing of the re-evaluation (Ray must be connected; each run is
     the trial kind's, refilled.tune.trial_inputs), write selection.csv, return it
@@ -59,6 +47,7 @@ def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, tea
     import ray
     from tqdm import tqdm
 
+    place = inputs.place
     folder = place.folder
     top = candidates(trials, settings.select.top_k)
     done = {(r["trial_id"], r["seed"]) for r in reeval_results(folder)}
@@ -70,7 +59,7 @@ def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, tea
         for seed in reeval_seeds(cfg, settings.select.seeds):
             if (trial_id, seed) in done:
                 continue
-            ref = kind.reevaluation(cfg, seed, place, teacher_path, f"{SELECTION_DIR}/{trial_id}/seed{seed}", resources)
+            ref = kind.reevaluation(inputs, cfg, seed, f"{SELECTION_DIR}/{trial_id}/seed{seed}", resources)
             pending.append(ref)
             trial_of[ref] = (trial_id, cfg.n_training_epochs1 + cfg.n_training_epochs2)
     if pending:
@@ -85,14 +74,13 @@ def reevaluate(trials: pd.DataFrame, settings: SearchSettings, place: Place, tea
         record = {"trial_id": trial_id, "seed": result["seed"], "val_accuracy": result["val_accuracy"],
                   "epochs": epochs, "wall_s": result["wall_s"], "device": result["device"],
                   "device_s": result["wall_s"] * units}
-        path = _write_result(folder, record)
-        place.push(path.relative_to(folder).as_posix())  # kept at the URI as soon as it is known
+        # kept (at the URI too) as soon as it is known
+        place.write(f"{SELECTION_DIR}/{trial_id}-seed{record['seed']}.json", json.dumps(record, indent=1))
         bar.set_postfix_str(f"{record['trial_id']} seed {record['seed']}: {record['val_accuracy']:.4f}")
         bar.update()
     bar.close()
     table = selection_table(top, reeval_results(folder), settings)
-    write_atomic(folder / SELECTION_FILE, table.to_csv(index=False))
-    place.push(SELECTION_FILE)
+    place.write(SELECTION_FILE, table.to_csv(index=False))
     return table
 
 

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from refilled.files import checkpoint
 from refilled.files.arrays import read_array
 from refilled.schema.config import Config, from_dict
-from refilled.schema.rungs import counted_epochs
 from refilled.store.cost import add_driver_cost, device_units
-from refilled.store.layout import DRIVER_FILE
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.store.storage import Place
 from refilled.schema.search import SearchSettings
 from refilled.store.layout import BANK_FILE, CENTERS_FILE, STAGE1_CACHE, TEACHER_FILE
-from refilled.files.atomic import write_atomic
 
 
 def file_digest(path: Path) -> str:
@@ -57,20 +55,20 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
         time.perf_counter() - start, data.device.type
 
 
-def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
+def prepare_teacher(cfg: Config, place: Place, teacher: str | None) -> Path:
     """Copy the given (or default) teacher into the experiment (an authors' checkpoint
     in our format), or pretrain it there."""
     from refilled.runs.inputs import default_teacher_path, load_teacher_state, read_teacher, student_data
     from refilled.runs.single_run import pretrain
 
-    target = folder / TEACHER_FILE
+    target = place.folder / TEACHER_FILE
     if target.exists():
         return target
     source = Path(teacher) if teacher else default_teacher_path(cfg)
     if teacher or source.is_file():
         state = read_teacher(source, cfg)
         load_teacher_state(state, cfg, student_data(cfg.replace(device="cpu")), source)  # refuse a wrong one early
-        checkpoint.save(state, target)
+        place.write(TEACHER_FILE, checkpoint.writer(state))
         print(f"teacher: {source} (copied into the experiment)")
     else:
         import time
@@ -80,27 +78,27 @@ def prepare_teacher(cfg: Config, folder: Path, teacher: str | None) -> Path:
         print("teacher: none for this config yet, pretraining it (once for the whole search)")
         start = time.perf_counter()
         pretrain(cfg, target)
+        place.push(TEACHER_FILE)
         device = resolve_device(cfg.device).type
-        add_driver_cost(folder, "teacher", "pretrain", time.perf_counter() - start, device,
+        add_driver_cost(place, "teacher", "pretrain", time.perf_counter() - start, device,
                         device_units(device, torch.get_num_threads(), 1))
     return target
 
 
-def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path, *,
-                  stage1: dict | None = None, stage1_only: bool = False):
-    """The trial function with the teacher, its bank and the centres bound through
-    Ray's object store (tune.with_parameters), and the per-trial resources.
-    `stage1`: the end-of-stage-1 snapshot every trial starts stage 2 from (phase 2 of
+def trainable_for(inputs: TrialInputs, phase: Phase, trial: Callable | None = None):
+    """The trial function (`trial`, by default refilled.tune.trainable.refilled_trial) with
+    the teacher, its bank and the centres bound through Ray's object store
+    (tune.with_parameters), and the per-trial resources.
+    `phase.stage1`: the end-of-stage-1 snapshot every trial starts stage 2 from (phase 2 of
     a staged search), also handed out through the object store."""
     import ray
     from ray import tune
 
     from refilled.tune.trainable import refilled_trial
 
+    cfg, place, settings = inputs.cfg, inputs.place, phase.settings
     folder = place.folder
-    # the epochs ASHA counts: stage 1 alone (phase 1), stage 2 from phase 1's choice (phase 2), or both
-    max_t = counted_epochs(cfg, stage1_only=stage1_only, from_stage1=stage1 is not None)
-    teacher_state = checkpoint.load(teacher_path, "teacher checkpoint")
+    teacher_state = checkpoint.load(inputs.teacher_path, "teacher checkpoint")
     bank_file, centers_file = folder / BANK_FILE, folder / CENTERS_FILE
     tuning_cfg = cfg.replace(flag_tuning=True)
     if bank_file.exists() or centers_file.exists():
@@ -112,73 +110,128 @@ def trainable_for(cfg: Config, settings: SearchSettings, place: Place, teacher_p
     else:
         task = ray.remote(num_cpus=settings.resources.cpu, num_gpus=settings.resources.gpu)(_build_bank_task)
         bank, centers, wall_s, device = ray.get(task.remote(teacher_state, tuning_cfg.to_dict()))
-        add_driver_cost(folder, "teacher_bank", "bank", wall_s, device,
-                        device_units(device, settings.resources.cpu, settings.resources.gpu))
         if bank is not None:
-            write_atomic(bank_file, lambda f: np.save(f, bank))
+            place.write(BANK_FILE, lambda f: np.save(f, bank))
             print(f"teacher bank: {bank.shape[0]} images x {bank.shape[1]} augmentations computed once "
                   f"({bank.nbytes / 2**20:.1f} MiB, {bank_file.name})")
         else:
             print(f"teacher bank: off ({cfg.data_name} augmentation is not a finite set, or teacher_bank=off): "
                   "trials run the teacher")
         if centers is not None:
-            write_atomic(centers_file, lambda f: np.save(f, centers))
-        place.push(bank_file.name, centers_file.name, DRIVER_FILE)
+            place.write(CENTERS_FILE, lambda f: np.save(f, centers))
+        add_driver_cost(place, "teacher_bank", "bank", wall_s, device,
+                        device_units(device, settings.resources.cpu, settings.resources.gpu))
     # the stage-1 cache needs a folder every trial can lock; an object store has no locks
     # (a staged search needs none: phase 1 searches stage 1, phase 2 starts from its choice)
-    cache_dir = None if place.uri or stage1 is not None or stage1_only else str(folder / STAGE1_CACHE)
-    if place.uri and stage1 is None and not stage1_only:
+    staged = phase.stage1 is not None or phase.stage1_only
+    cache_dir = None if place.uri or staged else str(folder / STAGE1_CACHE)
+    if place.uri and not staged:
         print("stage-1 cache: off (storage is a URI; trials with equal stage-1 settings each run stage 1)")
-    fn = tune.with_parameters(refilled_trial, base=cfg.to_dict(), teacher=teacher_state,
-                              bank=None if bank is None else np.ascontiguousarray(bank), centers=centers,
-                              cache_dir=cache_dir, stage1=stage1, stage1_only=stage1_only,
-                              checkpoint_every=settings.checkpoint_every, teacher_id=file_digest(teacher_path),
-                              rungs=settings.rung_epochs(max_t), reduction_factor=settings.asha.reduction_factor,
-                              max_t=max_t)
+    shared = Shared(base=cfg.to_dict(), teacher=teacher_state, bank=None if bank is None else np.ascontiguousarray(bank),
+                    centers=centers, cache_dir=cache_dir)
+    fn = tune.with_parameters(trial or refilled_trial, shared=shared,
+                              plan=TrialPlan.of(phase, settings, file_digest(inputs.teacher_path)))
     return tune.with_resources(fn, {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
 
 
+@dataclass(frozen=True)
+class TrialInputs:
+    """What every trial of a search shares: the experiment's config, its place, its teacher
+    (None for a kind that needs none)."""
+
+    cfg: Config
+    place: Place
+    teacher_path: Path | None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One Ray Tune run of a search: the whole search, or one phase of a staged one."""
+
+    settings: SearchSettings  # this phase's space, budget and schedule
+    max_t: int  # the epochs ASHA counts in it (refilled.schema.rungs.counted_epochs)
+    study_name: str
+    sub: str = ""  # its folder inside the experiment ("": the experiment itself)
+    stage1_only: bool = False  # phase 1 of a staged search: trials end after stage 1
+    stage1: dict | None = None  # phase 2: the end-of-stage-1 snapshot every trial starts stage 2 from
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What the driver computed once for every trial, handed out through Ray's object store:
+    the experiment's config, the teacher's weights, its embedding bank and class centres
+    (None where not used), and the stage-1 cache's folder (None: no cache)."""
+
+    base: dict[str, Any]
+    teacher: dict[str, Any]
+    bank: np.ndarray | None
+    centers: np.ndarray | None
+    cache_dir: str | None
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What a trial needs to know of its phase, besides its config: where it starts and
+    stops, when it checkpoints, and where ASHA compares trials (the clock every report
+    carries, refilled.schema.rungs)."""
+
+    stage1: dict | None = None
+    stage1_only: bool = False
+    checkpoint_every: int = 1
+    teacher_id: str = ""  # the teacher file's digest: part of the stage-1 cache key
+    rungs: tuple[int, ...] = ()
+    reduction_factor: float = 3.0
+    max_t: int = 0
+
+    @classmethod
+    def of(cls, phase: Phase, settings: SearchSettings, teacher_id: str) -> TrialPlan:
+        return cls(stage1=phase.stage1, stage1_only=phase.stage1_only, checkpoint_every=settings.checkpoint_every,
+                   teacher_id=teacher_id, rungs=tuple(settings.rung_epochs(phase.max_t)),
+                   reduction_factor=settings.asha.reduction_factor, max_t=phase.max_t)
+
+
 class TrialKind(Protocol):
-    """What the driver runs as trials: REFILLED (METHOD), or a simulation of it
-    (simulated_trials.SimulatedTrials) that measures the driver at scale."""
+    """What the driver runs as trials: REFILLED (METHOD), or another kind (the benchmarks'
+    simulated trials that measure the driver at scale, benchmarks/simulated_trials.py)."""
 
     def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind ({} for the method)
 
-    def prepare_teacher(self, cfg: Config, folder: Path, teacher: str | None) -> Path | None: ...
+    def prepare_teacher(self, cfg: Config, place: Place, teacher: str | None) -> Path | None: ...
 
-    def trainable_for(self, cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path | None, *,
-                      stage1: dict | None = None, stage1_only: bool = False): ...
+    def trainable_for(self, inputs: TrialInputs, phase: Phase): ...
 
-    def reevaluation(self, cfg: Config, seed: int, place: Place, teacher_path: Path | None, run_folder: str,
+    def reevaluation(self, inputs: TrialInputs, cfg: Config, seed: int, run_folder: str,
                      resources: dict[str, float]): ...  # one re-evaluation run started as a Ray task: its ObjectRef
 
 
 class MethodTrials:
     """Trials that train REFILLED: the kind of every search a user runs."""
 
+    trial: Callable | None = None  # the trial function: refilled.tune.trainable.refilled_trial unless set
+
     def note(self) -> dict[str, Any]:
         return {}
 
-    def prepare_teacher(self, cfg: Config, folder: Path, teacher: str | None) -> Path:
-        return prepare_teacher(cfg, folder, teacher)
+    def prepare_teacher(self, cfg: Config, place: Place, teacher: str | None) -> Path:
+        return prepare_teacher(cfg, place, teacher)
 
-    def trainable_for(self, cfg: Config, settings: SearchSettings, place: Place, teacher_path: Path, *,
-                      stage1: dict | None = None, stage1_only: bool = False):
-        return trainable_for(cfg, settings, place, teacher_path, stage1=stage1, stage1_only=stage1_only)
+    def trainable_for(self, inputs: TrialInputs, phase: Phase):
+        return trainable_for(inputs, phase, self.trial)
 
-    def reevaluation(self, cfg: Config, seed: int, place: Place, teacher_path: Path, run_folder: str,
+    def reevaluation(self, inputs: TrialInputs, cfg: Config, seed: int, run_folder: str,
                      resources: dict[str, float]):
         import ray
 
         from refilled.runs.final_retrain import run_one, run_one_at_uri
         from refilled.store import storage
 
+        place, teacher = inputs.place, inputs.teacher_path
         if place.uri:
             return ray.remote(**resources)(run_one_at_uri).remote(
-                cfg.to_dict(), "refilled", seed, storage.join(place.uri, teacher_path.name),
+                cfg.to_dict(), "refilled", seed, storage.join(place.uri, teacher.name),
                 storage.join(place.uri, run_folder), tuning=True)
         return ray.remote(**resources)(run_one).remote(
-            cfg.to_dict(), "refilled", seed, str(teacher_path), str(place.folder / run_folder), tuning=True)
+            cfg.to_dict(), "refilled", seed, str(teacher), str(place.folder / run_folder), tuning=True)
 
 
 METHOD = MethodTrials()

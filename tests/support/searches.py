@@ -24,8 +24,6 @@ from support.configs import REPO
 
 TINY = REPO / "tests" / "search_tiny.yaml"
 MARKER = "TUNE_REFILLED_TEST_RUN"
-CRASH_ENV = "TUNE_REFILLED_CRASH_ONCE_AT_STEP"
-CRASH_MARKERS_ENV = "TUNE_REFILLED_CRASH_MARKERS"
 SEARCHED = ["tau1", "tau2", "lambd", "lr1", "lr2", "flag_merge"]
 TOTAL_STEPS = 6  # n_training_epochs1 + n_training_epochs2 of search_tiny.yaml
 SEARCH_TIMEOUT = 420
@@ -84,7 +82,7 @@ class RayRun:
         self.marker = uuid.uuid4().hex
         # short: Ray puts unix sockets under it (at most 107 characters)
         self.tmp = tempfile.mkdtemp(prefix="trt-", dir="/tmp")
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", CRASH_ENV, CRASH_MARKERS_ENV)}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update({MARKER: self.marker, "RAY_TMPDIR": self.tmp, "PYTHONUNBUFFERED": "1",
                     "RAY_USAGE_STATS_ENABLED": "0", LEASE_ENV: str(LEASE_TIMEOUT)})
         env.update(extra_env)
