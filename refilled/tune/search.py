@@ -24,7 +24,6 @@ refilled.store.experiment_file (experiment.yaml).
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ from refilled.store.layout import EXPERIMENT_FILE
 from refilled.store.layout import DRIVER_FILE
 from refilled.store.experiments import first_points, load_trials, plain_value, write_best_config
 from refilled.store.layout import SELECTION_FILE, STAGE1_SEARCH
-from refilled.store.lease import Lease
+from refilled.store.lease import lease_at
 from refilled.store.layout import LEASE_FILE
 from refilled.store.storage import Place, experiment_place
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
@@ -160,7 +159,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
 
     place = experiment_place(storage_location, name)
     folder = place.folder
-    lease = Lease(place.location)
+    lease = lease_at(place.location)
     lease.refuse_if_held()  # before Ray starts and before a URI's mirror is refreshed
     data: dict = {}
     if resume:
@@ -182,7 +181,7 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
         check_local_gpus(settings)  # before starting Ray: its start-up lines would bury the error
     connect(address)
     check_resources(settings)
-    took = lease.acquire(on_lost=lambda holder: _lost_lease(place, holder))
+    took = lease.acquire()
     if took is not None:
         print(f"note: took over the lease of {place.location} from a driver that is gone ({took.describe()}; "
               f"{took.gone})", file=sys.stderr)
@@ -192,13 +191,8 @@ def run_search(cfg: Config, search_section: dict, *, name: str, storage_location
         lease.release()
 
 
-def _lost_lease(place: Place, holder) -> None:
-    """Another driver took this experiment over (this one was silent past the timeout:
-    paused, or cut off from the storage): stop at once, writing nothing more."""
-    who = holder.describe() if holder is not None else "nobody: the lease file was deleted"
-    print(f"error: this driver lost the lease of {place.location} to another driver ({who}); it stops now "
-          f"without writing more: let that one run, or stop it and run --resume", file=sys.stderr, flush=True)
-    os._exit(2)
+# TODO(lead): check lease.lost (set by the heartbeat, lease.lost_to: who holds it now) at safe points and
+# stop writing: this driver was silent past the timeout (paused, cut off from the storage) and was taken over
 
 
 def _run(cfg: Config, settings: SearchSettings, data: dict, place: Place, name: str, resume: bool,
