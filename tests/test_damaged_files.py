@@ -25,7 +25,7 @@ from refilled.store.storage import Place
 from refilled.store import experiment_file
 from refilled.store import study as study_store
 from refilled.errors import UserError
-from refilled.store.lease import Lease
+from refilled.store.lease import lease_at
 from refilled.store.layout import LEASE_FILE
 
 CHECKPOINT = "trial_abc/checkpoint_000001/state.pt"
@@ -233,8 +233,8 @@ def test_retrain_of_a_running_search_says_so_and_reads_what_is_there(made, tmp_p
     (folder / "trial_abc" / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "va')
     (folder / "trial_new").mkdir()
     (folder / "trial_new" / "params.json").write_text('{"tau1": 3.')  # being written: a trial starting now
-    lease = Lease(str(folder), timeout=30)
-    lease.acquire(on_lost=lambda holder: None)
+    lease = lease_at(str(folder), timeout=30)
+    lease.acquire()
     try:
         code = tune_refilled.main(["retrain", "--experiment", str(folder), "--seeds", "1", "--no-baseline"])
     finally:

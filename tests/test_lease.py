@@ -1,10 +1,10 @@
 """One driver per experiment (refilled.store.lease): taking, holding, losing and releasing the lease.
 
-Real files: a folder (exclusive create, and the lock the kernel drops when its
-holder dies) and a file:// URI, which pyarrow opens as it opens s3:// (write,
-pause, read back). Drivers are threads here, or a subprocess where a driver has to
-die for real (SIGKILL); the slow tests in test_search.py and test_resume.py run
-real drivers against each other.
+Real files: a folder (the lock the kernel drops when its holder dies) and a
+file:// URI, which pyarrow opens as it opens s3:// (write, pause, read back).
+Drivers are threads here, or a subprocess where a driver has to die for real
+(SIGKILL); the slow tests in test_search.py and test_resume.py run real drivers
+against each other.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from refilled.errors import UserError
-from refilled.store.lease import (DEFAULT_TIMEOUT_S, TIMEOUT_ENV, Held, Lease, note_if_running,
-                                  timeout_s)
+from refilled.store.lease import BOOT, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, Held, lease_at, note_if_running, timeout_s
 from refilled.store.layout import LEASE_FILE, LOCK_FILE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,14 +39,11 @@ def where(request, tmp_path):
 
 
 @pytest.fixture
-def clock(monkeypatch):
-    """The lease's wall clock, moved by hand: a lease goes stale without a real wait."""
-    from refilled.store import lease
+def clock():
+    """A wall clock moved by hand, given to the leases: a lease goes stale without a real wait."""
     from support.clocks import FakeClock
 
-    fake = FakeClock(time.time())
-    monkeypatch.setattr(lease, "now", fake)
-    return fake
+    return FakeClock(time.time())
 
 
 def until(condition, what: str, limit: float = 30.0) -> None:
@@ -58,28 +54,31 @@ def until(condition, what: str, limit: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def never_lost(holder):
-    raise AssertionError(f"lost the lease to {holder}")
+def died(lease) -> None:
+    """Its driver died: no heartbeat any more, no release (in a folder its lock stays held, as by a paused driver)."""
+    lease._stop.set()
+    lease._thread.join()
 
 
 def test_a_second_driver_on_a_live_lease_is_refused(where):
     location, path = where
-    first = Lease(location, timeout=SHORT)
-    assert first.acquire(on_lost=never_lost) is None
+    first = lease_at(location, timeout=SHORT)
+    assert first.acquire() is None
     try:
         held = json.loads(path.read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         beat = held["heartbeat"]
         until(lambda: json.loads(path.read_text())["heartbeat"] > beat, "a renewed heartbeat")  # while it runs
-        second = Lease(location, timeout=SHORT)
+        second = lease_at(location, timeout=SHORT)
         with pytest.raises(Held) as refused:
-            second.acquire(on_lost=never_lost)
+            second.acquire()
         line = str(refused.value)
         assert "\n" not in line and location in line and f"pid {os.getpid()} on {socket.gethostname()}" in line
         assert "running since" in line and "kill -INT" in line and TIMEOUT_ENV in line, line
         with pytest.raises(Held):
             second.refuse_if_held()
         assert json.loads(path.read_text())["token"] == first.token  # the refused one wrote nothing
+        assert not first.lost.is_set()
     finally:
         first.release()
     assert not path.exists()
@@ -90,13 +89,13 @@ def test_drivers_starting_at_the_same_instant_one_wins(where):
     location, path = where
     # a URI's lease is read back after a pause of timeout / 10: 0.5 s here, long enough for the
     # four threads' writes to land even on a busy machine (the window the module documents)
-    leases = [Lease(location, timeout=5.0 if "://" in location else SHORT) for _ in range(4)]
+    leases = [lease_at(location, timeout=5.0 if "://" in location else SHORT) for _ in range(4)]
     start, outcome = threading.Barrier(len(leases)), {}
 
     def take(i):
         start.wait()
         try:
-            leases[i].acquire(on_lost=never_lost)
+            leases[i].acquire()
             outcome[i] = "held"
         except Held:
             outcome[i] = "refused"
@@ -112,6 +111,7 @@ def test_drivers_starting_at_the_same_instant_one_wins(where):
         beat = json.loads(path.read_text())["heartbeat"]
         until(lambda: json.loads(path.read_text())["heartbeat"] > beat, "a renewed heartbeat")
         assert json.loads(path.read_text())["token"] == leases[winner].token  # it kept it: its own token there
+        assert not leases[winner].lost.is_set()
     finally:
         for lease in leases:
             lease.release()
@@ -120,18 +120,17 @@ def test_drivers_starting_at_the_same_instant_one_wins(where):
 
 def test_a_stale_lease_is_taken_over(where, clock):
     location, path = where
-    dead = Lease(location, timeout=SHORT)
-    dead.acquire(on_lost=never_lost)
-    dead._stop.set()  # its driver died: no heartbeat, no release
-    dead._thread.join()
+    dead = lease_at(location, timeout=SHORT, clock=clock)
+    dead.acquire()
+    died(dead)
     with pytest.raises(Held):  # not yet stale
-        Lease(location, timeout=SHORT).acquire(on_lost=never_lost)
+        lease_at(location, timeout=SHORT, clock=clock).acquire()
     clock.advance(SHORT + 0.2)
-    successor = Lease(location, timeout=SHORT)
-    took = successor.acquire(on_lost=never_lost)
+    successor = lease_at(location, timeout=SHORT, clock=clock)
+    took = successor.acquire()
     try:
         # in a folder the silent driver still holds its lock (a paused one): the heartbeat decides
-        assert took is not None and took.token == dead.token and took.stale() and took.age() > SHORT
+        assert took is not None and took.token == dead.token and took.stale() and took.age > SHORT
         assert took.gone == f"stale after {SHORT:g} s without a heartbeat"
         assert json.loads(path.read_text())["token"] == successor.token
     finally:
@@ -142,13 +141,15 @@ def test_a_stale_lease_is_taken_over(where, clock):
 
 def test_a_driver_that_finds_another_token_at_its_heartbeat_stops(where):
     location, path = where
-    lost = threading.Event()
-    lease = Lease(location, timeout=SHORT)
-    lease.acquire(on_lost=lambda holder: lost.set())
+    lease = lease_at(location, timeout=SHORT)
+    lease.acquire()
     try:
         other = json.loads(path.read_text()) | {"token": "someone-else", "pid": 1}
         path.write_text(json.dumps(other))  # what a driver that took it over (we were paused) wrote
-        assert lost.wait(10 * lease.interval)
+        assert lease.lost.wait(10 * lease.interval)
+        assert lease.lost_to is not None and lease.lost_to.token == "someone-else" and lease.lost_to.pid == 1
+        time.sleep(3 * lease.interval)
+        assert json.loads(path.read_text()) == other  # it renews nothing once it has lost the lease
         lease.release()
         assert json.loads(path.read_text())["token"] == "someone-else"  # not ours to delete
     finally:
@@ -160,29 +161,28 @@ def test_an_unreadable_lease_counts_by_its_age(tmp_path):
     folder.mkdir()
     (folder / LEASE_FILE).write_bytes(b'{"host": "a", "pi')  # cut short, or being written right now
     with pytest.raises(Held, match="cannot be read"):
-        Lease(str(folder), timeout=SHORT).acquire(on_lost=never_lost)
+        lease_at(str(folder), timeout=SHORT).acquire()
     old = time.time() - 10
     os.utime(folder / LEASE_FILE, (old, old))
-    lease = Lease(str(folder), timeout=SHORT)
-    took = lease.acquire(on_lost=never_lost)
+    lease = lease_at(str(folder), timeout=SHORT)
+    took = lease.acquire()
     try:
         assert took is not None and took.token is None
     finally:
         lease.release()
 
 
-def test_readers_are_told_that_the_search_is_running(where, capsys, clock):
+def test_readers_are_told_that_the_search_is_running(where, capsys):
     location, _ = where
     assert note_if_running(location) is None and capsys.readouterr().err == ""
-    lease = Lease(location, timeout=SHORT)
-    lease.acquire(on_lost=never_lost)
+    lease = lease_at(location, timeout=SHORT)
+    lease.acquire()
     try:
         assert note_if_running(location).token == lease.token
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and "still running" in err[0] and f"pid {os.getpid()}" in err[0], err
-        lease._stop.set()
-        lease._thread.join()
-        clock.advance(SHORT + 0.2)
+        died(lease)
+        until(lambda: lease_at(location).judge().stale(), "a stale lease")  # note_if_running reads the real clock
         note_if_running(location)
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and "did not end" in err[0] and "--resume" in err[0], err
@@ -194,7 +194,7 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert timeout_s() == 120.0
     monkeypatch.setenv(TIMEOUT_ENV, "3.5")
-    assert timeout_s() == 3.5 and Lease("/nowhere").interval == pytest.approx(3.5 / 6)
+    assert timeout_s() == 3.5 and lease_at("/nowhere").interval == pytest.approx(3.5 / 6)
     for bad in ("0", "-1", "soon"):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(UserError, match=TIMEOUT_ENV):
@@ -207,8 +207,9 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
 # it (as Ray's processes may), says both pids, and waits to be killed
 HOLD = """
 import subprocess, sys, time
-from refilled.store.lease import Lease
-Lease(sys.argv[1], timeout=float(sys.argv[2])).acquire(on_lost=lambda holder: None)
+from refilled.store.lease import lease_at
+lease = lease_at(sys.argv[1], timeout=float(sys.argv[2]))
+lease.acquire()
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], close_fds=False)
 print(child.pid, flush=True)
 time.sleep(600)
@@ -247,9 +248,9 @@ def test_a_live_driver_in_another_process_is_refused(driver_process, capsys):
     folder = Path(location)
     held = json.loads((folder / LEASE_FILE).read_text())
     assert held["pid"] == proc.pid and held["lock"] is True and (folder / LOCK_FILE).is_file()
-    second = Lease(location, timeout=DEFAULT_TIMEOUT_S)
+    second = lease_at(location, timeout=DEFAULT_TIMEOUT_S)
     with pytest.raises(Held) as refused:
-        second.acquire(on_lost=never_lost)
+        second.acquire()
     line = str(refused.value)
     assert "\n" not in line and f"pid {proc.pid} on {socket.gethostname()}" in line and "at once" in line, line
     with pytest.raises(Held):
@@ -275,87 +276,95 @@ def test_a_driver_killed_with_sigkill_is_taken_over_at_once(driver_process, caps
     assert note_if_running(location).gone is not None
     err = capsys.readouterr().err
     assert "did not end" in err and LOCK_FILE in err, err
-    successor = Lease(location, timeout=DEFAULT_TIMEOUT_S)
+    successor = lease_at(location, timeout=DEFAULT_TIMEOUT_S)
     successor.refuse_if_held()
-    took = successor.acquire(on_lost=never_lost)
+    took = successor.acquire()
     try:
         assert took is not None and took.pid == proc.pid and took.token == token and not took.stale()
         assert took.gone == f"the system released its lock ({LOCK_FILE}): the process ended"
         now = json.loads((folder / LEASE_FILE).read_text())
         assert now["token"] == successor.token and now["pid"] == os.getpid() and now["lock"] is True
         with pytest.raises(Held):  # and the successor holds it as the first did
-            Lease(location, timeout=DEFAULT_TIMEOUT_S).acquire(on_lost=never_lost)
+            lease_at(location, timeout=DEFAULT_TIMEOUT_S).acquire()
+        assert not successor.lost.is_set()
     finally:
         successor.release()
     assert not (folder / LEASE_FILE).exists() and not (folder / LOCK_FILE).exists()
 
 
-def _old_lease(folder: Path, **fields) -> dict:
-    """A lease as a driver without the lock wrote it (an older version): fresh, 120 s timeout."""
+def _written_lease(folder: Path, **fields) -> dict:
+    """A lease as a driver of this machine holding the lock writes it: fresh, 120 s timeout."""
     now = time.time()
     lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": now - 60, "heartbeat": now,
-             "timeout_s": DEFAULT_TIMEOUT_S, "token": "an-older-driver"} | fields
+             "timeout_s": DEFAULT_TIMEOUT_S, "token": "another-driver", "lock": True, "boot": BOOT} | fields
     folder.mkdir(parents=True, exist_ok=True)
     (folder / LEASE_FILE).write_text(json.dumps(lease))
     return lease
 
 
-def test_a_dead_pid_on_this_host_without_a_lock_file_is_taken_over_at_once(tmp_path, capsys):
-    folder = tmp_path / "exp"
+def _dead_pid() -> int:
+    """A pid that ended and was reaped: no such process now."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # ended and reaped: no such process now
-    _old_lease(folder, pid=pid)
-    assert not (folder / LOCK_FILE).exists()
+    return int(dead.stdout)
+
+
+def test_a_fresh_lease_of_this_machine_whose_lock_is_free_is_taken_over_at_once(tmp_path, capsys):
+    """Its driver ended without releasing it (the kernel dropped its lock): no need to wait for the timeout."""
+    folder = tmp_path / "exp"
+    _written_lease(folder, pid=_dead_pid())
     note_if_running(str(folder))
     assert "did not end" in capsys.readouterr().err
-    lease = Lease(str(folder), timeout=DEFAULT_TIMEOUT_S)
+    lease = lease_at(str(folder), timeout=DEFAULT_TIMEOUT_S)
     lease.refuse_if_held()
-    took = lease.acquire(on_lost=never_lost)
+    took = lease.acquire()
     try:
-        assert took.pid == pid and not took.stale() and took.gone == f"pid {pid} no longer exists on this machine"
+        assert took.token == "another-driver" and not took.stale()
+        assert took.gone == f"the system released its lock ({LOCK_FILE}): the process ended"
         assert json.loads((folder / LEASE_FILE).read_text())["token"] == lease.token
     finally:
         lease.release()
     assert not (folder / LEASE_FILE).exists() and not (folder / LOCK_FILE).exists()
 
 
-def test_a_live_pid_on_this_host_without_a_lock_file_is_refused(tmp_path):
-    """An older version's driver that runs (this process stands for it): nobody holds the lock,
-    but its pid exists, so its heartbeat decides."""
+def test_a_lock_held_without_a_lease_is_refused(tmp_path):
+    """A driver that has just taken the lock and not yet written its lease (or is ending)."""
     folder = tmp_path / "exp"
-    _old_lease(folder)
-    with pytest.raises(Held, match=f"pid {os.getpid()}"):
-        Lease(str(folder), timeout=DEFAULT_TIMEOUT_S).acquire(on_lost=never_lost)
-    assert json.loads((folder / LEASE_FILE).read_text())["token"] == "an-older-driver"
-    assert not (folder / LOCK_FILE).exists()  # the refused driver leaves no lock file behind
+    starting = lease_at(str(folder))
+    assert starting._lock() is True
+    try:
+        with pytest.raises(Held, match="starting or ending"):
+            lease_at(str(folder)).acquire()
+        assert not (folder / LEASE_FILE).exists()
+    finally:
+        starting._unlock()
+    assert not (folder / LOCK_FILE).exists()
 
 
-@pytest.mark.parametrize("elsewhere", [{"host": "another-machine"}, {"boot": "another-boot", "lock": True}])
+@pytest.mark.parametrize("elsewhere", [{"host": "another-machine"}, {"boot": "another-boot"}])
 def test_a_fresh_lease_from_another_machine_is_refused_until_it_is_stale(tmp_path, elsewhere):
     """Another host name (or this one's name on another boot: another machine of the same
     name, or this one before it rebooted): its pid and lock mean nothing here."""
     folder = tmp_path / "exp"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    _old_lease(folder, pid=int(dead.stdout), **elsewhere)  # no such pid here, and the lock is free
-    lease = Lease(str(folder), timeout=DEFAULT_TIMEOUT_S)
+    pid = _dead_pid()
+    _written_lease(folder, pid=pid, **elsewhere)  # no such pid here, and the lock is free
+    lease = lease_at(str(folder), timeout=DEFAULT_TIMEOUT_S)
     with pytest.raises(Held):
         lease.refuse_if_held()
     with pytest.raises(Held):
-        lease.acquire(on_lost=never_lost)
+        lease.acquire()
     assert not (folder / LOCK_FILE).exists()
-    _old_lease(folder, pid=int(dead.stdout), heartbeat=time.time() - DEFAULT_TIMEOUT_S - 1, **elsewhere)
-    took = lease.acquire(on_lost=never_lost)
+    _written_lease(folder, pid=pid, heartbeat=time.time() - DEFAULT_TIMEOUT_S - 1, **elsewhere)
+    took = lease.acquire()
     try:
         assert took.gone == f"stale after {DEFAULT_TIMEOUT_S:g} s without a heartbeat"
     finally:
         lease.release()
 
 
-def test_at_a_uri_a_dead_pid_on_this_host_waits_for_the_timeout(tmp_path):
-    """Object storage has no lock: only the heartbeat tells."""
+def test_at_a_uri_a_lease_of_this_machine_waits_for_the_timeout(tmp_path):
+    """Object storage has no lock: only the heartbeat tells, even for a driver of this machine that is gone."""
     folder = tmp_path / "bucket" / "exp"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    _old_lease(folder, pid=int(dead.stdout))
+    _written_lease(folder, pid=_dead_pid())
     with pytest.raises(Held):
-        Lease(f"file://{folder}", timeout=DEFAULT_TIMEOUT_S).acquire(on_lost=never_lost)
+        lease_at(f"file://{folder}", timeout=DEFAULT_TIMEOUT_S).acquire()
     assert not (folder / LOCK_FILE).exists()
