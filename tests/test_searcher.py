@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from refilled.store.storage import Place
 from refilled.store import cost
-from refilled.tune.searcher import StudySearcher
+from refilled.tune.searcher import StudyPlan, StudySearcher
 from refilled.store import study as study_store
 from refilled.store.layout import STUDY_FILE
 from refilled.schema.rungs import CLOCK, clock
@@ -30,8 +30,8 @@ RUNGS = [2, 4]  # ASHA's rungs: each result carries the clock that puts them the
 
 def make(tmp_path, **changes) -> StudySearcher:
     """A searcher as `search` makes one, pickled as Tune pickles it into its experiment."""
-    kwargs = dict(metric="val_accuracy", study_name="s", experiment=str(tmp_path), seed=0, first=[FIRST])
-    return pickle.loads(pickle.dumps(StudySearcher(SPACE, **{**kwargs, **changes})))
+    kwargs = dict(study_name="s", experiment=str(tmp_path), seed=0, first=(FIRST,))
+    return pickle.loads(pickle.dumps(StudySearcher(StudyPlan(SPACE, **{**kwargs, **changes}))))
 
 
 def report(searcher: StudySearcher, trial_id: str, steps: range, value=lambda step: step / 10) -> dict:
@@ -162,7 +162,7 @@ def test_at_a_uri_the_study_goes_up_whenever_tune_saves(tmp_path, monkeypatch):
 def test_several_first_points_run_first_in_order(tmp_path):
     """A warm start (search.start_with: an earlier experiment) queues its top trials."""
     second = {**FIRST, "tau1": 8.0, "depth": 11}
-    searcher = make(tmp_path, first=[FIRST, second])
+    searcher = make(tmp_path, first=(FIRST, second))
     assert [searcher.suggest("a"), searcher.suggest("b")] == [FIRST, second]
     assert set(searcher.suggest("c")) == set(SPACE)
 

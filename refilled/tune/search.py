@@ -44,9 +44,8 @@ from refilled.store.storage import Place, experiment_place
 from refilled.store.study import STUDY_FILES, study_file
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.selection import reevaluate
-from refilled.tune.trial_inputs import METHOD, Phase, TrialInputs, TrialKind
+from refilled.tune.trial_inputs import METHOD, METRIC, Phase, TrialInputs, TrialKind
 
-METRIC = "val_accuracy"
 
 
 class Outcome(enum.Enum):
@@ -197,15 +196,15 @@ class SearchRun:
         from ray.tune.schedulers import ASHAScheduler
 
         from refilled.tune.callbacks import KeepLastCheckpoints, KeepLogsOfRetriedTrials, LeaseGuard, TrialRecords
-        from refilled.tune.searcher import StudySearcher
+        from refilled.tune.searcher import StudyPlan, StudySearcher
 
         settings = phase.settings
         # rungs at the epochs the settings name, through the clock every trial reports (refilled.schema.rungs)
         scheduler = ASHAScheduler(metric=METRIC, mode="max",
                                   **scheduler_args(settings.rung_epochs(phase.max_t), settings.asha.reduction_factor))
-        searcher = StudySearcher(settings.space, metric=METRIC, study_name=phase.study_name,
-                                 experiment=self.place.location, sub=phase.sub, seed=settings.seed,
-                                 first=first_points(settings, self.cfg), budget_hours=settings.budget_hours)
+        searcher = StudySearcher(StudyPlan(settings.space, phase.study_name, self.place.location, phase.sub,
+                                           settings.seed, tuple(first_points(settings, self.cfg)),
+                                           settings.budget_hours))
         return tune.Tuner(
             trainable, param_space=settings.param_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.num_samples,

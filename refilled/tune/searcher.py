@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from refilled.store import storage, trial_records
 from refilled.store import study as study_store
 from refilled.schema.rungs import CLOCK
 from refilled.schema.search import distributions
+
+from refilled.tune.trial_inputs import METRIC
 
 
 def outcome(result: dict | None, error: bool, metric: str) -> tuple[TrialState, float | None]:
@@ -54,22 +57,31 @@ def study_seed(seed: int, size: int) -> int:
     return seed if size == 0 else seed * 1_000_003 + size
 
 
+@dataclass(frozen=True)
+class StudyPlan:
+    """The study a searcher asks and tells: its search space, its name, where it is (the
+    experiment's location: a folder, or a URI whose mirror on this machine holds the file;
+    and, for a staged search's phase 1, its part `sub`), the sampler's seed, the points
+    queued first, and the device hours after which no trial starts."""
+
+    space: dict[str, dict[str, list]]
+    study_name: str
+    experiment: str
+    sub: str = ""
+    seed: int = 0
+    first: tuple[dict[str, Any], ...] = ()
+    budget_hours: float | None = None
+
+
 class StudySearcher(Searcher):
-    """Optuna's TPE behind Tune's Searcher interface, over a study of our own.
+    """Optuna's TPE behind Tune's Searcher interface, over a study of our own (`plan`).
+    Tune pickles this object into its experiment, so a resumed driver, perhaps on another
+    machine, finds the study through its own mirror."""
 
-    `experiment` and `sub` say where the study is: the experiment's location (a
-    folder, or a URI whose mirror on this machine holds the file) and, for a staged
-    search's phase 1, its part (stage1_search). Tune pickles this object into its
-    experiment, so a resumed driver, perhaps on another machine, finds the study
-    through its own mirror."""
-
-    def __init__(self, space: dict[str, dict[str, list]], *, metric: str, study_name: str, experiment: str,
-                 sub: str = "", seed: int = 0, first: list[dict[str, Any]] | None = None, step_key: str = "step",
-                 budget_hours: float | None = None):
+    def __init__(self, plan: StudyPlan, metric: str = METRIC):
         super().__init__(metric=metric, mode="max")
-        self.space, self.study_name, self.experiment, self.sub = space, study_name, experiment, sub
-        self.seed, self.first, self.step_key = seed, list(first or []), step_key
-        self.budget_hours = budget_hours
+        self.space, self.study_name, self.experiment, self.sub = plan.space, plan.study_name, plan.experiment, plan.sub
+        self.seed, self.first, self.budget_hours = plan.seed, list(plan.first), plan.budget_hours
         self._numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number: all that Tune saves
         self._init_runtime()
 
@@ -160,7 +172,7 @@ class StudySearcher(Searcher):
         """Add a result's device seconds to the budget's tally, once: a finished trial's last
         result reaches on_trial_result and on_trial_complete both (a retried trial's repeated
         epochs count again, as in the ledger)."""
-        step = result.get(self.step_key)
+        step = result.get("step")
         if self._spent_s is None or (step is not None and self._counted.get(trial_id) == step):
             return
         self._spent_s += float(result.get("cost_device_s") or 0.0)
@@ -171,7 +183,7 @@ class StudySearcher(Searcher):
         # Trials asked before a resume have no Trial object in this driver (Optuna hands
         # one out at ask only): they keep the values reported before, and are told their end.
         trial = self._asked.get(trial_id)
-        value, step = result.get(self.metric), result.get(self.step_key)
+        value, step = result.get(self.metric), result.get("step")
         if trial is None or value is None or step is None or result.get("diverged") or not math.isfinite(value):
             return
         if step <= self._reported.get(trial_id, -1):

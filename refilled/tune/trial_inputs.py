@@ -24,6 +24,9 @@ from refilled.schema.search import SearchSettings
 from refilled.store.layout import BANK_FILE, CENTERS_FILE, STAGE1_CACHE, TEACHER_FILE
 
 
+METRIC = "val_accuracy"  # what trials report, ASHA compares and the study is told
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
 
