@@ -42,9 +42,10 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.common import (METRIC, Experiment, UserError, all_trials, curves, open_experiments,
-                             experiments_parser, out_dir, output_folder, read_results, run_cli, trials)
-from refilled.store.experiments import plain_value
+from analysis.common import (METRIC, Experiment, all_trials, as_experiments, best, curves, experiments_parser,
+                             open_experiments, output_folder, run_cli, save_figure, trials)
+from refilled.errors import UserError
+from refilled.store.experiments import plain_value, read_results
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
     "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),
@@ -54,30 +55,6 @@ STATUS_STYLE = {  # how each status is drawn in curves.png
     "running": dict(linestyle="-.", color="tab:purple", alpha=0.8, linewidth=1.0),
 }
 MARKER = {"finished": "o", "stopped": "x", "diverged": "v", "errored": "s", "running": "^"}
-DPI = 110
-
-
-def _experiments(experiments) -> list[Experiment]:
-    if isinstance(experiments, (str, Path, Experiment)):
-        experiments = [experiments]
-    given = list(experiments)
-    return given if given and all(isinstance(e, Experiment) for e in given) else open_experiments(given)
-
-
-def _best(table: pd.DataFrame) -> pd.Series | None:
-    reached = table[table[METRIC].notna() & (table["status"] != "diverged")]
-    if reached.empty:
-        return None
-    return reached.sort_values([METRIC, "last_val_accuracy_stage2", "best_val_ncm_stage1"], ascending=False).iloc[0]
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return path
-
-
 def _grid(n: int, max_cols: int = 3, size: tuple[float, float] = (5.0, 3.8)):
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
@@ -111,12 +88,12 @@ def _plot_phase1(ax, exp) -> None:
 
 def plot_curves(experiments, path: str | Path) -> pd.DataFrame:
     """curves.png: every trial's validation accuracy per step; returns the long table plotted."""
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     data = curves(experiments)
     fig, axes = _grid(len(experiments), max_cols=2, size=(7.0, 4.5))
     for ax, exp in zip(axes, experiments):
         table = all_trials([exp])
-        best = _best(table) if not table.empty else None
+        top = best(table) if not table.empty else None
         e1 = exp.config.n_training_epochs1
         rows = data[data["experiment"] == exp.label]
         colours = plt.get_cmap("tab10")
@@ -128,7 +105,7 @@ def plot_curves(experiments, path: str | Path) -> pd.DataFrame:
             if status == "finished":
                 style["color"] = colours(finished_n % 10)
                 finished_n += 1
-            is_best = best is not None and trial["trial_id"] == best["trial_id"]
+            is_best = top is not None and trial["trial_id"] == top["trial_id"]
             if is_best:
                 style.update(color="black", linewidth=2.4, alpha=1.0, linestyle="-", zorder=5)
             if points.empty:
@@ -171,7 +148,7 @@ def plot_curves(experiments, path: str | Path) -> pd.DataFrame:
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.04))
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return data
 
 
@@ -185,7 +162,7 @@ def plot_params(experiments, path: str | Path) -> pd.DataFrame:
     """params.png: each searched parameter against the best stage-2 validation accuracy.
     Returns one row per trial: experiment, trial_id, status, the parameters, the metric
     (attrs["xscale"]: each parameter's x axis, "log", "linear" or "categorical")."""
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     table = all_trials(experiments)
     params: list[str] = []
     for e in experiments:
@@ -197,8 +174,8 @@ def plot_params(experiments, path: str | Path) -> pd.DataFrame:
     scales: dict[str, str] = {}
     for ax, param in zip(axes, params):
         owners = [e for e in experiments if param in e.space]
-        log = any(e.is_log(param) for e in owners)
-        categorical = any(e.is_categorical(param) for e in owners)
+        log = any(e.settings.is_log(param) for e in owners)
+        categorical = any(e.kind(param) == "choice" for e in owners)
         rows = table[table["experiment"].isin([e.label for e in owners])]
         with_metric = rows[rows[METRIC].notna()]
         categories = sorted({str(v) for v in rows[param].dropna()}) if categorical else []
@@ -218,11 +195,11 @@ def plot_params(experiments, path: str | Path) -> pd.DataFrame:
                            s=36, facecolors=colour if marker_face is None else "none", edgecolors=colour,
                            alpha=0.85, linewidths=1.2,
                            label=f"{exp.label}: {status}" if len(experiments) > 1 else status)
-            best = _best(rows[rows["experiment"] == exp.label])
-            if best is not None and not pd.isna(best[param]):
-                bx = (categories.index(str(best[param])) + _jitter(best["trial_id"]) if categorical
-                      else float(best[param]))
-                ax.scatter([bx], [best[METRIC]], marker="*", s=240, color="gold", zorder=5, linewidths=1.5,
+            top = best(rows[rows["experiment"] == exp.label])
+            if top is not None and not pd.isna(top[param]):
+                bx = (categories.index(str(top[param])) + _jitter(top["trial_id"]) if categorical
+                      else float(top[param]))
+                ax.scatter([bx], [top[METRIC]], marker="*", s=240, color="gold", zorder=5, linewidths=1.5,
                            edgecolors="black" if len(experiments) == 1 else colours[exp.label],
                            label="best" if exp is owners[0] else None)
         if categorical:
@@ -257,7 +234,7 @@ def plot_params(experiments, path: str | Path) -> pd.DataFrame:
                  (f"\n{missing} trial(s) stopped before stage 2 have no stage-2 accuracy and are not shown"
                   if missing else ""), fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     shown = table[["experiment", "trial_id", "status", *params, METRIC]].reset_index(drop=True)
     shown.attrs["xscale"] = scales  # {param: "log" | "linear" | "categorical"}: the x axis each panel got
     return shown
@@ -323,7 +300,7 @@ def plot_importance(experiments, path: str | Path) -> pd.DataFrame:
     """importance.png: a bar chart per experiment, error bars the spread over fANOVA seeds;
     returns experiment, param, importance, importance_std, trials, sample (an experiment
     with too few trials gets the notice in its panel and no rows)."""
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     fig, axes = _grid(len(experiments), max_cols=2, size=(5.5, 3.6))
     frames = []
     for ax, exp in zip(axes, experiments):
@@ -345,7 +322,7 @@ def plot_importance(experiments, path: str | Path) -> pd.DataFrame:
         ax.set_title(f"{exp.label}: importance for stage-2 val accuracy\n({imp['sample'].iloc[0]})", fontsize=10)
         ax.grid(alpha=0.25, axis="x")
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["experiment", "param", "importance", "importance_std", "trials", "sample"])
 
@@ -358,7 +335,7 @@ def efficiency(experiments) -> pd.DataFrame:
     (what the trial computed), cumulative_epochs (from phase 1's epochs for a staged
     search), metric, best_so_far."""
     frames = []
-    for exp in _experiments(experiments):
+    for exp in as_experiments(experiments):
         table = all_trials([exp])
         if table.empty:
             continue
@@ -374,7 +351,7 @@ def efficiency(experiments) -> pd.DataFrame:
 
 def plot_efficiency(experiments, path: str | Path) -> pd.DataFrame:
     """efficiency.png: best-so-far accuracy against cumulative epochs, one line per experiment."""
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     data = efficiency(experiments)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, exp in enumerate(experiments):
@@ -401,7 +378,7 @@ def plot_efficiency(experiments, path: str | Path) -> pd.DataFrame:
                  "hollow: stopped by ASHA)", fontsize=11)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return data
 
 
@@ -411,7 +388,7 @@ def rung_correlations(experiments) -> pd.DataFrame:
     """refilled.store.rung_fidelity.experiment_correlations of each experiment, one row per (rung, against)."""
     from refilled.store.rung_fidelity import experiment_correlations
 
-    rows = [{"experiment": exp.label, **r} for exp in _experiments(experiments)
+    rows = [{"experiment": exp.label, **r} for exp in as_experiments(experiments)
             for r in experiment_correlations(exp.folder)]
     return pd.DataFrame(rows, columns=["experiment", "rung", "against", "trials", "spearman"])
 
@@ -420,7 +397,7 @@ def plot_rungs(experiments, path: str | Path) -> pd.DataFrame:
     """Bars of each rung's rank correlation with what followed it, one panel per experiment."""
     from refilled.store.rung_fidelity import WEAK
 
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     data = rung_correlations(experiments)
     fig, axes = _grid(len(experiments))
     colors = {"end": "tab:blue", "re-evaluated mean": "tab:green"}
@@ -442,7 +419,7 @@ def plot_rungs(experiments, path: str | Path) -> pd.DataFrame:
         ax.set_ylabel("Spearman")
         ax.set_title(f"{exp.label}: ASHA rungs (epoch) vs what followed", fontsize=10)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return data
 
 
@@ -454,9 +431,10 @@ PLOTS = {"curves": plot_curves, "params": plot_params, "importance": plot_import
 
 def plot_all(experiments, out: str | Path) -> dict[str, tuple[Path, pd.DataFrame]]:
     """All the plots into `out`: {name: (png path, the DataFrame it shows)}."""
-    experiments = _experiments(experiments)
-    folder = out_dir(out)
-    return {name: (folder / f"{name}.png", fn(experiments, folder / f"{name}.png")) for name, fn in PLOTS.items()}
+    experiments = as_experiments(experiments)
+    with output_folder(out) as folder:
+        made = {name: fn(experiments, folder / f"{name}.png") for name, fn in PLOTS.items()}
+    return {name: (Path(out).expanduser() / f"{name}.png", table) for name, table in made.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,10 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, output_folder,
-                             retrain_results, run_cli, trials)
+from analysis.common import (METRIC, Experiment, as_experiments, experiments_parser, open_experiments, output_folder,
+                             retrain_results, run_cli, save_figure, trials)
 from refilled.store import cost
-from analysis.plot_trials import _experiments, _save
 from refilled.store.experiments import read_selection
 
 
@@ -49,7 +48,7 @@ def selection(exp: Experiment) -> pd.DataFrame:
 
 
 def plot_selection(experiments, path: str | Path) -> pd.DataFrame:
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     tables = [selection(e) for e in experiments]
     frames = [t for t in tables if not t.empty]
     fig, axes = plt.subplots(1, max(len(experiments), 1), figsize=(6 * max(len(experiments), 1), 4), squeeze=False)
@@ -74,7 +73,7 @@ def plot_selection(experiments, path: str | Path) -> pd.DataFrame:
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -102,7 +101,7 @@ def cost_curve(exp: Experiment) -> pd.DataFrame:
 
 
 def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     frames = []
     for i, exp in enumerate(experiments):
@@ -122,7 +121,7 @@ def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
     ax.set_title("what the search cost: best validation accuracy so far against device hours", fontsize=11)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
