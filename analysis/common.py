@@ -17,26 +17,23 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
 from refilled.schema.config import Config
+from refilled.schema.search import SearchSettings, parse_search
 from refilled.store.integrity import study
 from refilled.errors import UserError
-from refilled.store.experiments import experiment_config, load_trials, read_results, read_retrain, say_once
+from refilled.store.experiments import (RANKING, choosable, experiment_config, load_trials, read_results, read_retrain,
+                                        say_once)
 from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH
 from refilled.store.lease import note_if_running
-from refilled.store.stage1_cache import STAGE1_ONLY
 from refilled.store.storage import experiment_at
 
-REPO = Path(__file__).resolve().parents[1]
-
-STATUS_ORDER = ["finished", "stopped", "diverged", "errored", "running"]
-METRIC = "best_val_accuracy_stage2"  # the final metric of a trial (what the search ranks by)
-LOG_KINDS = ("loguniform", "lograndint")
+METRIC = RANKING[0]  # the final metric of a trial (what the search ranks by first)
 ANALYSIS_STUDY = "restore it from a backup, or move it aside: the analysis reads the trials, not the study"
 
 
@@ -48,12 +45,18 @@ class Experiment:
     label: str  # the experiment column: the folder name (parent/name if two share a name)
     config: Config
     data: dict[str, Any]  # experiment.yaml as written by `search`
-    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    # its search settings; a staged search's are phase 2's: those of the trials in the folder
+    settings: SearchSettings
     location: str = ""  # as given: the folder, or the URI whose local mirror `folder` is
 
     @property
     def name(self) -> str:
         return self.folder.name
+
+    @property
+    def space(self) -> dict[str, dict[str, list]]:
+        """What the experiment's trials searched: {key: {distribution: arguments}}."""
+        return self.settings.space
 
     @property
     def total_epochs(self) -> int:
@@ -81,13 +84,9 @@ class Experiment:
     def searched(self) -> list[str]:
         return list(self.space)
 
-    def is_log(self, param: str) -> bool:
-        dist = self.space.get(param) or {}
-        return bool(dist) and next(iter(dist)) in LOG_KINDS
-
-    def is_categorical(self, param: str) -> bool:
-        dist = self.space.get(param) or {}
-        return bool(dist) and next(iter(dist)) == "choice"
+    def kind(self, param: str) -> str:
+        """The distribution a searched parameter was drawn from (loguniform, choice, ...)."""
+        return next(iter(self.space[param]))
 
     def asha_rungs(self) -> list[int]:
         """The steps at which ASHA stopped trials of this experiment, as their records
@@ -120,12 +119,28 @@ def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     for folder, name, location in zip(folders, names, locations):
         label = name if names.count(name) == 1 else f"{folder.parent.name}/{name}"
         cfg, data = experiment_config(folder)
-        search = data.get("search") or {}
-        space = dict(search.get("space") or {})
-        if search.get("staged"):  # phase 2's trials share phase 1's choice: those keys do not vary
-            space = {k: v for k, v in space.items() if k not in STAGE1_ONLY}
-        out.append(Experiment(folder, label, cfg, data, space, location))
+        settings = parse_search(data.get("search"), cfg)
+        if settings.staged:  # phase 2's trials share phase 1's choice: those keys do not vary
+            settings = settings.phase(2)
+        out.append(Experiment(folder, label, cfg, data, settings, location))
     return out
+
+
+def as_experiments(experiments) -> list[Experiment]:
+    """Experiment objects as given, else the experiments at these folders (one folder, or many)."""
+    if isinstance(experiments, (str, Path, Experiment)):
+        experiments = [experiments]
+    given = list(experiments)
+    if given and all(isinstance(e, Experiment) for e in given):
+        return given
+    return open_experiments(given)
+
+
+def best(table: pd.DataFrame) -> pd.Series | None:
+    """The best trial of a trials table by the search's ranking (refilled.store.experiments.choosable:
+    reached stage 2, did not diverge); None when there is none."""
+    ranked = choosable(table)
+    return None if ranked.empty else ranked.iloc[0]
 
 
 def _times(rows: list[dict]) -> tuple[float | None, float | None]:
@@ -232,8 +247,7 @@ OUTPUT_MARK = ".tune-refilled-output"  # in a folder the analysis scripts wrote:
 
 
 def _checked_out(path: str | Path, force: bool) -> Path:
-    """The output folder if it is new or one these scripts wrote before (it holds OUTPUT_MARK);
-    a folder holding anything else is the user's, refused without `force`."""
+    """The output folder, checked as output_folder says."""
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file: pass a folder")
@@ -247,7 +261,9 @@ def _checked_out(path: str | Path, force: bool) -> Path:
 def output_folder(path: str | Path, force: bool = False) -> Iterator[Path]:
     """A script's outputs, assembled aside: yields a hidden folder inside `path` to write into
     and moves its files into `path` when the block ends. A script that fails leaves `path` (and
-    the folders above it) as they were; `path` is checked as out_dir checks it."""
+    the folders above it) as they were. `path` must be new or one these scripts wrote before
+    (it holds OUTPUT_MARK, written when the block ends); a folder holding anything else is the
+    user's, refused without `force`."""
     folder = _checked_out(path, force)
     made = [p for p in [folder, *folder.parents] if not p.exists()]  # nearest first
     try:
@@ -282,13 +298,17 @@ def _mark(folder: Path) -> None:
         (folder / OUTPUT_MARK).write_text("written by tune-refilled's analysis scripts; they may write here again\n")
 
 
-def out_dir(path: str | Path, force: bool = False) -> Path:
-    """The output folder, made and marked (for library calls; the scripts write through
-    output_folder): new, or one these scripts wrote before; the user's refused without `force`."""
-    folder = _checked_out(path, force)
-    folder.mkdir(parents=True, exist_ok=True)
-    _mark(folder)
-    return folder
+DPI = 110
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A figure as PNG (white background, cropped to what it draws), then closed."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    return path
 
 
 def experiments_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -313,6 +333,6 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         return 2
 
 
-__all__ = ["Experiment", "open_experiments", "trials", "all_trials", "curves", "retrain_results", "note_left_out",
-           "markdown_table", "out_dir", "output_folder", "experiments_parser", "run_cli", "fmt", "METRIC", "STATUS_ORDER",
-           "EXPERIMENT_FILE", "UserError"]
+__all__ = ["Experiment", "open_experiments", "as_experiments", "best", "trials", "all_trials", "curves",
+           "retrain_results", "note_left_out", "markdown_table", "output_folder", "save_figure", "experiments_parser",
+           "run_cli", "fmt", "METRIC", "OUTPUT_MARK", "UserError"]

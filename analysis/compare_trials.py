@@ -23,15 +23,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.common import (METRIC, STATUS_ORDER, Experiment, UserError, all_trials, markdown_table,
-                             experiments_parser, open_experiments, output_folder, retrain_results, run_cli)
+from analysis.common import (METRIC, Experiment, all_trials, as_experiments, best, experiments_parser,
+                             markdown_table, open_experiments, output_folder, retrain_results, run_cli)
+from refilled.errors import UserError
+from refilled.store.experiments import STATUSES, in_rank_order
 from refilled.store.layout import TRIALS_FILE
 
 # Column order of the leaderboard: FIRST, the searched values, METRICS, LAST.
 FIRST = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs", "total_epochs"]
 METRICS = ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm_stage1", "last_val_ncm_stage1"]
 LAST = ["wall_time_s", "diverged_reason", "trial", "folder"]
-RANKING = ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm_stage1"]
 
 
 def _searched(experiments: list[Experiment]) -> list[str]:
@@ -45,17 +46,17 @@ def leaderboard(experiments, sort: str | list[str] | None = None, ascending: boo
                 filter: str | None = None, top: int | None = None) -> pd.DataFrame:
     """All trials of the experiments (folders or Experiment objects), best first.
 
-    sort: column name(s) (default: best stage-2 validation accuracy, ties broken
-    by the last stage-2 and the best stage-1 accuracy); ascending: sort order;
+    sort: column name(s) (default: the search's ranking, refilled.store.experiments.RANKING:
+    best stage-2 validation accuracy, ties broken by the last stage-2 and the best stage-1
+    accuracy); ascending: sort order;
     filter: a pandas query, e.g. "status == 'finished' and lambd > 1";
     top: keep the first N rows after sorting and filtering.
     """
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     table = all_trials(experiments)
     if table.empty:
         return table
-    ranked = table.sort_values(RANKING, ascending=False, na_position="last", kind="stable")
-    table["rank"] = ranked.groupby("experiment", sort=False).cumcount().add(1).reindex(table.index)
+    table["rank"] = in_rank_order(table).groupby("experiment", sort=False).cumcount().add(1).reindex(table.index)
     params = _searched(experiments)
     columns = FIRST + [p for p in params if p in table.columns] + METRICS + LAST
     table = table[[c for c in columns if c in table.columns]]
@@ -73,7 +74,7 @@ def leaderboard(experiments, sort: str | list[str] | None = None, ascending: boo
     if keys:
         table = table.sort_values(keys, ascending=ascending, na_position="last", kind="stable")
     else:
-        table = table.sort_values(RANKING, ascending=False, na_position="last", kind="stable")
+        table = in_rank_order(table)
     if top is not None:
         if top < 1:
             raise UserError(f"--top must be >= 1, got {top}")
@@ -83,10 +84,11 @@ def leaderboard(experiments, sort: str | list[str] | None = None, ascending: boo
 
 def experiment_summary(experiments) -> pd.DataFrame:
     """One row per experiment: trials per status, best and median stage-2 validation
-    accuracy (over trials that reached stage 2), the best trial, epochs run in all,
+    accuracy (over trials that reached stage 2), the best trial (analysis.common.best: the
+    search's ranking, which never chooses a diverged trial), epochs run in all,
     trial time (sum over trials) and wall time (first start to last end), the config
     keys that differ between the experiments, and the retrain's test accuracy if any."""
-    experiments = _experiments(experiments)
+    experiments = as_experiments(experiments)
     configs = [e.config.to_dict() for e in experiments]
     differing = [k for k in configs[0] if len({repr(c.get(k)) for c in configs}) > 1] if len(configs) > 1 else []
     differing = [k for k in differing if k not in ("seed",)] + (["seed"] if "seed" in differing else [])
@@ -95,15 +97,15 @@ def experiment_summary(experiments) -> pd.DataFrame:
         table = all_trials([exp])
         counts = table["status"].value_counts() if not table.empty else pd.Series(dtype=int)
         reached = table[table[METRIC].notna()] if not table.empty else table
-        best = reached.sort_values(RANKING, ascending=False, na_position="last").iloc[0] if len(reached) else None
+        top = best(table)
         starts = table["start_time"].dropna() if not table.empty else []
         ends = table["end_time"].dropna() if not table.empty else []
         row = {"experiment": exp.label, "trials": len(table),
-               **{s: int(counts.get(s, 0)) for s in STATUS_ORDER if s != "running" or counts.get(s, 0)},
+               **{s: int(counts.get(s, 0)) for s in STATUSES if s != "running" or counts.get(s, 0)},
                "reached_stage2": len(reached),
-               "best_val_accuracy_stage2": float(best[METRIC]) if best is not None else None,
+               "best_val_accuracy_stage2": float(top[METRIC]) if top is not None else None,
                "median_val_accuracy_stage2": float(statistics.median(reached[METRIC])) if len(reached) else None,
-               "best_trial": best["trial_id"] if best is not None else None,
+               "best_trial": top["trial_id"] if top is not None else None,
                # what the search computed: phase 1 of a staged search included, cache replays not
                "total_epochs": exp.stage1_search_epochs
                + (int(table["epochs_run"].sum()) if not table.empty else 0),
@@ -150,15 +152,6 @@ def _legend() -> str:
     return ("Status: *finished* ran every epoch; *stopped* was ended by ASHA at the step in "
             "*stopped at* (a rung); *diverged* hit a non-finite loss; *errored* raised. "
             "Accuracies are on the validation split (tuning), stage 1 by nearest class mean.\n")
-
-
-def _experiments(experiments) -> list[Experiment]:
-    if isinstance(experiments, (str, Path, Experiment)):
-        experiments = [experiments]
-    given = list(experiments)
-    if given and all(isinstance(e, Experiment) for e in given):
-        return given
-    return open_experiments(given)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,14 +27,15 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.common import (UserError, experiments_parser, markdown_table, note_left_out, open_experiments,
-                             output_folder, run_cli)
+from analysis.common import (experiments_parser, markdown_table, note_left_out, open_experiments, output_folder,
+                             run_cli)
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables
 from analysis.plot_trials import PLOTS
 from analysis.selection_cost import plot_cost, plot_selection
+from refilled.errors import UserError
 from refilled.store import cost
 from refilled.store import study as study_store
-from refilled.store.experiments import read_best_config, read_retrain
+from refilled.store.experiments import STATUSES, read_best_config, read_retrain
 from refilled.store.layout import BEST_CONFIG, RETRAIN_DIR, RETRAIN_RESULTS, RETRAIN_SUMMARY
 
 SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
@@ -128,8 +129,7 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
     lines = [f"# tune-refilled report: {labels}", "",
              f"Made {time.strftime('%Y-%m-%d %H:%M')} by `python analysis/report.py` from:", ""]
     for exp, row in zip(experiments, summary.to_dict("records")):
-        statuses = ", ".join(f"{row[s]} {s}" for s in ("finished", "stopped", "diverged", "errored", "running")
-                             if row.get(s))
+        statuses = ", ".join(f"{row[s]} {s}" for s in STATUSES if row.get(s))
         lines.append(f"- **{exp.label}** (`{exp.folder}`): {row['trials']} trials ({statuses}), "
                      f"{row['total_epochs']} epochs run of {row['epochs_without_asha']} without ASHA; "
                      f"best stage-2 validation accuracy {_pct(row['best_val_accuracy_stage2'])} "

@@ -17,6 +17,7 @@ examples:
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -26,10 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.common import (METRIC, Experiment, experiments_parser, open_experiments, output_folder,
-                             retrain_results, run_cli, trials)
+from analysis.common import (METRIC, Experiment, as_experiments, experiments_parser, open_experiments, output_folder,
+                             retrain_results, run_cli, save_figure, trials)
 from refilled.store import cost
-from analysis.plot_trials import _experiments, _save
 from refilled.store.experiments import read_selection
 
 
@@ -48,14 +48,27 @@ def selection(exp: Experiment) -> pd.DataFrame:
     return table
 
 
-def plot_selection(experiments, path: str | Path) -> pd.DataFrame:
-    experiments = _experiments(experiments)
-    tables = [selection(e) for e in experiments]
-    frames = [t for t in tables if not t.empty]
-    fig, axes = plt.subplots(1, max(len(experiments), 1), figsize=(6 * max(len(experiments), 1), 4), squeeze=False)
-    for ax, exp, table in zip(axes[0], experiments, tables):
+@dataclass
+class SelectionInfo:
+    tables: dict[str, pd.DataFrame]  # selection() of every experiment, in order (empty: no re-evaluation)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        frames = [t for t in self.tables.values() if not t.empty]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def selection_info(experiments) -> SelectionInfo:
+    return SelectionInfo({e.label: selection(e) for e in as_experiments(experiments)})
+
+
+def draw_selection(info: SelectionInfo):
+    """selection.png's figure: a panel per experiment, each candidate's search score beside its re-evaluation."""
+    n = max(len(info.tables), 1)
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+    for ax, (label, table) in zip(axes[0], info.tables.items()):
         if table.empty:
-            ax.text(0.5, 0.5, f"{exp.label}: no re-evaluation\n(search.select.top_k 0, or the search has not "
+            ax.text(0.5, 0.5, f"{label}: no re-evaluation\n(search.select.top_k 0, or the search has not "
                     "ended)", ha="center", va="center", fontsize=9, transform=ax.transAxes)
             ax.set_axis_off()
             continue
@@ -70,12 +83,18 @@ def plot_selection(experiments, path: str | Path) -> pd.DataFrame:
         ax.set_xticks(list(x), [f"{t}{' (chosen)' if c else ''}" for t, c in zip(table["trial_id"], table["chosen"])],
                       fontsize=8, rotation=15)
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{exp.label}: the optimism gap of the top {len(table)} trials", fontsize=10)
+        ax.set_title(f"{label}: the optimism gap of the top {len(table)} trials", fontsize=10)
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    _save(fig, Path(path))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return fig
+
+
+def plot_selection(experiments, path: str | Path) -> pd.DataFrame:
+    """selection.png; returns the experiments' selection() tables in one."""
+    info = selection_info(experiments)
+    save_figure(draw_selection(info), Path(path))
+    return info.table
 
 
 def cost_curve(exp: Experiment) -> pd.DataFrame:
@@ -101,17 +120,29 @@ def cost_curve(exp: Experiment) -> pd.DataFrame:
     return out
 
 
-def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
-    experiments = _experiments(experiments)
+@dataclass
+class CostInfo:
+    curves: dict[str, pd.DataFrame]  # cost_curve() of every experiment, in order
+    device_hours: dict[str, float]  # what each spent in all, re-evaluation included
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return pd.concat(self.curves.values(), ignore_index=True) if self.curves else pd.DataFrame()
+
+
+def cost_info(experiments) -> CostInfo:
+    experiments = as_experiments(experiments)
+    return CostInfo({e.label: cost_curve(e) for e in experiments},
+                    {e.label: cost.totals(cost.ledger(e.folder))["device_hours"] for e in experiments})
+
+
+def draw_cost(info: CostInfo):
+    """cost.png's figure: best-so-far accuracy against device hours, one line per experiment."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    frames = []
-    for i, exp in enumerate(experiments):
-        data = cost_curve(exp)
-        frames.append(data)
-        spent = cost.totals(cost.ledger(exp.folder))
+    for i, (label, data) in enumerate(info.curves.items()):
         colour = plt.get_cmap("tab10")(i % 10)
         ax.step(data["device_hours"], data["best_so_far"], where="post", color=colour, linewidth=2,
-                label=f"{exp.label}: best so far ({spent['device_hours']:.3g} device hours in all, "
+                label=f"{label}: best so far ({info.device_hours[label]:.3g} device hours in all, "
                       f"re-evaluation included)")
         ax.scatter(data["device_hours"], data["metric"], s=18, color=colour, alpha=0.5)
         ax.axvline(data["device_hours"].iloc[0], color=colour, linestyle=":", linewidth=1)
@@ -122,8 +153,14 @@ def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
     ax.set_title("what the search cost: best validation accuracy so far against device hours", fontsize=11)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    _save(fig, Path(path))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return fig
+
+
+def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
+    """cost.png; returns the experiments' cost_curve() tables in one."""
+    info = cost_info(experiments)
+    save_figure(draw_cost(info), Path(path))
+    return info.table
 
 
 def main(argv: list[str] | None = None) -> int:

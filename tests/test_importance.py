@@ -1,6 +1,7 @@
 """Parameter importance (analysis/plot_trials.py) on experiment folders written here in
 the format a search leaves: fANOVA over the trials at the deepest step enough of them
-reached, the spread over fANOVA seeds, and a notice when too few trials did."""
+reached, the spread over fANOVA seeds, and a notice when too few trials did; and the
+figures' data computed without drawing."""
 
 from __future__ import annotations
 
@@ -77,3 +78,34 @@ def test_too_few_trials_get_a_notice_instead_of_bars(tmp_path):
         importances(exp)
     shown = plot_importance([exp], tmp_path / "importance.png")
     assert shown.empty and (tmp_path / "importance.png").stat().st_size > 0
+
+
+def test_the_figures_are_computed_apart_from_drawing_with_the_stores_best(tmp_path):
+    """Each figure's data comes without drawing (`<figure>_info`); its best trial is the store's
+    (refilled.store.experiments.choosable): not a diverged one, however high it got."""
+    import matplotlib.pyplot as plt
+
+    from analysis.compare_trials import experiment_summary
+    from analysis.plot_trials import curves_info, efficiency_info, importance_info, params_info
+    from refilled.store.experiments import choosable, load_trials
+
+    rng = np.random.default_rng(3)
+    rows = [trial(rng) for _ in range(MIN_TRIALS)] + [trial(rng, stopped_at=2)]
+    rows.append((rows[0][0], [0.99, 0.99], "diverged"))  # the highest stage-2 accuracy, then a non-finite loss
+    exp = open_experiments([write_experiment(tmp_path / "e", rows)])[0]
+    figures = plt.get_fignums()
+    best = choosable(load_trials(exp.folder)).iloc[0]["trial_id"]
+    assert best != "t09"
+    curves = curves_info([exp])
+    (panel,) = curves.panels
+    assert panel.trials.loc[panel.trials["best"], "trial_id"].to_list() == [best]
+    assert len(curves.table) == sum(2 + len(accs) for _, accs, _ in rows)
+    params = params_info([exp])
+    assert params.best == {exp.label: best} and params.table.attrs["xscale"] == {"tau1": "log", "lambd": "log"}
+    assert [(a.param, a.scale) for a in params.axes] == [("tau1", "log"), ("lambd", "log")]
+    assert experiment_summary([exp]).iloc[0]["best_trial"] == best
+    importance = importance_info([exp])
+    assert importance.notices == {} and set(importance.table["param"]) == {"tau1", "lambd"}
+    efficiency = efficiency_info([exp])
+    assert efficiency.without_asha == {exp.label: len(rows) * (E1 + E2)} and efficiency.phase1_epochs == {}
+    assert plt.get_fignums() == figures  # nothing drawn

@@ -82,19 +82,23 @@ def test_what_is_where_names_every_folder_and_only_those_that_exist():
 
 
 def test_analysis_output_folders_are_new_or_their_own(tmp_path):
-    from analysis.common import OUTPUT_MARK, out_dir
+    from analysis.common import OUTPUT_MARK, output_folder
     from refilled.errors import UserError
+
+    def write(folder: Path, force: bool = False) -> Path:
+        with output_folder(folder, force) as aside:
+            (aside / "trials.csv").write_text("x")
+        return folder
 
     mine = tmp_path / "notes"
     mine.mkdir()
     (mine / "index.md").write_text("my notes")
     with pytest.raises(UserError, match="holds files these scripts did not write"):
-        out_dir(mine)
+        write(mine)
     assert [p.name for p in mine.iterdir()] == ["index.md"]  # nothing written
-    assert out_dir(mine, force=True) == mine and (mine / OUTPUT_MARK).is_file()
-    fresh = out_dir(tmp_path / "new")
-    (fresh / "trials.csv").write_text("x")
-    assert out_dir(fresh) == fresh  # a folder the scripts wrote before is written again
+    assert write(mine, force=True) == mine and (mine / OUTPUT_MARK).is_file()
+    fresh = write(tmp_path / "new")
+    assert write(fresh) == fresh and (fresh / "trials.csv").is_file()  # a folder the scripts wrote before
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        out_dir(tmp_path / "file", force=True)
+        write(tmp_path / "file", force=True)

@@ -32,6 +32,8 @@ STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation
 # sets make many) go to the one that ended higher, then to the better embedding.
 RANKING = ["best_val_accuracy_stage2", "last_val_accuracy_stage2", "best_val_ncm_stage1"]
+# A staged search's phase 1 ranks its stage-1-only trials by the embedding they ended with.
+STAGE1_RANKING = ["last_val_ncm_stage1", "best_val_ncm_stage1"]
 
 
 def is_experiment(folder: str | Path) -> bool:
@@ -190,17 +192,38 @@ def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.D
     table = pd.DataFrame.from_records(records)
     if table.empty:
         return table
-    return table.sort_values(RANKING, ascending=False, na_position="last").reset_index(drop=True)
+    return in_rank_order(table).reset_index(drop=True)
+
+
+def in_rank_order(trials: pd.DataFrame) -> pd.DataFrame:
+    """Every trial, best first by the search's ranking (RANKING); a trial without a value
+    comes after those with one, and ties keep their order."""
+    return trials.sort_values(RANKING, ascending=False, na_position="last", kind="stable")
+
+
+def choosable(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials the search can choose (they reached stage 2 and did not diverge), best
+    first by the search's ranking (RANKING); empty when there is none."""
+    if trials.empty:
+        return trials
+    return in_rank_order(trials[trials["reached_stage2"] & (trials["status"] != "diverged")])
 
 
 def ranked(trials: pd.DataFrame) -> pd.DataFrame:
-    """The trials that can be chosen (they reached stage 2 and did not diverge), best first
-    by the search's ranking (RANKING)."""
-    reached = trials[trials["reached_stage2"] & (trials["status"] != "diverged")] if not trials.empty else trials
+    """choosable(trials), refused when there is none."""
+    reached = choosable(trials)
     if reached.empty:
         raise UserError("no trial of this experiment reached stage 2, so there is no stage-2 validation "
                         "accuracy to choose by: run a longer search (more samples or a larger grace_period)")
-    return reached.sort_values(RANKING, ascending=False)
+    return reached
+
+
+def stage1_choosable(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials phase 1 of a staged search can choose from (they finished), best first
+    by STAGE1_RANKING; empty when there is none."""
+    if trials.empty:
+        return trials
+    return trials[trials["status"] == "finished"].sort_values(STAGE1_RANKING, ascending=False, kind="stable")
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:
