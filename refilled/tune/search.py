@@ -35,7 +35,7 @@ from refilled.schema.config import CLASS_COUNT, Config
 from refilled.schema.rungs import counted_epochs, schedule_warnings, scheduler_args
 from refilled.schema.search import SearchSettings, check_rungs_within, parse_search
 from refilled.store import cost, experiment_file, integrity, storage, trial_records
-from refilled.store.experiments import first_points, load_trials, plain_value, write_best_config
+from refilled.store.experiments import first_points, load_trials, plain_value, stage1_choosable, write_best_config
 from refilled.store.layout import (COST_FILE, INTERRUPTED_TRIALS, LEASE_FILE, SELECTION_FILE, STAGE1_CHOICE,
                                    STAGE1_SEARCH, STATE_FILE, TRIALS_FILE)
 from refilled.store.lease import Lease, lease_at
@@ -265,12 +265,11 @@ class SearchRun:
             return outcome
         sub.push(study_file(sub.folder).name)  # Optuna wrote it
 
-        trials = load_trials(sub.folder)
-        done = trials[trials["status"] == "finished"] if not trials.empty else trials
+        done = stage1_choosable(load_trials(sub.folder))
         if done.empty:
             raise UserError(f"no stage-1 trial of {sub.location} finished, so there is no embedding to start "
                             "stage 2 from: see the trial errors above, or raise search.staged.num_samples")
-        best = done.sort_values(["last_val_ncm_stage1", "best_val_ncm_stage1"], ascending=False).iloc[0]
+        best = done.iloc[0]
         values = {k: plain_value(best[f"config/{k}"]) for k in settings.space}
         choice = {"trial_id": str(best["trial_id"]), "values": values,
                   "val_ncm_accuracy": float(best["last_val_ncm_stage1"])}
