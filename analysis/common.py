@@ -31,7 +31,7 @@ from refilled.store.experiments import (RANKING, choosable, experiment_config, l
                                         say_once)
 from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH
 from refilled.store.lease import note_if_running
-from refilled.store.storage import experiment_at
+from refilled.store.storage import Place
 
 METRIC = RANKING[0]  # the final metric of a trial (what the search ranks by first)
 ANALYSIS_STUDY = "restore it from a backup, or move it aside: the analysis reads the trials, not the study"
@@ -102,7 +102,7 @@ def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
     """The experiments at these folders; a folder that is not one is a UserError."""
     folders, names, running, locations = [], [], [], []
     for p in paths:
-        place = experiment_at(p)  # a URI is read from a local mirror
+        place = Place.mirrored(p)  # a URI is read from a local mirror
         experiment_config(place.folder, place.location)  # refuses what is not an experiment, in one line
         # a damaged study is refused before any output is written
         study(place.folder, place.location, remedy=ANALYSIS_STUDY)

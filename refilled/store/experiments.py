@@ -281,9 +281,8 @@ def chosen_trial(folder: str | Path, trials: pd.DataFrame, notes: dict[str, str]
 def top_configs(location: str | Path, n: int) -> list[dict[str, Any]]:
     """The full configs of an experiment's `n` best trials, best first: in the order of
     its re-evaluation, then of its search ranking (a warm start: search.start_with)."""
-    from refilled.store.storage import experiment_at
 
-    place = experiment_at(location)
+    place = Place.mirrored(location)
     experiment_config(place.folder, place.location)  # refuses what is not an experiment
     trials = load_trials(place.folder)
     if trials.empty:

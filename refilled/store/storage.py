@@ -155,41 +155,42 @@ class Place:
         self.push(name)
         return path
 
+    @classmethod
+    def named(cls, storage: str, name: str) -> Place:
+        """The experiment `name` in the storage `storage` (a folder or a URI), as `--storage`
+        and `--name` give it; a file where a folder belongs is refused in one line."""
+        if is_uri(storage):
+            uri = join(storage, name)
+            filesystem(uri)  # refuses a URI pyarrow cannot open, in one line
+            return cls(mirror(uri), uri)
+        folder = Path(storage).expanduser().resolve()
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--storage {storage} is a file, not a folder: name a folder (made if missing) or a URI")
+        if (folder / name).exists() and not (folder / name).is_dir():
+            raise UserError(f"{folder / name} is a file, not an experiment folder: choose another --name (or --storage)")
+        return cls(folder / name)
+
+    @classmethod
+    def at(cls, location: str, sub: str = "") -> Place:
+        """The experiment at `location` (a folder or a URI, as Place.location gives it), or its
+        part `sub` (a staged search's stage1_search); nothing is read. The mirror of a URI is
+        this machine's: what a resumed driver, perhaps elsewhere, must use."""
+        uri = location.rstrip("/") if is_uri(location) else None
+        place = cls(mirror(uri), uri) if uri else cls(Path(location))
+        return place.part(sub) if sub else place
+
+    @classmethod
+    def mirrored(cls, location: str | Path) -> Place:
+        """The experiment at a folder or a URI, to read: a URI is mirrored first (its results
+        and teacher; not Ray's checkpoints, not the teacher bank)."""
+        if not is_uri(location):
+            return cls(Path(location).expanduser().resolve())
+        uri = str(location).rstrip("/")
+        filesystem(uri)
+        place = cls(mirror(uri), uri)
+        place.pull(skip=lambda rel: is_checkpoint(rel) or rel.startswith("bank-"))
+        return place
+
     def part(self, name: str) -> "Place":
         """The folder `name` inside this experiment, as a place of its own (a staged search's phase 1)."""
         return Place(self.folder / name, join(self.uri, name) if self.uri else None)
-
-
-def experiment_place(location: str, name: str) -> Place:
-    """The experiment `name` in the storage `location` (a folder or a URI)."""
-    if is_uri(location):
-        uri = join(location, name)
-        filesystem(uri)  # refuses a URI pyarrow cannot open, in one line
-        return Place(mirror(uri), uri)
-    folder = Path(location).expanduser().resolve()
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--storage {location} is a file, not a folder: name a folder (made if missing) or a URI")
-    if (folder / name).exists() and not (folder / name).is_dir():
-        raise UserError(f"{folder / name} is a file, not an experiment folder: choose another --name (or --storage)")
-    return Place(folder / name)
-
-
-def place_in(location: str, sub: str = "") -> Place:
-    """The experiment at `location` (a folder or a URI, as Place.location gives it), or
-    its part `sub` (a staged search's stage1_search). The mirror of a URI is this
-    machine's: what a resumed driver, perhaps elsewhere, must use."""
-    uri = location.rstrip("/") if is_uri(location) else None
-    place = Place(mirror(uri), uri) if uri else Place(Path(location))
-    return place.part(sub) if sub else place
-
-
-def experiment_at(location: str | Path) -> Place:
-    """The experiment at a folder or a URI, to read: a URI is mirrored first (its
-    results and teacher; not Ray's checkpoints, not the teacher bank)."""
-    if not is_uri(location):
-        return Place(Path(location).expanduser().resolve())
-    uri = str(location).rstrip("/")
-    filesystem(uri)
-    place = Place(mirror(uri), uri)
-    place.pull(skip=lambda rel: is_checkpoint(rel) or rel.startswith("bank-"))
-    return place

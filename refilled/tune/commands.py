@@ -49,12 +49,7 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
 
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
     from refilled.errors import UserError
-    from refilled.store.lease import lease_at
-    from refilled.store.storage import experiment_place
-
-    if args.name or args.config:  # a live driver on this experiment: refused before Ray loads (seconds)
-        lease_at(experiment_place(args.storage, args.name or Path(args.config).stem).location).refuse_if_held()
-    from refilled.tune.search import open_search
+    from refilled.tune.search import open_search  # no Ray yet: a live driver is refused in a second
 
     if args.resume:
         if not args.name and not args.config:

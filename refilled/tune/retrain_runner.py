@@ -85,7 +85,7 @@ def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
     if request.out and storage.is_uri(request.out):
         raise UserError(f"--out {request.out}: give a folder; without --out, a URI experiment's retrain is "
                         "written next to it (<experiment>/retrain)")
-    place = storage.experiment_at(request.experiment)
+    place = storage.Place.mirrored(request.experiment)
     folder = place.folder
     _, data = experiment_config(folder, place.location)  # refuses what is not an experiment
     if data.get("simulated"):

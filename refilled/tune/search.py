@@ -40,7 +40,7 @@ from refilled.store.layout import (COST_FILE, INTERRUPTED_TRIALS, LEASE_FILE, SE
                                    STAGE1_SEARCH, STATE_FILE, TRIALS_FILE)
 from refilled.store.lease import Lease, lease_at
 from refilled.store.rung_fidelity import correlation_lines, experiment_correlations
-from refilled.store.storage import Place, experiment_place
+from refilled.store.storage import Place
 from refilled.store.study import STUDY_FILES, study_file
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.selection import reevaluate
@@ -318,7 +318,7 @@ def open_search(storage_location: str, name: str, cfg: Config | None = None, sec
                 kind: TrialKind = METHOD) -> SearchRun:
     """The search `name` in `storage_location` (a folder or a URI): a new one from `cfg` and
     its `search:` section, or, with no `cfg`, the experiment there to resume."""
-    place = experiment_place(storage_location, name)
+    place = Place.named(storage_location, name)
     return SearchRun.resumed(place, kind) if cfg is None else SearchRun.new(cfg, section or {}, place, kind)
 
 

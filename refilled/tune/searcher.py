@@ -109,7 +109,7 @@ class StudySearcher(Searcher):
 
     @property
     def place(self) -> storage.Place:
-        return storage.place_in(self.experiment, self.sub)
+        return storage.Place.at(self.experiment, self.sub)
 
     @property
     def study(self) -> optuna.Study:
@@ -142,7 +142,7 @@ class StudySearcher(Searcher):
         if self._spent_s is None:
             from refilled.store.cost import device_seconds
 
-            self._spent_s = device_seconds(storage.place_in(self.experiment).folder)
+            self._spent_s = device_seconds(storage.Place.at(self.experiment).folder)
         return self._spent_s >= self.budget_hours * 3600
 
     # ----------------------------------------------------------------------------- Tune's Searcher
