@@ -31,7 +31,7 @@ from ray.tune.search import Searcher
 from refilled.store import storage, trial_records
 from refilled.store import study as study_store
 from refilled.schema.rungs import CLOCK
-from refilled.schema.search import distributions
+from refilled.schema.search import Distribution, distributions
 
 
 def outcome(result: dict | None, error: bool, metric: str) -> tuple[TrialState, float | None]:
@@ -63,7 +63,7 @@ class StudySearcher(Searcher):
     experiment, so a resumed driver, perhaps on another machine, finds the study
     through its own mirror."""
 
-    def __init__(self, space: dict[str, dict[str, list]], *, metric: str, study_name: str, experiment: str,
+    def __init__(self, space: dict[str, Distribution], *, metric: str, study_name: str, experiment: str,
                  sub: str = "", seed: int = 0, first: list[dict[str, Any]] | None = None, step_key: str = "step",
                  budget_hours: float | None = None):
         super().__init__(metric=metric, mode="max")
