@@ -277,6 +277,38 @@ def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
     return _validated({**base.given(), **values} if base else values)
 
 
+class TrialKindNote(BaseModel):
+    """Trials of another kind than the method's, as the driver that ran them notes them in
+    experiment.yaml (`name`, and whatever else it says of them): they trained no REFILLED."""
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+
+class ExperimentFile(BaseModel):
+    """An experiment file's sections: search_spaces/*.yaml, or experiment.yaml as `search`
+    writes it (refilled.store.experiment_file), with the notes a search adds."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    config: Config
+    search: Optional[dict[str, Any]] = None  # refilled.schema.search.parse_search reads it, with the config
+    name: Any = None
+    description: Any = None
+    retrain: Any = None
+    stage1_choice: Optional[dict[str, Any]] = None  # a staged search's phase-1 choice
+    stage1_only: bool = False  # in phase 1's own experiment.yaml
+    trial_kind: Optional[TrialKindNote] = None  # absent: the trials trained REFILLED
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: dict[str, Any]) -> dict[str, Any]:
+        for name, what in (("config", "keys to values"), ("search", "settings")):
+            if data.get(name) is not None and not isinstance(data[name], dict):
+                raise ValueError(f"the {name}: section must be a mapping of {what}, got {type(data[name]).__name__}")
+        unknown = sorted(str(k) for k in set(data) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"unknown section '{unknown[0]}': expected {', '.join(sorted(cls.model_fields))}")
+        return {**data, "config": data.get("config") or {}}
+
+
 class _UniqueKeys(yaml.SafeLoader):
     """YAML with a key given twice refused: PyYAML would keep the last one without a word."""
 
@@ -317,37 +349,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_experiment(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """Read an experiment file: its `config:` section and its other sections.
+    """Read an experiment file (ExperimentFile): its config and the whole file as read.
 
     A file without sections (only config keys) is read as a plain config.
     """
     data = read_yaml(path)
-    sections = {"config", "search", "retrain", "name", "description",
-                "stage1_choice", "stage1_only",  # written by a staged search into its experiment.yaml
-                "simulated"}  # written by a simulated search (simulated_trials)
     if not data:
         raise UserError(f"config file {path} is empty: give it a config: section (e.g. copy "
                         "search_spaces/digits.yaml), or `config: {data_name: CIFAR-100}` for the authors' defaults")
-    if "config" not in data and set(data) <= sections:
+    if "config" not in data and set(data) <= set(ExperimentFile.model_fields):
         raise UserError(f"{path} has no config: section (it has {', '.join(sorted(data))}): add one with at least "
                         "data_name, e.g. as search_spaces/digits.yaml")
-    if "config" in data and not isinstance(data["config"], (dict, type(None))):
-        raise UserError(f"{path}: the config: section must be a mapping of keys to values, "
-                        f"got {type(data['config']).__name__}")
-    if "search" in data and not isinstance(data["search"], (dict, type(None))):
-        raise UserError(f"{path}: the search: section must be a mapping of settings, got {type(data['search']).__name__}")
-    if "config" in data or set(data) <= sections:
-        unknown = set(data) - sections
-        if unknown:
-            raise UserError(f"unknown section '{sorted(unknown)[0]}' in {path}: expected {', '.join(sorted(sections))}")
-        try:
-            return from_dict(data.get("config") or {}), data
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
     try:
-        return from_dict(data), {}
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+        if "config" in data:
+            return ExperimentFile.model_validate(data).config, data
+        return Config.model_validate(data), {}
+    except ValidationError as e:
+        raise UserError(f"{path}: {one_line(e, '' if 'config' in data else 'config')}") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

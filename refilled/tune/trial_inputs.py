@@ -142,7 +142,8 @@ class TrialKind(Protocol):
     """What the driver runs as trials: REFILLED (METHOD), or a simulation of it
     (simulated_trials.SimulatedTrials) that measures the driver at scale."""
 
-    def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind ({} for the method)
+    def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind: {} for the method,
+    # else {"trial_kind": {"name": ..., ...}} (refilled.schema.config.ExperimentFile)
 
     def prepare_teacher(self, cfg: Config, folder: Path, teacher: str | None) -> Path | None: ...
 
