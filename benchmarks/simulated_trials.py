@@ -8,7 +8,8 @@ learning curve of its configuration, after sleeping a fixed time per epoch. It
 imports neither torch nor the method, so hundreds run at once on one machine;
 the driver, its searcher, callbacks, storage, selection and the analysis are
 the real ones. benchmarks/search_scale.py drives it (docs: benchmarks/README.md,
-"Scale"). An experiment it writes says so in experiment.yaml (`simulated`).
+"Scale"). An experiment it writes says so in experiment.yaml (`trial_kind: {name:
+simulated, ...}`), so that `retrain` refuses it.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ class SimulatedTrials:
     checkpoint_bytes: int = 0
 
     def note(self) -> dict[str, Any]:
-        """What experiment.yaml says of the simulation."""
-        return {"simulated": asdict(self)}
+        """What experiment.yaml says of the simulation (refilled.schema.config.ExperimentFile)."""
+        return {"trial_kind": {"name": "simulated", **asdict(self)}}
 
     def prepare_teacher(self, cfg, place, teacher: str | None) -> None:
         return None  # no teacher: nothing is trained

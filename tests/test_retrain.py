@@ -268,6 +268,22 @@ def test_refuses_a_folder_that_is_not_an_experiment(tmp_path, capsys):
         one_line_refusal(subprocess.CompletedProcess(args, code, out, err), "not a tune-refilled experiment")
 
 
+def test_refuses_an_experiment_whose_trials_were_of_another_kind(tmp_path, capsys):
+    """A driver's trials that trained no REFILLED (trial_kind: benchmarks/simulated_trials.py) are not retrained."""
+    import tune_refilled
+    from refilled.schema.search import parse_search
+    from refilled.store import experiment_file
+    from support.configs import make_tiny_config
+
+    cfg = make_tiny_config()
+    experiment_file.write(tmp_path, cfg, parse_search({}, cfg).to_section(),
+                          {"trial_kind": {"name": "simulated", "epoch_s": 0.5}})
+    code = tune_refilled.main(["retrain", "--experiment", str(tmp_path), "--seeds", "1"])
+    out, err = capsys.readouterr()
+    one_line_refusal(subprocess.CompletedProcess([], code, out, err),
+                     "holds simulated trials (trial_kind in its experiment.yaml): they did not train REFILLED")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_refuses_bad_trial_and_seeds(experiment, tmp_path):

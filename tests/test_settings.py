@@ -54,7 +54,7 @@ def test_staged_splits_the_space_into_stage1_and_stage2_keys():
     ({"space": {"tau1": {"loguniform": [0.5, 16]}}, "staged": True}, "needs keys of both phases"),
     ({"staged": {"num_samples": 0}}, "search.staged.num_samples must be >= 1, got 0"),
     ({"staged": {"grace": 3}}, "search.staged: unknown setting 'grace' \\(search.staged takes num_samples, asha\\)"),
-    ({"staged": {"asha": {"grace_period": "5"}}}, "search.staged.asha.grace_period must be a number, got '5'"),
+    ({"staged": {"asha": {"grace_period": "5"}}}, "search.staged.asha.grace_period must be a whole number, got '5'"),
     ({"num_samples": 1.5}, "search.num_samples must be a whole number, got 1.5"),
     ({"resources": {"gpu": 1.5}}, "search.resources.gpu may be a fraction only below 1"),
 ])

@@ -10,8 +10,9 @@ The schema is a pydantic model: types, ranges and choices are its fields'; what
 depends on several keys is its one model validator. Each key's groups (it decides
 the teacher, it acts on stage 1, on stage 1 alone, it cannot be searched) are
 stated once, in its field (`key(...)`); TEACHER_KEYS, STAGE1_KEYS, STAGE1_ONLY and
-NOT_SEARCHABLE are read from there. Every problem is a one-line UserError naming
-the key.
+NOT_SEARCHABLE are read from there. The validators say what is wrong in ValueErrors;
+`from_dict` and `load_experiment` raise it as a one-line UserError naming the key
+(refilled.schema._messages). A Config is frozen: `replace` makes a validated new one.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError,
+                      model_validator)
 
 from refilled.errors import UserError
+from refilled.schema._messages import must, one_line
 
 DATA_NAMES = ("CIFAR-100", "CUB-200", "digits")
 CLASS_COUNT = {"CIFAR-100": 100, "CUB-200": 200, "digits": 10}  # known before a file is read
@@ -48,6 +51,19 @@ def key(default: Any, *groups: str, **constraints: Any) -> Any:
     return Field(default, json_schema_extra={"groups": list(groups)}, **constraints)
 
 
+def _known_data_name(value: str) -> str:
+    name = canonical_data_name(value)
+    if name is None:
+        raise ValueError(f"must be one of {', '.join(DATA_NAMES)}, got {value!r}")
+    return name
+
+
+def increasing(values: Any) -> Any:
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError("not increasing")
+    return values
+
+
 def _no_bool(value: Any) -> Any:  # `depth: true` is no number, though Python says it is 1
     if isinstance(value, bool):
         raise ValueError("not a boolean")
@@ -68,11 +84,15 @@ def _int_list(value: Any) -> Any:  # `--point 30,45` or `point: 60`
     return value
 
 
-Int = Annotated[int, BeforeValidator(_no_bool)]
-Float = Annotated[float, BeforeValidator(_no_bool)]
-OptInt = Annotated[Optional[int], BeforeValidator(_none_word), BeforeValidator(_no_bool)]
-OptFloat = Annotated[Optional[float], BeforeValidator(_none_word), BeforeValidator(_no_bool)]
-Epochs = Annotated[tuple[int, ...], BeforeValidator(_int_list)]
+Int = Annotated[int, BeforeValidator(_no_bool), must("an integer")]
+Float = Annotated[float, BeforeValidator(_no_bool), must("a number")]
+OptInt = Annotated[Optional[int], BeforeValidator(_none_word), BeforeValidator(_no_bool), must("an integer or null")]
+OptFloat = Annotated[Optional[float], BeforeValidator(_none_word), BeforeValidator(_no_bool), must("a number or null")]
+Epochs = Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(_int_list), AfterValidator(increasing),
+                   must("strictly increasing epochs >= 1, e.g. [30, 45]", keep=())]
+Bool = Annotated[bool, must("true or false")]
+Str = Annotated[str, must("a string")]
+DataName = Annotated[Str, AfterValidator(_known_data_name)]
 Network = Literal["wide_resnet", "resnet", "mobile_net"]
 NETWORKS = get_args(Network)
 # The teacher's depth when the config does not give one, by its family, as the authors'
@@ -82,14 +102,14 @@ TEACHER_DEPTH = {"resnet": 110, "wide_resnet": 40, "mobile_net": 40}
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False,
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True, allow_inf_nan=False,
                               validate_default=False)
 
     # --- the authors' arguments, their defaults -------------------------------
-    data_name: str = key("CIFAR-100", TEACHER, STAGE1, FIXED)
+    data_name: DataName = key("CIFAR-100", TEACHER, STAGE1, FIXED)
     teacher_network_name: Network = key("wide_resnet", TEACHER)
     student_network_name: Network = key("wide_resnet", STAGE1)
-    flag_tuning: bool = key(False, STAGE1, FIXED)  # True: train on train, evaluate on validation
+    flag_tuning: Bool = key(False, STAGE1, FIXED)  # True: train on train, evaluate on validation
     lr1: Float = key(0.1, STAGE1, STAGE1_ALONE, gt=0)
     lr2: Float = key(0.1, gt=0)
     point: Epochs = key((100, 140, 180))
@@ -103,13 +123,16 @@ class Config(BaseModel):
     n_training_epochs1: Int = key(200, STAGE1, STAGE1_ALONE, ge=0)
     n_training_epochs2: Int = key(200, ge=1)  # stage 2 makes the classifier
     batch_size: Int = key(128, STAGE1, gt=0)
-    flag_merge: bool = key(False, STAGE1, STAGE1_ALONE)  # stage 1 on (anchor, positive) tuples
+    flag_merge: Bool = key(False, STAGE1, STAGE1_ALONE)  # stage 1 on (anchor, positive) tuples
     tau1: Float = key(4.0, STAGE1, STAGE1_ALONE, gt=0)
     tau2: Float = key(2.0, gt=0)
     lambd: Float = key(100.0, ge=0)
     # --- teacher: architecture (authors' defaults per network) and pre-training
-    teacher_depth: OptInt = key(None, TEACHER, description="by teacher_network_name: resnet 110, wide_resnet 40, "
-                                "mobile_net unused, teacher_ca sizes it")  # TEACHER_DEPTH, as the authors' main.py
+    # not given (or null): by the teacher's family (TEACHER_DEPTH), as the authors' main.py, and not counted as
+    # given (Config.given): a config built on this one chooses it again by its own family
+    teacher_depth: OptInt = Field(default_factory=lambda keys: TEACHER_DEPTH.get(keys.get("teacher_network_name")),
+                                  json_schema_extra={"groups": [TEACHER]}, description="by teacher_network_name: "
+                                  "resnet 110, wide_resnet 40, mobile_net unused, teacher_ca sizes it")
     teacher_width: Int = key(2, TEACHER, gt=0)
     teacher_ca: Float = key(1.0, TEACHER, gt=0)
     teacher_dropout_rate: Float = key(0.3, TEACHER, ge=0, lt=1)
@@ -120,12 +143,12 @@ class Config(BaseModel):
     teacher_batch_size: Int = key(128, TEACHER, gt=0)
     teacher_val_fraction: Float = key(0.1, TEACHER, gt=0, lt=1)  # source images that choose the teacher's epoch
     # --- data ---------------------------------------------------------------------
-    data_root: str = key("data", FIXED)
-    download: bool = key(False, FIXED)
+    data_root: Str = key("data", FIXED)
+    download: Bool = key(False, FIXED)
     image_size: OptInt = key(None, TEACHER, STAGE1, FIXED)  # digits: upsampled to this side, 3 channels
     class_order: Literal["natural", "cifar_fs"] = key("natural", TEACHER, STAGE1)  # cifar_fs: cross-task order
-    source_classes: str = key("all", TEACHER)  # teacher's classes: positions in class_order, e.g. "0-49"
-    target_classes: str = key("all", STAGE1)  # student's classes, e.g. "50-99"; overlap allowed
+    source_classes: Str = key("all", TEACHER)  # teacher's classes: positions in class_order, e.g. "0-49"
+    target_classes: Str = key("all", STAGE1)  # student's classes, e.g. "50-99"; overlap allowed
     shots: OptInt = key(None, STAGE1, ge=1)  # labelled images per student class (middle-shot); None = all
     val_per_class: OptInt = key(None, STAGE1, FIXED, ge=1)  # with shots: validation images from outside them
     val_fraction: Float = key(0.1, STAGE1, gt=0, lt=1)  # part of the training set held out when flag_tuning
@@ -135,7 +158,7 @@ class Config(BaseModel):
     tuple_negatives: Literal["all", "smallest"] = key("all", STAGE1, STAGE1_ALONE)  # flag_merge groups
     margin: Float = key(0.2, STAGE1, STAGE1_ALONE, gt=0)  # semi-hard mining margin
     centers: Literal["global", "local"] = key("global")  # whole training split, or per batch
-    transfer_set: bool = key(False)  # stage 2 also distils on the student's unlabelled images (not the authors')
+    transfer_set: Bool = key(False)  # stage 2 also distils on the student's unlabelled images (not the authors')
     teacher_bank: Literal["auto", "on", "off"] = key("auto")  # look up teacher embeddings
     bn_stats: Literal["running", "precise"] = key("running", STAGE1, FIXED)  # evaluate with BN statistics as
     # trained, or recomputed from the current weights (docs/search.md); it changes what is measured, not trained
@@ -173,52 +196,47 @@ class Config(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _data_name_aliases(cls, values: Any) -> Any:
-        if isinstance(values, dict) and isinstance(values.get("data_name"), str):
-            name = canonical_data_name(values["data_name"])
-            if name is None:
-                raise UserError(f"config key 'data_name' must be one of {', '.join(DATA_NAMES)}, "
-                                f"got {values['data_name']!r}")
-            values = {**values, "data_name": name}
+    def _known_keys(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            unknown = [k for k in values if k not in cls.model_fields]
+            if unknown:
+                close = [k for k in cls.model_fields if k.startswith(str(unknown[0])[:3])]
+                raise ValueError(f"unknown config key '{unknown[0]}'" +
+                                 (f" (did you mean {', '.join(close)}?)" if close else ""))
+            if _none_word(values.get("teacher_depth", 0)) is None:  # null: by the teacher's family
+                values = {k: v for k, v in values.items() if k != "teacher_depth"}
         return values
 
     @model_validator(mode="after")
     def _together(self) -> "Config":
         """What no single key's type says: the checks that read several keys."""
-        if self.teacher_depth is None:  # by family; not counted as given (Config.given)
-            self.__dict__["teacher_depth"] = TEACHER_DEPTH[self.teacher_network_name]
-            self.model_fields_set.discard("teacher_depth")
         for prefix, net in (("", self.student_network_name), ("teacher_", self.teacher_network_name)):
             depth = getattr(self, prefix + "depth")
             if net == "wide_resnet" and (depth < 10 or (depth - 4) % 6):
-                raise UserError(f"config key '{prefix}depth': wide_resnet depth must be 6n+4 "
-                                f"(10, 16, 22, 28, 40, ...), got {depth}")
+                raise ValueError(f"config key '{prefix}depth': wide_resnet depth must be 6n+4 "
+                                 f"(10, 16, 22, 28, 40, ...), got {depth}")
             if net == "resnet" and (depth < 8 or (depth - 2) % 6):
-                raise UserError(f"config key '{prefix}depth': resnet depth must be 6n+2 (8, 14, 20, 32, 56, 110, "
-                                f"...) as the authors' resnet.py asserts, got {depth}")
+                raise ValueError(f"config key '{prefix}depth': resnet depth must be 6n+2 (8, 14, 20, 32, 56, 110, "
+                                 f"...) as the authors' resnet.py asserts, got {depth}")
             if net == "mobile_net" and int(32 * getattr(self, prefix + "ca")) < 1:
-                raise UserError(f"config key '{prefix}ca' must be >= 1/32 (the stem has int(32 * ca) channels), "
-                                f"got {getattr(self, prefix + 'ca')}")
-        for name in ("point", "teacher_point"):
-            points = getattr(self, name)
-            if any(b <= a for a, b in zip(points, points[1:])) or any(p < 1 for p in points):
-                raise UserError(f"config key '{name}' must be strictly increasing epochs >= 1, got {list(points)}")
+                raise ValueError(f"config key '{prefix}ca' must be >= 1/32 (the stem has int(32 * ca) channels), "
+                                 f"got {getattr(self, prefix + 'ca')}")
         if self.val_per_class is not None and self.shots is None:
-            raise UserError(f"config key 'val_per_class' needs 'shots' (validation images are taken from outside "
-                            f"the shots), got {self.val_per_class} with shots {self.shots}")
+            raise ValueError(f"config key 'val_per_class' needs 'shots' (validation images are taken from outside "
+                             f"the shots), got {self.val_per_class} with shots {self.shots}")
         native = {"CIFAR-100": 32, "CUB-200": 224}.get(self.data_name)
         size = self.image_size
         if size is not None and (size < 8 if native is None else size != native):
             allowed = f"null or {native} (its own size)" if native else "null (8, their own size) or >= 8"
-            raise UserError(f"config key 'image_size' for {self.data_name} must be {allowed}, got {size}")
+            raise ValueError(f"config key 'image_size' for {self.data_name} must be {allowed}, got {size}")
         if self.transfer_set and self.shots is None:
-            raise UserError("config key 'transfer_set' needs 'shots': the transfer set is the training "
-                            "images outside the shots, and without shots there are none")
+            raise ValueError("config key 'transfer_set' needs 'shots': the transfer set is the training "
+                             "images outside the shots, and without shots there are none")
         if self.transfer_set and self.centers != "global":
-            raise UserError("config key 'transfer_set' needs centers: global (an unlabelled image has no "
-                            "class in the batch to take local centres from)")
+            raise ValueError("config key 'transfer_set' needs centers: global (an unlabelled image has no "
+                             "class in the batch to take local centres from)")
         if self.class_order == "cifar_fs" and self.data_name != "CIFAR-100":
-            raise UserError("config key 'class_order': cifar_fs is the CIFAR-100 order; use 'natural' here")
+            raise ValueError("config key 'class_order': cifar_fs is the CIFAR-100 order; use 'natural' here")
         return self
 
 
@@ -235,59 +253,60 @@ STAGE1_ONLY = tuple(_group(STAGE1_ALONE))
 NOT_SEARCHABLE = set(_group(FIXED))
 
 
-def _problem(error: dict[str, Any]) -> str:
-    """One pydantic error as this project says it: the key, what it must be, what was given."""
-    name = str(error["loc"][0]) if error["loc"] else "?"
-    ctx, kind = error.get("ctx") or {}, error["type"]
-    bounds = {"greater_than": f"> {ctx.get('gt')}", "greater_than_equal": f">= {ctx.get('ge')}",
-              "less_than": f"< {ctx.get('lt')}", "less_than_equal": f"<= {ctx.get('le')}"}
-    if kind in bounds:
-        want = bounds[kind]
-    elif kind == "literal_error":
-        want = f"one of {ctx.get('expected', '').replace(chr(39), '')}"
-    elif kind == "finite_number":
-        want = "a finite number"
-    elif kind == "extra_forbidden":
-        close = [k for k in FIELDS if k.startswith(name[:3])]
-        return f"unknown config key '{name}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
-    else:
-        kind_name = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-        annotation = str(FIELDS[name].annotation) if name in FIELDS else ""
-        want = "a list of epochs, e.g. [30, 45]" if "tuple" in annotation else \
-            next((v for k, v in kind_name.items() if k in annotation), "valid")
-        if "None" in annotation or "Optional" in annotation:
-            want += " or null"
-    return f"config key '{name}' must be {want}, got {error.get('input')!r}"
-
-
 def _validated(values: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(values)
     except ValidationError as e:
-        raise UserError(_problem(e.errors()[0])) from None
+        raise UserError(one_line(e, "config")) from None
 
 
 def coerce(name: str, value: Any) -> Any:
     """`value` as the type of key `name` (its type and range only), or a UserError naming the key."""
     if name not in FIELDS:
-        raise UserError(_problem({"loc": (name,), "type": "extra_forbidden"}))
-    info = FIELDS[name]
-    kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-    adapter = TypeAdapter(kind, config=Config.model_config)
+        _validated({name: value})  # the one-line "unknown config key" error
     try:
-        return adapter.validate_python(value)
+        return TypeAdapter(FIELDS[name].rebuild_annotation(), config=Config.model_config).validate_python(value)
     except ValidationError as e:
-        raise UserError(_problem({**e.errors()[0], "loc": (name,)})) from None
+        raise UserError(one_line(e, f"config key '{name}'")) from None
 
 
 def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
     """Build a Config from `base` (default: authors' defaults) and overrides."""
     if not isinstance(values, dict):
         raise UserError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
-    for name in values:
-        if name not in FIELDS:
-            coerce(name, None)  # the one-line "unknown config key" error
-    return _validated({**(base or Config()).given(), **values})
+    return _validated({**base.given(), **values} if base else values)
+
+
+class TrialKindNote(BaseModel):
+    """Trials of another kind than the method's, as the driver that ran them notes them in
+    experiment.yaml (`name`, and whatever else it says of them): they trained no REFILLED."""
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+
+class ExperimentFile(BaseModel):
+    """An experiment file's sections: search_spaces/*.yaml, or experiment.yaml as `search`
+    writes it (refilled.store.experiment_file), with the notes a search adds."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    config: Config
+    search: Optional[dict[str, Any]] = None  # refilled.schema.search.parse_search reads it, with the config
+    name: Any = None
+    description: Any = None
+    retrain: Any = None
+    stage1_choice: Optional[dict[str, Any]] = None  # a staged search's phase-1 choice
+    stage1_only: bool = False  # in phase 1's own experiment.yaml
+    trial_kind: Optional[TrialKindNote] = None  # absent: the trials trained REFILLED
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: dict[str, Any]) -> dict[str, Any]:
+        for name, what in (("config", "keys to values"), ("search", "settings")):
+            if data.get(name) is not None and not isinstance(data[name], dict):
+                raise ValueError(f"the {name}: section must be a mapping of {what}, got {type(data[name]).__name__}")
+        unknown = sorted(str(k) for k in set(data) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"unknown section '{unknown[0]}': expected {', '.join(sorted(cls.model_fields))}")
+        return {**data, "config": data.get("config") or {}}
 
 
 class _UniqueKeys(yaml.SafeLoader):
@@ -330,37 +349,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_experiment(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """Read an experiment file: its `config:` section and its other sections.
+    """Read an experiment file (ExperimentFile): its config and the whole file as read.
 
     A file without sections (only config keys) is read as a plain config.
     """
     data = read_yaml(path)
-    sections = {"config", "search", "retrain", "name", "description",
-                "stage1_choice", "stage1_only",  # written by a staged search into its experiment.yaml
-                "simulated"}  # written by a simulated search (simulated_trials)
     if not data:
         raise UserError(f"config file {path} is empty: give it a config: section (e.g. copy "
                         "search_spaces/digits.yaml), or `config: {data_name: CIFAR-100}` for the authors' defaults")
-    if "config" not in data and set(data) <= sections:
+    if "config" not in data and set(data) <= set(ExperimentFile.model_fields):
         raise UserError(f"{path} has no config: section (it has {', '.join(sorted(data))}): add one with at least "
                         "data_name, e.g. as search_spaces/digits.yaml")
-    if "config" in data and not isinstance(data["config"], (dict, type(None))):
-        raise UserError(f"{path}: the config: section must be a mapping of keys to values, "
-                        f"got {type(data['config']).__name__}")
-    if "search" in data and not isinstance(data["search"], (dict, type(None))):
-        raise UserError(f"{path}: the search: section must be a mapping of settings, got {type(data['search']).__name__}")
-    if "config" in data or set(data) <= sections:
-        unknown = set(data) - sections
-        if unknown:
-            raise UserError(f"unknown section '{sorted(unknown)[0]}' in {path}: expected {', '.join(sorted(sections))}")
-        try:
-            return from_dict(data.get("config") or {}), data
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
     try:
-        return from_dict(data), {}
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+        if "config" in data:
+            return ExperimentFile.model_validate(data).config, data
+        return Config.model_validate(data), {}
+    except ValidationError as e:
+        raise UserError(f"{path}: {one_line(e, '' if 'config' in data else 'config')}") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -34,16 +34,18 @@ from the chosen embedding (ASHA's clock then counts stage-2 epochs).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 from pydantic_core import PydanticCustomError
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, StrictStr, Tag,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
+from refilled.schema._messages import must, one_line
 from refilled.schema.rungs import counted_epochs, rung_epochs
-from refilled.schema.config import FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict
+from refilled.schema.config import (FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict,
+                                    increasing)
 from refilled.errors import UserError
 
-DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 DEFAULT_SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "tau2": {"loguniform": [0.5, 8.0]},
                  "lambd": {"loguniform": [0.1, 100.0]}, "lr1": {"loguniform": [0.005, 0.2]},
                  "lr2": {"loguniform": [0.005, 0.2]}}
@@ -51,43 +53,112 @@ DEFAULT_SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "tau2": {"loguniform": [0.
 
 def _number(value: Any) -> Any:  # `num_samples: "8"` or `true` is a mistake, not a number
     if isinstance(value, (bool, str)):
-        raise ValueError("must be a number")
+        raise ValueError("not a number")
     return value
 
 
-Count = Annotated[int, BeforeValidator(_number)]
-Number = Annotated[float, BeforeValidator(_number)]
+Count = Annotated[int, BeforeValidator(_number), must("a whole number")]
+Number = Annotated[float, BeforeValidator(_number), must("a number")]
 
 
-def _said(after: str, text: str) -> PydanticCustomError:
-    """A check of this module's own, said after where it is: `search.asha` + after + text."""
-    return PydanticCustomError("search_setting", "{text}", {"after": after, "text": text})
+class _Dist(BaseModel):
+    """One key's distribution, written with its kind as its one key: {loguniform: [0.5, 16]}."""
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @property
+    def kind(self) -> str:
+        return next(iter(type(self).model_fields))
+
+    @property
+    def args(self) -> list:
+        return getattr(self, self.kind)
+
+
+class _Range(_Dist):
+    """[low, high] (randint, lograndint: [low, high), high excluded, as Ray's tune.randint)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Range":
+        low, high = self.args
+        if not low < high:
+            raise ValueError(f": low must be below high, got {self.args}")
+        if self.kind.startswith("log") and low <= 0:
+            raise ValueError(f": bounds must be > 0 on a log scale, got {self.args}")
+        return self
+
+
+Floats = Annotated[list[Annotated[Union[int, float], BeforeValidator(_number)]], Field(min_length=2, max_length=2),
+                   must("two numbers [low, high]", keep=())]
+Ints = Annotated[list[Count], Field(min_length=2, max_length=2), must("two whole numbers [low, high)", keep=())]
+
+
+class LogUniform(_Range):
+    loguniform: Floats
+
+
+class Uniform(_Range):
+    uniform: Floats
+
+
+class RandInt(_Range):
+    randint: Ints
+
+
+class LogRandInt(_Range):
+    lograndint: Ints
+
+
+class Choice(_Dist):
+    choice: Annotated[list[Any], Field(min_length=1), must("a list of at least one value, e.g. [false, true]", keep=())]
+
+
+KINDS = {next(iter(kind.model_fields)): kind for kind in (LogUniform, Uniform, RandInt, LogRandInt, Choice)}
+
+
+def _one_kind(value: Any) -> Any:
+    if isinstance(value, _Dist):
+        return value
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError(f"must be one of {{{', '.join(KINDS)}: ...}}, e.g. {{loguniform: [0.5, 16]}}")
+    if next(iter(value)) not in KINDS:
+        raise ValueError(f": unknown distribution '{next(iter(value))}'; use one of {', '.join(KINDS)}")
+    return value
+
+
+# a key's distribution: the model of its kind, chosen by its one key
+Distribution = Annotated[Union[tuple(Annotated[kind, Tag(name)] for name, kind in KINDS.items())],
+                         Discriminator(lambda v: v.kind if isinstance(v, _Dist) else next(iter(v))),
+                         BeforeValidator(_one_kind)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, values: Any) -> Any:
+        unknown = [k for k in values if k not in cls.model_fields] if isinstance(values, dict) else []
+        if unknown:
+            raise PydanticCustomError("unknown_setting", "unknown setting '{name}'", {
+                "name": unknown[0], "takes": ", ".join(k for k in cls.model_fields if k != "fixed")})
+        return values
 
 
 class Asha(_Section):
     """ASHA's rungs: geometric from grace_period, or placed (`rungs`, refilled.schema.rungs)."""
     grace_period: Count = Field(10, ge=1)
     reduction_factor: Number = Field(3, gt=1)
-    rungs: Optional[list[Count]] = None
+    rungs: Optional[Annotated[list[Annotated[Count, Field(ge=1)]], Field(min_length=1), AfterValidator(increasing),
+                              must("a list of increasing epochs >= 1, e.g. [30, 60]", keep=())]] = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _first_rung_is_the_grace_period(cls, values: Any) -> Any:
-        if not isinstance(values, dict) or values.get("rungs") is None:
-            return values
-        rungs = values["rungs"]
-        if (not isinstance(rungs, list) or not rungs
-                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rungs)
-                or any(b <= a for a, b in zip(rungs, rungs[1:]))):
-            raise _said(".rungs", f"must be a list of increasing epochs >= 1, e.g. [30, 60], got {rungs!r}")
-        if values.get("grace_period") not in (None, rungs[0]):
-            raise _said(":", f"grace_period {values['grace_period']} and rungs {rungs} disagree (the first rung is "
-                            "the grace period): give one of them")
-        return {**values, "grace_period": rungs[0]}
+    @model_validator(mode="after")
+    def _first_rung_is_the_grace_period(self) -> "Asha":
+        if self.rungs:
+            if "grace_period" in self.model_fields_set and self.grace_period != self.rungs[0]:
+                raise ValueError(f": grace_period {self.grace_period} and rungs {self.rungs} disagree (the first "
+                                 "rung is the grace period): give one of them")
+            self.grace_period = self.rungs[0]
+        return self
 
 
 class Resources(_Section):
@@ -97,7 +168,7 @@ class Resources(_Section):
     @model_validator(mode="after")
     def _whole_gpus_above_one(self) -> "Resources":
         if self.gpu > 1 and not float(self.gpu).is_integer():
-            raise _said(".gpu", f"may be a fraction only below 1 (0.25 packs four trials on a GPU), got {self.gpu}")
+            raise ValueError(f".gpu may be a fraction only below 1 (0.25 packs four trials on a GPU), got {self.gpu}")
         return self
 
 
@@ -114,9 +185,10 @@ class Staged(_Section):
 
 class SearchSettings(_Section):
     """The `search:` section as it is written (refilled.schema.search: the example above)."""
-    space: dict[str, dict[str, list]] = Field(default_factory=lambda: dict(DEFAULT_SPACE))
+    space: dict[str, Distribution] = Field(default_factory=lambda: dict(DEFAULT_SPACE), validate_default=True)
     num_samples: Count = Field(16, ge=1)
-    start_with: Optional[str] = "authors"  # "authors", "config", "none", or an earlier experiment
+    start_with: Annotated[Optional[StrictStr], must("authors, config, none or an experiment's folder or URI")
+                          ] = "authors"  # "authors", "config", "none", or an earlier experiment
     asha: Asha = Field(default_factory=Asha)
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: Count = Field(0, ge=0)  # 0: as many as resources allow
@@ -126,11 +198,12 @@ class SearchSettings(_Section):
     # Ray starts the next trial in the ended trial's worker process: no Python, torch and
     # data start-up per trial (half the wall time of a small CPU search). Trials seed
     # everything themselves, so results do not change.
-    reuse_actors: StrictBool = True
+    reuse_actors: Annotated[StrictBool, must("true or false")] = True
     seed: Count = 0
     staged: Optional[Staged] = None
     select: Select = Field(default_factory=Select)
-    budget_hours: Optional[Number] = Field(None, gt=0)  # device hours after which no new trial starts
+    budget_hours: Annotated[Optional[Number], Field(gt=0), must("a number of device hours > 0", keep=())
+                            ] = None  # device hours after which no new trial starts
     fixed: dict[str, Any] = Field(default_factory=dict, exclude=True)  # phase 2: phase 1's choice, in every trial
 
     @model_validator(mode="before")
@@ -145,6 +218,51 @@ class SearchSettings(_Section):
             if "start_with" in values and values["start_with"] is None:
                 values["start_with"] = "none"
         return values
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _searchable(cls, space: Any) -> Any:
+        if not isinstance(space, dict) or not space:
+            raise ValueError("must be a mapping of config keys to distributions")
+        for key in space:
+            if key not in FIELDS:
+                raise ValueError(f".{key}: unknown config key '{key}' (searchable keys are the config keys, "
+                                 "e.g. tau1, lambd, lr1)")
+            if key in NOT_SEARCHABLE:
+                raise ValueError(f".{key}: '{key}' cannot be searched; set it in the config section")
+        return space
+
+    @field_validator("space")
+    @classmethod
+    def _of_their_keys(cls, space: dict[str, _Dist], info: ValidationInfo) -> dict[str, _Dist]:
+        """Each value (choice) or bound as its key's type, and each a valid config with the
+        others of `base` (the validation context's; without one, unchecked)."""
+        base = (info.context or {}).get("base")
+        for key, dist in space.items() if base else ():
+            values = []
+            for value in dist.args:
+                try:
+                    values.append(coerce(key, value))
+                    from_dict({key: values[-1]}, base)
+                except UserError as e:
+                    raise ValueError(f".{key}: value {value!r} is not allowed ({e})") from None
+            space[key] = type(dist).model_validate({dist.kind: values})  # an int range stays whole
+        return space
+
+    @model_validator(mode="after")
+    def _phases(self) -> "SearchSettings":
+        if self.staged is None:
+            return self
+        first, second = self.phase_spaces()
+        both = sorted(set(self.space) & (set(STAGE1_KEYS) - set(STAGE1_ONLY)))
+        if both:
+            raise ValueError(f".staged: {', '.join(both)} act on both stages, so phase 1 cannot choose them "
+                             "alone: fix them in the config section or drop staged")
+        if not first or not second:
+            raise ValueError(f".staged needs keys of both phases in search.space: stage-1 keys "
+                             f"({', '.join(STAGE1_ONLY)}) and stage-2 keys (e.g. tau2, lambd, lr2); got "
+                             f"{', '.join(self.space)}")
+        return self
 
     def phase_spaces(self) -> tuple[dict, dict]:
         """(stage-1-only keys, the others) of the space: phase 1 and phase 2 of a staged search."""
@@ -170,7 +288,7 @@ class SearchSettings(_Section):
         return rung_epochs(self.asha.grace_period, self.asha.reduction_factor, max_t, self.asha.rungs)
 
     def is_log(self, key: str) -> bool:
-        return next(iter(self.space[key])) in ("loguniform", "lograndint")
+        return self.space[key].kind in ("loguniform", "lograndint")
 
     def fixed_points(self, cfg: Config) -> list[dict[str, Any]]:
         """The configuration queued as the first trial when `start_with` is authors or
@@ -183,31 +301,30 @@ class SearchSettings(_Section):
         for key, value in point.items():
             if not self.inside(key, value):
                 raise UserError(f"search.start_with '{self.start_with}' puts {key}={value} outside its space "
-                                f"{self.space[key]}: widen the space or use start_with: none")
+                                f"{dict(self.space[key])}: widen the space or use start_with: none")
         return [point]
 
     def inside(self, key: str, value: Any) -> bool:
         """Whether `value` lies in the space of `key`."""
-        (kind, args), = self.space[key].items()
-        if kind == "choice":
-            return value in args
-        if kind.endswith("randint"):  # [low, high): high excluded, as Ray's tune.randint
-            return args[0] <= value < args[1]
-        return args[0] <= value <= args[1]
+        dist = self.space[key]
+        if dist.kind == "choice":
+            return value in dist.args
+        low, high = dist.args  # randint, lograndint: [low, high), high excluded, as Ray's tune.randint
+        return low <= value < high if dist.kind.endswith("randint") else low <= value <= high
 
     def to_section(self) -> dict[str, Any]:
         """The `search:` section these settings read back from (experiment.yaml)."""
         return self.model_dump(exclude_none=True)
 
 
-def distributions(space: dict[str, dict[str, list]]) -> dict:
-    """The search space as Optuna's distributions (the searcher asks with them; the
-    analysis rebuilds trials with them)."""
+def distributions(space: dict[str, Any]) -> dict:
+    """The search space (SearchSettings.space, or as experiment.yaml holds it) as Optuna's
+    distributions (the searcher asks with them; the analysis rebuilds trials with them)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     out = {}
     for key, dist in space.items():
-        (kind, args), = dist.items()
+        (kind, args), = dict(dist).items()
         if kind == "choice":
             out[key] = CategoricalDistribution(list(args))
         elif kind in ("uniform", "loguniform"):
@@ -217,103 +334,14 @@ def distributions(space: dict[str, dict[str, list]]) -> dict:
     return out
 
 
-def _as_key(where: str, key: str, value: Any) -> Any:
-    try:
-        return coerce(key, value)
-    except UserError as e:
-        raise UserError(f"{where}: value {value!r} is not allowed ({e})") from None
-
-
-def _check_distribution(key: str, dist: Any, base: Config) -> dict[str, list]:
-    where = f"search.space.{key}"
-    if key not in FIELDS:
-        raise UserError(f"{where}: unknown config key '{key}' (searchable keys are the config keys, e.g. tau1, lambd, lr1)")
-    if key in NOT_SEARCHABLE:
-        raise UserError(f"{where}: '{key}' cannot be searched; set it in the config section")
-    if not isinstance(dist, dict) or len(dist) != 1:
-        raise UserError(f"{where} must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}, e.g. {{loguniform: [0.5, 16]}}")
-    (kind, args), = dist.items()
-    if kind not in DISTRIBUTIONS:
-        raise UserError(f"{where}: unknown distribution '{kind}'; use one of {', '.join(DISTRIBUTIONS)}")
-    if not isinstance(args, list):
-        raise UserError(f"{where}.{kind} needs a list, e.g. [0.5, 16], got {args!r}")
-    if not args:
-        raise UserError(f"{where}.{kind} is empty: give at least one value ({kind}: [a, b])")
-    if kind == "choice":
-        values = [_as_key(where, key, v) for v in args]
-    else:
-        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
-            raise UserError(f"{where}.{kind} needs two numbers [low, high], got {args}")
-        low, high = args
-        if not low < high:
-            raise UserError(f"{where}.{kind}: low must be below high, got [{low}, {high}]")
-        if kind.startswith("log") and low <= 0:
-            raise UserError(f"{where}.{kind}: bounds must be > 0 on a log scale, got [{low}, {high}]")
-        if kind.endswith("randint") and not all(float(a).is_integer() for a in args):
-            raise UserError(f"{where}.{kind}: bounds must be integers, got [{low}, {high}]")
-        values = [_as_key(where, key, low), _as_key(where, key, high)]
-        if kind.endswith("randint"):
-            values = [int(low), int(high)]
-    for v in values:  # every end of the range must make a valid config
-        try:
-            from_dict({key: v}, base)
-        except UserError as e:
-            raise UserError(f"{where}: value {v} is not allowed ({e})") from None
-    return {kind: values}
-
-
-def _problem(error: dict[str, Any]) -> str:
-    """A pydantic error as one line: where in the `search:` section, what it must be, what was given."""
-    where = ".".join(["search", *(str(part) for part in error["loc"])])
-    ctx, kind = error.get("ctx") or {}, error["type"]
-    bounds = {"greater_than": f"> {ctx.get('gt')}", "greater_than_equal": f">= {ctx.get('ge')}",
-              "less_than": f"< {ctx.get('lt')}"}
-    if kind == "search_setting":
-        return f"{where}{ctx['after']} {ctx['text']}" if ctx["after"] != ":" else f"{where}: {ctx['text']}"
-    if kind == "extra_forbidden":
-        parent, name = where.rsplit(".", 1)
-        model = {"search": SearchSettings, "search.asha": Asha, "search.staged": Staged, "search.staged.asha": Asha,
-                 "search.resources": Resources, "search.select": Select}.get(parent)
-        takes = f" ({parent} takes {', '.join(k for k in model.model_fields if k != 'fixed')})" if model else ""
-        return f"{parent}: unknown setting '{name}'{takes}"
-    if kind in bounds:
-        return f"{where} must be {bounds[kind]}, got {error.get('input')!r}"
-    if kind == "bool_type":
-        return f"{where} must be true or false, got {error.get('input')!r}"
-    if kind in ("model_type", "dict_type"):
-        return f"{where} must be a mapping of settings, got {error.get('input')!r}"
-    if kind == "string_type":
-        return f"{where} must be a string, got {error.get('input')!r}"
-    if kind in ("int_from_float", "int_parsing", "int_type"):
-        return f"{where} must be a whole number, got {error.get('input')!r}"
-    return f"{where} must be a number, got {error.get('input')!r}"
-
-
 def parse_search(section: dict[str, Any] | None, base: Config) -> SearchSettings:
-    """Validate the `search:` section; every problem is a one-line UserError."""
-    if section is not None and not isinstance(section, dict):
-        raise UserError(f"the search: section must be a mapping of settings (num_samples: 12, ...), "
-                        f"got {type(section).__name__}")
-    section = dict(section or {})
-    if "space" in section:
-        space = section["space"]
-        if not isinstance(space, dict) or not space:
-            raise UserError("search.space must be a mapping of config keys to distributions")
-    section["space"] = {k: _check_distribution(k, v, base) for k, v in section.get("space", DEFAULT_SPACE).items()}
-    if section.get("start_with") is not None and not isinstance(section["start_with"], str):
-        raise UserError(f"search.start_with must be authors, config, none or an experiment's folder "
-                        f"or URI, got {section['start_with']!r}")
-    budget = section.get("budget_hours")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
-        raise UserError(f"search.budget_hours must be a number of device hours > 0, got {budget!r}")
+    """Validate the `search:` section with its config; every problem is a one-line UserError."""
     try:
-        s = SearchSettings.model_validate(section)
+        settings = SearchSettings.model_validate({} if section is None else section, context={"base": base})
     except ValidationError as e:
-        raise UserError(_problem(e.errors()[0])) from None
-    if s.staged is not None:
-        _check_staged(s)
-    s.fixed_points(base)  # an earlier experiment (start_with: PATH) is read when the search starts
-    return s
+        raise UserError(one_line(e, "search")) from None
+    settings.fixed_points(base)  # an earlier experiment (start_with: PATH) is read when the search starts
+    return settings
 
 
 def check_rungs_within(s: SearchSettings, cfg: Config) -> None:
@@ -334,15 +362,3 @@ def check_rungs_within(s: SearchSettings, cfg: Config) -> None:
             raise UserError(f"{where}: rung {beyond[0]} is beyond the {end} {unit} its trials run, so ASHA could "
                             f"never stop a trial there: use rungs below {end} (grace_period {end}: every trial "
                             "runs to the end)")
-
-
-def _check_staged(s: SearchSettings) -> None:
-    first, second = s.phase_spaces()
-    both = sorted(set(s.space) & (set(STAGE1_KEYS) - set(STAGE1_ONLY)))
-    if both:
-        raise UserError(f"search.staged: {', '.join(both)} act on both stages, so phase 1 cannot choose them "
-                        "alone: fix them in the config section or drop staged")
-    if not first or not second:
-        raise UserError(f"search.staged needs keys of both phases in search.space: stage-1 keys "
-                        f"({', '.join(STAGE1_ONLY)}) and stage-2 keys (e.g. tau2, lambd, lr2); got "
-                        f"{', '.join(s.space)}")

@@ -2,9 +2,10 @@
 
 It holds the resolved config (`config:`), the search settings (`search:`), and
 what a search adds as it goes: a staged search's phase-1 choice
-(`stage1_choice`), and `stage1_only: true` in phase 1's own experiment.yaml.
-`search` writes it, `--resume`, `retrain` and the analysis scripts read it.
-No Ray here: the readers need none.
+(`stage1_choice`), `stage1_only: true` in phase 1's own experiment.yaml, and
+`trial_kind` where its trials were not REFILLED's: its sections are
+refilled.schema.config.ExperimentFile's. `search` writes it, `--resume`, `retrain`
+and the analysis scripts read it. No Ray here: the readers need none.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 
 from refilled.store import storage
-from refilled.schema.config import Config, load_experiment
+from refilled.schema.config import Config, ExperimentFile, load_experiment
 from refilled.errors import UserError
 from refilled.store.layout import EXPERIMENT_FILE
 
@@ -74,4 +75,5 @@ def check(place: storage.Place, hint: str = SEARCH_HINT) -> None:
 def write(place: storage.Place, cfg: Config, search: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     """Write (or replace, atomically) the experiment file of `place` (kept at its URI too)."""
     data = {"config": cfg.to_dict(), "search": search, **(extra or {})}
+    ExperimentFile.model_validate(data)  # what `read` would refuse is not written
     return place.write(EXPERIMENT_FILE, f"{HEADER}\n{yaml.safe_dump(data, sort_keys=False)}{END}\n")

@@ -26,7 +26,7 @@ from refilled.runs.final_retrain import (plan, results_of_runs, retrain_local, r
 from refilled.schema.search import parse_search
 from refilled.store import experiment_file
 from refilled.store.lease import note_if_running
-from refilled.store.layout import RETRAIN_DIR, RETRAIN_RESULTS, TEACHER_FILE
+from refilled.store.layout import EXPERIMENT_FILE, RETRAIN_DIR, RETRAIN_RESULTS, TEACHER_FILE
 
 
 def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -> tuple[Config, dict[str, Any]]:
@@ -88,9 +88,10 @@ def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
     place = storage.Place.mirrored(request.experiment)
     folder = place.folder
     _, data = experiment_config(folder, place.location)  # refuses what is not an experiment
-    if data.get("simulated"):
-        raise UserError(f"{place.location} is a simulated search (benchmarks/search_scale.py): its trials trained "
-                        "nothing, so there is nothing to retrain; run a real search")
+    if data.get("trial_kind"):  # a driver's trials of another kind (benchmarks/simulated_trials.py)
+        raise UserError(f"{place.location} holds {data['trial_kind'].get('name')} trials (trial_kind in its "
+                        f"{EXPERIMENT_FILE}): they did not train REFILLED, so there is nothing to retrain; "
+                        "run a real search")
     teacher = folder / TEACHER_FILE
     if not teacher.is_file():
         raise UserError(f"the experiment's teacher {place.location}/teacher.pt is missing: "

@@ -32,7 +32,7 @@ from ray.tune.search import Searcher
 from refilled.store import storage, trial_records
 from refilled.store import study as study_store
 from refilled.schema.rungs import CLOCK
-from refilled.schema.search import distributions
+from refilled.schema.search import Distribution, distributions
 
 from refilled.tune.trial_inputs import METRIC
 
@@ -64,7 +64,7 @@ class StudyPlan:
     and, for a staged search's phase 1, its part `sub`), the sampler's seed, the points
     queued first, and the device hours after which no trial starts."""
 
-    space: dict[str, dict[str, list]]
+    space: dict[str, Distribution]
     study_name: str
     experiment: str
     sub: str = ""

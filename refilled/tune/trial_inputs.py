@@ -197,7 +197,8 @@ class TrialKind(Protocol):
     """What the driver runs as trials: REFILLED (METHOD), or another kind (the benchmarks'
     simulated trials that measure the driver at scale, benchmarks/simulated_trials.py)."""
 
-    def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind ({} for the method)
+    def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind: {} for the method,
+    # else {"trial_kind": {"name": ..., ...}} (refilled.schema.config.ExperimentFile)
 
     def prepare_teacher(self, cfg: Config, place: Place, teacher: str | None) -> Path | None: ...
 
