@@ -13,8 +13,8 @@ Bad input ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import shutil
 import os
+import shutil
 import sys
 from pathlib import Path
 

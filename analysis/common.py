@@ -23,12 +23,11 @@ from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
-from refilled.schema.config import Config
-from refilled.schema.search import SearchSettings, parse_search
-from refilled.store.integrity import study
 from refilled.errors import UserError
-from refilled.store.experiments import (RANKING, choosable, experiment_config, load_trials, read_results, read_retrain,
-                                        say_once)
+from refilled.schema.config import Config
+from refilled.schema.search import Distribution, SearchSettings, parse_search
+from refilled.store.experiments import RANKING, choosable, experiment_config, load_trials, read_results, read_retrain, say_once
+from refilled.store.integrity import study
 from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH
 from refilled.store.lease import note_if_running
 from refilled.store.storage import Place
@@ -54,8 +53,8 @@ class Experiment:
         return self.folder.name
 
     @property
-    def space(self) -> dict[str, dict[str, list]]:
-        """What the experiment's trials searched: {key: {distribution: arguments}}."""
+    def space(self) -> dict[str, Distribution]:
+        """What the experiment's trials searched: each key's distribution (refilled.schema.search)."""
         return self.settings.space
 
     @property
@@ -86,7 +85,7 @@ class Experiment:
 
     def kind(self, param: str) -> str:
         """The distribution a searched parameter was drawn from (loguniform, choice, ...)."""
-        return next(iter(self.space[param]))
+        return self.space[param].kind
 
     def asha_rungs(self) -> list[int]:
         """The steps at which ASHA stopped trials of this experiment, as their records

@@ -20,11 +20,21 @@ import statistics
 import sys
 from pathlib import Path
 
-
 import pandas as pd
 
-from analysis.common import (METRIC, Experiment, all_trials, as_experiments, best, experiments_parser,
-                             markdown_table, open_experiments, output_folder, retrain_results, run_cli)
+from analysis.common import (
+    METRIC,
+    Experiment,
+    all_trials,
+    as_experiments,
+    best,
+    experiments_parser,
+    markdown_table,
+    open_experiments,
+    output_folder,
+    retrain_results,
+    run_cli,
+)
 from refilled.errors import UserError
 from refilled.store.experiments import STATUSES, in_rank_order
 from refilled.store.layout import TRIALS_FILE

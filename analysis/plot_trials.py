@@ -33,7 +33,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -43,8 +42,20 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.common import (METRIC, Experiment, all_trials, as_experiments, best, curves, experiments_parser,
-                             open_experiments, output_folder, run_cli, save_figure, trials)
+from analysis.common import (
+    METRIC,
+    Experiment,
+    all_trials,
+    as_experiments,
+    best,
+    curves,
+    experiments_parser,
+    open_experiments,
+    output_folder,
+    run_cli,
+    save_figure,
+    trials,
+)
 from refilled.errors import UserError
 from refilled.store.experiments import plain_value, read_results
 
@@ -242,7 +253,7 @@ def _axis(param: str, owners: list[Experiment], values: pd.Series) -> ParamAxis:
     categorical = any(e.kind(param) == "choice" for e in owners)
     limits = None
     if not categorical:
-        bounds = [next(iter(e.space[param].values())) for e in owners]
+        bounds = [e.space[param].args for e in owners]
         low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
         pad = (high / low) ** 0.04 if log else 0.04 * (high - low)
         limits = (low / pad, high * pad) if log else (low - pad, high + pad)

@@ -24,11 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 import pandas as pd
 
-from analysis.common import (experiments_parser, markdown_table, note_left_out, open_experiments, output_folder,
-                             run_cli)
+from analysis.common import experiments_parser, markdown_table, note_left_out, open_experiments, output_folder, run_cli
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables
 from analysis.plot_trials import PLOTS
 from analysis.selection_cost import plot_cost, plot_selection

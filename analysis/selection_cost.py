@@ -20,15 +20,24 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.common import (METRIC, Experiment, as_experiments, experiments_parser, open_experiments, output_folder,
-                             retrain_results, run_cli, save_figure, trials)
+from analysis.common import (
+    METRIC,
+    Experiment,
+    as_experiments,
+    experiments_parser,
+    open_experiments,
+    output_folder,
+    retrain_results,
+    run_cli,
+    save_figure,
+    trials,
+)
 from refilled.store import cost
 from refilled.store.experiments import read_selection
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 def cpu_name() -> str:

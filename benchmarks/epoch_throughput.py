@@ -38,23 +38,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import OtherLoad, Sections, check_idle, machine, sync, wait_until_idle
-
 import numpy as np
 import torch
+from _common import OtherLoad, Sections, check_idle, machine, sync, wait_until_idle
+from _reference import cifar_loader, reference_epoch
 
-from refilled.method.bank import TeacherBank, teacher_embeddings
-from refilled.schema.config import Config
 from refilled.data import augment
 from refilled.data.device import to_device
 from refilled.data.sources import CIFAR100_MEAN, CIFAR100_STD, ImageSet
 from refilled.data.splits import Task
-from refilled.method.stages import LocalClassifierDistillation, RelationMatching
+from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.method.networks import build_network
-from refilled.runtime import autocast, keep_freed_memory, prepare_model, resolve_device
+from refilled.method.stages import LocalClassifierDistillation, RelationMatching
 from refilled.method.train import STAGE1, STAGE2, global_centers, train_epochs
-
-from _reference import cifar_loader, reference_epoch
+from refilled.runtime import autocast, keep_freed_memory, prepare_model, resolve_device
+from refilled.schema.config import Config
 
 VARIANTS = ("stage1", "stage1_tuple", "stage2")
 PATHS = ("reference", "ours-nobank", "ours")

@@ -16,16 +16,16 @@ import argparse
 
 import numpy as np
 import torch
-
 from _common import machine, median_time
-from refilled.method import evaluate
-from refilled.schema.config import Config, load_experiment
+
 from refilled.data.augment import for_data
 from refilled.data.device import DeviceTask
 from refilled.data.sources import ImageSet
 from refilled.data.splits import Task
-from refilled.runs.inputs import student_data
+from refilled.method import evaluate
 from refilled.method.train import build_student
+from refilled.runs.inputs import student_data
+from refilled.schema.config import Config, load_experiment
 
 
 def cifar_shaped(device: torch.device, n_train: int = 50_000, n_eval: int = 5_000) -> DeviceTask:

@@ -28,11 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from refilled.schema.config import from_dict, load_experiment, parse_overrides
 from refilled.errors import UserError
+from refilled.schema.config import from_dict, load_experiment, parse_overrides
 from refilled.schema.rungs import counted_epochs
-from refilled.store.rung_fidelity import correlations, experiment_curves
 from refilled.schema.search import parse_search
+from refilled.store.rung_fidelity import correlations, experiment_curves
 
 
 def fidelity(curves: dict[str, dict[int, float]], end: int, epochs: list[int]) -> list[dict]:

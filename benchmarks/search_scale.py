@@ -326,8 +326,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the experiment (default: delete it at the end)")
     args = parser.parse_args()
 
-    from refilled.schema.config import load_experiment
     from simulated_trials import SimulatedTrials
+
+    from refilled.schema.config import load_experiment
 
     out = Path(args.out or tempfile.mkdtemp(prefix="search_scale-")).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from refilled.store.cost import Clock, device_units
-from refilled.tune.trial_report import report
 from refilled.schema.rungs import CLOCK
-from refilled.tune.trial_inputs import Phase, TrialInputs, TrialPlan
 from refilled.schema.rungs import clock as rung_clock
+from refilled.store.cost import Clock, device_units
+from refilled.tune.trial_inputs import Phase, TrialInputs, TrialPlan
+from refilled.tune.trial_report import report
 
 STATE = "state.json"  # the simulated trial's checkpoint (a real one's is state.pt)
 

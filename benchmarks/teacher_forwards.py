@@ -27,15 +27,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import REPO, check_idle, machine
-
 import numpy as np
 import torch
+from _common import REPO, check_idle, machine
 
 from refilled.method.bank import TeacherBank
-from refilled.schema.config import load_experiment
-from refilled.runs.inputs import student_data, teacher_inputs
 from refilled.method.train import build_student, build_teacher, refilled_epochs
+from refilled.runs.inputs import student_data, teacher_inputs
+from refilled.schema.config import load_experiment
 
 
 def parse_args() -> argparse.Namespace:

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 
-from _common import OtherLoad, check_idle, machine, median_time, wait_until_idle
-
 import numpy as np
 import torch
+from _common import OtherLoad, check_idle, machine, median_time, wait_until_idle
+from _reference import merge_loop
 
 from refilled.method.losses import _group_triplets_loop, group_triplets
 from refilled.runtime import resolve_device
-
-from _reference import merge_loop
 
 
 def parse_args() -> argparse.Namespace:

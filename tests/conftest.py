@@ -46,8 +46,8 @@ def teacher_path(tmp_path_factory) -> Path:
 def search_teacher(tmp_path_factory) -> Path:
     """tests/search_tiny.yaml's teacher, pretrained once per session in this process: the
     searches that do not test pre-training take it with `--teacher`."""
-    from refilled.schema.config import load_experiment
     from refilled.runs.single_run import pretrain
+    from refilled.schema.config import load_experiment
 
     cfg, _ = load_experiment(Path(__file__).parent / "search_tiny.yaml")
     path = tmp_path_factory.mktemp("search_teacher") / "teacher.pt"

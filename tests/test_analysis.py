@@ -20,9 +20,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from support.processes import run_python, tiny_search as shared_tiny_search
 from refilled.errors import UserError
 from refilled.store import study as study_store
+from support.processes import run_python
+from support.processes import tiny_search as shared_tiny_search
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -62,8 +62,8 @@ def test_another_architecture_or_class_count_is_refused(cifar_yaml, tmp_path, ca
 def test_search_keeps_the_authors_teacher_in_our_format(cifar_yaml, tmp_path):
     """`search --teacher FILE` stores the file in the experiment as a teacher checkpoint
     of ours (architecture, source classes, where it came from), loaded like any other."""
-    from refilled.schema.config import load_experiment
     from refilled.runs.inputs import load_teacher, student_data
+    from refilled.schema.config import load_experiment
     from refilled.store.storage import Place
     from refilled.tune.trial_inputs import prepare_teacher
 

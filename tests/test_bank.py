@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from support.configs import make_tiny_config
-from refilled.runs import inputs as runs
-from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.data import augment
 from refilled.data.device import Batch
+from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.method.losses import class_centers
 from refilled.method.stages import LocalClassifierDistillation, RelationMatching
 from refilled.method.train import build_student, global_centers
+from refilled.runs import inputs as runs
+from support.configs import make_tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import pickle
-import warnings
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from support.configs import make_tiny_config
-from refilled.files import checkpoint
-from refilled.runs import inputs as runs
 from refilled.errors import UserError
+from refilled.files import checkpoint
 from refilled.method.networks import Network
+from refilled.runs import inputs as runs
+from support.configs import make_tiny_config
 
 
 def one_line(excinfo) -> str:

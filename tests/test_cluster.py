@@ -20,10 +20,26 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from support.searches import (REPO, RayRun, SEARCH_TIMEOUT, _is_zombie, _marked_pids, assert_one_line_error, cli,
-                              explain, finished, free_port, optuna_trial_for, params, record, results, study,
-                              tiny_experiment, trial_folders)
 
+from support.searches import (
+    REPO,
+    SEARCH_TIMEOUT,
+    RayRun,
+    _is_zombie,
+    _marked_pids,
+    assert_one_line_error,
+    cli,
+    explain,
+    finished,
+    free_port,
+    optuna_trial_for,
+    params,
+    record,
+    results,
+    study,
+    tiny_experiment,
+    trial_folders,
+)
 
 
 class Cluster:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refilled.schema.config import FIELDS, TEACHER_KEYS, Config, from_dict, load_experiment, parse_overrides, read_yaml
-from refilled.errors import UserError
 from refilled.data import sources
+from refilled.errors import UserError
+from refilled.schema.config import FIELDS, TEACHER_KEYS, Config, from_dict, load_experiment, parse_overrides, read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))

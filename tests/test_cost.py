@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from support.clocks import FakeClock
 
-from refilled.store.layout import DRIVER_FILE
-from refilled.store import cost
-from refilled.store.storage import Place
 from refilled.errors import UserError
+from refilled.store import cost
+from refilled.store.layout import DRIVER_FILE
+from refilled.store.storage import Place
+from support.clocks import FakeClock
 
 
 def _trial(folder: Path, trial_id: str, rows: list[dict]) -> None:
@@ -81,8 +81,8 @@ def test_clock_laps_and_device_units():
 
 
 def test_selection_table_orders_by_the_reevaluated_mean():
-    from refilled.tune.selection import selection_table
     from refilled.schema.search import SearchSettings
+    from refilled.tune.selection import selection_table
 
     top = pd.DataFrame({"trial_id": ["x", "y"], "config/tau1": [1.0, 2.0], "config/lr2": [0.1, 0.2],
                         "best_val_accuracy_stage2": [0.95, 0.90]})

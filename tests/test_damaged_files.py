@@ -19,14 +19,14 @@ import pytest
 import torch
 import yaml
 
-from support.configs import make_tiny_config
+from refilled.errors import UserError
 from refilled.files import checkpoint
-from refilled.store.storage import Place
 from refilled.store import experiment_file
 from refilled.store import study as study_store
-from refilled.errors import UserError
-from refilled.store.lease import lease_at
 from refilled.store.layout import LEASE_FILE
+from refilled.store.lease import lease_at
+from refilled.store.storage import Place
+from support.configs import make_tiny_config
 
 CHECKPOINT = "trial_abc/checkpoint_000001/state.pt"
 

@@ -13,10 +13,10 @@ import pytest
 
 from analysis.common import open_experiments
 from analysis.plot_trials import FANOVA_SEEDS, MIN_TRIALS, importances, plot_importance
-from support.configs import make_tiny_config
-from refilled.store.storage import Place
-from refilled.store import experiment_file, trial_records
 from refilled.errors import UserError
+from refilled.store import experiment_file, trial_records
+from refilled.store.storage import Place
+from support.configs import make_tiny_config
 
 SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"loguniform": [0.1, 100.0]}}
 E1, E2 = 2, 6  # stage-1 and stage-2 epochs: steps 1-2 are stage 1, 3-8 stage 2

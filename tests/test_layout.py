@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from refilled.store import layout
 from refilled.files.atomic import write_atomic
+from refilled.store import layout
 
 REPO = Path(__file__).resolve().parent.parent
 

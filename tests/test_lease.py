@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from refilled.errors import UserError
-from refilled.store.lease import BOOT, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, Held, lease_at, note_if_running, timeout_s
 from refilled.store.layout import LEASE_FILE, LOCK_FILE
+from refilled.store.lease import BOOT, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, Held, lease_at, note_if_running, timeout_s
 
 REPO = Path(__file__).resolve().parent.parent
 

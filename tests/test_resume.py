@@ -17,14 +17,30 @@ import time
 
 import pandas as pd
 import pytest
-from support.searches import (LEASE_ENV, RayRun, SEARCH_TIMEOUT, TOTAL_STEPS, assert_one_line_error,
-                              check_run_again_from_saved_state, check_staged, cli, explain, finished, kill_when,
-                              optuna_trial_for, params, results, saved_state, study, tiny_experiment, tree,
-                              trial_folders)
 
-from refilled.store.lease import DEFAULT_TIMEOUT_S
 from refilled.store.layout import LEASE_FILE, LOCK_FILE
-
+from refilled.store.lease import DEFAULT_TIMEOUT_S
+from support.searches import (
+    LEASE_ENV,
+    SEARCH_TIMEOUT,
+    TOTAL_STEPS,
+    RayRun,
+    assert_one_line_error,
+    check_run_again_from_saved_state,
+    check_staged,
+    cli,
+    explain,
+    finished,
+    kill_when,
+    optuna_trial_for,
+    params,
+    results,
+    saved_state,
+    study,
+    tiny_experiment,
+    tree,
+    trial_folders,
+)
 
 # ----------------------------------------------------------------------------- resume after a kill
 

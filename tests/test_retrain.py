@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from support.processes import run_python, tiny_search as shared_tiny_search
+from support.processes import run_python
+from support.processes import tiny_search as shared_tiny_search
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "analysis_tiny.yaml"
@@ -273,10 +274,11 @@ def test_refuses_an_experiment_whose_trials_were_of_another_kind(tmp_path, capsy
     import tune_refilled
     from refilled.schema.search import parse_search
     from refilled.store import experiment_file
+    from refilled.store.storage import Place
     from support.configs import make_tiny_config
 
     cfg = make_tiny_config()
-    experiment_file.write(tmp_path, cfg, parse_search({}, cfg).to_section(),
+    experiment_file.write(Place(tmp_path), cfg, parse_search({}, cfg).to_section(),
                           {"trial_kind": {"name": "simulated", "epoch_s": 0.5}})
     code = tune_refilled.main(["retrain", "--experiment", str(tmp_path), "--seeds", "1"])
     out, err = capsys.readouterr()

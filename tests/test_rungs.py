@@ -4,12 +4,11 @@ import math
 
 import pytest
 
-from support.configs import make_tiny_config
 from refilled.errors import UserError
-from support.configs import REPO
 from refilled.schema.rungs import clock, rung_epochs, schedule_warnings, scheduler_args
-from refilled.store.rung_fidelity import correlation_lines, correlations, spearman
 from refilled.schema.search import parse_search
+from refilled.store.rung_fidelity import correlation_lines, correlations, spearman
+from support.configs import REPO, make_tiny_config
 
 
 def _stopped_at(rungs, rf, max_t, curves):
@@ -87,8 +86,8 @@ def test_a_search_over_a_whole_training_set_is_warned_without_a_step_count(capsy
     """No `shots`: the training set's size is unknown before its data is read, so the
     steps before a rung are not judged (the CIFAR-100 files start, they did not: a TypeError)."""
     from refilled.schema.config import load_experiment
-    from refilled.tune.search import warn_about_rungs
     from refilled.schema.search import parse_search
+    from refilled.tune.search import warn_about_rungs
 
     cfg, data = load_experiment(REPO / "search_spaces" / "cifar100_crosstask.yaml")
     assert cfg.shots is None

@@ -11,9 +11,9 @@ import sys
 
 import pandas as pd
 import pytest
-from support.searches import REPO, RayRun, explain, results, trial_folders
 
 from refilled.store import study as study_store
+from support.searches import REPO, RayRun, explain, results, trial_folders
 
 TRIALS, AT_ONCE = 128, 32
 

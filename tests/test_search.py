@@ -28,10 +28,32 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import yaml
-from support.searches import (REPO, RayRun, SEARCHED, SEARCH_TIMEOUT, STAGED, TINY,
-                              TOTAL_STEPS, check_staged, cli, explain, finished, free_port, main_error,
-                              optuna_trial_for, params, record, results, same_params, study, tiny_experiment, tree,
-                              trial_folders, trial_number)
+
+from support.searches import (
+    REPO,
+    SEARCH_TIMEOUT,
+    SEARCHED,
+    STAGED,
+    TINY,
+    TOTAL_STEPS,
+    RayRun,
+    check_staged,
+    cli,
+    explain,
+    finished,
+    free_port,
+    main_error,
+    optuna_trial_for,
+    params,
+    record,
+    results,
+    same_params,
+    study,
+    tiny_experiment,
+    tree,
+    trial_folders,
+    trial_number,
+)
 
 # ----------------------------------------------------------------------------- the shared search
 

@@ -13,13 +13,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from refilled.store.storage import Place
-from refilled.store import cost
-from refilled.tune.searcher import StudyPlan, StudySearcher
-from refilled.store import study as study_store
-from refilled.store.layout import STUDY_FILE
 from refilled.schema.rungs import CLOCK, clock
 from refilled.schema.search import distributions
+from refilled.store import cost
+from refilled.store import study as study_store
+from refilled.store.layout import STUDY_FILE
+from refilled.store.storage import Place
+from refilled.tune.searcher import StudyPlan, StudySearcher
 
 SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"uniform": [0.0, 10.0]},
          "flag_merge": {"choice": [False, True]}, "depth": {"randint": [10, 12]}}

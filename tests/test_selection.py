@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from support.searches import (RayRun, cli, explain, kill_when, params, record, tiny_experiment, trial_folders)
 
+from support.searches import RayRun, cli, explain, kill_when, params, record, tiny_experiment, trial_folders
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

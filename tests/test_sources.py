@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refilled.schema.config import CLASS_COUNT
 from refilled.data import sources
 from refilled.data.sources import (
     ImageSet,
@@ -21,6 +20,7 @@ from refilled.data.sources import (
     load_source,
 )
 from refilled.errors import UserError
+from refilled.schema.config import CLASS_COUNT
 from support.cifar_files import make_cifar as _make_cifar
 from support.cifar_files import write_py2_pickle as _write_py2_pickle
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from support.configs import make_tiny_config
 from refilled.data.sources import ImageSet, Source, load_digits
 from refilled.data.splits import (
     cifar_fs_order,
@@ -15,6 +14,7 @@ from refilled.data.splits import (
     teacher_task,
 )
 from refilled.errors import UserError
+from support.configs import make_tiny_config
 
 # ----------------------------------------------------------------------------- a synthetic source
 

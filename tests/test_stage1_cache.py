@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from refilled.schema.config import Config
-from refilled.runs.inputs import student_data, teacher_inputs
-from refilled.store.stage1_cache import STAGE1_KEYS, Stage1Cache, stage1_key
 from refilled.method.train import STAGE1, STAGE2, build_student, build_teacher, refilled_epochs
+from refilled.runs.inputs import student_data, teacher_inputs
+from refilled.schema.config import Config
+from refilled.store.stage1_cache import STAGE1_KEYS, Stage1Cache, stage1_key
 
 TEACHER_ID = "teacher-digest-0"
 

@@ -9,8 +9,7 @@ from torchvision.models import get_model
 
 from refilled.errors import UserError
 from refilled.method.networks import load_weights
-from refilled.method.torchvision_nets import (TorchvisionNetwork, classes_in, model_name, read_weights,
-                                              torchvision_arch)
+from refilled.method.torchvision_nets import TorchvisionNetwork, classes_in, model_name, read_weights, torchvision_arch
 
 DATA = ((0.5, 0.4, 0.3), (0.25, 0.2, 0.2))
 

@@ -8,10 +8,7 @@ import math
 import pytest
 import torch
 
-from support.configs import make_tiny_config
 from refilled.files import checkpoint
-from refilled.runs import inputs as runs
-from refilled.runs import single_run
 from refilled.method.bank import TeacherBank, teacher_embeddings
 from refilled.method.train import (
     STAGE1,
@@ -22,6 +19,9 @@ from refilled.method.train import (
     global_centers,
     refilled_epochs,
 )
+from refilled.runs import inputs as runs
+from refilled.runs import single_run
+from support.configs import make_tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from refilled.method.bank import TeacherEmbeddings
 from refilled.data.device import Batch
+from refilled.method.bank import TeacherEmbeddings
 from refilled.method.losses import class_centers, local_classifier_loss, relation_loss
 
 

@@ -17,15 +17,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from refilled.method import evaluate
-from refilled.method.bank import TeacherBank, TeacherEmbeddings
-from refilled.schema.config import Config
 from refilled.data.device import DeviceTask
 from refilled.errors import Diverged  # noqa: F401  (raised here, imported from here by callers)
+from refilled.method import evaluate
+from refilled.method.bank import TeacherBank, TeacherEmbeddings
 from refilled.method.losses import class_centers
-from refilled.method.stages import CrossEntropy, LocalClassifierDistillation, RelationMatching
 from refilled.method.networks import Network, build_network
+from refilled.method.stages import CrossEntropy, LocalClassifierDistillation, RelationMatching
 from refilled.runtime import autocast, epoch_generator, prepare_model
+from refilled.schema.config import Config
 
 TEACHER, STAGE1, STAGE2 = 0, 1, 2
 

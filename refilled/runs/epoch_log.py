@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from refilled.method.train import STAGE1, STAGE2, TEACHER, Epoch
 from refilled.files.atomic import write_json
+from refilled.method.train import STAGE1, STAGE2, TEACHER, Epoch
 
 STAGE_NAMES = {TEACHER: "teacher", STAGE1: "stage1", STAGE2: "stage2"}
 

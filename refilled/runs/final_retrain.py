@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import yaml
 
-from refilled.schema.config import Config
 from refilled.files.atomic import write_atomic, write_json
+from refilled.schema.config import Config
 from refilled.store.layout import RETRAIN_RESULTS, RETRAIN_SUMMARY, TEACHER_FILE
 
 RUN_KINDS = ("refilled", "student_alone")
@@ -48,9 +48,9 @@ def run_one(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_path: str, o
 
     import torch
 
-    from refilled.schema.config import from_dict
     from refilled.runs.single_run import train_once
     from refilled.runtime import keep_freed_memory, resolve_device
+    from refilled.schema.config import from_dict
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -12,20 +12,22 @@ from typing import Any
 
 import torch
 
-from refilled.files import checkpoint
-from refilled.method.bank import TeacherBank, TeacherEmbeddings, teacher_embeddings
-from refilled.schema.config import Config
 from refilled.data import augment
 from refilled.data.device import DeviceTask, to_device
 from refilled.data.sources import Source, load_source
 from refilled.data.splits import student_task, task_classes, teacher_task
 from refilled.errors import UserError
+from refilled.files import checkpoint
+from refilled.method.bank import TeacherBank, TeacherEmbeddings, teacher_embeddings
 from refilled.method.networks import FAMILY_ARGS, Network, authors_state_dict, load_weights
-from refilled.runtime import resolve_device
 from refilled.method.train import build_teacher, global_centers
+from refilled.runtime import resolve_device
 
 # The settings that decide which teacher a config needs: a group of the schema's fields
-from refilled.schema.config import TEACHER_KEYS  # noqa: E402
+from refilled.schema.config import (
+    TEACHER_KEYS,  # noqa: E402
+    Config,
+)
 
 
 @lru_cache(maxsize=2)

@@ -9,16 +9,24 @@ from typing import Any
 
 from tqdm import tqdm
 
+from refilled.data.device import DeviceTask
 from refilled.errors import UserError
 from refilled.files import checkpoint
 from refilled.method import evaluate
 from refilled.method.bank import TeacherBank
 from refilled.method.networks import Network
 from refilled.method.train import build_student, build_teacher, pretrain_teacher, refilled_epochs
-from refilled.data.device import DeviceTask
 from refilled.runs.epoch_log import RunLog
-from refilled.runs.inputs import (bank_wanted, default_teacher_path, load_teacher, student_data, teacher_checkpoint,
-                                  teacher_data, teacher_inputs, transfer_teacher)
+from refilled.runs.inputs import (
+    bank_wanted,
+    default_teacher_path,
+    load_teacher,
+    student_data,
+    teacher_checkpoint,
+    teacher_data,
+    teacher_inputs,
+    transfer_teacher,
+)
 from refilled.schema.config import Config
 
 

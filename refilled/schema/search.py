@@ -36,15 +36,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional, Union
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictStr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, StrictStr, Tag,
-                      ValidationError, ValidationInfo, field_validator, model_validator)
 
-from refilled.schema._messages import must, one_line
-from refilled.schema.rungs import counted_epochs, rung_epochs
-from refilled.schema.config import (FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict,
-                                    increasing)
 from refilled.errors import UserError
+from refilled.schema._messages import must, one_line
+from refilled.schema.config import FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict, increasing
+from refilled.schema.rungs import counted_epochs, rung_epochs
 
 DEFAULT_SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "tau2": {"loguniform": [0.5, 8.0]},
                  "lambd": {"loguniform": [0.1, 100.0]}, "lr1": {"loguniform": [0.005, 0.2]},

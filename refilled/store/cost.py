@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
 from refilled.store.layout import DRIVER_FILE
 from refilled.store.storage import Place
 

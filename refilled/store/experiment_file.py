@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from refilled.store import storage
-from refilled.schema.config import Config, ExperimentFile, load_experiment
 from refilled.errors import UserError
+from refilled.schema.config import Config, ExperimentFile, load_experiment
+from refilled.store import storage
 from refilled.store.layout import EXPERIMENT_FILE
 
 # The first and last lines of the file as `write` makes it: a file that starts with HEADER

@@ -19,14 +19,21 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from refilled.store import experiment_file, trial_records
-from refilled.schema.config import Config, from_dict
 from refilled.errors import UserError
-from refilled.schema.config import FIELDS, read_yaml
+from refilled.schema.config import FIELDS, Config, from_dict, read_yaml
 from refilled.schema.search import SearchSettings
+from refilled.store import experiment_file, trial_records
+from refilled.store.layout import (
+    BEST_CONFIG,
+    EXPERIMENT_FILE,
+    LEASE_FILE,
+    RETRAIN_DIR,
+    RETRAIN_RESULTS,
+    SELECTION_DIR,
+    SELECTION_FILE,
+    STAGE1_SEARCH,
+)
 from refilled.store.storage import Place
-from refilled.store.layout import (BEST_CONFIG, EXPERIMENT_FILE, LEASE_FILE, RETRAIN_DIR, RETRAIN_RESULTS, SELECTION_DIR,
-                                   SELECTION_FILE, STAGE1_SEARCH)
 
 STATUSES = ("finished", "stopped", "diverged", "errored", "running")
 # Trials rank by their best stage-2 validation accuracy; ties (small validation

@@ -15,12 +15,9 @@ import tempfile
 from pathlib import Path
 
 from refilled.files import checkpoint
-from refilled.store.layout import STATE_FILE
-from refilled.store import storage, trial_records
 from refilled.files.arrays import read_array
-from refilled.store.layout import STAGE1_SEARCH
-from refilled.store.layout import BANK_FILES
-from refilled.store.layout import TEACHER_FILE
+from refilled.store import storage, trial_records
+from refilled.store.layout import BANK_FILES, STAGE1_SEARCH, STATE_FILE, TEACHER_FILE
 
 RESUME_STUDY = "restore it from a backup, or start a new search (--name OTHER); retrain and the analysis do not need it"
 

@@ -46,15 +46,14 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from refilled.files import checkpoint
-from refilled.schema.config import Config, from_dict
 from refilled.errors import UserError
+from refilled.files import checkpoint
 
 # The config keys that decide the result of stage 1 (the teacher is named by
 # `teacher_id`). Stage-2 keys (tau2, lambd, lr2, point, gamma, centers,
 # n_training_epochs2) are deliberately absent.
 # the keys that decide stage 1 (and those that act on it alone): groups of the schema's fields
-from refilled.schema.config import STAGE1_KEYS, STAGE1_ONLY  # noqa: E402,F401
+from refilled.schema.config import STAGE1_KEYS, STAGE1_ONLY, Config, from_dict  # noqa: E402,F401
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

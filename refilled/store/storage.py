@@ -12,8 +12,8 @@ first run left it.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable

@@ -27,6 +27,7 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
 from refilled.files.atomic import write_atomic
 from refilled.store.layout import RECORD_FILE
 

@@ -15,18 +15,15 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from refilled.files import checkpoint
-from refilled.store import storage
-from refilled.schema.config import Config, load_experiment
 from refilled.errors import UserError
-from refilled.store.experiments import (chosen_trial, experiment_config, load_trials, read_selection, say_notes,
-                                       trial_config)
-from refilled.runs.final_retrain import (plan, results_of_runs, retrain_local, run_one, run_one_at_uri, trained_on,
-                                         write_results)
+from refilled.files import checkpoint
+from refilled.runs.final_retrain import plan, results_of_runs, retrain_local, run_one, run_one_at_uri, trained_on, write_results
+from refilled.schema.config import Config, load_experiment
 from refilled.schema.search import parse_search
-from refilled.store import experiment_file
-from refilled.store.lease import note_if_running
+from refilled.store import experiment_file, storage
+from refilled.store.experiments import chosen_trial, experiment_config, load_trials, read_selection, say_notes, trial_config
 from refilled.store.layout import EXPERIMENT_FILE, RETRAIN_DIR, RETRAIN_RESULTS, TEACHER_FILE
+from refilled.store.lease import note_if_running
 
 
 def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -> tuple[Config, dict[str, Any]]:

@@ -36,8 +36,16 @@ from refilled.schema.rungs import counted_epochs, schedule_warnings, scheduler_a
 from refilled.schema.search import SearchSettings, check_rungs_within, parse_search
 from refilled.store import cost, experiment_file, integrity, storage, trial_records
 from refilled.store.experiments import first_points, load_trials, plain_value, stage1_choosable, write_best_config
-from refilled.store.layout import (COST_FILE, INTERRUPTED_TRIALS, LEASE_FILE, SELECTION_FILE, STAGE1_CHOICE,
-                                   STAGE1_SEARCH, STATE_FILE, TRIALS_FILE)
+from refilled.store.layout import (
+    COST_FILE,
+    INTERRUPTED_TRIALS,
+    LEASE_FILE,
+    SELECTION_FILE,
+    STAGE1_CHOICE,
+    STAGE1_SEARCH,
+    STATE_FILE,
+    TRIALS_FILE,
+)
 from refilled.store.lease import Lease, lease_at
 from refilled.store.rung_fidelity import correlation_lines, experiment_correlations
 from refilled.store.storage import Place
@@ -45,7 +53,6 @@ from refilled.store.study import STUDY_FILES, study_file
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.selection import reevaluate
 from refilled.tune.trial_inputs import METHOD, METRIC, Phase, TrialInputs, TrialKind
-
 
 
 class Outcome(enum.Enum):

@@ -29,11 +29,10 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from refilled.store import storage, trial_records
-from refilled.store import study as study_store
 from refilled.schema.rungs import CLOCK
 from refilled.schema.search import Distribution, distributions
-
+from refilled.store import storage, trial_records
+from refilled.store import study as study_store
 from refilled.tune.trial_inputs import METRIC
 
 

@@ -22,10 +22,10 @@ from typing import Any
 import pandas as pd
 
 from refilled.schema.config import Config
+from refilled.schema.search import SearchSettings
 from refilled.store.cost import device_units
 from refilled.store.experiments import ranked, reeval_results, trial_config
 from refilled.store.layout import SELECTION_DIR, SELECTION_FILE
-from refilled.schema.search import SearchSettings
 from refilled.tune.trial_inputs import METHOD, TrialInputs, TrialKind
 
 

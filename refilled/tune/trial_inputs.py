@@ -8,21 +8,20 @@ through Ray's object store (`tune.with_parameters`), with the per-trial resource
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from refilled.files import checkpoint
 from refilled.files.arrays import read_array
-from refilled.schema.config import Config, from_dict
-from refilled.store.cost import add_driver_cost, device_units
 from refilled.runtime import keep_freed_memory, resolve_device
-from refilled.store.storage import Place
+from refilled.schema.config import Config, from_dict
 from refilled.schema.search import SearchSettings
+from refilled.store.cost import add_driver_cost, device_units
 from refilled.store.layout import BANK_FILE, CENTERS_FILE, STAGE1_CACHE, TEACHER_FILE
-
+from refilled.store.storage import Place
 
 METRIC = "val_accuracy"  # what trials report, ASHA compares and the study is told
 
@@ -39,8 +38,8 @@ def _build_bank_task(teacher_state: dict, cfg_dict: dict) -> tuple[np.ndarray | 
     import torch
 
     from refilled.method.bank import TeacherBank
-    from refilled.runs.inputs import bank_wanted, load_teacher_state, student_data
     from refilled.method.train import global_centers
+    from refilled.runs.inputs import bank_wanted, load_teacher_state, student_data
 
     start = time.perf_counter()
     keep_freed_memory()

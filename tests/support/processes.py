@@ -8,6 +8,7 @@ from pathlib import Path
 
 from support.configs import REPO
 
+
 def run_python(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a script of this repo as a user would: a fresh Python process."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

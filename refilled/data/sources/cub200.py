@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refilled.data.sources._images import decode_all
 from refilled.data.sources._base import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Source, one_line
+from refilled.data.sources._images import decode_all
 from refilled.errors import UserError
 
 CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
