@@ -132,6 +132,9 @@ class SimulatedTrials:
         """What experiment.yaml says of the simulation (refilled.schema.config.ExperimentFile)."""
         return {"trial_kind": {"name": "simulated", **asdict(self)}}
 
+    def check(self, cfg) -> None:
+        return None  # nothing is read: no data set, no network
+
     def prepare_teacher(self, cfg, place, teacher: str | None) -> None:
         return None  # no teacher: nothing is trained
 

@@ -42,16 +42,20 @@ class Augmentation:
         return (self.pad * (2 * self.pad + 1) + self.pad) * (2 if self.flip else 1)
 
 
-def for_data(data_name: str, image_size: int | None = None) -> Augmentation:
+def for_data(data_name: str, image_size: int | None = None, kind: str = "auto") -> Augmentation:
     """The authors' training augmentation for each data set (CUB: see docs/method.md); digits get
-    CIFAR's crops, padded by an eighth of their side (4 px at 32, 1 px at 8), no flip."""
-    if data_name == "CIFAR-100":
-        return Augmentation("crop_flip", pad=4, flip=True)
+    CIFAR's crops, padded by an eighth of their side (4 px at 32, 1 px at 8), no flip. A folder of
+    one's own images: CIFAR's crops and flips up to 64 px, CUB's resized crops above (`kind`
+    chooses either: crop_flip, resized_crop)."""
     if data_name == "digits":
         return Augmentation("crop_flip", pad=max(1, (image_size or 8) // 8), flip=False)  # a flipped 2 is no 2
-    if data_name == "CUB-200":
-        return Augmentation("resized_crop", flip=True, out_size=224)
-    raise ValueError(data_name)
+    size = {"CIFAR-100": 32, "CUB-200": 224}.get(data_name, image_size or 32)
+    if kind == "auto":
+        kind = {"CIFAR-100": "crop_flip", "CUB-200": "resized_crop"}.get(data_name) or \
+            ("crop_flip" if size <= 64 else "resized_crop")
+    if kind == "crop_flip":
+        return Augmentation("crop_flip", pad=max(1, size // 8), flip=True)
+    return Augmentation("resized_crop", flip=True, out_size=size)
 
 
 def sample(aug: Augmentation, n: int, generator: torch.Generator, device) -> torch.Tensor:

@@ -47,6 +47,11 @@ class DeviceTask:
         return self.task.n_classes
 
     @property
+    def task_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (mean, std) its images are normalised with, in [0, 1] pixel units."""
+        return tuple(self.task.mean), tuple(self.task.std)
+
+    @property
     def n_train(self) -> int:
         return len(self.train_y)
 

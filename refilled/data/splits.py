@@ -16,6 +16,7 @@ part, which shows how much a result owes to the particular images.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -121,9 +122,27 @@ def _subset(s: ImageSet, classes: list[int], idx: np.ndarray | None = None) -> I
 
 
 def task_classes(source: Source, cfg, key: str) -> list[int]:
-    """The data set's class ids that `key` ('source_classes' or 'target_classes') selects."""
+    """The data set's class ids that `key` ('source_classes' or 'target_classes') selects:
+    positions in the class order, or a list of class names (in the order given)."""
     order = class_order(source, cfg.class_order)
-    return [order[p] for p in parse_positions(getattr(cfg, key), len(order), key)]
+    spec = getattr(cfg, key)
+    if isinstance(spec, list):
+        return class_ids(source.class_names, spec, key)
+    return [order[p] for p in parse_positions(spec, len(order), key)]
+
+
+def class_ids(names: list[str], wanted: list[str], key: str) -> list[int]:
+    """The ids of the classes named `wanted`; a name the data set lacks is refused with the closest ones."""
+    index = {name: i for i, name in enumerate(names)}
+    for name in wanted:
+        if name not in index:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"its classes are {', '.join(names[:8])}" + (
+                ", ..." if len(names) > 8 else "")
+            raise UserError(f"config key '{key}' names class {name!r}, which this data set does not have: {hint}")
+    if len(set(wanted)) != len(wanted):
+        raise UserError(f"config key '{key}' names a class twice: {wanted}")
+    return [index[name] for name in wanted]
 
 
 def teacher_task(source: Source, cfg) -> Task:

@@ -54,15 +54,25 @@ def _last_linear(model: nn.Module, shown: str) -> str:
     return linears[-1]
 
 
-def classes_in(name: str, state: dict[str, torch.Tensor]) -> int:
-    """How many classes a torchvision model's state dict was trained for (its last linear layer's rows)."""
+def classes_in(name: str, state: dict[str, torch.Tensor], shown: str = "the weights") -> int:
+    """How many classes a torchvision model's state dict was trained for (its last linear
+    layer's rows); weights whose keys or shapes do not fit the architecture are refused in one
+    line that names the keys."""
     from torchvision.models import get_model
 
     bare = model_name(name)
     key = f"{_last_linear(get_model(bare, weights=None), PREFIX + bare)}.weight"
-    if key not in state:
-        raise UserError(f"the weights for {PREFIX}{bare} have no {key}: they are not of this architecture")
-    return int(state[key].shape[0])
+    n = int(state[key].shape[0]) if key in state and state[key].ndim == 2 else None
+    mine = get_model(bare, weights=None, num_classes=n or 1000).state_dict()
+    missing, extra = [k for k in mine if k not in state], [k for k in state if k not in mine]
+    shapes = [k for k in mine if k in state and tuple(state[k].shape) != tuple(mine[k].shape)]
+    if n is None or missing or extra or shapes:
+        said = [f"{len(missing)} keys missing ({', '.join(missing[:3])})" if missing else "",
+                f"{len(extra)} it does not have ({', '.join(extra[:3])})" if extra else "",
+                f"{len(shapes)} of other shapes ({', '.join(shapes[:3])})" if shapes else ""]
+        raise UserError(f"{shown} do not fit {PREFIX}{bare}: " + "; ".join(s for s in said if s) +
+                        ": give weights of that architecture, or name the one they are of")
+    return n
 
 
 class InputAdapter(nn.Module):
@@ -103,7 +113,14 @@ class TorchvisionNetwork(Network):
                                   arch["input_std"])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.body(self.adapt(x))
+        alone = self.training and x.shape[0] == 1  # an epoch's last batch of one image: batch norm cannot
+        if alone:                                   # normalise it (one value a channel), the running statistics do
+            self.body.eval()
+        try:
+            out = self.body(self.adapt(x))
+        finally:
+            if alone:
+                self.body.train()
         if not torch.is_tensor(out):  # googlenet / inception_v3 return named tuples in training mode
             out = out[0]
         return out.flatten(1)
@@ -112,6 +129,30 @@ class TorchvisionNetwork(Network):
         """A torchvision state dict of this model, keyed as this Network keys it."""
         head = self.head_name + "."
         return {(f"fc.{k[len(head):]}" if k.startswith(head) else f"body.{k}"): v for k, v in state.items()}
+
+    def torchvision_state_dict(self) -> dict[str, torch.Tensor]:
+        """This network's weights keyed as torchvision's model keys them: what
+        `torch.save(model.state_dict(), FILE)` of the same torchvision model would hold."""
+        out = {}
+        for k, v in self.state_dict().items():
+            if k.startswith("fc."):
+                out[f"{self.head_name}.{k[3:]}"] = v
+            elif k.startswith("body."):
+                out[k[5:]] = v
+        return out
+
+
+def load_all_but_the_head(net: TorchvisionNetwork, state: dict[str, torch.Tensor], shown: str | None) -> None:
+    """Start `net` from torchvision weights (`state`; none: nothing), its classifier too where
+    it has as many classes (fine-tuning from ImageNet weights keeps the new head as built)."""
+    from refilled.method.networks import load_weights
+
+    if not state:
+        return
+    mine = net.torchvision_state(state)
+    if tuple(mine.get("fc.weight", torch.empty(0)).shape) != tuple(net.fc.weight.shape):
+        mine = {**mine, "fc.weight": net.fc.weight.detach().clone(), "fc.bias": net.fc.bias.detach().clone()}
+    load_weights(net, mine, shown or "weights")
 
 
 def torchvision_arch(name: str, n_classes: int, *, data: tuple, image_size: int, input_size: int | None = None,

@@ -24,6 +24,15 @@ from refilled.method.bank import TeacherBank, TeacherEmbeddings
 from refilled.method.losses import class_centers
 from refilled.method.networks import Network, build_network
 from refilled.method.stages import CrossEntropy, LocalClassifierDistillation, RelationMatching
+from refilled.method.torchvision_nets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TorchvisionNetwork,
+    is_torchvision,
+    load_all_but_the_head,
+    read_weights,
+    torchvision_arch,
+)
 from refilled.runtime import autocast, epoch_generator, prepare_model
 from refilled.schema.config import Config
 
@@ -49,19 +58,33 @@ def _image_shape(data: DeviceTask) -> tuple[int, int]:
 def build_student(cfg: Config, data: DeviceTask) -> Network:
     channels, side = _image_shape(data)
     torch.manual_seed(cfg.seed)  # same initial student for the same seed
-    net = build_network(cfg.student_network_name, data.n_classes, depth=cfg.depth, width=cfg.width, ca=cfg.ca,
-                        dropout_rate=cfg.dropout_rate, in_channels=channels, image_size=side)
+    if is_torchvision(cfg.student_network_name):  # from scratch at the data's own normalisation, or student_weights
+        state, said = read_weights(cfg.student_weights, cfg.student_network_name) if cfg.student_weights else ({}, {})
+        net = TorchvisionNetwork(torchvision_arch(cfg.student_network_name, data.n_classes, data=data.task_norm,
+                                                  image_size=side, **said))
+        load_all_but_the_head(net, state, cfg.student_weights)
+    else:
+        net = build_network(cfg.student_network_name, data.n_classes, depth=cfg.depth, width=cfg.width, ca=cfg.ca,
+                            dropout_rate=cfg.dropout_rate, in_channels=channels, image_size=side)
     return prepare_model(net, data.device)
 
 
-def build_teacher(cfg: Config, data: DeviceTask, n_classes: int | None = None) -> Network:
+def build_teacher(cfg: Config, data: DeviceTask, n_classes: int | None = None, arch: dict | None = None) -> Network:
     """The teacher for images like `data`'s; n_classes defaults to data's (the
-    source task when pretraining; a loaded teacher's own count otherwise)."""
+    source task when pretraining; a loaded teacher's own count otherwise). `arch`: a
+    torchvision teacher's as its checkpoint records it (its input size and normalisation)."""
     channels, side = _image_shape(data)
     torch.manual_seed(cfg.seed)
-    net = build_network(cfg.teacher_network_name, n_classes or data.n_classes, depth=cfg.teacher_depth,
-                        width=cfg.teacher_width, ca=cfg.teacher_ca, dropout_rate=cfg.teacher_dropout_rate,
-                        in_channels=channels, image_size=side)
+    if is_torchvision(cfg.teacher_network_name):
+        if arch is None:  # to pretrain: torchvision's input convention unless the config says otherwise
+            arch = torchvision_arch(cfg.teacher_network_name, n_classes or data.n_classes, data=data.task_norm,
+                                    image_size=side, input_size=cfg.teacher_input_size,
+                                    input_norm=(cfg.teacher_mean or IMAGENET_MEAN, cfg.teacher_std or IMAGENET_STD))
+        net = TorchvisionNetwork({**arch, "data_mean": list(data.task_norm[0]), "data_std": list(data.task_norm[1])})
+    else:
+        net = build_network(cfg.teacher_network_name, n_classes or data.n_classes, depth=cfg.teacher_depth,
+                            width=cfg.teacher_width, ca=cfg.teacher_ca, dropout_rate=cfg.teacher_dropout_rate,
+                            in_channels=channels, image_size=side)
     return prepare_model(net, data.device)
 
 

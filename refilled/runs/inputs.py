@@ -14,12 +14,22 @@ import torch
 
 from refilled.data import augment
 from refilled.data.device import DeviceTask, to_device
-from refilled.data.sources import Source, load_source
+from refilled.data.sources import FolderOptions, Source, load_source
 from refilled.data.splits import student_task, task_classes, teacher_task
 from refilled.errors import UserError
 from refilled.files import checkpoint
 from refilled.method.bank import TeacherBank, TeacherEmbeddings, teacher_embeddings
 from refilled.method.networks import FAMILY_ARGS, Network, authors_state_dict, load_weights
+from refilled.method.torchvision_nets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TorchvisionNetwork,
+    classes_in,
+    is_torchvision,
+    model_name,
+    read_weights,
+    torchvision_arch,
+)
 from refilled.method.train import build_teacher, global_centers
 from refilled.runtime import resolve_device
 
@@ -31,22 +41,46 @@ from refilled.schema.config import (
 
 
 @lru_cache(maxsize=2)
-def _source(data_name: str, root: str, download: bool, image_size: int | None) -> Source:
-    return load_source(data_name, root, download, image_size)
+def _source(data_name: str, root: str, download: bool, image_size: int | None, folder: FolderOptions) -> Source:
+    return load_source(data_name, root, download, image_size, folder)
 
 
 def source_for(cfg: Config) -> Source:
-    return _source(cfg.data_name, str(cfg.data_root), cfg.download, cfg.image_size)
+    folder = FolderOptions(cache=cfg.folder_cache, test_fraction=cfg.folder_test_fraction,
+                           skip_bad_images=cfg.skip_bad_images)
+    return _source(cfg.data_name, str(cfg.data_root), cfg.download, cfg.image_size, folder)
+
+
+def check_inputs(cfg: Config, teacher: str | None = None) -> None:
+    """Refuse, in one line and before anything is written, what the data set, its classes and
+    the networks make impossible: a bad image folder, a class name it lacks, a torchvision
+    name torchvision does not build, teacher weights that do not fit (`teacher`: --teacher)."""
+    source = source_for(cfg)
+    teacher_task(source, cfg)  # its classes; the student's classes, shots and validation images
+    student_task(source, cfg)
+    if is_torchvision(cfg.student_network_name):
+        model_name(cfg.student_network_name)
+        if cfg.student_weights:
+            classes_in(cfg.student_network_name, read_weights(cfg.student_weights, cfg.student_network_name)[0],
+                       f"the weights {cfg.student_weights}")
+    if is_torchvision(cfg.teacher_network_name):
+        model_name(cfg.teacher_network_name)
+        if teacher or cfg.teacher_weights:
+            read_teacher(teacher or cfg.teacher_weights, cfg)
+
+
+def augmentation(cfg: Config) -> augment.Augmentation:
+    return augment.for_data(cfg.data_name, cfg.image_size, cfg.augmentation)
 
 
 def teacher_data(cfg: Config, device: torch.device | None = None) -> DeviceTask:
     device = device or resolve_device(cfg.device)
-    return to_device(teacher_task(source_for(cfg), cfg), augment.for_data(cfg.data_name, cfg.image_size), device)
+    return to_device(teacher_task(source_for(cfg), cfg), augmentation(cfg), device)
 
 
 def student_data(cfg: Config, device: torch.device | None = None) -> DeviceTask:
     device = device or resolve_device(cfg.device)
-    return to_device(student_task(source_for(cfg), cfg), augment.for_data(cfg.data_name, cfg.image_size), device)
+    return to_device(student_task(source_for(cfg), cfg), augmentation(cfg), device)
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -59,21 +93,48 @@ def teacher_checkpoint(cfg: Config, data: DeviceTask, teacher: Network, metrics:
 def _expected_arch(cfg: Config) -> dict[str, Any]:
     """The config's teacher architecture, as Network.arch names it (the family's arguments)."""
     name = cfg.teacher_network_name
-    return {"name": name, **{k: getattr(cfg, "teacher_" + k) for k in FAMILY_ARGS[name]}}
+    return {"name": name, **{k: getattr(cfg, "teacher_" + k) for k in FAMILY_ARGS.get(name, ())}}
 
 
 def read_teacher(path: str | Path, cfg: Config) -> dict[str, Any]:
-    """A teacher checkpoint: one `pretrain` wrote, or one of the authors' released
-    networks ({"state_dict", "validating_accuracy", "epoch"}), taken as the teacher the
-    config describes (teacher_* keys, its source classes) and returned in our format."""
+    """A teacher checkpoint: one `pretrain` wrote, one of the authors' released networks
+    ({"state_dict", "validating_accuracy", "epoch"}), or for a torchvision:NAME teacher its
+    weights (a state-dict file or a torchvision weights name), taken as the teacher the
+    config describes and returned in our format."""
+    if is_torchvision(cfg.teacher_network_name) and not Path(path).is_file():
+        return torchvision_teacher(str(path), cfg)  # a torchvision weights name
     ckpt = checkpoint.load(path, "teacher checkpoint")
-    if "kind" in ckpt or "state_dict" not in ckpt:
+    if "kind" in ckpt:
+        return ckpt
+    if is_torchvision(cfg.teacher_network_name):
+        return torchvision_teacher(str(path), cfg)
+    if "state_dict" not in ckpt:
         return ckpt
     classes = task_classes(source_for(cfg), cfg, "source_classes")
     return {"kind": "teacher", "model": authors_state_dict(ckpt, path), "arch": _expected_arch(cfg),
             "classes": classes, "data_name": cfg.data_name, "origin": f"the authors' checkpoint {path}",
             "metrics": {"authors_validating_accuracy": ckpt.get("validating_accuracy"),
                         "authors_epoch": ckpt.get("epoch")}}
+
+
+def torchvision_teacher(spec: str, cfg: Config) -> dict[str, Any]:
+    """A teacher fine-tuned elsewhere, as torchvision weights (a state-dict file or a weights
+    name), in our format: built with the classes its weights hold, seeing the images at its
+    input size and normalisation (the weights' own, or teacher_input_size / teacher_mean /
+    teacher_std, defaulting to the student's image size and ImageNet's mean and std)."""
+    name = cfg.teacher_network_name
+    state, said = read_weights(spec, name)
+    n_classes = classes_in(name, state, f"the weights {spec}")
+    source = source_for(cfg)
+    side = augmentation(cfg).out_size or source.train.images.shape[-1]
+    norm = said.get("input_norm", (IMAGENET_MEAN, IMAGENET_STD))
+    arch = torchvision_arch(name, n_classes, data=(source.mean, source.std), image_size=side,
+                            input_size=cfg.teacher_input_size or said.get("input_size") or side,
+                            input_norm=(cfg.teacher_mean or norm[0], cfg.teacher_std or norm[1]))
+    net = TorchvisionNetwork(arch)
+    load_weights(net, net.torchvision_state(state), spec)
+    return {"kind": "teacher", "model": net.state_dict(), "arch": arch, "classes": None, "data_name": cfg.data_name,
+            "origin": f"torchvision weights {spec}", "metrics": {}}
 
 
 def load_teacher(path: str | Path, cfg: Config, data: DeviceTask) -> Network:
@@ -95,11 +156,14 @@ def load_teacher_state(ckpt: dict[str, Any], cfg: Config, data: DeviceTask, path
         raise UserError(f"teacher checkpoint {path} is a {show(got)} network but the config asks for "
                         f"{show(want)}: pretrain a teacher for this config or fix the teacher_* keys")
     source_classes = task_classes(source_for(cfg), cfg, "source_classes")  # ids only: no image copies
-    if ckpt.get("data_name") != cfg.data_name or list(ckpt.get("classes", [])) != source_classes:
+    external = ckpt.get("classes") is None  # trained elsewhere (torchvision weights): its classes are its own
+    if not external and (ckpt.get("data_name") != cfg.data_name or list(ckpt.get("classes", [])) != source_classes):
         raise UserError(f"teacher checkpoint {path} was trained on {ckpt.get('data_name')} classes "
                         f"{_short(ckpt.get('classes', []))}, but the config's source classes are "
                         f"{cfg.data_name} {_short(source_classes)}: pretrain a teacher for this config")
-    teacher = load_weights(build_teacher(cfg, data, n_classes=len(ckpt["classes"])), ckpt["model"], path)
+    n_classes = ckpt["arch"]["n_classes"] if external else len(ckpt["classes"])
+    arch = ckpt["arch"] if is_torchvision(ckpt["arch"]["name"]) else None
+    teacher = load_weights(build_teacher(cfg, data, n_classes=n_classes, arch=arch), ckpt["model"], path)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -139,4 +203,5 @@ def transfer_teacher(data: DeviceTask, teacher: Network) -> TeacherEmbeddings | 
 
 def default_teacher_path(cfg: Config, folder: str | Path = "runs/teachers") -> Path:
     """Where a teacher for this config is kept by default: one per teacher setting."""
-    return Path(folder) / f"{cfg.data_name}-{cfg.teacher_network_name}-{cfg.digest(TEACHER_KEYS)}.pt"
+    network = cfg.teacher_network_name.replace(":", "-")  # torchvision:resnet18 -> torchvision-resnet18
+    return Path(folder) / f"{cfg.data_name}-{network}-{cfg.digest(TEACHER_KEYS)}.pt"

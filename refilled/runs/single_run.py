@@ -15,6 +15,7 @@ from refilled.files import checkpoint
 from refilled.method import evaluate
 from refilled.method.bank import TeacherBank
 from refilled.method.networks import Network
+from refilled.method.torchvision_nets import is_torchvision
 from refilled.method.train import build_student, build_teacher, pretrain_teacher, refilled_epochs
 from refilled.runs.epoch_log import RunLog
 from refilled.runs.inputs import (
@@ -53,12 +54,15 @@ def pretrain(cfg: Config, out: Path | None = None, *, force: bool = False, progr
     return out, metrics
 
 
-def ensure_teacher(cfg: Config, path: str | Path | None, *, progress: bool = True) -> Path:
-    """An explicit teacher path must exist; the default one is pretrained when missing."""
+def ensure_teacher(cfg: Config, path: str | Path | None, *, progress: bool = True) -> Path | str:
+    """An explicit teacher (--teacher, or a torchvision teacher's teacher_weights) must exist;
+    the default one is pretrained when missing."""
+    path = path if path is not None else cfg.teacher_weights
     if path is not None:
-        if not Path(path).is_file():
-            raise UserError(f"teacher checkpoint {path} not found: check --teacher, or leave it out to pretrain one")
-        return Path(path)
+        if not Path(path).is_file() and not (is_torchvision(cfg.teacher_network_name) and "_Weights." in str(path)):
+            raise UserError(f"teacher checkpoint {path} not found: check --teacher (or teacher_weights), or leave it "
+                            "out to pretrain one")
+        return path if not Path(path).is_file() else Path(path)
     path = default_teacher_path(cfg)
     if not path.is_file():
         print(f"no teacher for this config yet: pretraining one into {path}", file=sys.stderr)
@@ -72,7 +76,8 @@ _BANKS: dict[tuple, TeacherBank] = {}
 def _bank(teacher_path: Path, cfg: Config, teacher: Network, data: DeviceTask, progress: bool) -> TeacherBank:
     """The teacher bank of `data`, built once per process for a teacher file and a
     student split: the seeds of a final retrain share it (the seed changes neither)."""
-    key = (str(Path(teacher_path).resolve()), Path(teacher_path).stat().st_mtime_ns,
+    stamp = Path(teacher_path).stat().st_mtime_ns if Path(teacher_path).is_file() else 0  # a weights name: none
+    key = (str(Path(teacher_path).resolve()), stamp,
            cfg.replace(seed=0).digest(), str(data.device))
     if key not in _BANKS:
         _BANKS.clear()  # one at a time: a bank can be large

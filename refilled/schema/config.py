@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -28,11 +28,11 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from refilled.errors import UserError
 from refilled.schema._messages import must, one_line
 
-DATA_NAMES = ("CIFAR-100", "CUB-200", "digits")
-CLASS_COUNT = {"CIFAR-100": 100, "CUB-200": 200, "digits": 10}  # known before a file is read
+DATA_NAMES = ("CIFAR-100", "CUB-200", "digits", "folder")  # folder: a folder of images in data_root
+CLASS_COUNT = {"CIFAR-100": 100, "CUB-200": 200, "digits": 10}  # known before a file is read (a folder: not)
 # the names a data set may be given by, compared without case, dashes, underscores or spaces
 _ALIASES = {"cifar100": "CIFAR-100", "cub200": "CUB-200", "cub2002011": "CUB-200", "cub": "CUB-200",
-            "digits": "digits", "sklearndigits": "digits"}
+            "digits": "digits", "sklearndigits": "digits", "folder": "folder", "imagefolder": "folder"}
 
 
 def canonical_data_name(data_name: str) -> str | None:
@@ -92,8 +92,32 @@ Epochs = Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(_int
 Bool = Annotated[bool, must("true or false")]
 Str = Annotated[str, must("a string")]
 DataName = Annotated[Str, AfterValidator(_known_data_name)]
-Network = Literal["wide_resnet", "resnet", "mobile_net"]
-NETWORKS = get_args(Network)
+AuthorsNetwork = Literal["wide_resnet", "resnet", "mobile_net"]
+NETWORKS = get_args(AuthorsNetwork)
+TORCHVISION = "torchvision:"  # torchvision:NAME, any classification model torchvision.models.get_model builds
+
+
+def _network_name(value: Any) -> Any:
+    if isinstance(value, str) and (value in NETWORKS or (value.startswith(TORCHVISION) and value != TORCHVISION)):
+        return value
+    raise ValueError(f"must be one of {', '.join(NETWORKS)} or torchvision:NAME (e.g. torchvision:resnet18), "
+                     f"got {value!r}")
+
+
+def _classes(value: Any) -> Any:  # positions ("0-49", "all") or a list of class names ([cat, dog])
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            raise ValueError("not a list of class names")
+        return [str(v) for v in value]
+    return value
+
+
+Network = Annotated[str, BeforeValidator(_network_name)]
+Classes = Annotated[Union[str, list[str]], BeforeValidator(_classes),
+                    must("positions ('all', '0-49', '0,3,7-9') or a list of class names ([cat, dog])", keep=())]
+OptStr = Annotated[Optional[str], BeforeValidator(_none_word), must("a string or null")]
+Floats3 = Annotated[Optional[tuple[float, ...]], BeforeValidator(_none_word),
+                    must("null or one number a channel, e.g. [0.485, 0.456, 0.406]", keep=())]
 # The teacher's depth when the config does not give one, by its family, as the authors'
 # main.py builds the teacher: ResNet-110, WRN-40-2 (teacher_width 2); a MobileNet has no
 # depth (teacher_ca 1.0 sizes it): 40 there, the earlier default, keeps its cache name.
@@ -146,12 +170,25 @@ class Config(BaseModel):
     download: Bool = key(False, FIXED)
     image_size: OptInt = key(None, TEACHER, STAGE1, FIXED)  # digits: upsampled to this side, 3 channels
     class_order: Literal["natural", "cifar_fs"] = key("natural", TEACHER, STAGE1)  # cifar_fs: cross-task order
-    source_classes: Str = key("all", TEACHER)  # teacher's classes: positions in class_order, e.g. "0-49"
-    target_classes: Str = key("all", STAGE1)  # student's classes, e.g. "50-99"; overlap allowed
+    source_classes: Classes = key("all", TEACHER)  # teacher's classes: positions in class_order, e.g. "0-49", or names
+    target_classes: Classes = key("all", STAGE1)  # student's classes, e.g. "50-99" or [cat, dog]; overlap allowed
     shots: OptInt = key(None, STAGE1, ge=1)  # labelled images per student class (middle-shot); None = all
     val_per_class: OptInt = key(None, STAGE1, FIXED, ge=1)  # with shots: validation images from outside them
     val_fraction: Float = key(0.1, STAGE1, gt=0, lt=1)  # part of the training set held out when flag_tuning
     split_seed: Int = key(0, TEACHER, STAGE1, FIXED, ge=0)  # draws shots and validation (a search over it selects on luck)
+    # a folder of one's own images (data_name: folder, data_root: DIR): docs/your-data.md
+    folder_cache: OptStr = key(None, FIXED)  # where its images are decoded once (default ~/.cache/tune-refilled)
+    folder_test_fraction: OptFloat = key(None, TEACHER, STAGE1, FIXED, gt=0, lt=1)  # no test/: hold out this part
+    skip_bad_images: Bool = key(False, TEACHER, STAGE1, FIXED)  # leave out (with a note) files that are no images
+    augmentation: Literal["auto", "crop_flip", "resized_crop"] = key("auto", TEACHER, STAGE1)  # auto: by data set
+    # a torchvision teacher or student (torchvision:NAME): its weights, a state-dict file or a torchvision weights
+    # name (e.g. ResNet50_Weights.IMAGENET1K_V2); the input a teacher from a file expects (default: the student's
+    # image size, ImageNet's mean and std; a weights name brings its own)
+    teacher_weights: OptStr = key(None, TEACHER, FIXED)
+    teacher_input_size: OptInt = key(None, TEACHER, FIXED, ge=8)
+    teacher_mean: Floats3 = key(None, TEACHER, FIXED)
+    teacher_std: Floats3 = key(None, TEACHER, FIXED)
+    student_weights: OptStr = key(None, STAGE1, FIXED)
     # --- implementation choices -----------------------------------------------------
     loss_scale1: OptFloat = key(None, STAGE1, STAGE1_ALONE, gt=0)  # stage-1 KL multiplier; None: the authors'
     tuple_negatives: Literal["all", "smallest"] = key("all", STAGE1, STAGE1_ALONE)  # flag_merge groups
@@ -173,9 +210,7 @@ class Config(BaseModel):
         return self.model_dump(exclude=None if "teacher_depth" in self.model_fields_set else {"teacher_depth"})
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.model_dump()
-        d["point"], d["teacher_point"] = list(self.point), list(self.teacher_point)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}  # YAML has no tuples
 
     @property
     def stage1_scale(self) -> float:
@@ -223,10 +258,10 @@ class Config(BaseModel):
         if self.val_per_class is not None and self.shots is None:
             raise ValueError(f"config key 'val_per_class' needs 'shots' (validation images are taken from outside "
                              f"the shots), got {self.val_per_class} with shots {self.shots}")
-        native = {"CIFAR-100": 32, "CUB-200": 224}.get(self.data_name)
+        native = {"CIFAR-100": 32, "CUB-200": 224}.get(self.data_name)  # digits and folders: any side >= 8
         size = self.image_size
         if size is not None and (size < 8 if native is None else size != native):
-            allowed = f"null or {native} (its own size)" if native else "null (8, their own size) or >= 8"
+            allowed = f"null or {native} (its own size)" if native else "null (digits: 8, a folder: 32) or >= 8"
             raise ValueError(f"config key 'image_size' for {self.data_name} must be {allowed}, got {size}")
         if self.transfer_set and self.shots is None:
             raise ValueError("config key 'transfer_set' needs 'shots': the transfer set is the training "
@@ -234,6 +269,16 @@ class Config(BaseModel):
         if self.transfer_set and self.centers != "global":
             raise ValueError("config key 'transfer_set' needs centers: global (an unlabelled image has no "
                              "class in the batch to take local centres from)")
+        if self.data_name != "folder" and (self.folder_test_fraction is not None or self.folder_cache is not None):
+            raise ValueError("config keys 'folder_test_fraction' and 'folder_cache' are for data_name: folder")
+        for prefix in ("teacher_", "student_"):
+            if getattr(self, prefix + "weights") and not getattr(self, prefix + "network_name").startswith(TORCHVISION):
+                raise ValueError(f"config key '{prefix}weights' is for a torchvision:NAME {prefix}network_name; "
+                                 f"an authors' network takes its weights from --teacher FILE")
+        for name in ("teacher_mean", "teacher_std"):
+            value = getattr(self, name)
+            if value is not None and len(value) not in (1, 3):
+                raise ValueError(f"config key '{name}' must hold one number a channel (1 or 3), got {list(value)}")
         if self.class_order == "cifar_fs" and self.data_name != "CIFAR-100":
             raise ValueError("config key 'class_order': cifar_fs is the CIFAR-100 order; use 'natural' here")
         return self

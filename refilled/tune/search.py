@@ -92,6 +92,7 @@ class SearchRun:
             raise UserError(f"experiment {place.location} already exists: pass --resume to continue it "
                             "or choose another --name")
         first_points(settings, cfg)  # a warm start's earlier experiment: a bad one refused now
+        kind.check(cfg)  # the data set, its classes, the networks: a bad one refused now
         return cls(cfg, settings, place, lease, kind=kind)
 
     @classmethod
@@ -359,8 +360,11 @@ def warn_about_rungs(cfg: Config, settings: SearchSettings, max_t: int, phase2: 
           f"{settings.asha.reduction_factor:g} at each)")
     steps = None
     if cfg.shots is not None:  # the training set is known without reading it: shots x classes
-        n = cfg.shots * len(parse_positions(cfg.target_classes, CLASS_COUNT[cfg.data_name], "target_classes"))
-        steps = -(-n // cfg.batch_size)
+        classes = cfg.target_classes
+        if isinstance(classes, str):
+            count = CLASS_COUNT.get(cfg.data_name)  # a folder's is known once it is read
+            classes = parse_positions(classes, count, "target_classes") if count else None
+        steps = -(-cfg.shots * len(classes) // cfg.batch_size) if classes else None
     for line in schedule_warnings(rungs, phase2=phase2, e1=cfg.n_training_epochs1, e2=cfg.n_training_epochs2,
                                   point=cfg.point, steps_per_epoch=steps, bn_stats=cfg.bn_stats):
         print(f"warning: {line}", file=sys.stderr)

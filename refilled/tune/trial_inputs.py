@@ -66,8 +66,9 @@ def prepare_teacher(cfg: Config, place: Place, teacher: str | None) -> Path:
     target = place.folder / TEACHER_FILE
     if target.exists():
         return target
-    source = Path(teacher) if teacher else default_teacher_path(cfg)
-    if teacher or source.is_file():
+    given = teacher or cfg.teacher_weights  # --teacher, or a torchvision teacher's weights (a file or a name)
+    source = given or default_teacher_path(cfg)
+    if given or Path(source).is_file():
         state = read_teacher(source, cfg)
         load_teacher_state(state, cfg, student_data(cfg.replace(device="cpu")), source)  # refuse a wrong one early
         place.write(TEACHER_FILE, checkpoint.writer(state))
@@ -199,6 +200,8 @@ class TrialKind(Protocol):
     def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind: {} for the method,
     # else {"trial_kind": {"name": ..., ...}} (refilled.schema.config.ExperimentFile)
 
+    def check(self, cfg: Config) -> None: ...  # refuse, before anything is written, what cannot run
+
     def prepare_teacher(self, cfg: Config, place: Place, teacher: str | None) -> Path | None: ...
 
     def trainable_for(self, inputs: TrialInputs, phase: Phase): ...
@@ -214,6 +217,11 @@ class MethodTrials:
 
     def note(self) -> dict[str, Any]:
         return {}
+
+    def check(self, cfg: Config) -> None:
+        from refilled.runs.inputs import check_inputs
+
+        check_inputs(cfg)
 
     def prepare_teacher(self, cfg: Config, place: Place, teacher: str | None) -> Path:
         return prepare_teacher(cfg, place, teacher)
