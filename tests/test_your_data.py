@@ -151,3 +151,12 @@ def test_search_retrain_and_report_on_a_folder_with_a_torchvision_teacher(pets):
     assert report.returncode == 0, report.stderr[-3000:]
     assert (pets / "report" / "index.md").is_file()
     assert tree(pets / "pets") == before  # the user's folder is only read
+
+
+def test_the_example_file_is_a_valid_experiment_file():
+    from refilled.schema.config import load_experiment
+    from refilled.schema.search import parse_search
+
+    cfg, data = load_experiment(REPO / "search_spaces" / "folder_example.yaml")
+    assert cfg.data_name == "folder" and cfg.teacher_network_name == "torchvision:resnet18"
+    assert cfg.target_classes == ["cat", "dog", "fox"] and parse_search(data["search"], cfg).num_samples == 16
