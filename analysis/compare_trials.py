@@ -36,6 +36,7 @@ from analysis.common import (
     run_cli,
 )
 from refilled.errors import UserError
+from refilled.runs.final_retrain import GAINS, RUN_KINDS
 from refilled.store.experiments import STATUSES, in_rank_order
 from refilled.store.layout import TRIALS_FILE
 
@@ -125,13 +126,14 @@ def experiment_summary(experiments) -> pd.DataFrame:
                **{k: cfg[k] if not isinstance(cfg[k], (list, tuple)) else str(list(cfg[k])) for k in differing}}
         final = retrain_results(exp)
         if final:
-            for kind in ("refilled", "student_alone"):
+            for kind in RUN_KINDS:  # an earlier retrain ran two of them
                 if kind in final:
                     row[f"test_{kind}_mean"] = final[kind]["mean"]
                     row[f"test_{kind}_std"] = final[kind]["std"]
-            if "gain" in final:
-                row["test_gain"] = final["gain"]
-                row["test_gain_se"] = final.get("gain_se")
+            for name, _, _ in GAINS:  # over the student alone; over the untuned config (the search's)
+                if name in final:
+                    row[f"test_{name}"] = final[name]
+                    row[f"test_{name}_se"] = final.get(f"{name}_se")
         rows.append(row)
     return pd.DataFrame.from_records(rows)
 

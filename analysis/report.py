@@ -137,10 +137,11 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
     lines += _selection_section(experiments, made["selection"])
     lines += _cost_section(experiments, ledgers)
 
-    lines += ["## Final retrain: tuned REFILLED against the student alone", "",
+    lines += ["## Final retrain: tuned REFILLED against the untuned one and the student alone", "",
               "The best configuration retrained with the full epoch budget (on train + validation, or on "
               "the shots the search tuned, as each summary says), tested once on the test split with the "
-              "model training ended with.", ""]
+              "model training ended with; beside it, with the same seeds, REFILLED at the experiment's own "
+              "config values (what the search bought) and the student alone (what REFILLED bought).", ""]
     for exp in experiments:
         if len(experiments) > 1:
             lines += [f"### {exp.label}", ""]

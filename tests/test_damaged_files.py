@@ -401,6 +401,29 @@ def test_the_report_leaves_out_a_damaged_retrain_or_best_config_and_says_so_once
     assert tree(folder.parent) == before
 
 
+def test_an_earlier_two_arm_retrain_still_reads_in_the_report_and_the_comparison(made, tmp_path):
+    """results.json of a retrain before the untuned arm existed: REFILLED and the student alone."""
+    from analysis.common import as_experiments, run_cli
+    from analysis.compare_trials import experiment_summary
+    from analysis.report import main as report
+
+    folder = copy(made, tmp_path, None)
+    _ended(folder, "abc")
+    (folder / "retrain").mkdir()
+    earlier = {"refilled": {"test_accuracy": [0.9, 0.92], "seeds": [0, 1], "mean": 0.91, "std": 0.014},
+               "student_alone": {"test_accuracy": [0.88, 0.9], "seeds": [0, 1], "mean": 0.89, "std": 0.014},
+               "gain": 0.02, "gain_paired_seeds": 2, "gain_se": 0.0, "gain_seeds_won": 2, "gain_seeds_lost": 0,
+               "source": {"experiment": "exp", "trial_id": "abc"}, "config": {"tau1": 2.0}}
+    (folder / "retrain" / "results.json").write_text(json.dumps(earlier, indent=2))
+    (folder / "retrain" / "summary.md").write_text("# Final retrain\n\n| model | ... |\nGain of REFILLED over the "
+                                                   "student alone: **+2.00 points**\n")
+    assert run_cli(report, [str(folder), "--out", str(tmp_path / "report")]) == 0
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert "+2.00 points" in index and "left out" not in index
+    table = experiment_summary(as_experiments([str(folder)]))
+    assert table["test_gain"].tolist() == [0.02] and "test_search_gain" not in table
+
+
 def test_the_report_of_a_search_before_any_stage_2_is_written(made, tmp_path, capsys):
     """An interrupted search whose one trial is in stage 1: every plot is made, with nothing to show."""
     from analysis.common import run_cli

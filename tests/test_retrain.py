@@ -75,7 +75,8 @@ def retrained(experiment) -> tuple[Path, subprocess.CompletedProcess]:
 def test_one_folder_per_seed_and_kind(retrained):
     out, result = retrained
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/seed*")) == [
-        "refilled/seed0", "refilled/seed1", "student_alone/seed0", "student_alone/seed1"]
+        "refilled/seed0", "refilled/seed1", "refilled_untuned/seed0", "refilled_untuned/seed1",
+        "student_alone/seed0", "student_alone/seed1"]
     for folder in out.glob("*/seed*"):
         for name in ("student.pt", "config.yaml", "metrics.json"):
             assert (folder / name).is_file() and (folder / name).stat().st_size > 0, folder / name
@@ -84,6 +85,11 @@ def test_one_folder_per_seed_and_kind(retrained):
         assert cfg["seed"] == int(folder.name.removeprefix("seed"))
     assert (out / "summary.md").is_file() and "REFILLED" in (out / "summary.md").read_text()
     assert "REFILLED (tuned)" in result.stdout and "student alone" in result.stdout  # the summary is printed
+    assert "REFILLED (untuned" in result.stdout and "what the search bought" in result.stdout
+    # the untuned arm is the experiment's own config values, trained as the tuned one
+    experiment_cfg = yaml.safe_load((out.parent / "experiment.yaml").read_text())["config"]
+    untuned = config_of(out / "refilled_untuned" / "seed0" / "config.yaml")
+    assert all(untuned[k] == experiment_cfg[k] for k in ("tau1", "tau2", "lambd", "lr1", "lr2"))
 
 
 @pytest.mark.slow
@@ -91,8 +97,9 @@ def test_one_folder_per_seed_and_kind(retrained):
 def test_results_json_interface_and_arithmetic(retrained):
     out, _ = retrained
     results = json.loads((out / "results.json").read_text())
-    for kind in ("refilled", "student_alone"):
+    for kind in ("refilled", "refilled_untuned", "student_alone"):
         r = results[kind]
+        assert r["seeds"] == [0, 1]  # every arm ran the same seeds: the gains are paired by seed
         accs = r["test_accuracy"]
         assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
         assert r["mean"] == pytest.approx(sum(accs) / 2)
@@ -108,6 +115,10 @@ def test_results_json_interface_and_arithmetic(retrained):
     assert results["gain_seeds_won"] == sum(d > 0 for d in diffs)
     assert results["gain_seeds_lost"] == sum(d < 0 for d in diffs)
     assert "of 2 seeds" in (out / "summary.md").read_text()
+    untuned = [a - b for a, b in zip(results["refilled"]["test_accuracy"], results["refilled_untuned"]["test_accuracy"])]
+    assert results["search_gain"] == pytest.approx(statistics.fmean(untuned))
+    assert results["search_gain_se"] == pytest.approx(statistics.stdev(untuned) / 2 ** 0.5)
+    assert results["search_gain_paired_seeds"] == 2
 
 
 def _runs(refilled: list[float], alone: list[float]) -> list[dict]:
@@ -132,6 +143,23 @@ def test_gain_is_paired_by_seed_with_its_standard_error():
     assert clear["gain_seeds_won"] == 3 and "within two standard errors" not in markdown(clear)
     one = results_of_runs(_runs([0.95], [0.90]), {})
     assert one["gain_se"] is None and "one seed: no standard error" in markdown(one)
+
+
+def test_three_arms_give_two_gains_each_paired_by_seed():
+    from refilled.runs.final_retrain import markdown, results_of_runs
+
+    runs = _runs([0.95, 0.96, 0.97], [0.90, 0.92, 0.93])
+    runs += [{"kind": "refilled_untuned", "seed": s, "test_accuracy": a} for s, a in enumerate([0.94, 0.97, 0.95])]
+    runs.append({"kind": "refilled_untuned", "seed": 7, "test_accuracy": 0.5})  # no tuned run of seed 7: unpaired
+    results = results_of_runs(runs, {})
+    assert results["search_gain_paired_seeds"] == 3 and (results["search_gain_seeds_won"],
+                                                          results["search_gain_seeds_lost"]) == (2, 1)
+    assert results["search_gain_se"] == pytest.approx(statistics.stdev([0.01, -0.01, 0.02]) / 3 ** 0.5)
+    assert results["gain_paired_seeds"] == 3 and results["gain_seeds_won"] == 3
+    text = markdown(results)
+    assert "REFILLED (untuned: the experiment's config values)" in text
+    assert "what the search bought" in text and "what REFILLED bought" in text
+    assert "the tuned one ahead on 2 of 3 seeds, behind on 1" in text
 
 
 def test_a_config_file_is_not_called_tuned():

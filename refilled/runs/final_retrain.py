@@ -3,8 +3,9 @@
 Each seed trains both stages on train + validation (or, with `val_per_class`,
 on the same shots the search trained on) with the full epoch budget and the
 experiment's teacher, and the model it ENDS with is tested once on the
-test split: no epoch is selected on test. The student alone (cross-entropy,
-same total epochs, same seeds) is trained beside it, so the gain is measured.
+test split: no epoch is selected on test. Beside it, with the same seeds, shots, epochs and
+evaluation: REFILLED at the experiment's own config values, untuned (what the search
+bought), and the student alone (cross-entropy, same total epochs: what REFILLED bought).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from refilled.files.atomic import write_atomic, write_json
 from refilled.schema.config import Config
 from refilled.store.layout import RETRAIN_RESULTS, RETRAIN_SUMMARY, TEACHER_FILE
 
-RUN_KINDS = ("refilled", "student_alone")
+RUN_KINDS = ("refilled", "refilled_untuned", "student_alone")  # the arms of a retrain, in results.json's keys
+# (key in results.json, the better arm, the arm it is compared with): each a paired gain over seeds
+GAINS = (("gain", "refilled", "student_alone"), ("search_gain", "refilled", "refilled_untuned"))
 
 
 def student_alone(cfg: Config) -> Config:
@@ -83,51 +86,57 @@ def run_one_at_uri(cfg_dict: dict[str, Any], kind: str, seed: int, teacher_uri: 
     return {**result, "folder": out_uri}
 
 
-def plan(cfg: Config, seeds: int, baseline: bool, out: Path) -> list[tuple[str, int, Path]]:
-    kinds = RUN_KINDS if baseline else RUN_KINDS[:1]
-    return [(kind, seed, out / kind / f"seed{seed}") for kind in kinds for seed in range(cfg.seed, cfg.seed + seeds)]
+def plan(seeds: range, arms: tuple[str, ...], out: Path) -> list[tuple[str, int, Path]]:
+    """(arm, seed, its folder) of every final run."""
+    return [(arm, seed, out / arm / f"seed{seed}") for arm in RUN_KINDS if arm in arms for seed in seeds]
 
 
 def results_of_runs(runs: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-    """results.json: accuracies as fractions, per seed, mean, std, and the gain."""
+    """results.json: each arm's accuracies as fractions, per seed, mean, std; each gain of
+    GAINS whose two arms ran, paired by seed."""
     out: dict[str, Any] = {}
     for kind in RUN_KINDS:
         accs = [r["test_accuracy"] for r in sorted(runs, key=lambda r: r["seed"]) if r["kind"] == kind]
         if accs:
             out[kind] = {"test_accuracy": accs, "seeds": sorted(r["seed"] for r in runs if r["kind"] == kind),
                          "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-    if "student_alone" in out:
-        out["gain"] = out["refilled"]["mean"] - out["student_alone"]["mean"]
-        out.update(paired_gain(runs))
+    for name, better, other in GAINS:
+        if better in out and other in out:
+            out[name] = out[better]["mean"] - out[other]["mean"]
+            out.update({f"{name}_{k}": v for k, v in paired_gain(runs, better, other).items()})
     out.update(extra)
     return out
 
 
-def paired_gain(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Seed-by-seed differences (REFILLED - alone: both runs of a seed start from
-    the same initial student), their standard error and the seeds won.
-    The spread between seeds is large on small test sets, so the mean gain alone
-    says little without its standard error."""
+def paired_gain(runs: list[dict[str, Any]], better: str = "refilled", other: str = "student_alone") -> dict[str, Any]:
+    """Seed-by-seed differences (`better` - `other`: both runs of a seed start from the same
+    initial student), their standard error and the seeds won. The spread between seeds is
+    large on small test sets, so the mean gain alone says little without its standard error."""
     acc = {(r["kind"], r["seed"]): r["test_accuracy"] for r in runs}
-    seeds = [s for k, s in sorted(acc) if k == "refilled" and ("student_alone", s) in acc]
-    diffs = [acc["refilled", s] - acc["student_alone", s] for s in seeds]
+    seeds = [s for k, s in sorted(acc) if k == better and (other, s) in acc]
+    diffs = [acc[better, s] - acc[other, s] for s in seeds]
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-    return {"gain_paired_seeds": len(diffs), "gain_se": se, "gain_seeds_won": sum(d > 0 for d in diffs),
-            "gain_seeds_lost": sum(d < 0 for d in diffs)}
+    return {"paired_seeds": len(diffs), "se": se, "seeds_won": sum(d > 0 for d in diffs),
+            "seeds_lost": sum(d < 0 for d in diffs)}
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| model | test accuracy per seed | mean ± std |", "|---|---|---|"]
     tuned = "trial_id" in results.get("source", {})  # not so for `retrain --config FILE`
-    names = {"refilled": "REFILLED (tuned)" if tuned else "REFILLED", "student_alone": "student alone (cross-entropy)"}
+    names = {"refilled": "REFILLED (tuned)" if tuned else "REFILLED", "student_alone": "student alone (cross-entropy)",
+             "refilled_untuned": "REFILLED (untuned: the experiment's config values)"}
     for kind in RUN_KINDS:
         if kind in results:
             r = results[kind]
             per_seed = ", ".join(f"{a:.2%}" for a in r["test_accuracy"])
             lines.append(f"| {names[kind]} | {per_seed} | {r['mean']:.2%} ± {r['std']:.2%} |")
-    if "gain" in results:
-        lines.append(f"\nGain of REFILLED over the student alone: **{results['gain'] * 100:+.2f} points** "
-                     f"(mean over {_seeds(len(results['refilled']['test_accuracy']))}{_paired(results)}).")
+    said = {"gain": ("Gain of REFILLED over the student alone (what REFILLED bought)", "REFILLED"),
+            "search_gain": ("Gain of the tuned over the untuned REFILLED (what the search bought)", "the tuned one")}
+    for name, better, _ in GAINS:
+        if name in results:
+            text, who = said[name]
+            lines.append(f"\n{text}: **{results[name] * 100:+.2f} points** (mean over "
+                         f"{_seeds(len(results[better]['test_accuracy']))}{_paired(results, name, who)}).")
     source = results.get("source", {})
     if source:
         lines.append(f"\nConfiguration: {source}. Each model is the one training ended with, tested once "
@@ -135,15 +144,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paired(results: dict[str, Any]) -> str:
-    n, se = results.get("gain_paired_seeds", 0), results.get("gain_se")
+def _paired(results: dict[str, Any], name: str, who: str) -> str:
+    n, se = results.get(f"{name}_paired_seeds", 0), results.get(f"{name}_se")
     if not n:
         return ""
-    text = f"; REFILLED ahead on {results['gain_seeds_won']} of {n} seeds, behind on {results['gain_seeds_lost']}"
+    text = f"; {who} ahead on {results[f'{name}_seeds_won']} of {n} seeds, behind on {results[f'{name}_seeds_lost']}"
     if se is None:
         return text + "; one seed: no standard error"
     text += f"; standard error of the paired difference {se * 100:.2f} points"
-    if abs(results["gain"]) < 2 * se:
+    if abs(results[name]) < 2 * se:
         text += ": within two standard errors of zero, more seeds (`--seeds`) would tell them apart"
     return text
 
@@ -157,10 +166,11 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     write_atomic(out / RETRAIN_SUMMARY, "# Final retrain\n\n" + markdown(results))
 
 
-def retrain_local(cfg: Config, teacher_path: Path, seeds: int, baseline: bool, out: Path,
+def retrain_local(arms: dict[str, Config], teacher_path: Path, seeds: range, out: Path,
                   on_done: Callable[[dict], None] = lambda r: None) -> list[dict[str, Any]]:
+    """Every arm's runs (`arms`: each arm's config) one after another on this machine."""
     runs = []
-    for kind, seed, folder in plan(cfg, seeds, baseline, out):
-        runs.append(run_one(cfg.to_dict(), kind, seed, str(teacher_path), str(folder)))
+    for kind, seed, folder in plan(seeds, tuple(arms), out):
+        runs.append(run_one(arms[kind].to_dict(), kind, seed, str(teacher_path), str(folder)))
         on_done(runs[-1])
     return runs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from refilled.runs.final_retrain import RUN_KINDS
+
 
 def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> None:
     p = sub.add_parser(
@@ -81,9 +83,10 @@ def add_retrain_command(sub) -> None:
                     "among trials that reached stage 2) with flag_tuning off: train + validation (with val_per_class: the same "
                     "shots the search trained on, so that the tuned regime is the tested one), the full epoch budget, "
                     "the experiment's teacher, N seeds. The model each run ends with is tested once on the "
-                    "test split. With the baseline (default) the student alone (cross-entropy, same epochs, "
-                    "same seeds) is trained too, and the gain is given seed by seed: its standard error and the seeds "
-                    "won and lost (on a small test set a few seeds rarely settle it). Writes results.json and "
+                    "test split. Beside it, with the same seeds, shots, epochs and evaluation (--arms): REFILLED at "
+                    "the experiment's own config values, untuned (what the search bought), and the student alone "
+                    "(cross-entropy: what REFILLED bought); each gain is given seed by seed: its standard error and "
+                    "the seeds won and lost (on a small test set a few seeds rarely settle it). Writes results.json and "
                     "summary.md. On an experiment whose search still runs it reads the trials as they are now "
                     "and says so on stderr.")
     p.add_argument("--experiment", required=True, metavar="PATH",
@@ -94,8 +97,12 @@ def add_retrain_command(sub) -> None:
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--trial", metavar="ID", help="retrain this trial's configuration instead of the chosen one")
     choice.add_argument("--config", metavar="FILE", help="retrain this config file instead")
+    p.add_argument("--arms", default=",".join(RUN_KINDS), type=_arms,
+                   help=f"which arms run, comma-separated (default all: {','.join(RUN_KINDS)}): refilled is the "
+                        "tuned configuration, refilled_untuned the experiment's own config values, student_alone "
+                        "cross-entropy alone")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also train the student alone for comparison (default: on)")
+                   help="--no-baseline: leave out the student alone (as --arms without student_alone)")
     p.add_argument("--force", action="store_true", help="replace results already in --out")
     p.add_argument("--address", help="Ray cluster to run the seeds on as tasks ('auto' or host:port)")
     p.add_argument("--teacher", metavar="FILE", help="use this teacher instead of the experiment's: one `pretrain` "
@@ -104,12 +111,22 @@ def add_retrain_command(sub) -> None:
     p.set_defaults(run=cmd_retrain)
 
 
+def _arms(text: str) -> tuple[str, ...]:
+    arms = tuple(a.strip() for a in text.split(",") if a.strip())
+    wrong = [a for a in arms if a not in RUN_KINDS]
+    if wrong or "refilled" not in arms:
+        raise argparse.ArgumentTypeError(f"--arms takes refilled and any of {', '.join(RUN_KINDS[1:])}, "
+                                         f"comma-separated, got {text!r}")
+    return arms
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     from refilled.runs.final_retrain import markdown
     from refilled.tune.retrain_runner import RetrainRequest, retrain
 
     results, written = retrain(RetrainRequest(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial,
-                                              config=args.config, baseline=args.baseline, force=args.force,
+                                              config=args.config, force=args.force,
+                                              arms=tuple(a for a in args.arms if args.baseline or a != "student_alone"),
                                               address=args.address, teacher=args.teacher))
     print(markdown(results))
     print(f"wrote {written}/results.json and summary.md")

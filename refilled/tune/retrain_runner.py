@@ -17,7 +17,16 @@ from tqdm import tqdm
 
 from refilled.errors import UserError
 from refilled.files import checkpoint
-from refilled.runs.final_retrain import plan, results_of_runs, retrain_local, run_one, run_one_at_uri, trained_on, write_results
+from refilled.runs.final_retrain import (
+    RUN_KINDS,
+    plan,
+    results_of_runs,
+    retrain_local,
+    run_one,
+    run_one_at_uri,
+    trained_on,
+    write_results,
+)
 from refilled.schema.config import Config, load_experiment
 from refilled.schema.search import parse_search
 from refilled.store import experiment_file, storage
@@ -62,14 +71,15 @@ def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -
 class RetrainRequest:
     """What `retrain` is asked: the experiment (a folder or a URI), how many seeds, where to
     write (default <experiment>/retrain), which configuration (the chosen one, `trial`'s, or
-    a `config` file), whether the student alone runs beside it, and where the seeds run."""
+    a `config` file), which arms run (the tuned REFILLED, REFILLED at the experiment's own
+    config values, the student alone: refilled.runs.final_retrain.RUN_KINDS), and where the seeds run."""
 
     experiment: str
     seeds: int = 3
     out: str | None = None
     trial: str | None = None
     config: str | None = None
-    baseline: bool = True
+    arms: tuple[str, ...] = RUN_KINDS
     force: bool = False
     address: str | None = None  # a Ray cluster: each seed a task
     teacher: str | None = None  # a teacher file to use instead of the experiment's
@@ -84,7 +94,7 @@ def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
                         "written next to it (<experiment>/retrain)")
     place = storage.Place.mirrored(request.experiment)
     folder = place.folder
-    _, data = experiment_config(folder, place.location)  # refuses what is not an experiment
+    untuned, data = experiment_config(folder, place.location)  # refuses what is not an experiment
     if data.get("trial_kind"):  # a driver's trials of another kind (benchmarks/simulated_trials.py)
         raise UserError(f"{place.location} holds {data['trial_kind'].get('name')} trials (trial_kind in its "
                         f"{EXPERIMENT_FILE}): they did not train REFILLED, so there is nothing to retrain; "
@@ -112,7 +122,11 @@ def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
     if request.teacher:
         teacher = checkpoint.save(given, out_dir / TEACHER_FILE)  # ours or the authors', in our format
         source["teacher"] = str(request.teacher)
-    runs = plan(cfg, request.seeds, request.baseline, out_dir)
+    # the untuned arm: the experiment's own config values, trained and tested as the tuned one
+    arms = {"refilled": cfg, "refilled_untuned": untuned.replace(device=cfg.device), "student_alone": cfg}
+    arms = {arm: c for arm, c in arms.items() if arm in request.arms}
+    seeds = range(cfg.seed, cfg.seed + request.seeds)
+    runs = plan(seeds, tuple(arms), out_dir)
     bar = tqdm(total=len(runs), desc="final runs", unit="run")
 
     def done(r: dict) -> None:
@@ -120,9 +134,9 @@ def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
         bar.update()
 
     if request.address:
-        results = _on_cluster(FinalRuns(cfg, place, runs, out_dir, upload_to, teacher), request.address, done)
+        results = _on_cluster(FinalRuns(arms, place, runs, out_dir, upload_to, teacher), request.address, done)
     else:
-        results = retrain_local(cfg, teacher, request.seeds, request.baseline, out_dir, done)
+        results = retrain_local(arms, teacher, seeds, out_dir, done)
     bar.close()
     summary = results_of_runs(results, {"source": source, "config": cfg.to_dict(),
                                         "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
@@ -135,10 +149,10 @@ def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
 
 @dataclass(frozen=True)
 class FinalRuns:
-    """The final runs of one retrain: their config, the experiment, each run's (kind, seed,
+    """The final runs of one retrain: each arm's config, the experiment, each run's (kind, seed,
     folder), where they are written (and uploaded, for a URI experiment) and the teacher."""
 
-    cfg: Config
+    arms: dict[str, Config]  # each arm's config
     place: storage.Place
     runs: list[tuple[str, int, Path]]
     out_dir: Path
@@ -157,7 +171,6 @@ def _on_cluster(final: FinalRuns, address: str, done: Callable[[dict], None]) ->
     cfg, data = experiment_file.read(final.place.folder)
     settings = parse_search(data.get("search"), cfg)
     resources = {"num_cpus": settings.resources.cpu, "num_gpus": settings.resources.gpu}
-    config = final.cfg.to_dict()
     if final.upload_to:
         task = ray.remote(**resources)(run_one_at_uri)
         if final.teacher.parent == final.out_dir:  # --teacher: up beside the runs, where every task finds it
@@ -165,12 +178,13 @@ def _on_cluster(final: FinalRuns, address: str, done: Callable[[dict], None]) ->
             teacher_uri = storage.join(final.upload_to, TEACHER_FILE)
         else:
             teacher_uri = storage.join(final.place.uri, TEACHER_FILE)
-        pending = [task.remote(config, kind, seed, teacher_uri,
+        pending = [task.remote(final.arms[kind].to_dict(), kind, seed, teacher_uri,
                                storage.join(final.upload_to, folder.relative_to(final.out_dir).as_posix()))
                    for kind, seed, folder in final.runs]
     else:
         task = ray.remote(**resources)(run_one)
-        pending = [task.remote(config, kind, seed, str(final.teacher), str(folder)) for kind, seed, folder in final.runs]
+        pending = [task.remote(final.arms[kind].to_dict(), kind, seed, str(final.teacher), str(folder))
+                   for kind, seed, folder in final.runs]
     results = []
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
