@@ -93,14 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    from refilled.tune.search import run_search
+    from refilled.tune.search import Outcome, open_search
 
     storage = args.storage or tempfile.mkdtemp(prefix="rung-fidelity-")
     start = time.time()
     out = io.StringIO()
     with contextlib.redirect_stdout(out) if args.quiet else contextlib.nullcontext():
-        folder = run_search(cfg, section, name=args.name, storage_location=storage, address=None, resume=False,
-                            teacher=args.teacher)
+        search = open_search(storage, args.name, cfg, section)
+        if search.run(None, args.teacher) is not Outcome.FINISHED:
+            sys.exit(f"rung_fidelity: the search in {search.place.location} did not finish")
+        folder = search.place.folder
     ray.shutdown()
     curves, _, end = experiment_curves(folder)
     candidates = sorted(set(range(args.every, end, args.every)) | set(rungs))

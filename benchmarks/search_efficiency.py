@@ -35,7 +35,7 @@ def run(config: str, storage: str, name: str, num_samples: int, asha: dict, stag
         seed: int | None = None, start_with: str | None = None) -> tuple[float, int, float, int]:
     import ray
 
-    from refilled.tune.search import run_search
+    from refilled.tune.search import Outcome, open_search
 
     cfg, experiment = load_experiment(config)
     section = {**experiment["search"], "num_samples": num_samples, "asha": asha, "staged": staged}
@@ -45,7 +45,10 @@ def run(config: str, storage: str, name: str, num_samples: int, asha: dict, stag
         section["start_with"] = start_with
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
-        folder = run_search(cfg, section, name=name, storage_location=storage, address=None, resume=False, teacher=None)
+        search = open_search(storage, name, cfg, section)
+        if search.run() is not Outcome.FINISHED:
+            sys.exit(f"search_efficiency: the search {name} did not finish")
+        folder = search.place.folder
     ray.shutdown()
     trials = load_trials(folder)
     epochs = int(trials["epochs_run"].sum())

@@ -1,7 +1,7 @@
 """Simulated trials: the search's driver measured at scale without training anything.
 
 `SimulatedTrials` is a trial kind (refilled.tune.trial_inputs.TrialKind) for
-`run_search`: each trial reports every epoch with the keys a real one reports
+`open_search(..., kind=SimulatedTrials(...)).run()`: each trial reports every epoch with the keys a real one reports
 (both stages, the rung clock, the cost clock, a checkpoint every
 `checkpoint_every` epochs, resumed from its checkpoint), from a synthetic
 learning curve of its configuration, after sleeping a fixed time per epoch. It
