@@ -127,9 +127,11 @@ ALTERNATIVES = dict(
     val_fraction=0.2, split_seed=1, flag_tuning=True, student_network_name="mobile_net", depth=28, width=2, ca=0.5,
     dropout_rate=0.0, tau1=2.0, lr1=0.05, n_training_epochs1=100, batch_size=64, seed=1, flag_merge=True,
     loss_scale1=100.0, tuple_negatives="smallest", margin=0.1, wd=1e-4, mo=0.0, bn_stats="precise",
+    augmentation="resized_crop", skip_bad_images=True, folder_test_fraction=0.2, student_weights="student.pt",
 )
 # keys that are valid only beside another: compared on a base that has it
-NEEDS = {"val_per_class": dict(shots=10)}
+NEEDS = {"val_per_class": dict(shots=10), "folder_test_fraction": dict(data_name="folder"),
+         "student_weights": dict(student_network_name="torchvision:resnet18")}
 
 
 def test_key_depends_on_every_stage1_key():

@@ -20,6 +20,7 @@ Example (search_spaces/digits.yaml)::
       keep_checkpoints: 2
       reuse_actors: true        # a trial runs in the process of the one before it (no start-up)
       seed: 0
+      sampler: tpe              # Optuna's TPE; random: Optuna's RandomSampler (the baseline searches are measured against)
       select: {top_k: 3, seeds: 3}  # re-run the 3 best trials with 3 more seeds; the best mean wins
       budget_hours: 10          # optional: no new trial once this many device hours are spent
       staged:                   # optional: two phases instead of one joint search
@@ -34,7 +35,7 @@ from the chosen embedding (ASHA's clock then counts stage-2 epochs).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     AfterValidator,
@@ -212,6 +213,7 @@ class SearchSettings(_Section):
     # everything themselves, so results do not change.
     reuse_actors: Annotated[StrictBool, must("true or false")] = True
     seed: Count = 0
+    sampler: Annotated[Literal["tpe", "random"], must("tpe or random")] = "tpe"
     staged: Optional[Staged] = None
     select: Select = Field(default_factory=Select)
     budget_hours: Annotated[Optional[Number], Field(gt=0), must("a number of device hours > 0", keep=())

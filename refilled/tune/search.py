@@ -212,7 +212,7 @@ class SearchRun:
                                   **scheduler_args(settings.rung_epochs(phase.max_t), settings.asha.reduction_factor))
         searcher = StudySearcher(StudyPlan(settings.space, phase.study_name, self.place.location, phase.sub,
                                            settings.seed, tuple(first_points(settings, self.cfg)),
-                                           settings.budget_hours))
+                                           settings.budget_hours, settings.sampler))
         return tune.Tuner(
             trainable, param_space=settings.param_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.num_samples,

@@ -70,6 +70,7 @@ class StudyPlan:
     seed: int = 0
     first: tuple[dict[str, Any], ...] = ()
     budget_hours: float | None = None
+    sampler: str = "tpe"  # or "random"
 
 
 class StudySearcher(Searcher):
@@ -81,6 +82,7 @@ class StudySearcher(Searcher):
         super().__init__(metric=metric, mode="max")
         self.space, self.study_name, self.experiment, self.sub = plan.space, plan.study_name, plan.experiment, plan.sub
         self.seed, self.first, self.budget_hours = plan.seed, list(plan.first), plan.budget_hours
+        self.sampler = plan.sampler
         self._numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number: all that Tune saves
         self._init_runtime()
 
@@ -125,12 +127,17 @@ class StudySearcher(Searcher):
         if self.study_name in optuna.get_all_study_names(storage=store):
             size = len(optuna.load_study(study_name=self.study_name, storage=store).get_trials(deepcopy=False))
         study = optuna.create_study(study_name=self.study_name, storage=store, direction="maximize",
-                                    sampler=optuna.samplers.TPESampler(seed=study_seed(self.seed, size)),
+                                    sampler=self._sampler(study_seed(self.seed, size)),
                                     load_if_exists=True)
         if size == 0:
             for point in self.first:  # the first asks get them, in order
                 study.enqueue_trial(point)
         return study
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        if getattr(self, "sampler", "tpe") == "random":  # an earlier version's pickled searcher has no sampler: TPE
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
 
     def budget_spent(self) -> bool:
         """Whether search.budget_hours is spent: the experiment's ledger when this driver
