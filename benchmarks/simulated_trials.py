@@ -27,7 +27,7 @@ from typing import Any
 from refilled.schema.rungs import CLOCK
 from refilled.schema.rungs import clock as rung_clock
 from refilled.store.cost import Clock, device_units
-from refilled.tune.trial_inputs import Phase, TrialInputs, TrialPlan
+from refilled.tune.trial_plan import Phase, TrialInputs, TrialPlan
 from refilled.tune.trial_report import report
 
 STATE = "state.json"  # the simulated trial's checkpoint (a real one's is state.pt)

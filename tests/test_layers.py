@@ -5,6 +5,8 @@ whether the import is at the top of the file or inside a function."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,3 +84,10 @@ def test_no_function_of_the_search_layer_takes_more_than_five_parameters():
             for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(parameters(node)) > 5]
     assert not wide, wide
+
+
+def test_the_simulated_trials_import_no_torch():
+    # benchmarks/search_scale.py runs hundreds of them at once: each a small process
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import simulated_trials; assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -52,7 +52,8 @@ from refilled.store.storage import Place
 from refilled.store.study import STUDY_FILES, study_file
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.selection import reevaluate
-from refilled.tune.trial_inputs import METHOD, METRIC, Phase, TrialInputs, TrialKind
+from refilled.tune.trial_inputs import METHOD, TrialKind
+from refilled.tune.trial_plan import METRIC, Phase, TrialInputs
 
 
 class Outcome(enum.Enum):

@@ -33,7 +33,7 @@ from refilled.schema.rungs import CLOCK
 from refilled.schema.search import Distribution, distributions
 from refilled.store import storage, trial_records
 from refilled.store import study as study_store
-from refilled.tune.trial_inputs import METRIC
+from refilled.tune.trial_plan import METRIC
 
 
 def outcome(result: dict | None, error: bool, metric: str) -> tuple[TrialState, float | None]:

@@ -26,7 +26,8 @@ from refilled.schema.search import SearchSettings
 from refilled.store.cost import device_units
 from refilled.store.experiments import ranked, reeval_results, trial_config
 from refilled.store.layout import SELECTION_DIR, SELECTION_FILE
-from refilled.tune.trial_inputs import METHOD, TrialInputs, TrialKind
+from refilled.tune.trial_inputs import METHOD, TrialKind
+from refilled.tune.trial_plan import TrialInputs
 
 
 def candidates(trials: pd.DataFrame, top_k: int) -> pd.DataFrame:

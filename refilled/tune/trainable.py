@@ -29,7 +29,7 @@ from refilled.schema.rungs import clock as rung_clock
 from refilled.store.cost import Clock, device_units
 from refilled.store.layout import STATE_FILE
 from refilled.store.stage1_cache import Stage1Cache, stage1_key
-from refilled.tune.trial_inputs import Shared, TrialPlan
+from refilled.tune.trial_plan import Shared, TrialPlan
 from refilled.tune.trial_report import report
 
 

@@ -8,7 +8,6 @@ through Ray's object store (`tune.with_parameters`), with the per-trial resource
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -18,12 +17,10 @@ from refilled.files import checkpoint
 from refilled.files.arrays import read_array
 from refilled.runtime import keep_freed_memory, resolve_device
 from refilled.schema.config import Config, from_dict
-from refilled.schema.search import SearchSettings
 from refilled.store.cost import add_driver_cost, device_units
 from refilled.store.layout import BANK_FILE, CENTERS_FILE, STAGE1_CACHE, TEACHER_FILE
 from refilled.store.storage import Place
-
-METRIC = "val_accuracy"  # what trials report, ASHA compares and the study is told
+from refilled.tune.trial_plan import Phase, Shared, TrialInputs, TrialPlan
 
 
 def file_digest(path: Path) -> str:
@@ -135,62 +132,6 @@ def trainable_for(inputs: TrialInputs, phase: Phase, trial: Callable | None = No
     fn = tune.with_parameters(trial or refilled_trial, shared=shared,
                               plan=TrialPlan.of(phase, settings, file_digest(inputs.teacher_path)))
     return tune.with_resources(fn, {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
-
-
-@dataclass(frozen=True)
-class TrialInputs:
-    """What every trial of a search shares: the experiment's config, its place, its teacher
-    (None for a kind that needs none)."""
-
-    cfg: Config
-    place: Place
-    teacher_path: Path | None
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One Ray Tune run of a search: the whole search, or one phase of a staged one."""
-
-    settings: SearchSettings  # this phase's space, budget and schedule
-    max_t: int  # the epochs ASHA counts in it (refilled.schema.rungs.counted_epochs)
-    study_name: str
-    sub: str = ""  # its folder inside the experiment ("": the experiment itself)
-    stage1_only: bool = False  # phase 1 of a staged search: trials end after stage 1
-    stage1: dict | None = None  # phase 2: the end-of-stage-1 snapshot every trial starts stage 2 from
-
-
-@dataclass(frozen=True)
-class Shared:
-    """What the driver computed once for every trial, handed out through Ray's object store:
-    the experiment's config, the teacher's weights, its embedding bank and class centres
-    (None where not used), and the stage-1 cache's folder (None: no cache)."""
-
-    base: dict[str, Any]
-    teacher: dict[str, Any]
-    bank: np.ndarray | None
-    centers: np.ndarray | None
-    cache_dir: str | None
-
-
-@dataclass(frozen=True)
-class TrialPlan:
-    """What a trial needs to know of its phase, besides its config: where it starts and
-    stops, when it checkpoints, and where ASHA compares trials (the clock every report
-    carries, refilled.schema.rungs)."""
-
-    stage1: dict | None = None
-    stage1_only: bool = False
-    checkpoint_every: int = 1
-    teacher_id: str = ""  # the teacher file's digest: part of the stage-1 cache key
-    rungs: tuple[int, ...] = ()
-    reduction_factor: float = 3.0
-    max_t: int = 0
-
-    @classmethod
-    def of(cls, phase: Phase, settings: SearchSettings, teacher_id: str) -> TrialPlan:
-        return cls(stage1=phase.stage1, stage1_only=phase.stage1_only, checkpoint_every=settings.checkpoint_every,
-                   teacher_id=teacher_id, rungs=tuple(settings.rung_epochs(phase.max_t)),
-                   reduction_factor=settings.asha.reduction_factor, max_t=phase.max_t)
 
 
 class TrialKind(Protocol):
