@@ -402,11 +402,13 @@ def _newest_checkpoint_state(place: Place, trial: pd.Series) -> dict:
 def set_aside_unknown_trials(place: Place, known: set[str]) -> None:
     """Trial folders that Tune's restored state does not know were started by a killed
     driver after its last state save; the resumed search ran their configurations
-    again under new ids. They move to interrupted_trials/ so each trial counts once."""
+    again under new ids. They move to interrupted_trials/ so each trial counts once.
+    A trial whose own record says it ended stays: the study was told its end (the searcher
+    is told before the records are written), so its configuration did not run again."""
     folder = place.folder
     for params in sorted(folder.glob("*/params.json")):
         trial = params.parent
-        if trial.name not in known:
+        if trial.name not in known and trial_records.read(trial).get("status") not in trial_records.ENDED:
             (folder / INTERRUPTED_TRIALS).mkdir(exist_ok=True)
             shutil.move(str(trial), str(folder / INTERRUPTED_TRIALS / trial.name))
             if place.uri:
