@@ -170,25 +170,29 @@ def test_a_copied_experiment_resumed_opens_its_own_study_not_the_originals(tmp_p
     assert len(study_store.load(original, "s").trials) == 2
 
 
-def test_a_resumed_search_makes_its_new_trials_where_the_experiment_is_now(tmp_path):
+@pytest.mark.parametrize("sub", ["", "stage1_search"])
+def test_a_resumed_search_makes_its_new_trials_where_the_experiment_is_now(tmp_path, sub):
     """Tune's saved state of the searcher's wrapper holds the experiment as Tune described it
     when the search began, with the storage new trials are made in: restored in another place,
-    it names that place."""
+    it names that place (for a staged search's phase 1, its part stage1_search there)."""
     from ray import cloudpickle  # as Tune saves it
     from ray.tune.experiment import Experiment
 
     def trainable(config):
         pass
 
-    described = Experiment("exp", trainable, storage_path=str(tmp_path / "was"),
+    was = tmp_path / "was" / "exp" / sub if sub else tmp_path / "was" / "exp"
+    described = Experiment(was.name, trainable, storage_path=str(was.parent),
                            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
     state = cloudpickle.dumps({"counter": 1, "total_samples": 4, "finished": False, "experiment": described})
-    wrapper = cloudpickle.loads(cloudpickle.dumps(StudySearch.around(make(tmp_path / "was" / "exp"), 2)))  # tuner.pkl
+    searcher = make(tmp_path / "was" / "exp", sub=sub)
+    wrapper = cloudpickle.loads(cloudpickle.dumps(StudySearch.around(searcher, 2)))  # as tuner.pkl holds it
     current.set_location(str(tmp_path / "now" / "moved"))
     wrapper.set_state(cloudpickle.loads(state))
     trial = wrapper.next_trial()
-    assert trial.storage.experiment_fs_path == str(tmp_path / "now" / "moved")  # its folder goes in there
-    assert described.storage.experiment_fs_path == str(tmp_path / "was" / "exp")  # the restored copy changed
+    now = tmp_path / "now" / "moved" / sub if sub else tmp_path / "now" / "moved"
+    assert trial.storage.experiment_fs_path == str(now)  # its folder goes in there
+    assert described.storage.experiment_fs_path == str(was)  # the restored copy changed, not this
 
 
 def test_an_unclaimed_trial_without_all_its_parameters_is_failed(tmp_path):

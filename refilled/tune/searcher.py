@@ -251,15 +251,17 @@ class StudySearch(SearchGenerator):
     trials (the same three fields)."""
 
     @classmethod
-    def around(cls, searcher: Searcher, max_concurrent: int) -> StudySearch:
-        return cls(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher)
+    def around(cls, searcher: StudySearcher, max_concurrent: int) -> StudySearch:
+        wrapper = cls(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher)
+        wrapper.sub = searcher.sub  # the Tune experiment is the experiment's part `sub` (a staged search's phase 1)
+        return wrapper
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         experiment = self._experiment
         if experiment is None:
             return
-        here = current.place()
+        here = current.place(self.sub)
         where = copy.copy(experiment.spec["storage"])
         if here.uri:
             where.storage_filesystem, path = storage.filesystem(here.storage_path)

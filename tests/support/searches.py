@@ -119,7 +119,7 @@ def kill_when(run: RayRun, args: list[str], ready, what: str, settle: float = 0.
     (LEASE_TIMEOUT). Returns the driver's exit status and pid, and `killed_at`, when it was
     killed (time.monotonic()). `settle`: at a URI, ready() sees files that Tune's upload of its
     state brought, and a kill in the middle of that upload leaves a truncated state that
-    Tune cannot resume from (docs/reliability.md, "If the driver dies"): the upload is given time to end."""
+    --resume refuses (docs/reliability.md, "If the driver dies"): the upload is given time to end."""
     driver = run.popen(args)
     try:
         deadline = time.monotonic() + SEARCH_TIMEOUT
