@@ -54,11 +54,12 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                        help="override any config key, e.g. --set point=[30,45]")
 
 
-def config_from_args(args: argparse.Namespace):
-    """The experiment file's config with the command line's overrides applied."""
+def config_from_args(args: argparse.Namespace, base=None):
+    """The experiment file's config with the command line's overrides applied; without
+    --config, `base` (a resumed experiment's config) with them, and no file."""
     from refilled.schema.config import from_dict, load_experiment, parse_overrides
 
-    cfg, experiment = load_experiment(args.config)
+    cfg, experiment = load_experiment(args.config) if args.config or base is None else (base, {})
     overrides = parse_overrides(args.set)
     for key, value in vars(args).items():
         if key.startswith("set_") and value is not None:

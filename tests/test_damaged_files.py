@@ -154,6 +154,75 @@ def test_resume_of_the_whole_experiment_gets_past_the_checks(made, tmp_path, cap
             "has no Ray Tune state to resume")
 
 
+# Ray Tune's state files as a search leaves them (Ray 2.60's names): JSON, or a pickle
+TUNE_STATE = {"tuner.pkl": "pickle", "experiment_state-2026-01-02_03-04-05.json": "json",
+              "search_gen_state-2026-01-02_03-04-05.json": "pickle", "searcher-state-2026-01-02_03-04-05.pkl": "json",
+              "callback-states-2026-01-02_03-04-05.pkl": "pickle"}
+
+
+def with_tune_state(folder: Path) -> None:
+    import pickle
+
+    for name, kind in TUNE_STATE.items():
+        content = {"trial_data": [["{}", "{}"]] * 20, "runner_data": {"x": "y" * 200}}
+        (folder / name).write_bytes(json.dumps(content).encode() if kind == "json" else pickle.dumps(content))
+    older = folder / "experiment_state-2026-01-01_00-00-00.json"  # an older state Tune does not read
+    older.write_text('{"trial_data": [')
+
+
+@pytest.mark.parametrize("damaged", list(TUNE_STATE))
+@pytest.mark.parametrize("at", ["folder", "uri"])
+def test_resume_refuses_a_damaged_ray_state_and_moves_nothing(made, tmp_path, capsys, monkeypatch, damaged, at):
+    """A Ray state file cut short would make Tune start the search over as if it had never run
+    (and every trial it then does not know would go aside): refused in one line instead."""
+    monkeypatch.setenv("TUNE_REFILLED_CACHE", str(tmp_path / "cache"))
+    folder = copy(made, tmp_path, None)
+    with_tune_state(folder)
+    _another_trial(folder, "fin")
+    _ended(folder, "fin")
+    cut(folder / damaged)
+    storage = str(folder.parent) if at == "folder" else f"file://{folder.parent}"
+    before = tree(folder.parent)
+    line = refused(capsys, ["search", "--resume", "--name", "exp", "--storage", storage],
+                   f"Ray's state of {storage}/exp is damaged ({storage}/exp/{damaged} is not whole",
+                   "restore it from a backup", "`retrain` and analysis/report.py still work on the 1 trials that "
+                   "ended", "nothing was changed")
+    assert "Traceback" not in line
+    assert tree(folder.parent) == before
+
+
+def test_a_staged_search_in_phase_1_has_its_ray_state_checked_too(made, tmp_path, capsys):
+    folder = copy(made, tmp_path, None)
+    data = yaml.safe_load((folder / "experiment.yaml").read_text())
+    phase1 = folder / "stage1_search"
+    shutil.copytree(made, phase1, ignore=shutil.ignore_patterns("teacher.pt", "*.npy"))
+    space = {"tau1": {"loguniform": [0.5, 16]}, "lambd": {"uniform": [0, 200]}}
+    experiment_file.write(Place(folder), make_tiny_config(), {**data["search"], "space": space,
+                                                               "staged": {"num_samples": 2}})
+    with_tune_state(folder)
+    with_tune_state(phase1)
+    cut(phase1 / "experiment_state-2026-01-02_03-04-05.json")
+    refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
+            f"({phase1}/experiment_state-2026-01-02_03-04-05.json is not whole JSON)")
+
+
+def test_a_trial_whose_record_says_it_ended_is_never_set_aside(tmp_path):
+    """Trial folders Tune's restored state does not know go aside only when they never ended
+    (started after Tune's last save, cut by the kill); an ended one stays, and counts."""
+    from refilled.tune.search import set_aside_unknown_trials
+
+    for name, status in [("a", "finished"), ("b", "stopped"), ("c", "diverged"), ("d", "errored"), ("e", "running"),
+                         ("f", None), ("g", "running")]:
+        trial = tmp_path / f"trial_{name}"
+        trial.mkdir()
+        (trial / "params.json").write_text("{}")
+        if status:
+            (trial / "trial_record.json").write_text(json.dumps({"trial_id": name, "status": status}))
+    set_aside_unknown_trials(Place(tmp_path), {"trial_g"})
+    assert sorted(p.name for p in tmp_path.glob("trial_*")) == ["trial_a", "trial_b", "trial_c", "trial_d", "trial_g"]
+    assert sorted(p.name for p in (tmp_path / "interrupted_trials").iterdir()) == ["trial_e", "trial_f"]
+
+
 @pytest.mark.parametrize("keep", [0.0, 0.3, 0.6, 0.97])
 def test_an_experiment_file_cut_anywhere_is_refused(made, tmp_path, capsys, keep):
     folder = copy(made, tmp_path, "experiment.yaml", keep)

@@ -19,7 +19,8 @@ from refilled.store import cost
 from refilled.store import study as study_store
 from refilled.store.layout import STUDY_FILE
 from refilled.store.storage import Place
-from refilled.tune.searcher import StudyPlan, StudySearcher
+from refilled.tune import current
+from refilled.tune.searcher import StudyPlan, StudySearch, StudySearcher
 
 SPACE = {"tau1": {"loguniform": [0.5, 16.0]}, "lambd": {"uniform": [0.0, 10.0]},
          "flag_merge": {"choice": [False, True]}, "depth": {"randint": [10, 12]}}
@@ -28,9 +29,17 @@ TOTAL = 6
 RUNGS = [2, 4]  # ASHA's rungs: each result carries the clock that puts them there (refilled.schema.rungs)
 
 
-def make(tmp_path, **changes) -> StudySearcher:
-    """A searcher as `search` makes one, pickled as Tune pickles it into its experiment."""
-    kwargs = dict(study_name="s", experiment=str(tmp_path), seed=0, first=(FIRST,))
+@pytest.fixture(autouse=True)
+def no_search_after():
+    yield
+    current.set_location(None)
+
+
+def make(tmp_path, experiment=None, **changes) -> StudySearcher:
+    """A searcher as `search` makes one, pickled as Tune pickles it into its experiment, in the
+    experiment a driver runs (`experiment`, default tmp_path: refilled.tune.current)."""
+    current.set_location(str(experiment or tmp_path))
+    kwargs = dict(study_name="s", seed=0, first=(FIRST,))
     return pickle.loads(pickle.dumps(StudySearcher(StudyPlan(SPACE, **{**kwargs, **changes}))))
 
 
@@ -134,6 +143,58 @@ def test_a_resumed_driver_hands_out_the_trials_the_killed_one_asked_and_tells_ea
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
 
 
+def test_a_copied_experiment_resumed_opens_its_own_study_not_the_originals(tmp_path):
+    """The searcher Tune pickled names no place: a copy resumed (`cp -a`, then --resume in
+    the new place) continues the copy's study, and the original's is left as it was."""
+    import shutil
+
+    original, copied = tmp_path / "exp", tmp_path / "elsewhere" / "exp"
+    first = make(original)
+    first.suggest("t1")
+    first.on_trial_complete("t1", report(first, "t1", range(1, TOTAL + 1)))
+    first.suggest("t2")
+    first.save(str(original / "state"))
+    pickled = pickle.dumps(first)
+    del first  # the driver is killed
+    shutil.copytree(original, copied)
+    journal = (original / STUDY_FILE).read_bytes()
+
+    current.set_location(str(copied))
+    second = pickle.loads(pickled)
+    second.restore(str(copied / "state"))
+    second.on_trial_complete("t2", report(second, "t2", range(1, TOTAL + 1)))
+    assert second.suggest("n1")
+    second.on_trial_complete("n1", report(second, "n1", range(1, TOTAL + 1)))
+    assert (original / STUDY_FILE).read_bytes() == journal
+    assert [t.state for t in study_store.load(copied, "s").trials] == [TrialState.COMPLETE] * 3
+    assert len(study_store.load(original, "s").trials) == 2
+
+
+@pytest.mark.parametrize("sub", ["", "stage1_search"])
+def test_a_resumed_search_makes_its_new_trials_where_the_experiment_is_now(tmp_path, sub):
+    """Tune's saved state of the searcher's wrapper holds the experiment as Tune described it
+    when the search began, with the storage new trials are made in: restored in another place,
+    it names that place (for a staged search's phase 1, its part stage1_search there)."""
+    from ray import cloudpickle  # as Tune saves it
+    from ray.tune.experiment import Experiment
+
+    def trainable(config):
+        pass
+
+    was = tmp_path / "was" / "exp" / sub if sub else tmp_path / "was" / "exp"
+    described = Experiment(was.name, trainable, storage_path=str(was.parent),
+                           trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
+    state = cloudpickle.dumps({"counter": 1, "total_samples": 4, "finished": False, "experiment": described})
+    searcher = make(tmp_path / "was" / "exp", sub=sub)
+    wrapper = cloudpickle.loads(cloudpickle.dumps(StudySearch.around(searcher, 2)))  # as tuner.pkl holds it
+    current.set_location(str(tmp_path / "now" / "moved"))
+    wrapper.set_state(cloudpickle.loads(state))
+    trial = wrapper.next_trial()
+    now = tmp_path / "now" / "moved" / sub if sub else tmp_path / "now" / "moved"
+    assert trial.storage.experiment_fs_path == str(now)  # its folder goes in there
+    assert described.storage.experiment_fs_path == str(was)  # the restored copy changed, not this
+
+
 def test_an_unclaimed_trial_without_all_its_parameters_is_failed(tmp_path):
     first = make(tmp_path)
     first.suggest("t1")
@@ -151,6 +212,7 @@ def test_at_a_uri_the_study_goes_up_whenever_tune_saves(tmp_path, monkeypatch):
     bucket = tmp_path / "bucket"
     uri = f"file://{bucket}/exp"
     searcher = make(tmp_path, experiment=uri, sub="stage1_search")
+    assert uri not in str(pickle.dumps(searcher))
     searcher.suggest("t1")
     assert not (bucket / "exp" / "stage1_search" / STUDY_FILE).exists()
     searcher.save(str(tmp_path / "state"))

@@ -4,22 +4,31 @@ A full disk, an interrupted copy or a crash can leave a file cut short. What
 `search --resume`, `retrain` and the analysis scripts read is checked here, by
 reading only, and a damaged file is refused in one line that names it (its URI
 for an experiment at a URI) and says what to do: the Optuna study,
-the teacher, its embedding bank, a staged search's phase-1 choice and the trial
-checkpoints a resume continues trials from. experiment.yaml is checked wherever
-it is read (refilled.store.experiment_file). No Ray here.
+the teacher, its embedding bank, a staged search's phase-1 choice, the trial
+checkpoints a resume continues trials from, and Ray Tune's own state files (only
+whether each parses: what they mean is Tune's). experiment.yaml is checked
+wherever it is read (refilled.store.experiment_file). No Ray here.
 """
 
 from __future__ import annotations
 
+import json
+import pickletools
 import tempfile
 from pathlib import Path
 
+from refilled.errors import UserError
 from refilled.files import checkpoint
 from refilled.files.arrays import read_array
 from refilled.store import storage, trial_records
 from refilled.store.layout import BANK_FILES, STAGE1_SEARCH, STATE_FILE, TEACHER_FILE
 
 RESUME_STUDY = "restore it from a backup, or start a new search (--name OTHER); retrain and the analysis do not need it"
+
+# Ray Tune's state files as Tune names them, and how it writes each (JSON, or a pickle): a restore
+# reads the newest of each (the last by name). Ray 2.60's names; searcher-state holds our searcher's JSON.
+TUNE_STATE = (("tuner.pkl", "pickle"), ("experiment_state-*.json", "json"), ("search_gen_state-*.json", "pickle"),
+              ("searcher-state-*.pkl", "json"), ("callback-states-*.pkl", "pickle"))
 
 
 def _shown(place: storage.Place, rel: str) -> str:
@@ -66,9 +75,45 @@ def _trial_checkpoints(place: storage.Place, ended_too: bool) -> None:
                         f"restore it from a backup ({why}), or start a new search (--name OTHER)")
 
 
+def _parses(path: Path, kind: str) -> bool:
+    """Whether a file is whole JSON, or a whole pickle (its opcodes read to the end, nothing built)."""
+    try:
+        data = path.read_bytes()
+        if kind == "json":
+            json.loads(data)
+        else:
+            for _ in pickletools.genops(data):
+                pass
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def ended_trials(place: storage.Place) -> int:
+    """The trials whose own records say they ended (refilled.store.trial_records)."""
+    return sum(trial_records.read(p.parent).get("status") in trial_records.ENDED
+               for p in place.folder.glob("*/params.json"))
+
+
+def tune_state(place: storage.Place, experiment: storage.Place) -> None:
+    """Ray Tune's state files of `place` (the experiment, or a staged search's phase 1 in it) parse.
+    One cut short makes Tune start the search over as if it had never run: refused instead, nothing moved."""
+    for pattern, kind in TUNE_STATE:
+        found = sorted(place.folder.glob(pattern))
+        if found and not _parses(found[-1], kind):
+            rel = found[-1].relative_to(experiment.folder).as_posix()
+            raise UserError(f"Ray's state of {experiment.location} is damaged ({_shown(experiment, rel)} is not whole "
+                            f"{'JSON' if kind == 'json' else 'pickle'}): --resume would start the search over; restore "
+                            f"it from a backup, or `retrain` and analysis/report.py still work on the "
+                            f"{ended_trials(experiment)} trials that ended; nothing was changed")
+
+
 def before_resume(place: storage.Place, data: dict) -> None:
     """Everything `search --resume` will read, checked before it writes anything.
     `place`: the experiment (for a URI, its freshly pulled mirror); `data`: experiment.yaml."""
+    tune_state(place, place)
+    if not data.get("stage1_choice") and (data.get("search") or {}).get("staged"):
+        tune_state(place.part(STAGE1_SEARCH), place)
     teacher = TEACHER_FILE
     _checkpoint(place, teacher, "teacher checkpoint", "restore it from a backup (the search's bank and "
                 "trials were made with it)")

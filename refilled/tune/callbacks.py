@@ -3,7 +3,9 @@
 They learn what they need from Tune's public callback hooks and keep their own
 state through `get_state`/`set_state`, which Tune calls when it saves its
 experiment state (every 10 s or more) and when `--resume` restores it. Ray's
-own state files are never read.
+own state files are never read. Tune pickles them into the experiment's state:
+they keep no location of the experiment, which they learn from
+refilled.tune.current (a copied or moved experiment is resumed in its new place).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from refilled.store import storage, trial_records
+from refilled.store.layout import STAGE1_SEARCH
+from refilled.tune import current
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +137,13 @@ class KeepLastCheckpoints(Callback):
     sparing the newest checkpoint of each trial at each of the last two state saves
     (Tune uploads a state after saving it; the one before covers an upload still in
     flight when the driver dies). At the end, after Tune's last state save has been
-    uploaded, only the newest `keep` of each trial stay."""
+    uploaded, only the newest `keep` of each trial stay. Checkpoints are known by their
+    paths inside the experiment (or its part `sub`), wherever it is now."""
 
     SAVES = 2  # state saves whose checkpoints are spared
 
-    def __init__(self, location: str, keep: int):
-        self.location, self.keep = location, keep
+    def __init__(self, keep: int, sub: str = ""):
+        self.keep, self.sub = keep, sub
         self._checkpoints: dict[str, list[str]] = {}  # trial id -> checkpoint paths in the experiment, oldest first
         self._saved: list[dict[str, str]] = []  # trial id -> its newest checkpoint, at the last SAVES saves
         self._ended_since_save = False
@@ -147,9 +152,15 @@ class KeepLastCheckpoints(Callback):
     def __getstate__(self):  # pickled into Tune's tuner.pkl: the storage connection is opened anew
         return {k: v for k, v in self.__dict__.items() if k != "_fs"}
 
+    def __setstate__(self, state):
+        location = state.pop("location", None)  # an earlier version's: where the experiment was then
+        if "sub" not in state:
+            state["sub"] = STAGE1_SEARCH if location and location.rstrip("/").endswith("/" + STAGE1_SEARCH) else ""
+        self.__dict__.update(state)
+
     def _filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         if getattr(self, "_fs", None) is None:
-            self._fs = storage_of(self.location)
+            self._fs = storage_of(current.place(self.sub).location)
         return self._fs
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -227,16 +238,13 @@ class KeepLogsOfRetriedTrials(Callback):
     driver do not change between the crash and the restart, so any copy Tune starts
     after the crash writes what ours does."""
 
-    def __init__(self, location: str):
-        self.location = location
-
     def on_trial_start(self, iteration, trials, trial, **info):
         if not trial.local_path or not trial.path:
             return
         files = [f for pattern in LOG_FILES for f in Path(trial.local_path).glob(pattern)]
         if not files:
             return
-        fs, _ = storage_of(self.location)
+        fs, _ = storage_of(current.location())
         fs.create_dir(trial.path, recursive=True)
         for file in files:
             target = f"{trial.path}/{file.name}"

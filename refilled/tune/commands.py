@@ -57,22 +57,100 @@ def cmd_search(args: argparse.Namespace, config_from_args) -> int:
         if not args.name and not args.config:
             raise UserError("--resume needs --name (and --storage if not the default) of the experiment to continue")
         search = open_search(args.storage, args.name or Path(args.config).stem)
+        check_resume_flags(search, args, config_from_args)
     else:
         if not args.config:
             raise UserError("search needs --config FILE (e.g. search_spaces/digits.yaml), or --resume --name NAME")
         cfg, experiment = config_from_args(args)
-        section = dict(experiment.get("search") or {})
-        overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
-        section.update({k: v for k, v in overrides.items() if v is not None})
-        resources = dict(section.get("resources") or {})
-        if args.cpus_per_trial is not None:
-            resources["cpu"] = args.cpus_per_trial
-        if args.gpus_per_trial is not None:
-            resources["gpu"] = args.gpus_per_trial
-        if resources:
-            section["resources"] = resources
+        section = search_section(args, experiment.get("search"))
         search = open_search(args.storage, args.name or Path(args.config).stem, cfg, section)
     return search.run(args.address, args.teacher).value
+
+
+# the search section's keys the command line sets, and their flags
+SEARCH_FLAGS = {"num_samples": ("num_samples", "--num-samples"), "max_concurrent": ("max_concurrent", "--max-concurrent"),
+                "resources.cpu": ("cpus_per_trial", "--cpus-per-trial"),
+                "resources.gpu": ("gpus_per_trial", "--gpus-per-trial")}
+
+
+def search_section(args: argparse.Namespace, section: dict | None) -> dict:
+    """The `search:` section with the command line's --num-samples, --max-concurrent,
+    --cpus-per-trial and --gpus-per-trial in it."""
+    section = dict(section or {})
+    resources = dict(section.get("resources") or {})
+    for key, (attr, _) in SEARCH_FLAGS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            if key.startswith("resources."):
+                resources[key.removeprefix("resources.")] = value
+            else:
+                section[key] = value
+    if resources:
+        section["resources"] = resources
+    return section
+
+
+def _flat(section: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in section.items():
+        if isinstance(value, dict) and value and key != "space":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def check_resume_flags(search, args: argparse.Namespace, config_from_args) -> None:
+    """--resume continues the experiment as its experiment.yaml has it: a --config, a config
+    override (--tau1, --set) or a search flag (--num-samples, ...) that would change it is
+    refused in one line, before anything is written; one that changes nothing is said to be
+    not needed, and --teacher not used where the experiment has its teacher."""
+    import sys
+
+    from refilled.errors import UserError
+    from refilled.schema.config import FIELDS, parse_overrides
+    from refilled.schema.search import parse_search
+    from refilled.store.layout import TEACHER_FILE
+
+    where = search.place.location
+    overrides = {k for k in FIELDS if getattr(args, f"set_{k}", None) is not None}
+    flags = (["--config"] if args.config else []) + [f"--{k}" for k in sorted(overrides)] + \
+        (["--set"] if args.set else []) + [flag for attr, flag in SEARCH_FLAGS.values() if getattr(args, attr) is not None]
+    if args.teacher and (search.place.folder / TEACHER_FILE).is_file():
+        print(f"note: --teacher is not used: {where} has its {TEACHER_FILE}, the teacher its trials were trained with",
+              file=sys.stderr)
+    if not flags:
+        return
+    refused = f"--resume continues {where} as it was written; {{}} would change it ({{}}): start a new search with " \
+              "--name OTHER, or leave them out"
+    try:
+        cfg, experiment = config_from_args(args, search.cfg)
+        section = search_section(args, experiment.get("search") if args.config else search.settings.to_section())
+        given = _flat(parse_search(section, cfg).to_section())
+    except UserError as e:
+        raise UserError(refused.format("/".join(flags), e)) from None
+    set_keys = set(parse_overrides(args.set))
+    was_cfg, now_cfg = search.cfg.to_dict(), cfg.to_dict()
+    was = _flat(search.settings.to_section())
+    changes, blamed = [], []
+    for key in sorted(set(was_cfg) | set(now_cfg)):
+        if was_cfg.get(key) != now_cfg.get(key):
+            changes.append(f"{key} {_value(was_cfg.get(key))} -> {_value(now_cfg.get(key))}")
+            blamed.append(f"--{key}" if key in overrides else "--set" if key in set_keys else "--config")
+    for key in sorted(set(was) | set(given)):
+        if was.get(key) != given.get(key):
+            changes.append(f"search.{key} {_value(was.get(key))} -> {_value(given.get(key))}")
+            attr, flag = SEARCH_FLAGS.get(key, (None, "--config"))
+            blamed.append(flag if attr and getattr(args, attr) is not None else "--config")
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise UserError(refused.format("/".join(dict.fromkeys(blamed)), shown))
+    print(f"note: --resume continues {where} as it was written: {', '.join(flags)} "
+          f"{'is' if len(flags) == 1 else 'are'} not needed (the same as its experiment.yaml)", file=sys.stderr)
 
 
 def add_retrain_command(sub) -> None:

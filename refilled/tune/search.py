@@ -50,6 +50,7 @@ from refilled.store.lease import Lease, lease_at
 from refilled.store.rung_fidelity import correlation_lines, experiment_correlations
 from refilled.store.storage import Place
 from refilled.store.study import STUDY_FILES, study_file
+from refilled.tune import current
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.selection import reevaluate
 from refilled.tune.trial_inputs import METHOD, TrialKind
@@ -135,9 +136,11 @@ class SearchRun:
             print(f"note: took over the lease of {self.place.location} from a driver that is gone "
                   f"({took.describe()}; {took.gone})", file=sys.stderr)
         LeaseGuard.watch(self.lease)
+        current.set_location(self.place.location)  # where the searcher and the callbacks find the experiment
         try:
             return self._phases(teacher)
         finally:
+            current.set_location(None)
             LeaseGuard.watch(None)
             self.lease.release()
 
@@ -205,26 +208,27 @@ class SearchRun:
         from ray.tune.schedulers import ASHAScheduler
 
         from refilled.tune.callbacks import KeepLastCheckpoints, KeepLogsOfRetriedTrials, LeaseGuard, TrialRecords
-        from refilled.tune.searcher import StudyPlan, StudySearcher
+        from refilled.tune.searcher import StudyPlan, StudySearch, StudySearcher
 
         settings = phase.settings
         # rungs at the epochs the settings name, through the clock every trial reports (refilled.schema.rungs)
         scheduler = ASHAScheduler(metric=METRIC, mode="max",
                                   **scheduler_args(settings.rung_epochs(phase.max_t), settings.asha.reduction_factor))
-        searcher = StudySearcher(StudyPlan(settings.space, phase.study_name, self.place.location, phase.sub,
-                                           settings.seed, tuple(first_points(settings, self.cfg)),
-                                           settings.budget_hours, settings.sampler))
+        searcher = StudySearcher(StudyPlan(settings.space, phase.study_name, phase.sub, settings.seed,
+                                           tuple(first_points(settings, self.cfg)), settings.budget_hours, settings.sampler))
+        # wrapped here as Tune would wrap it (max_concurrent_trials), so that a resume re-points it (StudySearch)
         return tune.Tuner(
             trainable, param_space=settings.param_space(),
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.num_samples,
-                                        max_concurrent_trials=settings.max_concurrent or None,
+            tune_config=tune.TuneConfig(search_alg=StudySearch.around(searcher, settings.max_concurrent),
+                                        scheduler=scheduler, num_samples=settings.num_samples,
                                         reuse_actors=settings.reuse_actors,
                                         trial_dirname_creator=trial_folder_name),
             run_config=tune.RunConfig(
                 name=place.location.rstrip("/").rsplit("/", 1)[-1], storage_path=place.storage_path, verbose=1,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                callbacks=[LeaseGuard(), TrialRecords(), KeepLogsOfRetriedTrials(place.location),
-                           KeepLastCheckpoints(place.location, settings.keep_checkpoints)],
+                # none of them keeps the experiment's location: refilled.tune.current says it
+                callbacks=[LeaseGuard(), TrialRecords(), KeepLogsOfRetriedTrials(),
+                           KeepLastCheckpoints(settings.keep_checkpoints, phase.sub)],
                 # Ray keeps every checkpoint; KeepLastCheckpoints deletes the old ones safely
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
 
@@ -341,7 +345,8 @@ def write_trials_table(place: Place) -> pd.DataFrame:
     trials = load_trials(place.folder)
     if trials.empty or not (trials["epochs"] > 0).any():
         raise UserError(f"the search in {place.location} reported no epoch: see the trial errors above")
-    place.write(TRIALS_FILE, trials.to_csv(index=False))
+    # the folder column as the experiment names it (trial_<id>): an experiment copied or moved elsewhere stays right
+    place.write(TRIALS_FILE, trials.assign(folder=[Path(f).name for f in trials["folder"]]).to_csv(index=False))
     counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
     searched = [c for c in trials.columns if c.startswith("config/")]
     shown = trials[searched + ["best_val_accuracy_stage2", "epochs", "status"]]
@@ -398,11 +403,13 @@ def _newest_checkpoint_state(place: Place, trial: pd.Series) -> dict:
 def set_aside_unknown_trials(place: Place, known: set[str]) -> None:
     """Trial folders that Tune's restored state does not know were started by a killed
     driver after its last state save; the resumed search ran their configurations
-    again under new ids. They move to interrupted_trials/ so each trial counts once."""
+    again under new ids. They move to interrupted_trials/ so each trial counts once.
+    A trial whose own record says it ended stays: the study was told its end (the searcher
+    is told before the records are written), so its configuration did not run again."""
     folder = place.folder
     for params in sorted(folder.glob("*/params.json")):
         trial = params.parent
-        if trial.name not in known:
+        if trial.name not in known and trial_records.read(trial).get("status") not in trial_records.ENDED:
             (folder / INTERRUPTED_TRIALS).mkdir(exist_ok=True)
             shutil.move(str(trial), str(folder / INTERRUPTED_TRIALS / trial.name))
             if place.uri:

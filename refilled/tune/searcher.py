@@ -4,7 +4,9 @@ The study lives in the experiment folder (refilled.store.study: an Optuna
 journal, or the SQLite file of an experiment made before it); for an
 experiment at a URI, in the local mirror, uploaded to the URI whenever Tune
 saves its state (`save`, just before Tune uploads its own), so that a resume
-from another machine finds the study as that state knew it.
+from another machine finds the study as that state knew it. Where the experiment
+is, the searcher asks refilled.tune.current (never its pickled self): a copied
+or moved experiment is resumed in its new place.
 
 Each Tune trial gets one Optuna trial: asked (`study.ask`; the first may be a
 given point, `study.enqueue_trial`), its validation accuracy reported at each
@@ -19,6 +21,7 @@ only which Optuna trial each Tune trial is; everything else is in the study.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -26,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pyarrow.fs
 from optuna.trial import TrialState
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 from refilled.schema.rungs import CLOCK
 from refilled.schema.search import Distribution, distributions
 from refilled.store import storage, trial_records
 from refilled.store import study as study_store
+from refilled.tune import current
 from refilled.tune.trial_plan import METRIC
 
 
@@ -58,14 +63,13 @@ def study_seed(seed: int, size: int) -> int:
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """The study a searcher asks and tells: its search space, its name, where it is (the
-    experiment's location: a folder, or a URI whose mirror on this machine holds the file;
-    and, for a staged search's phase 1, its part `sub`), the sampler's seed, the points
-    queued first, and the device hours after which no trial starts."""
+    """The study a searcher asks and tells: its search space, its name, where it is in the
+    experiment (for a staged search's phase 1, its part `sub`; the experiment itself is the
+    one refilled.tune.current names), the sampler's seed, the points queued first, and the
+    device hours after which no trial starts."""
 
     space: dict[str, Distribution]
     study_name: str
-    experiment: str
     sub: str = ""
     seed: int = 0
     first: tuple[dict[str, Any], ...] = ()
@@ -76,11 +80,12 @@ class StudyPlan:
 class StudySearcher(Searcher):
     """Optuna's TPE behind Tune's Searcher interface, over a study of our own (`plan`).
     Tune pickles this object into its experiment, so a resumed driver, perhaps on another
-    machine, finds the study through its own mirror."""
+    machine or with the experiment in another place, finds the study through the
+    experiment it runs (refilled.tune.current): its folder, or its URI's mirror there."""
 
     def __init__(self, plan: StudyPlan, metric: str = METRIC):
         super().__init__(metric=metric, mode="max")
-        self.space, self.study_name, self.experiment, self.sub = plan.space, plan.study_name, plan.experiment, plan.sub
+        self.space, self.study_name, self.sub = plan.space, plan.study_name, plan.sub
         self.seed, self.first, self.budget_hours = plan.seed, list(plan.first), plan.budget_hours
         self.sampler = plan.sampler
         self._numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number: all that Tune saves
@@ -103,6 +108,7 @@ class StudySearcher(Searcher):
         return state
 
     def __setstate__(self, state):
+        state.pop("experiment", None)  # where an earlier version's searcher was made: not where it runs now
         self.__dict__.update(state)
         self._init_runtime()
 
@@ -110,7 +116,7 @@ class StudySearcher(Searcher):
 
     @property
     def place(self) -> storage.Place:
-        return storage.Place.at(self.experiment, self.sub)
+        return current.place(self.sub)
 
     @property
     def study(self) -> optuna.Study:
@@ -148,7 +154,7 @@ class StudySearcher(Searcher):
         if self._spent_s is None:
             from refilled.store.cost import device_seconds
 
-            self._spent_s = device_seconds(storage.Place.at(self.experiment).folder)
+            self._spent_s = device_seconds(current.place().folder)
         return self._spent_s >= self.budget_hours * 3600
 
     # ----------------------------------------------------------------------------- Tune's Searcher
@@ -236,3 +242,38 @@ class StudySearcher(Searcher):
                 self._unclaimed.append((trial.number, dict(trial.params)))
             else:
                 self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+class StudySearch(SearchGenerator):
+    """Tune's SearchGenerator around the StudySearcher (and Tune's ConcurrencyLimiter with
+    `max_concurrent`), as Tune would wrap it, but with new trials made where the experiment
+    is now.
+
+    Tune saves this wrapper's state with its own, and that state holds the experiment as
+    Tune described it when the search began, with its storage: the place new trials are
+    created in. `Tuner.restore` re-points the trials it restores at the place it restores
+    from, not that description, so a copied or moved experiment, resumed, would create its
+    new trials in the old place. On restore the description's storage is re-pointed at the
+    experiment this driver runs (refilled.tune.current), as Tune re-points its restored
+    trials (the same three fields)."""
+
+    @classmethod
+    def around(cls, searcher: StudySearcher, max_concurrent: int) -> StudySearch:
+        wrapper = cls(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher)
+        wrapper.sub = searcher.sub  # the Tune experiment is the experiment's part `sub` (a staged search's phase 1)
+        return wrapper
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        experiment = self._experiment
+        if experiment is None:
+            return
+        here = current.place(self.sub)
+        where = copy.copy(experiment.spec["storage"])
+        if here.uri:
+            where.storage_filesystem, path = storage.filesystem(here.storage_path)
+        else:
+            where.storage_filesystem, path = pyarrow.fs.LocalFileSystem(), here.storage_path
+        where.storage_fs_path = Path(path).as_posix()
+        where.experiment_dir_name = here.location.rstrip("/").rsplit("/", 1)[-1]
+        experiment.spec["storage"] = experiment.storage = where

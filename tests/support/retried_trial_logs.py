@@ -20,6 +20,7 @@ os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "3600"
 
 from ray import tune  # noqa: E402
 
+from refilled.tune import current  # noqa: E402
 from refilled.tune.callbacks import KeepLogsOfRetriedTrials  # noqa: E402
 
 STORAGE = Path(sys.argv[1])
@@ -51,7 +52,8 @@ class StaleStorageOnRestart(KeepLogsOfRetriedTrials):
                 super().on_trial_start(iteration, trials, trial, **info)
 
 
+current.set_location(str(STORAGE / "retried"))  # as SearchRun.run says where its experiment is
 grid = tune.Tuner(trial, run_config=tune.RunConfig(
-    name="retried", storage_path=str(STORAGE), callbacks=[StaleStorageOnRestart(str(STORAGE))],
+    name="retried", storage_path=str(STORAGE), callbacks=[StaleStorageOnRestart()],
     failure_config=tune.FailureConfig(max_failures=1))).fit()
 print("STEPS", [json.loads(line)["step"] for line in Path(grid[0].path, "result.json").read_text().splitlines()])

@@ -119,7 +119,7 @@ def kill_when(run: RayRun, args: list[str], ready, what: str, settle: float = 0.
     (LEASE_TIMEOUT). Returns the driver's exit status and pid, and `killed_at`, when it was
     killed (time.monotonic()). `settle`: at a URI, ready() sees files that Tune's upload of its
     state brought, and a kill in the middle of that upload leaves a truncated state that
-    Tune cannot resume from (docs/reliability.md, "If the driver dies"): the upload is given time to end."""
+    --resume refuses (docs/reliability.md, "If the driver dies"): the upload is given time to end."""
     driver = run.popen(args)
     try:
         deadline = time.monotonic() + SEARCH_TIMEOUT
@@ -206,6 +206,16 @@ def finished(trial_folder: Path) -> bool:
     return bool(rows) and not rows[-1].get("diverged") and rows[-1]["step"] == rows[-1]["total_steps"]
 
 
+ENDED = ("finished", "stopped", "diverged", "errored")  # a trial record's statuses of a trial that ended
+
+
+def ended_unsaved(folder: Path, saved: dict[str, str]) -> list[str]:
+    """The trials a killed driver's last saved state did not know that had ended all the same:
+    a resume keeps them (more trials than num_samples by as many)."""
+    return [tf.name for tf in trial_folders(folder) if tf.name not in saved and (tf / "trial_record.json").is_file()
+            and record(tf)["status"] in ENDED]
+
+
 def saved_state(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
     """What Tune's last saved experiment state holds, as the trials' records note it at
     each save: {trial folder: status} and {trial folder: the checkpoint a resume starts it
@@ -227,13 +237,17 @@ def check_run_again_from_saved_state(folder: Path, before: dict[str, list[dict]]
     others (running, or finished after that save) ran again from the checkpoint it knew
     (a result names the checkpoint saved with it), and each epoch run twice reported the
     same both times (the checkpoint holds every random state); a trial it did not know was
-    set aside and its configuration run anew. `before`: each trial's results at the kill."""
+    set aside and its configuration run anew, unless it had ended (its record says so): it
+    stayed, not run again. `before`: each trial's results at the kill."""
     def measured(row: dict) -> tuple:
         return row["step"], row["val_accuracy"], row["loss"]
 
     for name, rows in before.items():
         if name not in saved:
-            assert (folder / "interrupted_trials" / name).is_dir() and not (folder / name).exists(), name
+            if (folder / name).is_dir():
+                assert record(folder / name)["status"] in ENDED and results(folder / name) == rows, name
+                continue
+            assert (folder / "interrupted_trials" / name).is_dir(), name
             assert any(same_params(params(tf), rows[-1]["config"]) for tf in trial_folders(folder)), name
             continue
         now = results(folder / name)
