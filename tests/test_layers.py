@@ -5,6 +5,7 @@ whether the import is at the top of the file or inside a function."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,7 @@ def test_no_function_of_the_search_layer_takes_more_than_five_parameters():
 
 def test_the_simulated_trials_import_no_torch():
     # benchmarks/search_scale.py runs hundreds of them at once: each a small process
-    code = "import sys; sys.path.insert(0, 'benchmarks'); import simulated_trials; assert 'torch' not in sys.modules"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = "import sys, simulated_trials; assert 'torch' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "benchmarks")}  # as search_scale.py's Ray workers find it
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
