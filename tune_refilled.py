@@ -23,7 +23,7 @@ from pathlib import Path
 # by side, a laptop) spinning threads of one process starve the others' work.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from refilled.errors import Diverged, UserError, one_line, os_error_line
+from refilled.errors import Diverged, UserError, naming, one_line, os_error_line
 
 EXAMPLES = """examples:
   python tune_refilled.py train --config search_spaces/digits.yaml
@@ -110,10 +110,12 @@ def cmd_train(args) -> int:
     try:
         paths.make(out)  # marked: a rerun may write here again
         summary = train_once(cfg, out, teacher_path=args.teacher)
-    except BaseException:  # Ctrl-C, a divergence, an error: leave nothing that would block the rerun
+    except BaseException as e:  # Ctrl-C, a divergence, an error: leave nothing that would block the rerun
         if ours:
             shutil.rmtree(out, ignore_errors=True)
             paths.remove_empty(made[1:])
+        if isinstance(e, OSError) and (named := naming(e, out)) is not e:  # a full disk: say where it wrote
+            raise named from e
         raise
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"wrote {out}/metrics.json, {out}/student.pt and TensorBoard events "

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
-from refilled.errors import UserError, one_line, os_error_line
+from refilled.errors import UserError, naming, one_line, os_error_line
 from refilled.schema.config import Config
 from refilled.schema.search import Distribution, SearchSettings, parse_search
 from refilled.store import paths
@@ -273,9 +273,11 @@ def output_folder(path: str | Path, force: bool = False, experiments: Iterable[E
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
         paths.mark(folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(aside, ignore_errors=True)
         paths.remove_empty(made)
+        if isinstance(e, OSError) and (named := naming(e, folder)) is not e:  # a full disk: say where it wrote
+            raise named from e
         raise
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -312,9 +314,16 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line with exit code 2, as tune_refilled.py does."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
 def experiments_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The arguments every analysis script takes: experiments and --out."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
                    help="experiment folder(s) made by `search`, or their URIs (s3://...); one whose search "
                         "still runs is read as it is now (said on stderr)")

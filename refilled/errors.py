@@ -82,3 +82,10 @@ def os_error_line(error: OSError) -> str | None:
              if p is not None]
     where = " -> ".join(paths)
     return f"{where}: {cause}: {remedy}" if where else f"{cause}: {remedy}"
+
+
+def naming(error: OSError, path: object) -> OSError:
+    """`error` as it names `path` when it names no file (a write that failed on a full disk)."""
+    if error.filename is None and error.errno is not None:
+        return OSError(error.errno, error.strerror, str(path))
+    return error

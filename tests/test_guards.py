@@ -322,6 +322,35 @@ def test_a_refusal_of_the_operating_system_ends_every_command_in_one_line(tmp_pa
     assert tree(exp.parent) == before
 
 
+def test_a_search_on_a_storage_it_cannot_reach_is_refused_before_ray_starts(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    line = main_error(capsys, *search_args(tmp_path / "a" / "s", "x"))
+    assert f"{tmp_path}/a/s/x: too many levels of symbolic links" in line
+    line = main_error(capsys, *search_args(tmp_path / "s", "n" * 255 + "é"))
+    assert "257 bytes long" in line and "…" in line
+
+
+def test_a_full_disk_names_the_output_it_was_writing(tmp_path, capsys, monkeypatch, tiny_yaml, teacher_path):
+    """A write that fails on a full disk names no file (the operating system's ENOSPC from
+    /dev/full): the command says which output it was writing, and leaves nothing there."""
+    from refilled.runs import single_run
+
+    monkeypatch.setattr(single_run, "train_once", lambda cfg, out, **kw: Path("/dev/full").write_bytes(b"events"))
+    out = tmp_path / "run"
+    line = main_error(capsys, "train", "--config", str(tiny_yaml), "--teacher", str(teacher_path), "--out", str(out))
+    assert f"{out}: no space left on the device" in line and not out.exists()
+
+
+def test_a_usage_error_of_an_analysis_script_is_one_line(capsys):
+    from analysis.report import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["exp", "--bogus\nvalue"])
+    out, err = capsys.readouterr()
+    assert ended.value.code == 2 and err.splitlines() == [err.strip()] and "--bogus\\nvalue" in err, err
+
+
 def test_sizes_are_refused_by_meaning_before_anything_is_made(exp, tmp_path, capsys):
     main_error(capsys, "retrain", "--experiment", str(exp), "--seeds", "1000000000")
     main_error(capsys, "retrain", "--experiment", str(exp), "--seeds", "0")

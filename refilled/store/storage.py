@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from refilled.errors import UserError, shown
 from refilled.files.atomic import write_atomic
-from refilled.store.paths import experiment_name, real, refuse_repository
+from refilled.store.paths import experiment_name, probe, real, refuse_repository
 
 CACHE_ENV = "TUNE_REFILLED_CACHE"
 
@@ -185,6 +185,7 @@ class Place:
             uri = join(storage, name)
             filesystem(uri)  # refuses a URI pyarrow cannot open, in one line
             return cls(mirror(uri), uri)
+        probe(Path(storage) / name)  # a symlink loop, a name too long: said now, not once Ray has started
         folder = real(storage)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--storage {shown(storage)} is a file, not a folder: name a folder (made if missing) or a URI")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from refilled.errors import UserError, shown
+from refilled.errors import UserError, naming, shown
 from refilled.files import checkpoint
 from refilled.runs.final_retrain import plan, results_of_runs, retrain_local, run_one, run_one_at_uri, trained_on, write_results
 from refilled.schema.config import Config, load_experiment
@@ -182,10 +182,12 @@ def _retrain(request: RetrainRequest, place: storage.Place, out_dir: Path, uploa
                                             "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
                                             "eval_split": "test", "trained_on": trained_on(cfg)})
         write_results(out_dir, summary)
-    except BaseException:  # Ctrl-C, an error: a folder this made leaves nothing behind
+    except BaseException as e:  # Ctrl-C, an error: a folder this made leaves nothing behind
         if ours:
             shutil.rmtree(out_dir, ignore_errors=True)
             paths.remove_empty(made[1:])
+        if isinstance(e, OSError) and (named := naming(e, out_dir)) is not e:  # a full disk: say where it wrote
+            raise named from e
         raise
     if upload_to:
         place.push(RETRAIN_DIR)
