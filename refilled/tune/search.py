@@ -83,7 +83,7 @@ class SearchRun:
     stage1_choice: dict | None = None  # what a resumed staged search's phase 1 chose
     kind: TrialKind = field(default=METHOD)
     teacher: str | None = None  # --teacher, checked by `new`
-    tuning: bool = False  # a Ray Tune run has started: from then on the experiment is kept whatever happens
+    tuning: bool = False  # a Ray Tune run has started: the experiment is kept once a trial began (_before_first_trial)
 
     @classmethod
     def new(cls, cfg: Config, section: dict, place: Place, kind: TrialKind = METHOD,
@@ -147,8 +147,9 @@ class SearchRun:
         try:
             return self._phases(teacher or self.teacher)
         except BaseException:
-            if discarded := self._before_first_trial():
-                self._discard()
+            with contextlib.suppress(Exception):  # what cannot be looked at or removed is kept: the error is what matters
+                if discarded := self._before_first_trial():
+                    self._discard()
             raise
         finally:
             LeaseGuard.watch(None)
@@ -181,8 +182,7 @@ class SearchRun:
         holder releases it), and an experiment that ran a trial is never discarded."""
         keep = (LEASE_FILE, LOCK_FILE)
         if self.place.uri:
-            with contextlib.suppress(OSError, pyarrow.ArrowException):
-                storage.remove(self.place.uri, keep)
+            storage.remove(self.place.uri, keep)
             shutil.rmtree(self.place.folder, ignore_errors=True)
         elif self.place.folder.is_dir():
             for entry in self.place.folder.iterdir():
