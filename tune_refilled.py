@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 # by side, a laptop) spinning threads of one process starve the others' work.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from refilled.errors import Diverged, UserError
+from refilled.errors import Diverged, UserError, naming, one_line, os_error_line
 
 EXAMPLES = """examples:
   python tune_refilled.py train --config search_spaces/digits.yaml
@@ -37,7 +38,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line with exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -73,13 +74,12 @@ def config_from_args(args: argparse.Namespace, base=None):
 
 
 def fresh_folder(path: Path, force: bool = False) -> Path:
-    """Refuse a folder that already holds files (unless --force). The folder is made
-    by whatever writes the first file, so a run refused later leaves nothing behind."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} exists and is not a folder: choose another --out")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise UserError(f"{path} already exists and is not empty: choose another --out or pass --force")
-    return path
+    """The output folder if this command may write there (refilled.store.paths: new, empty, or
+    one these commands wrote; else only with --force; never the repository's code). The
+    folder is made by the command once its checks have passed."""
+    from refilled.store.paths import output_folder
+
+    return output_folder(path, force)
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -87,8 +87,9 @@ def fresh_folder(path: Path, force: bool = False) -> Path:
 def cmd_pretrain(args) -> int:
     cfg, _ = config_from_args(args)  # before importing torch: bad input is reported at once
     from refilled.runs.single_run import pretrain
+    from refilled.store.paths import output_file
 
-    out = Path(args.out) if args.out else None
+    out = output_file(args.out, args.force) if args.out else None
     path, metrics = pretrain(cfg, out, force=args.force)
     print(f"teacher saved to {path}: epoch {metrics['chosen_epoch']} of {cfg.teacher_epochs}, chosen on validation "
           f"({metrics['chosen_val_accuracy']:.4f}); its test accuracy on the source task: {metrics['test_accuracy']:.4f}")
@@ -103,16 +104,23 @@ def cmd_train(args) -> int:
     cfg, _ = config_from_args(args)  # before importing torch: bad input is reported at once
     out = fresh_folder(Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"), args.force)
     from refilled.runs.single_run import train_once
+    from refilled.store import paths
 
     ours = not out.exists() or not any(out.iterdir())  # nothing of the user's in it: ours to clean up
+    made = paths.new_folders(out)
     try:
+        paths.make(out)  # marked: a rerun may write here again
         summary = train_once(cfg, out, teacher_path=args.teacher)
-    except BaseException:  # Ctrl-C, a divergence, an error: leave nothing that would block the rerun
+    except BaseException as e:  # Ctrl-C, a divergence, an error: leave nothing that would block the rerun
         if ours:
             shutil.rmtree(out, ignore_errors=True)
+            paths.remove_empty(made[1:])
+        if isinstance(e, OSError) and (named := naming(e, out)) is not e:  # a full disk: say where it wrote
+            raise named from e
         raise
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    print(f"wrote {out}/metrics.json, {out}/student.pt and TensorBoard events (tensorboard --logdir {out})")
+    print(f"wrote {out}/metrics.json, {out}/student.pt and TensorBoard events "
+          f"({shlex.join(['tensorboard', '--logdir', str(out)])})")
     return 0
 
 
@@ -166,15 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except Diverged as e:  # the config's fault, said in one line
-        print(f"error: {e}; lower the learning rates (lr1, lr2) or loss weights (lambd, loss_scale1)",
-              file=sys.stderr)
-        return 2
+        return fail(f"{e}; lower the learning rates (lr1, lr2) or loss weights (lambd, loss_scale1)")
+    except OSError as e:  # the operating system refused (permissions, a full disk, ...): said in one line
+        if (line := os_error_line(e)) is None:
+            raise
+        return fail(line)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def fail(message: str) -> int:
+    """The one place an error is printed: one line (refilled.errors.one_line), exit code 2."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -17,15 +17,17 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
-from refilled.errors import UserError
+from refilled.errors import UserError, naming, one_line, os_error_line
 from refilled.schema.config import Config
 from refilled.schema.search import Distribution, SearchSettings, parse_search
+from refilled.store import paths
 from refilled.store.experiments import RANKING, choosable, experiment_config, load_trials, read_results, read_retrain, say_once
 from refilled.store.integrity import study
 from refilled.store.layout import EXPERIMENT_FILE, STAGE1_SEARCH
@@ -242,35 +244,27 @@ def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
-OUTPUT_MARK = ".tune-refilled-output"  # in a folder the analysis scripts wrote: they may write it again
-
-
-def _checked_out(path: str | Path, force: bool) -> Path:
-    """The output folder, checked as output_folder says."""
-    folder = Path(path).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {folder} is a file: pass a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / OUTPUT_MARK).is_file() and not force:
-        raise UserError(f"--out {folder} holds files these scripts did not write: choose another folder, or pass "
-                        "--force to write into it (files of the same names are replaced)")
-    return folder
+OUTPUT_MARK = paths.MARK  # in a folder these scripts (or the commands) wrote: they may write it again
 
 
 @contextlib.contextmanager
-def output_folder(path: str | Path, force: bool = False) -> Iterator[Path]:
+def output_folder(path: str | Path, force: bool = False, experiments: Iterable[Experiment] = ()) -> Iterator[Path]:
     """A script's outputs, assembled aside: yields a hidden folder inside `path` to write into
     and moves its files into `path` when the block ends. A script that fails leaves `path` (and
     the folders above it) as they were. `path` must be new or one these scripts wrote before
     (it holds OUTPUT_MARK, written when the block ends); a folder holding anything else is the
-    user's, refused without `force`."""
-    folder = _checked_out(path, force)
-    made = [p for p in [folder, *folder.parents] if not p.exists()]  # nearest first
+    user's, refused without `force`; never the folder of one of `experiments`, nor the
+    repository's code (refilled.store.paths). A partial folder that a killed script left
+    is removed by the next run."""
+    folder = paths.output_folder(path, force, experiments=[e.folder for e in experiments])
+    made = paths.new_folders(folder)  # nearest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        aside = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))  # same file system as its files
-    except OSError as e:
-        _remove_empty(made)
-        raise UserError(f"--out {folder} cannot be written ({e.strerror}): choose another folder") from None
+        _remove_partials_of_the_dead(folder)
+        aside = Path(tempfile.mkdtemp(prefix=f"{paths.PARTIAL}{os.getpid()}-", dir=folder))  # same file system
+    except BaseException:
+        paths.remove_empty(made)
+        raise
     try:
         yield aside
         for source in sorted(aside.rglob("*")):
@@ -278,23 +272,33 @@ def output_folder(path: str | Path, force: bool = False) -> Iterator[Path]:
                 target = folder / source.relative_to(aside)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
-        _mark(folder)
-    except BaseException:
+        paths.mark(folder)
+    except BaseException as e:
         shutil.rmtree(aside, ignore_errors=True)
-        _remove_empty(made)
+        paths.remove_empty(made)
+        if isinstance(e, OSError) and (named := naming(e, folder)) is not e:  # a full disk: say where it wrote
+            raise named from e
         raise
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # nearest first: each is empty once the one below it is gone
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+def _remove_partials_of_the_dead(folder: Path) -> None:
+    """The partial folders (.partial-<pid>-...) of scripts that were killed (their process is
+    gone; a folder of an earlier version names none) are removed."""
+    for partial in folder.glob(f"{paths.PARTIAL}*"):
+        pid = partial.name[len(paths.PARTIAL):].split("-", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(partial, ignore_errors=True)
 
 
-def _mark(folder: Path) -> None:
-    if not (folder / OUTPUT_MARK).is_file():
-        (folder / OUTPUT_MARK).write_text("written by tune-refilled's analysis scripts; they may write here again\n")
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (a number no pid can be: none)
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 DPI = 110
@@ -310,9 +314,16 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line with exit code 2, as tune_refilled.py does."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
 def experiments_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The arguments every analysis script takes: experiments and --out."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
                    help="experiment folder(s) made by `search`, or their URIs (s3://...); one whose search "
                         "still runs is read as it is now (said on stderr)")
@@ -324,12 +335,39 @@ def experiments_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:
-    """Run a script's main: bad input is one line on stderr and exit code 2."""
+    """Run a script's main: bad input, and what the operating system refuses (permissions, a
+    full disk, ...), is one line on stderr (refilled.errors.one_line) and exit code 2;
+    matplotlib's notes on glyphs its fonts lack stay off stderr."""
     try:
-        return main(argv)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*[Gg]lyph .* missing from", category=UserWarning)
+            with _quiet_font_manager():
+                return main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except OSError as e:
+        if (line := os_error_line(e)) is None:
+            raise
+        return _fail(line)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return 2
+
+
+@contextlib.contextmanager
+def _quiet_font_manager() -> Iterator[None]:
+    """matplotlib's font manager logs "findfont: ..." when a font it was asked for is missing."""
+    import logging
+
+    logger = logging.getLogger("matplotlib.font_manager")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 __all__ = ["Experiment", "open_experiments", "as_experiments", "best", "trials", "all_trials", "curves",

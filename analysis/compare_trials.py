@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     experiments = open_experiments(args.experiments)
     board = leaderboard(experiments, sort=args.sort, ascending=args.ascending, filter=args.filter, top=args.top)
     summary = experiment_summary(experiments) if len(experiments) > 1 else None
-    with output_folder(args.out, args.force) as folder:
+    with output_folder(args.out, args.force, experiments) as folder:
         written = [Path(args.out) / path.relative_to(folder) for path in write_tables(board, folder, summary)]
     shown = board.drop(columns=["folder", "trial", "diverged_reason"], errors="ignore")
     with pd.option_context("display.max_rows", 200, "display.width", 200, "display.float_format", "{:.4g}".format):

@@ -609,7 +609,7 @@ PLOTS = {"curves": plot_curves, "params": plot_params, "importance": plot_import
 def plot_all(experiments, out: str | Path) -> dict[str, tuple[Path, pd.DataFrame]]:
     """All the plots into `out` (analysis.common.output_folder): {name: (png path, the DataFrame it shows)}."""
     experiments = as_experiments(experiments)
-    with output_folder(out) as folder:
+    with output_folder(out, experiments=experiments) as folder:
         made = {name: fn(experiments, folder / f"{name}.png") for name, fn in PLOTS.items()}
     return {name: (Path(out).expanduser() / f"{name}.png", table) for name, table in made.items()}
 
@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     experiments = open_experiments(args.experiments)
-    with output_folder(args.out, args.force) as folder:
+    with output_folder(args.out, args.force, experiments) as folder:
         made = {name: PLOTS[name](experiments, folder / f"{name}.png") for name in args.only or list(PLOTS)}
     for name, df in made.items():
         print(f"wrote {Path(args.out) / f'{name}.png'}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -68,6 +69,11 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
+def _command(*args: Any) -> str:
+    """A command of tune_refilled.py as a shell takes it (every argument quoted as it needs)."""
+    return shlex.join(["python", "tune_refilled.py", *map(str, args)])
+
+
 def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | None]:
     """Copy the retrain summary into the report; the markdown lines that show it."""
     try:
@@ -75,11 +81,11 @@ def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | Non
     except UserError as e:
         note_left_out(e, "the final retrain is left out")
         return [f"The final retrain of {exp.label} is left out: its {RETRAIN_DIR}/{RETRAIN_RESULTS} is damaged "
-                f"(run `python tune_refilled.py retrain --experiment {exp.location or exp.folder} --force` "
+                f"(run `{_command('retrain', '--experiment', exp.location or exp.folder, '--force')}` "
                 f"again).", ""], None
     if results is None:
-        return [f"No final retrain yet for {exp.label}: `python tune_refilled.py retrain --experiment "
-                f"{exp.folder}`, then run this report again.", ""], None
+        return [f"No final retrain yet for {exp.label}: `{_command('retrain', '--experiment', exp.folder)}`, "
+                "then run this report again.", ""], None
     target = folder / RETRAIN_DIR / _slug(exp.label)
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(exp.folder / RETRAIN_DIR / RETRAIN_RESULTS, target / RETRAIN_RESULTS)
@@ -100,7 +106,7 @@ def make_report(experiments, out: str | Path, force: bool = False) -> dict[str, 
     leaderboard, "experiments": the per-experiment summary, "importance": importances,
     and one DataFrame per plot under its name}."""
     experiments = open_experiments(experiments if not isinstance(experiments, (str, Path)) else [experiments])
-    with output_folder(out, force) as folder:
+    with output_folder(out, force, experiments) as folder:
         made = _write_report(experiments, folder)
     made["index"] = Path(out).expanduser() / "index.md"
     return made
@@ -190,7 +196,8 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
 
     lines += ["## Browse further", ""]
     for exp in experiments:
-        lines += [f"- {exp.label}: `tensorboard --logdir {exp.folder}` (every trial's scalars; the HParams tab "
+        lines += [f"- {exp.label}: `{shlex.join(['tensorboard', '--logdir', str(exp.folder)])}` (every trial's "
+                  "scalars; the HParams tab "
                   f"lists the searched parameters with each trial's last reported metrics), "
                   f"`{study_store.dashboard(exp.folder)}`"]
     index = folder / "index.md"

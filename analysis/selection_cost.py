@@ -175,7 +175,7 @@ def plot_cost(experiments, path: str | Path) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     args = experiments_parser("selection_cost.py", __doc__).parse_args(argv)
     experiments = open_experiments(args.experiments)
-    with output_folder(args.out, args.force) as folder:
+    with output_folder(args.out, args.force, experiments) as folder:
         for name, plot in (("selection", plot_selection), ("cost", plot_cost)):
             plot(experiments, folder / f"{name}.png")
     for name in ("selection", "cost"):

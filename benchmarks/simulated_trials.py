@@ -132,7 +132,7 @@ class SimulatedTrials:
         """What experiment.yaml says of the simulation (refilled.schema.config.ExperimentFile)."""
         return {"trial_kind": {"name": "simulated", **asdict(self)}}
 
-    def check(self, cfg) -> None:
+    def check(self, cfg, teacher: str | None = None) -> None:
         return None  # nothing is read: no data set, no network
 
     def prepare_teacher(self, cfg, place, teacher: str | None) -> None:

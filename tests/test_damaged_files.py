@@ -293,7 +293,8 @@ def test_a_trial_names_the_damaged_checkpoint_it_resumes_from(made, tmp_path):
 # ----------------------------------------------------------------------------- a running search
 
 def test_retrain_of_a_running_search_says_so_and_reads_what_is_there(made, tmp_path, capsys):
-    """The trials as they are now, with a note on stderr: not an error."""
+    """With --out elsewhere: the trials as they are now, with a note on stderr, not an error.
+    Into the experiment (its retrain/): refused while the search holds its lease (one writer)."""
     import tune_refilled
 
     folder = copy(made, tmp_path, None)
@@ -302,17 +303,23 @@ def test_retrain_of_a_running_search_says_so_and_reads_what_is_there(made, tmp_p
     (folder / "trial_abc" / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "va')
     (folder / "trial_new").mkdir()
     (folder / "trial_new" / "params.json").write_text('{"tau1": 3.')  # being written: a trial starting now
+    out = tmp_path / "elsewhere"
     lease = lease_at(str(folder), timeout=30)
     lease.acquire()
     try:
-        code = tune_refilled.main(["retrain", "--experiment", str(folder), "--seeds", "1", "--no-baseline"])
+        before = tree(folder)
+        line = refused(capsys, ["retrain", "--experiment", str(folder), "--seeds", "1", "--no-baseline"],
+                       f"{folder} is in use by another search driver", "--out elsewhere")
+        assert tree(folder) == before and not (folder / "retrain").exists(), line
+        code = tune_refilled.main(["retrain", "--experiment", str(folder), "--seeds", "1", "--no-baseline",
+                                   "--out", str(out)])
     finally:
         lease.release()
-    out, err = capsys.readouterr()
+    captured, err = capsys.readouterr()
     assert code == 0, err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "still running" in notes[0] and "error" not in err, err
-    results = json.loads((folder / "retrain" / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
     assert results["source"]["trial_id"] == "abc" and results["config"]["tau1"] == 2.0
     assert not (folder / LEASE_FILE).exists()
 

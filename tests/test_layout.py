@@ -93,7 +93,7 @@ def test_analysis_output_folders_are_new_or_their_own(tmp_path):
     mine = tmp_path / "notes"
     mine.mkdir()
     (mine / "index.md").write_text("my notes")
-    with pytest.raises(UserError, match="holds files these scripts did not write"):
+    with pytest.raises(UserError, match="holds files these commands did not write"):
         write(mine)
     assert [p.name for p in mine.iterdir()] == ["index.md"]  # nothing written
     assert write(mine, force=True) == mine and (mine / OUTPUT_MARK).is_file()

@@ -43,6 +43,11 @@ def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a write or fsync that failed (a full disk) names no file: this one
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -67,6 +67,8 @@ def check_inputs(cfg: Config, teacher: str | None = None) -> None:
         model_name(cfg.teacher_network_name)
         if teacher or cfg.teacher_weights:
             read_teacher(teacher or cfg.teacher_weights, cfg)
+    elif teacher:  # a checkpoint of another architecture or other classes: refused now, not after the set-up
+        load_teacher_state(read_teacher(teacher, cfg), cfg, student_data(cfg.replace(device="cpu")), teacher)
 
 
 def augmentation(cfg: Config) -> augment.Augmentation:

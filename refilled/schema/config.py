@@ -124,6 +124,9 @@ Floats3 = Annotated[Optional[tuple[float, ...]], BeforeValidator(_none_word),
 TEACHER_DEPTH = {"resnet": 110, "wide_resnet": 40, "mobile_net": 40}
 
 
+MOST_EPOCHS = 10_000  # a stated ceiling on every epoch count (the authors train 200): a typo is refused, not run
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True, allow_inf_nan=False,
                               validate_default=False)
@@ -143,8 +146,8 @@ class Config(BaseModel):
     width: Int = key(1, STAGE1, gt=0)
     ca: Float = key(0.25, STAGE1, gt=0)
     dropout_rate: Float = key(0.3, STAGE1, ge=0, lt=1)
-    n_training_epochs1: Int = key(200, STAGE1, STAGE1_ALONE, ge=0)
-    n_training_epochs2: Int = key(200, ge=1)  # stage 2 makes the classifier
+    n_training_epochs1: Int = key(200, STAGE1, STAGE1_ALONE, ge=0, le=MOST_EPOCHS)
+    n_training_epochs2: Int = key(200, ge=1, le=MOST_EPOCHS)  # stage 2 makes the classifier
     batch_size: Int = key(128, STAGE1, gt=0)
     flag_merge: Bool = key(False, STAGE1, STAGE1_ALONE)  # stage 1 on (anchor, positive) tuples
     tau1: Float = key(4.0, STAGE1, STAGE1_ALONE, gt=0)
@@ -162,7 +165,7 @@ class Config(BaseModel):
     teacher_lr: Float = key(0.1, TEACHER, gt=0)  # the authors' pretrain.py: SGD Nesterov, multi-step decay
     teacher_point: Epochs = key((100, 140, 180), TEACHER)
     teacher_gamma: Float = key(0.2, TEACHER, gt=0)
-    teacher_epochs: Int = key(200, TEACHER, ge=0)
+    teacher_epochs: Int = key(200, TEACHER, ge=0, le=MOST_EPOCHS)
     teacher_batch_size: Int = key(128, TEACHER, gt=0)
     teacher_val_fraction: Float = key(0.1, TEACHER, gt=0, lt=1)  # source images that choose the teacher's epoch
     # --- data ---------------------------------------------------------------------

@@ -185,21 +185,24 @@ class Resources(_Section):
         return self
 
 
+MOST_TRIALS = 100_000  # a stated ceiling on num_samples: a typo is refused, not queued
+
+
 class Select(_Section):
     top_k: Count = Field(3, ge=0)  # trials re-evaluated after the search (0: the best single trial wins)
-    seeds: Count = Field(3, ge=1)  # seeds each of them runs again with
+    seeds: Count = Field(3, ge=1, le=1000)  # seeds each of them runs again with
 
 
 class Staged(_Section):
     """Phase 1 of a staged search: how many stage-1-only trials, and their ASHA."""
-    num_samples: Count = Field(8, ge=1)
+    num_samples: Count = Field(8, ge=1, le=MOST_TRIALS)
     asha: Asha = Field(default_factory=lambda: Asha(grace_period=5))
 
 
 class SearchSettings(_Section):
     """The `search:` section as it is written (refilled.schema.search: the example above)."""
     space: dict[str, Distribution] = Field(default_factory=lambda: dict(DEFAULT_SPACE), validate_default=True)
-    num_samples: Count = Field(16, ge=1)
+    num_samples: Count = Field(16, ge=1, le=MOST_TRIALS)
     start_with: Annotated[Optional[StrictStr], must("authors, config, none or an experiment's folder or URI")
                           ] = "authors"  # "authors", "config", "none", or an earlier experiment
     asha: Asha = Field(default_factory=Asha)

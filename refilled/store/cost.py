@@ -19,7 +19,6 @@ from the stage-1 cache cost what the replay took (next to nothing).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -92,7 +91,7 @@ def trial_rows(trial_id: str, results: Iterable[dict[str, Any]]) -> list[dict[st
 def ledger(folder: str | Path) -> pd.DataFrame:
     """Every cost of an experiment: the driver's rows, each trial's (phase 1 of a staged
     search included), and the re-evaluation's runs."""
-    from refilled.store.experiments import DamagedTrial, read_results, reeval_results, trial_folders
+    from refilled.store.experiments import DamagedTrial, read_results, reeval_results, say_once, trial_folders
     from refilled.store.layout import STAGE1_SEARCH
 
     folder = Path(folder)
@@ -102,7 +101,7 @@ def ledger(folder: str | Path) -> pd.DataFrame:
             try:
                 results = read_results(trial)
             except DamagedTrial as e:
-                print(f"note: the cost of {trial.name} is left out of the ledger: its {e}", file=sys.stderr)
+                say_once(f"note: the cost of {trial.name} is left out of the ledger: its {e}", key=(str(trial), "cost"))
                 continue
             trial_id = results[-1].get("trial_id") if results else trial.name
             rows += trial_rows(str(trial_id), results)

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from refilled.errors import UserError
+from refilled.errors import UserError, one_line
 from refilled.schema.config import FIELDS, Config, from_dict, read_yaml
 from refilled.schema.search import SearchSettings
 from refilled.store import experiment_file, trial_records
@@ -116,7 +116,7 @@ def say_once(line: str, key: Any = None) -> None:
     key = line if key is None else key
     if key not in _SAID:
         _SAID.add(key)
-        print(line, file=sys.stderr)
+        print(one_line(line), file=sys.stderr)
 
 
 def say_notes(folder: Path, notes: dict[str, str]) -> None:

@@ -1,7 +1,8 @@
 """One search driver per experiment: a lease file, `driver.lease`, in the experiment, renewed by a
 heartbeat thread, and in a folder an flock on `driver.lease.lock` that the kernel drops when its holder
 dies; the rules in docs/reliability.md, "One driver per experiment". `search` holds it (`lease_at(location)
-.acquire()`, checking `lost` at safe points); `retrain` and the analysis scripts look (`note_if_running`).
+.acquire()`, checking `lost` at safe points), and so does a `retrain` that writes into the experiment;
+the analysis scripts and a `retrain` that writes elsewhere look (`note_if_running`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Holder:
     lock: bool
     boot: str | None
     gone: str | None = None
+    command: str = "search"  # what holds it: a search driver, or a retrain writing into the experiment
 
     def stale(self) -> bool:
         return self.age > self.timeout_s
@@ -72,8 +74,8 @@ class Lease:
     """The lease of the experiment at `location`: its file `path` on the pyarrow file system `fs`,
     which a backend opens (`_open`), with a lock where the backend has one. `clock`: wall-clock time."""
 
-    def __init__(self, location: str, timeout: float | None = None, clock=time.time):
-        self.location, self.clock = location, clock
+    def __init__(self, location: str, timeout: float | None = None, clock=time.time, command: str = "search"):
+        self.location, self.clock, self.command = location, clock, command
         self.timeout = timeout if timeout is not None else timeout_s()
         self.interval = self.timeout / 6  # a live driver renews well within the timeout
         self.settle_s = min(2.0, self.timeout / 10)  # the pause before a write that no lock decides is read back
@@ -102,7 +104,8 @@ class Lease:
         try:
             d = json.loads(raw)
             holder = Holder(str(d["host"]), int(d["pid"]), float(d["started"]), max(0.0, seen - float(d["heartbeat"])),
-                            float(d["timeout_s"]), str(d["token"]), d["lock"] is True, d["boot"])
+                            float(d["timeout_s"]), str(d["token"]), d["lock"] is True, d["boot"],
+                            command=str(d.get("command") or "search"))
         except (ValueError, KeyError, TypeError):  # written half, or damaged: judged by its age
             holder = Holder("?", None, mtime, max(0.0, seen - mtime), self.timeout, None, False, None)
         here = holder.lock and holder.host == socket.gethostname() and holder.boot == BOOT
@@ -120,9 +123,13 @@ class Lease:
 
     def _held(self, holder: Holder) -> Held:
         stop = f"stop it there (Ctrl-C, or `kill -INT {holder.pid}` on {holder.host})" if holder.token else "stop it"
-        return Held(f"{self.location} is in use by another search driver ({holder.describe()}): {stop} or wait "
-                    f"for it to end; --resume takes over from a driver that died: at once on the same machine "
-                    f"(a folder), otherwise once its heartbeat is {holder.timeout_s:g} s old ({LEASE_FILE}; {TIMEOUT_ENV})")
+        who = "another search driver" if holder.command == "search" else f"a {holder.command} writing into it"
+        then = (f"--resume takes over from a driver that died: at once on the same machine (a folder), otherwise "
+                f"once its heartbeat is {holder.timeout_s:g} s old ({LEASE_FILE}; {TIMEOUT_ENV})"
+                if self.command == "search" else
+                f"a {self.command} with --out elsewhere only reads the experiment; one that died is taken over at once "
+                f"on the same machine (a folder), otherwise once its heartbeat is {holder.timeout_s:g} s old")
+        return Held(f"{self.location} is in use by {who} ({holder.describe()}): {stop} or wait for it to end; {then}")
 
     def _write(self) -> None:
         """Written aside, then moved in place: a reader finds the old lease or the new one, never half."""
@@ -130,7 +137,7 @@ class Lease:
         with self.fs.open_output_stream(aside := f"{self.path}.{secrets.token_hex(4)}.tmp") as f:
             f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": self.started,
                                 "heartbeat": self.clock(), "timeout_s": self.timeout, "token": self.token,
-                                "lock": self.locked is True, "boot": BOOT}).encode())
+                                "lock": self.locked is True, "boot": BOOT, "command": self.command}).encode())
         self.fs.move(aside, self.path)
 
     def acquire(self) -> Holder | None:
@@ -142,7 +149,7 @@ class Lease:
         try:
             took = self.judge()
             if took is None and self.locked is False:
-                raise Held(f"{self.location} is in use by another search driver that is starting or ending right "
+                raise Held(f"{self.location} is in use by another driver that is starting or ending right "
                            f"now (it holds {LOCK_FILE} and has no {LEASE_FILE}): try again in a moment")
             if took is not None and took.gone is None:
                 raise self._held(took)
@@ -231,9 +238,10 @@ class UriLease(Lease):
         self.path = f"{root.rstrip('/')}/{LEASE_FILE}"
 
 
-def lease_at(location: str, timeout: float | None = None, clock=time.time) -> Lease:
-    """The lease of the experiment at `location` (Place.location: a folder or a URI)."""
-    return (UriLease if storage.is_uri(location) else FolderLease)(location, timeout, clock)
+def lease_at(location: str, timeout: float | None = None, clock=time.time, command: str = "search") -> Lease:
+    """The lease of the experiment at `location` (Place.location: a folder or a URI), to be
+    taken by `command` (a search driver, or a retrain that writes into the experiment)."""
+    return (UriLease if storage.is_uri(location) else FolderLease)(location, timeout, clock, command)
 
 
 def note_if_running(location: str) -> Holder | None:
@@ -243,6 +251,9 @@ def note_if_running(location: str) -> Holder | None:
     except (*STORAGE_ERRORS, UserError):
         return None  # reading goes on: the lease is only a note here
     if holder is not None:
+        if holder.command != "search" and not holder.gone:
+            print(f"note: a {holder.command} of {location} is writing into it ({holder.describe()})", file=sys.stderr)
+            return holder
         print(f"note: the search of {location} " + (
             f"did not end (its driver is gone: {holder.gone}; last heartbeat {holder.age:.0f} s ago): its "
             "trials are read as they are; `search --resume` continues it" if holder.gone else

@@ -21,8 +21,9 @@ from typing import BinaryIO, Callable, Iterable
 import pyarrow
 import pyarrow.fs as pafs
 
-from refilled.errors import UserError
+from refilled.errors import UserError, shown
 from refilled.files.atomic import write_atomic
+from refilled.store.paths import experiment_name, probe, real, refuse_repository
 
 CACHE_ENV = "TUNE_REFILLED_CACHE"
 
@@ -110,6 +111,26 @@ def move(uri: str, source: str, target: str) -> None:
         fs.delete_dir(f"{root}/{source}")
 
 
+def remove(uri: str, keep: Iterable[str] = ()) -> None:
+    """Delete everything under `uri` but the entries named in `keep`."""
+    fs, root = filesystem(uri)
+    for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if entry.base_name in keep:
+            continue
+        if entry.type == pafs.FileType.Directory:
+            fs.delete_dir(entry.path)
+        else:
+            fs.delete_file(entry.path)
+
+
+def remove_if_empty(uri: str) -> None:
+    """Delete the folder at `uri` if it holds nothing (a file system's; an object store has none)."""
+    fs, root = filesystem(uri)
+    if fs.get_file_info(root).type == pafs.FileType.Directory and \
+            not fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        fs.delete_dir(root)
+
+
 def is_checkpoint(rel: str) -> bool:
     """Ray Tune's trial checkpoints: large, and not needed to read results."""
     return any(part.startswith("checkpoint_") for part in rel.split("/"))
@@ -159,15 +180,19 @@ class Place:
     def named(cls, storage: str, name: str) -> Place:
         """The experiment `name` in the storage `storage` (a folder or a URI), as `--storage`
         and `--name` give it; a file where a folder belongs is refused in one line."""
+        experiment_name(name)  # one folder name: never a path that leaves --storage
         if is_uri(storage):
             uri = join(storage, name)
             filesystem(uri)  # refuses a URI pyarrow cannot open, in one line
             return cls(mirror(uri), uri)
-        folder = Path(storage).expanduser().resolve()
+        probe(Path(storage) / name)  # a symlink loop, a name too long: said now, not once Ray has started
+        folder = real(storage)
         if folder.exists() and not folder.is_dir():
-            raise UserError(f"--storage {storage} is a file, not a folder: name a folder (made if missing) or a URI")
+            raise UserError(f"--storage {shown(storage)} is a file, not a folder: name a folder (made if missing) or a URI")
+        refuse_repository(folder / name, "--storage/--name", folder / name)
         if (folder / name).exists() and not (folder / name).is_dir():
-            raise UserError(f"{folder / name} is a file, not an experiment folder: choose another --name (or --storage)")
+            raise UserError(f"{shown(folder / name)} is a file, not an experiment folder: choose another --name "
+                            "(or --storage)")
         return cls(folder / name)
 
     @classmethod
@@ -184,7 +209,7 @@ class Place:
         """The experiment at a folder or a URI, to read: a URI is mirrored first (its results
         and teacher; not Ray's checkpoints, not the teacher bank)."""
         if not is_uri(location):
-            return cls(Path(location).expanduser().resolve())
+            return cls(real(location))
         uri = str(location).rstrip("/")
         filesystem(uri)
         place = cls(mirror(uri), uri)

@@ -12,6 +12,7 @@ dashboard opens either: `optuna-dashboard <experiment>/optuna.journal`.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from refilled.errors import UserError
@@ -48,7 +49,7 @@ def load(folder: str | Path, name: str):
 def dashboard(folder: str | Path) -> str:
     """The command that shows the study in the Optuna dashboard."""
     path = study_file(folder)
-    return f"optuna-dashboard sqlite:///{path}" if path.name == STUDY_SQLITE else f"optuna-dashboard {path}"
+    return shlex.join(["optuna-dashboard", f"sqlite:///{path}" if path.name == STUDY_SQLITE else str(path)])
 
 
 def check(path: Path, shown: str, remedy: str) -> None:

@@ -51,20 +51,27 @@ def add_tune_commands(sub, add_config_args, config_from_args, fresh_folder) -> N
 
 def cmd_search(args: argparse.Namespace, config_from_args) -> int:
     from refilled.errors import UserError
-    from refilled.tune.search import open_search  # no Ray yet: a live driver is refused in a second
+    from refilled.store.storage import Place
+    from refilled.tune.search import SearchRun, open_search  # no Ray yet: a live driver is refused in a second
 
     if args.resume:
-        if not args.name and not args.config:
+        if args.name is None and not args.config:
             raise UserError("--resume needs --name (and --storage if not the default) of the experiment to continue")
-        search = open_search(args.storage, args.name or Path(args.config).stem)
+        search = open_search(args.storage, name_of(args))
         check_resume_flags(search, args, config_from_args)
     else:
         if not args.config:
             raise UserError("search needs --config FILE (e.g. search_spaces/digits.yaml), or --resume --name NAME")
         cfg, experiment = config_from_args(args)
         section = search_section(args, experiment.get("search"))
-        search = open_search(args.storage, args.name or Path(args.config).stem, cfg, section)
+        place = Place.named(args.storage, name_of(args))
+        search = SearchRun.new(cfg, section, place, teacher=args.teacher)  # --teacher refused now if it does not fit
     return search.run(args.address, args.teacher).value
+
+
+def name_of(args: argparse.Namespace) -> str:
+    """The experiment's name: --name as given (an empty one is refused, not replaced), else the config file's."""
+    return args.name if args.name is not None else Path(args.config).stem
 
 
 # the search section's keys the command line sets, and their flags
@@ -165,13 +172,15 @@ def add_retrain_command(sub) -> None:
                     "the experiment's own config values, untuned (what the search bought), and the student alone "
                     "(cross-entropy: what REFILLED bought); each gain is given seed by seed: its standard error and "
                     "the seeds won and lost (on a small test set a few seeds rarely settle it). Writes results.json and "
-                    "summary.md. On an experiment whose search still runs it reads the trials as they are now "
-                    "and says so on stderr.")
+                    "summary.md. Into the experiment (<experiment>/retrain) it is the experiment's one writer: it "
+                    "holds its lease as `search` does, and is refused while a search or another retrain runs; with "
+                    "--out elsewhere it reads the trials of a running search as they are now and says so on stderr.")
     p.add_argument("--experiment", required=True, metavar="PATH",
                    help="experiment made by `search`: its folder, or its URI (e.g. s3://bucket/experiments/digits)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3, at most 1000)")
     p.add_argument("--out", metavar="DIR", help="output folder (default <experiment>/retrain, uploaded there "
-                                                "for a URI experiment)")
+                                                "for a URI experiment): new, empty, or one these commands wrote; "
+                                                "never inside the experiment")
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--trial", metavar="ID", help="retrain this trial's configuration instead of the chosen one")
     choice.add_argument("--config", metavar="FILE", help="retrain this config file instead")
@@ -181,7 +190,8 @@ def add_retrain_command(sub) -> None:
                         "cross-entropy alone")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-baseline: leave out the student alone (as --arms without student_alone)")
-    p.add_argument("--force", action="store_true", help="replace results already in --out")
+    p.add_argument("--force", action="store_true", help="replace results already in --out, or write into an --out "
+                                                        "folder that holds files of other programs")
     p.add_argument("--address", help="Ray cluster to run the seeds on as tasks ('auto' or host:port)")
     p.add_argument("--teacher", metavar="FILE", help="use this teacher instead of the experiment's: one `pretrain` "
                                                      "made, or an authors' released .model file (its architecture "

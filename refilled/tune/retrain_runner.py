@@ -9,13 +9,15 @@ to it; on a cluster, each task fetches the teacher and uploads its run itself.
 
 from __future__ import annotations
 
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from tqdm import tqdm
 
-from refilled.errors import UserError
+from refilled.errors import UserError, naming, shown
 from refilled.files import checkpoint
 from refilled.runs.final_retrain import (
     RUN_KINDS,
@@ -29,10 +31,10 @@ from refilled.runs.final_retrain import (
 )
 from refilled.schema.config import Config, load_experiment
 from refilled.schema.search import parse_search
-from refilled.store import experiment_file, storage
+from refilled.store import experiment_file, paths, storage
 from refilled.store.experiments import chosen_trial, experiment_config, load_trials, read_selection, say_notes, trial_config
 from refilled.store.layout import EXPERIMENT_FILE, RETRAIN_DIR, RETRAIN_RESULTS, TEACHER_FILE
-from refilled.store.lease import note_if_running
+from refilled.store.lease import lease_at, note_if_running
 
 
 def choose_config(folder: Path, trial_id: str | None, config_file: str | None) -> tuple[Config, dict[str, Any]]:
@@ -85,12 +87,19 @@ class RetrainRequest:
     teacher: str | None = None  # a teacher file to use instead of the experiment's
 
 
+MOST_SEEDS = 1000  # seeds a retrain runs at most: each is a whole training, a few of them settle it
+
+
 def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
-    """Returns results.json's content and where it was written (a folder or a URI)."""
-    if request.seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {request.seeds}")
+    """Returns results.json's content and where it was written (a folder or a URI). Into the
+    experiment (<experiment>/retrain) it writes as the experiment's one writer: it holds the
+    experiment's lease (refilled.store.lease) as `search` does, refused while a search or
+    another retrain holds it (so does a new --out folder inside the experiment); elsewhere
+    it only reads the experiment."""
+    if not 1 <= request.seeds <= MOST_SEEDS:
+        raise UserError(f"--seeds must be between 1 and {MOST_SEEDS}, got {request.seeds}")
     if request.out and storage.is_uri(request.out):
-        raise UserError(f"--out {request.out}: give a folder; without --out, a URI experiment's retrain is "
+        raise UserError(f"--out {shown(request.out)}: give a folder; without --out, a URI experiment's retrain is "
                         "written next to it (<experiment>/retrain)")
     place = storage.Place.mirrored(request.experiment)
     folder = place.folder
@@ -106,45 +115,98 @@ def retrain(request: RetrainRequest) -> tuple[dict[str, Any], str]:
     if not request.teacher:  # a damaged teacher is refused before anything is written
         checkpoint.load(teacher, "the experiment's teacher", shown=f"{place.location}/teacher.pt",
                         remedy="restore it from a backup, or pass --teacher FILE")
-    note_if_running(place.location)  # a running search's best trial so far: said, not refused
-    out_dir = Path(request.out).expanduser().resolve() if request.out else folder / RETRAIN_DIR
-    upload_to = storage.join(place.uri, RETRAIN_DIR) if place.uri and not request.out else None
-    shown = upload_to or str(out_dir)
+    out_dir = output_of(request, folder)
+    into_experiment = out_dir.is_relative_to(folder)  # its retrain/, or a new folder beside it
+    own = out_dir == folder / RETRAIN_DIR
+    shown_out = storage.join(place.uri, RETRAIN_DIR) if place.uri and own else str(out_dir)
     if (out_dir / RETRAIN_RESULTS).exists() and not request.force:
-        raise UserError(f"{shown} already holds results: pass --force to replace them or --out for another folder")
-    cfg, source = choose_config(folder, request.trial, request.config)
+        raise UserError(f"{shown_out} already holds results: pass --force to replace them or --out for another folder")
+    if not into_experiment:
+        note_if_running(place.location)  # a running search's best trial so far: said, not refused
+    chosen = Chosen(*choose_config(folder, request.trial, request.config), untuned=untuned)  # before our lease
     if request.teacher:  # checked before anything is written
         from refilled.runs.inputs import load_teacher_state, read_teacher, student_data
 
-        given = read_teacher(request.teacher, cfg)
-        load_teacher_state(given, cfg, student_data(cfg.replace(device="cpu")), request.teacher)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if request.teacher:
-        teacher = checkpoint.save(given, out_dir / TEACHER_FILE)  # ours or the authors', in our format
-        source["teacher"] = str(request.teacher)
-    # the untuned arm: the experiment's own config values, trained and tested as the tuned one
-    arms = {"refilled": cfg, "refilled_untuned": untuned.replace(device=cfg.device), "student_alone": cfg}
-    arms = {arm: c for arm, c in arms.items() if arm in request.arms}
-    seeds = range(cfg.seed, cfg.seed + request.seeds)
-    runs = plan(seeds, tuple(arms), out_dir)
-    bar = tqdm(total=len(runs), desc="final runs", unit="run")
+        chosen.teacher = read_teacher(request.teacher, chosen.cfg)
+        load_teacher_state(chosen.teacher, chosen.cfg, student_data(chosen.cfg.replace(device="cpu")), request.teacher)
+    if not into_experiment:
+        return _retrain(request, place, out_dir, None, chosen), shown_out
+    lease = lease_at(place.location, command="retrain")
+    took = lease.acquire()  # refused while a search or another retrain writes to the experiment
+    if took is not None:
+        print(f"note: took over the lease of {place.location} from a driver that is gone "
+              f"({took.describe()}; {took.gone})", file=sys.stderr)
+    try:
+        return _retrain(request, place, out_dir, shown_out if place.uri and own else None, chosen), shown_out
+    finally:
+        lease.release()
 
-    def done(r: dict) -> None:
-        bar.set_postfix_str(f"{r['kind']} seed {r['seed']}: test {r['test_accuracy']:.4f}")
-        bar.update()
 
-    if request.address:
-        results = _on_cluster(FinalRuns(arms, place, runs, out_dir, upload_to, teacher), request.address, done)
-    else:
-        results = retrain_local(arms, teacher, seeds, out_dir, done)
-    bar.close()
-    summary = results_of_runs(results, {"source": source, "config": cfg.to_dict(),
-                                        "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
-                                        "eval_split": "test", "trained_on": trained_on(cfg)})
-    write_results(out_dir, summary)
+@dataclass
+class Chosen:
+    """What a retrain runs: the configuration, where it came from, and --teacher's checkpoint (read)."""
+
+    cfg: Config
+    source: dict[str, Any]
+    untuned: Config | None = None  # the experiment's own config values: the untuned arm
+    teacher: dict[str, Any] | None = None
+
+
+def output_of(request: RetrainRequest, folder: Path) -> Path:
+    """Where the retrain writes: the experiment's own retrain folder (the default, or --out
+    naming it), or --out checked as every command's output (refilled.store.paths: never the
+    experiment's folder or its own entries)."""
+    default = folder / RETRAIN_DIR
+    if not request.out or paths.real(request.out) == paths.real(default):
+        return default
+    return paths.output_folder(request.out, request.force, experiments=[folder])
+
+
+def _retrain(request: RetrainRequest, place: storage.Place, out_dir: Path, upload_to: str | None,
+             chosen: Chosen) -> dict[str, Any]:
+    """The final runs into `out_dir` (a folder of the experiment, or --out: made and marked,
+    and removed again if this fails before it is done), then results.json and summary.md."""
+    folder, teacher, cfg, source = place.folder, place.folder / TEACHER_FILE, chosen.cfg, chosen.source
+    ours = out_dir != folder / RETRAIN_DIR and (not out_dir.exists() or not paths.theirs(out_dir))
+    made = paths.new_folders(out_dir)
+    try:
+        if out_dir == folder / RETRAIN_DIR:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            paths.make(out_dir)  # marked: a rerun may write here again
+        if chosen.teacher is not None:
+            teacher = checkpoint.save(chosen.teacher, out_dir / TEACHER_FILE)  # ours or the authors', in our format
+            source["teacher"] = str(request.teacher)
+        # the untuned arm: the experiment's own config values, trained and tested as the tuned one
+        arms = {"refilled": cfg, "refilled_untuned": chosen.untuned.replace(device=cfg.device), "student_alone": cfg}
+        arms = {arm: c for arm, c in arms.items() if arm in request.arms}
+        seeds = range(cfg.seed, cfg.seed + request.seeds)
+        runs = plan(seeds, tuple(arms), out_dir)
+        bar = tqdm(total=len(runs), desc="final runs", unit="run")
+
+        def done(r: dict) -> None:
+            bar.set_postfix_str(f"{r['kind']} seed {r['seed']}: test {r['test_accuracy']:.4f}")
+            bar.update()
+
+        if request.address:
+            results = _on_cluster(FinalRuns(arms, place, runs, out_dir, upload_to, teacher), request.address, done)
+        else:
+            results = retrain_local(arms, teacher, seeds, out_dir, done)
+        bar.close()
+        summary = results_of_runs(results, {"source": source, "config": cfg.to_dict(),
+                                            "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
+                                            "eval_split": "test", "trained_on": trained_on(cfg)})
+        write_results(out_dir, summary)
+    except BaseException as e:  # Ctrl-C, an error: a folder this made leaves nothing behind
+        if ours:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            paths.remove_empty(made[1:])
+        if isinstance(e, OSError) and (named := naming(e, out_dir)) is not e:  # a full disk: say where it wrote
+            raise named from e
+        raise
     if upload_to:
         place.push(RETRAIN_DIR)
-    return summary, shown
+    return summary
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ pruning, the lease guard), refilled.tune.selection (the re-evaluation of the bes
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import shlex
 import shutil
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow
 
 from refilled.errors import UserError
 from refilled.files import checkpoint
@@ -40,6 +42,7 @@ from refilled.store.layout import (
     COST_FILE,
     INTERRUPTED_TRIALS,
     LEASE_FILE,
+    LOCK_FILE,
     SELECTION_FILE,
     STAGE1_CHOICE,
     STAGE1_SEARCH,
@@ -47,6 +50,7 @@ from refilled.store.layout import (
     TRIALS_FILE,
 )
 from refilled.store.lease import Lease, lease_at
+from refilled.store.paths import new_folders, remove_empty
 from refilled.store.rung_fidelity import correlation_lines, experiment_correlations
 from refilled.store.storage import Place
 from refilled.store.study import STUDY_FILES, study_file
@@ -80,11 +84,14 @@ class SearchRun:
     resume: bool = False
     stage1_choice: dict | None = None  # what a resumed staged search's phase 1 chose
     kind: TrialKind = field(default=METHOD)
+    teacher: str | None = None  # --teacher, checked by `new`
+    tuning: bool = False  # a Ray Tune run has started: the experiment is kept once a trial began (_before_first_trial)
 
     @classmethod
-    def new(cls, cfg: Config, section: dict, place: Place, kind: TrialKind = METHOD) -> SearchRun:
+    def new(cls, cfg: Config, section: dict, place: Place, kind: TrialKind = METHOD,
+            teacher: str | None = None) -> SearchRun:
         """A new search; refused in one line before anything is written (a live driver, an
-        experiment already there, bad settings, a bad warm start)."""
+        experiment already there, bad settings, a bad warm start, a `teacher` that does not fit)."""
         lease = lease_at(place.location)
         lease.refuse_if_held()
         settings = parse_search(section, cfg)
@@ -94,8 +101,8 @@ class SearchRun:
             raise UserError(f"experiment {place.location} already exists: pass --resume to continue it "
                             "or choose another --name")
         first_points(settings, cfg)  # a warm start's earlier experiment: a bad one refused now
-        kind.check(cfg)  # the data set, its classes, the networks: a bad one refused now
-        return cls(cfg, settings, place, lease, kind=kind)
+        kind.check(cfg, teacher)  # the data set, its classes, the networks, the teacher: a bad one refused now
+        return cls(cfg, settings, place, lease, kind=kind, teacher=teacher)
 
     @classmethod
     def resumed(cls, place: Place, kind: TrialKind = METHOD) -> SearchRun:
@@ -124,25 +131,67 @@ class SearchRun:
 
     def run(self, address: str | None = None, teacher: str | None = None) -> Outcome:
         """Connect to Ray, take the lease, run the phases, choose and cost the result. The
-        lease is held until this returns or raises (Ctrl-C included)."""
+        lease is held until this returns or raises (Ctrl-C included). A new search that
+        fails before its first Ray Tune run leaves no experiment behind (`_discard`)."""
         from refilled.tune.callbacks import LeaseGuard
 
         if not address:
             check_local_gpus(self.settings)  # before starting Ray: its start-up lines would bury the error
         connect(address)
         check_resources(self.settings)
+        made = [] if self.resume or self.place.uri else new_folders(self.place.folder)
         took = self.lease.acquire()
         if took is not None:
             print(f"note: took over the lease of {self.place.location} from a driver that is gone "
                   f"({took.describe()}; {took.gone})", file=sys.stderr)
         LeaseGuard.watch(self.lease)
         current.set_location(self.place.location)  # where the searcher and the callbacks find the experiment
+        discarded = False
         try:
-            return self._phases(teacher)
+            return self._phases(teacher or self.teacher)
+        except BaseException:
+            with contextlib.suppress(Exception):  # what cannot be looked at or removed is kept: the error is what matters
+                if discarded := self._before_first_trial():
+                    self._discard()
+            raise
         finally:
             current.set_location(None)
             LeaseGuard.watch(None)
             self.lease.release()
+            if discarded:  # the folders the lease made, once its files are gone
+                remove_empty(made)
+                if self.place.uri:
+                    with contextlib.suppress(OSError, pyarrow.ArrowException):
+                        storage.remove_if_empty(self.place.uri)
+
+    def _before_first_trial(self) -> bool:
+        """A new search that has no trial and no Ray Tune state to resume (it failed in its set-up,
+        or as its first Tune run began)."""
+        if self.resume:
+            return False
+        if not self.tuning:
+            return True
+        from ray import tune
+
+        parts = [self.place, self.place.part(STAGE1_SEARCH)]
+        files = storage.list_files(self.place.uri) if self.place.uri else \
+            [p.relative_to(self.place.folder).as_posix() for p in self.place.folder.rglob("params.json")]
+        return not any(rel.endswith("params.json") for rel in files) and \
+            not any(tune.Tuner.can_restore(p.location) for p in parts)
+
+    def _discard(self) -> None:
+        """What a new search wrote before its first Ray Tune run (experiment.yaml, the teacher,
+        the bank, a staged search's stage1_search/), removed: the rerun starts afresh rather
+        than meeting an experiment that `--resume` cannot continue. The lease stays (its
+        holder releases it), and an experiment that ran a trial is never discarded."""
+        keep = (LEASE_FILE, LOCK_FILE)
+        if self.place.uri:
+            storage.remove(self.place.uri, keep)
+            shutil.rmtree(self.place.folder, ignore_errors=True)
+        elif self.place.folder.is_dir():
+            for entry in self.place.folder.iterdir():
+                if entry.name not in keep:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def _phases(self, teacher: str | None) -> Outcome:
         if not self.resume:  # only now: a refused search leaves no half experiment behind
@@ -188,6 +237,7 @@ class SearchRun:
             # a phase of a staged search killed before Ray saved any state starts again: its trials go aside
             set_aside_unknown_trials(place, set())
             tuner = self._tuner(trainable, phase, place)
+        self.tuning = True  # from here on the experiment holds Tune's state and trials: kept, --resume continues
         try:
             grid = tuner.fit()
         except Exception:

@@ -141,7 +141,8 @@ class TrialKind(Protocol):
     def note(self) -> dict[str, Any]: ...  # what experiment.yaml says of the kind: {} for the method,
     # else {"trial_kind": {"name": ..., ...}} (refilled.schema.config.ExperimentFile)
 
-    def check(self, cfg: Config) -> None: ...  # refuse, before anything is written, what cannot run
+    def check(self, cfg: Config, teacher: str | None = None) -> None: ...  # refuse, before anything is written,
+    # what cannot run (`teacher`: --teacher)
 
     def prepare_teacher(self, cfg: Config, place: Place, teacher: str | None) -> Path | None: ...
 
@@ -159,10 +160,10 @@ class MethodTrials:
     def note(self) -> dict[str, Any]:
         return {}
 
-    def check(self, cfg: Config) -> None:
+    def check(self, cfg: Config, teacher: str | None = None) -> None:
         from refilled.runs.inputs import check_inputs
 
-        check_inputs(cfg)
+        check_inputs(cfg, teacher)
 
     def prepare_teacher(self, cfg: Config, place: Place, teacher: str | None) -> Path:
         return prepare_teacher(cfg, place, teacher)
