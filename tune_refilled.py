@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from pathlib import Path
 # by side, a laptop) spinning threads of one process starve the others' work.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from refilled.errors import Diverged, UserError, naming, one_line, os_error_line
+from refilled.errors import Diverged, UserError, one_line, os_error_line
 
 EXAMPLES = """examples:
   python tune_refilled.py train --config search_spaces/digits.yaml
@@ -107,17 +106,8 @@ def cmd_train(args) -> int:
     from refilled.store import paths
 
     ours = not out.exists() or not any(out.iterdir())  # nothing of the user's in it: ours to clean up
-    made = paths.new_folders(out)
-    try:
-        paths.make(out)  # marked: a rerun may write here again
+    with paths.filling(out, ours):  # Ctrl-C, a divergence, an error: nothing left that would block the rerun
         summary = train_once(cfg, out, teacher_path=args.teacher)
-    except BaseException as e:  # Ctrl-C, a divergence, an error: leave nothing that would block the rerun
-        if ours:
-            shutil.rmtree(out, ignore_errors=True)
-            paths.remove_empty(made[1:])
-        if isinstance(e, OSError) and (named := naming(e, out)) is not e:  # a full disk: say where it wrote
-            raise named from e
-        raise
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"wrote {out}/metrics.json, {out}/student.pt and TensorBoard events "
           f"({shlex.join(['tensorboard', '--logdir', str(out)])})")

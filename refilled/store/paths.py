@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
-from refilled.errors import UserError, escaped, shown
+from refilled.errors import UserError, escaped, naming, shown
 
 MARK = ".tune-refilled-output"  # in a folder these commands wrote: they may write there again
 PARTIAL = ".partial-"  # an analysis script's output being assembled (analysis.common.output_folder)
@@ -156,3 +157,22 @@ def remove_empty(folders: list[Path]) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+@contextlib.contextmanager
+def filling(folder: Path, ours: bool, marked: bool = True):
+    """Make `folder` (`marked`: as ours, so a rerun may write there again) for a command to
+    write into. If the command fails (Ctrl-C, an error) and the folder is `ours` (nothing of
+    the user's in it), it is removed with the folders making it created, so nothing blocks
+    the rerun; an OSError that does not say which file is named after the folder."""
+    made = new_folders(folder)
+    try:
+        make(folder) if marked else folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+    except BaseException as e:
+        if ours:
+            shutil.rmtree(folder, ignore_errors=True)
+            remove_empty(made[1:])
+        if isinstance(e, OSError) and (named := naming(e, folder)) is not e:  # a full disk: say where it wrote
+            raise named from e
+        raise

@@ -9,7 +9,6 @@ to it; on a cluster, each task fetches the teacher and uploads its run itself.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from refilled.errors import UserError, naming, shown
+from refilled.errors import UserError, shown
 from refilled.files import checkpoint
 from refilled.runs.final_retrain import (
     RUN_KINDS,
@@ -168,12 +167,8 @@ def _retrain(request: RetrainRequest, place: storage.Place, out_dir: Path, uploa
     and removed again if this fails before it is done), then results.json and summary.md."""
     folder, teacher, cfg, source = place.folder, place.folder / TEACHER_FILE, chosen.cfg, chosen.source
     ours = out_dir != folder / RETRAIN_DIR and (not out_dir.exists() or not paths.theirs(out_dir))
-    made = paths.new_folders(out_dir)
-    try:
-        if out_dir == folder / RETRAIN_DIR:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            paths.make(out_dir)  # marked: a rerun may write here again
+    # --out is marked (a rerun may write there again); a folder this made leaves nothing behind if this fails
+    with paths.filling(out_dir, ours, marked=out_dir != folder / RETRAIN_DIR):
         if chosen.teacher is not None:
             teacher = checkpoint.save(chosen.teacher, out_dir / TEACHER_FILE)  # ours or the authors', in our format
             source["teacher"] = str(request.teacher)
@@ -197,13 +192,6 @@ def _retrain(request: RetrainRequest, place: storage.Place, out_dir: Path, uploa
                                             "epochs": cfg.n_training_epochs1 + cfg.n_training_epochs2,
                                             "eval_split": "test", "trained_on": trained_on(cfg)})
         write_results(out_dir, summary)
-    except BaseException as e:  # Ctrl-C, an error: a folder this made leaves nothing behind
-        if ours:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            paths.remove_empty(made[1:])
-        if isinstance(e, OSError) and (named := naming(e, out_dir)) is not e:  # a full disk: say where it wrote
-            raise named from e
-        raise
     if upload_to:
         place.push(RETRAIN_DIR)
     return summary
