@@ -392,6 +392,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not a text file (byte {e.start} is not UTF-8): pass a YAML file") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}): check its permissions") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeys)
     except yaml.YAMLError as e:
