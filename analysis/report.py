@@ -34,8 +34,8 @@ from analysis.selection_cost import plot_cost, plot_selection
 from refilled.errors import UserError
 from refilled.store import cost
 from refilled.store import study as study_store
-from refilled.store.experiments import STATUSES, read_best_config, read_retrain
-from refilled.store.layout import BEST_CONFIG, RETRAIN_DIR, RETRAIN_RESULTS, RETRAIN_SUMMARY
+from refilled.store.experiments import STATUSES, read_best_config, read_retrain, say_once, trial_folders
+from refilled.store.layout import BEST_CONFIG, EXPERIMENT_FILE, RETRAIN_DIR, RETRAIN_RESULTS, RETRAIN_SUMMARY, STAGE1_SEARCH
 
 SHOWN = ["experiment", "rank", "trial_id", "status", "stopped_at", "epochs"]  # + searched params + metrics
 TOP = 10
@@ -91,13 +91,20 @@ def _retrain_section(exp, folder: Path) -> tuple[list[str], dict[str, Any] | Non
     shutil.copyfile(exp.folder / RETRAIN_DIR / RETRAIN_RESULTS, target / RETRAIN_RESULTS)
     lines = []
     summary = exp.folder / RETRAIN_DIR / RETRAIN_SUMMARY
-    if summary.is_file():
+    try:
+        body = summary.read_bytes().decode("utf-8").splitlines() if summary.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        note_left_out(UserError(f"{exp.location or exp.folder}/{RETRAIN_DIR}/{RETRAIN_SUMMARY} is damaged"),
+                      f"the report links {RETRAIN_RESULTS} alone")
+        lines += [f"The summary of the final retrain of {exp.label} is damaged ({RETRAIN_SUMMARY}); its results "
+                  f"are whole in {RETRAIN_RESULTS}."]
+        body = None
+    if body is not None:
         shutil.copyfile(summary, target / RETRAIN_SUMMARY)
-        body = summary.read_text().splitlines()
         lines += [line for line in body if not line.startswith("# ")]
     rel = target.relative_to(folder).as_posix()
     lines += ["", f"Files: [results.json]({rel}/results.json)" +
-              (f", [summary.md]({rel}/summary.md)" if summary.is_file() else ""), ""]
+              (f", [summary.md]({rel}/summary.md)" if body is not None else ""), ""]
     return lines, results
 
 
@@ -112,8 +119,34 @@ def make_report(experiments, out: str | Path, force: bool = False) -> dict[str, 
     return made
 
 
+def _no_trials(experiments) -> UserError:
+    """What a report of experiments without a trial it can read says."""
+    unread = [e.label for e in experiments if trial_folders(e.folder)]
+    if unread:
+        return UserError(f"no trial of {', '.join(unread)} can be read (the notes above say why): restore them "
+                         "from a backup, then run this report again")
+    return UserError(f"{', '.join(e.label for e in experiments)} has no trials yet: run or resume its search "
+                     "(`python tune_refilled.py search ...`), then run this report again")
+
+
+def _phase1_missing(experiments) -> list[str]:
+    """Lines that say which staged searches lack their phase 1 (stage1_search/), said once on stderr too:
+    their phase-1 trials and what they cost are left out of the report."""
+    lines = []
+    for exp in experiments:
+        if exp.staged and not (exp.folder / STAGE1_SEARCH / EXPERIMENT_FILE).is_file():
+            line = (f"phase 1 of {exp.label} ({STAGE1_SEARCH}/) is missing: its trials and what they cost are left "
+                    "out of this report (restore it from a backup)")
+            say_once(f"note: {line}")
+            lines.append(f"- **{line[0].upper()}{line[1:]}.**")
+    return lines + [""] if lines else []
+
+
 def _write_report(experiments, folder: Path) -> dict[str, Any]:
     board = leaderboard(experiments)
+    if board.empty:
+        raise _no_trials(experiments)
+    missing = _phase1_missing(experiments)
     summary = experiment_summary(experiments)
     write_tables(board, folder, summary if len(experiments) > 1 else None)
     made: dict[str, Any] = {"trials": board, "experiments": summary}
@@ -139,6 +172,7 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
                      f"best stage-2 validation accuracy {_pct(row['best_val_accuracy_stage2'])} "
                      f"(trial {row['best_trial'] or '-'})")
     lines.append("")
+    lines += missing
 
     lines += _selection_section(experiments, made["selection"])
     lines += _cost_section(experiments, ledgers)

@@ -11,6 +11,7 @@ the fast tier: every refusal comes before Ray starts.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -511,3 +512,63 @@ def test_the_report_of_a_search_before_any_stage_2_is_written(made, tmp_path, ca
     assert (out / "index.md").is_file() and (out / "params.png").is_file()
     assert not list(out.glob(".partial-*"))  # the folder it was assembled in is gone
     assert sorted(p.name for p in out.iterdir())[:2] == [".tune-refilled-output", "cost.csv"]
+
+
+# ----------------------------------------------------------------------------- Ray Tune's pickled state
+
+# Ray Tune's state files as a search leaves them (names as in a real experiment; contents not pickles:
+# the check never reads them)
+TUNE_STATE = ["tuner.pkl", "searcher-state-2026-12-07_08-06-43.pkl", "callback-states-2026-12-07_08-06-43.pkl",
+              "search_gen_state-2026-12-07_08-06-43.json", "experiment_state-2026-12-07_08-06-43.json"]
+
+
+def _with_tune_state(made: Path, tmp_path: Path, monkeypatch) -> Path:
+    from ray import tune
+
+    folder = copy(made, tmp_path, None)
+    for name in TUNE_STATE:
+        (folder / name).write_bytes(b"\x80\x05 never unpickled by these tests")
+        (folder / name).chmod(0o644)
+    folder.chmod(0o755)
+    # past the checks, the resume would start Ray: stop there instead
+    monkeypatch.setattr(tune.Tuner, "can_restore", classmethod(lambda cls, path, **kw: False))
+    return folder
+
+
+def test_resume_goes_past_ray_tunes_state_that_only_its_owner_may_write(made, tmp_path, capsys, monkeypatch):
+    folder = _with_tune_state(made, tmp_path, monkeypatch)
+    refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
+            "has no Ray Tune state to resume")
+
+
+@pytest.mark.parametrize("name, bits", zip(TUNE_STATE + ["."], [0o020, 0o002] * 3))  # group, others
+def test_resume_refuses_ray_tunes_state_that_others_may_write(made, tmp_path, capsys, monkeypatch, name, bits):
+    """`search --resume` unpickles these files: one that others may write (or the folder holding
+    it) is refused in one line, before Ray starts and before anything is read or written."""
+    folder = _with_tune_state(made, tmp_path, monkeypatch)
+    target = folder / name
+    target.chmod(target.stat().st_mode | bits)
+    before = tree(folder.parent)
+    line = refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
+                   "may be written by others than its owner", "unpickles Ray Tune's state", "chmod -R go-w")
+    assert (str(folder) if name == "." else f"{folder}/{name}") in line, line
+    assert tree(folder.parent) == before
+
+
+def test_resume_refuses_ray_tunes_state_of_a_staged_search_s_phase_1(made, tmp_path, capsys, monkeypatch):
+    folder = _with_tune_state(made, tmp_path, monkeypatch)
+    phase1 = folder / "stage1_search"
+    phase1.mkdir(mode=0o755)
+    (phase1 / "tuner.pkl").write_bytes(b"\x80\x05")
+    (phase1 / "tuner.pkl").chmod(0o666)
+    refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
+            f"{phase1}/tuner.pkl may be written by others")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+@pytest.mark.parametrize("name", ["tuner.pkl", "."])
+def test_resume_refuses_ray_tunes_state_of_another_user(made, tmp_path, capsys, monkeypatch, name):
+    folder = _with_tune_state(made, tmp_path, monkeypatch)
+    os.chown(folder / name, 4242, -1)
+    refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
+            "belongs to another user (uid 4242)", "resume only experiments you trust")

@@ -17,8 +17,10 @@ NOT_SEARCHABLE are read from there. The validators say what is wrong in ValueErr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
@@ -26,7 +28,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from refilled.errors import UserError
-from refilled.schema._messages import must, one_line
+from refilled.schema._messages import flat, must, one_line, shown
 
 DATA_NAMES = ("CIFAR-100", "CUB-200", "digits", "folder")  # folder: a folder of images in data_root
 CLASS_COUNT = {"CIFAR-100": 100, "CUB-200": 200, "digits": 10}  # known before a file is read (a folder: not)
@@ -53,7 +55,7 @@ def key(default: Any, *groups: str, **constraints: Any) -> Any:
 def _known_data_name(value: str) -> str:
     name = canonical_data_name(value)
     if name is None:
-        raise ValueError(f"must be one of {', '.join(DATA_NAMES)}, got {value!r}")
+        raise ValueError(f"must be one of {', '.join(DATA_NAMES)}, got {shown(value)}")
     return name
 
 
@@ -101,7 +103,7 @@ def _network_name(value: Any) -> Any:
     if isinstance(value, str) and (value in NETWORKS or (value.startswith(TORCHVISION) and value != TORCHVISION)):
         return value
     raise ValueError(f"must be one of {', '.join(NETWORKS)} or torchvision:NAME (e.g. torchvision:resnet18), "
-                     f"got {value!r}")
+                     f"got {shown(value)}")
 
 
 def _classes(value: Any) -> Any:  # positions ("0-49", "all") or a list of class names ([cat, dog])
@@ -237,9 +239,9 @@ class Config(BaseModel):
         if isinstance(values, dict):
             unknown = [k for k in values if k not in cls.model_fields]
             if unknown:
-                close = [k for k in cls.model_fields if k.startswith(str(unknown[0])[:3])]
-                raise ValueError(f"unknown config key '{unknown[0]}'" +
-                                 (f" (did you mean {', '.join(close)}?)" if close else ""))
+                close = [k for k in cls.model_fields if k.startswith(str(unknown[0])[:3])] if str(unknown[0]) else []
+                raise ValueError(f"unknown config key {shown(unknown[0])}" +
+                                 (f" (did you mean {', '.join(close[:5])}?)" if close else ""))
             if _none_word(values.get("teacher_depth", 0)) is None:  # null: by the teacher's family
                 values = {k: v for k, v in values.items() if k != "teacher_depth"}
         return values
@@ -281,7 +283,7 @@ class Config(BaseModel):
         for name in ("teacher_mean", "teacher_std"):
             value = getattr(self, name)
             if value is not None and len(value) not in (1, 3):
-                raise ValueError(f"config key '{name}' must hold one number a channel (1 or 3), got {list(value)}")
+                raise ValueError(f"config key '{name}' must hold one number a channel (1 or 3), got {shown(list(value))}")
         if self.class_order == "cifar_fs" and self.data_name != "CIFAR-100":
             raise ValueError("config key 'class_order': cifar_fs is the CIFAR-100 order; use 'natural' here")
         return self
@@ -307,12 +309,17 @@ def _validated(values: dict[str, Any]) -> Config:
         raise UserError(one_line(e, "config")) from None
 
 
+@functools.cache
+def _adapter(name: str) -> TypeAdapter:
+    return TypeAdapter(FIELDS[name].rebuild_annotation(), config=Config.model_config)
+
+
 def coerce(name: str, value: Any) -> Any:
     """`value` as the type of key `name` (its type and range only), or a UserError naming the key."""
     if name not in FIELDS:
         _validated({name: value})  # the one-line "unknown config key" error
     try:
-        return TypeAdapter(FIELDS[name].rebuild_annotation(), config=Config.model_config).validate_python(value)
+        return _adapter(name).validate_python(value)
     except ValidationError as e:
         raise UserError(one_line(e, f"config key '{name}'")) from None
 
@@ -336,12 +343,12 @@ class ExperimentFile(BaseModel):
     writes it (refilled.store.experiment_file), with the notes a search adds."""
     model_config = ConfigDict(extra="forbid", frozen=True)
     config: Config
-    search: Optional[dict[str, Any]] = None  # refilled.schema.search.parse_search reads it, with the config
+    search: Optional[dict[Any, Any]] = None  # refilled.schema.search.parse_search reads it (and names a bad key)
     name: Any = None
     description: Any = None
     retrain: Any = None
     stage1_choice: Optional[dict[str, Any]] = None  # a staged search's phase-1 choice
-    stage1_only: bool = False  # in phase 1's own experiment.yaml
+    stage1_only: Bool = False  # in phase 1's own experiment.yaml
     trial_kind: Optional[TrialKindNote] = None  # absent: the trials trained REFILLED
 
     @model_validator(mode="before")
@@ -350,21 +357,28 @@ class ExperimentFile(BaseModel):
         for name, what in (("config", "keys to values"), ("search", "settings")):
             if data.get(name) is not None and not isinstance(data[name], dict):
                 raise ValueError(f"the {name}: section must be a mapping of {what}, got {type(data[name]).__name__}")
-        unknown = sorted(str(k) for k in set(data) - set(cls.model_fields))
+        unknown = sorted(set(data) - set(cls.model_fields), key=str)
         if unknown:
-            raise ValueError(f"unknown section '{unknown[0]}': expected {', '.join(sorted(cls.model_fields))}")
+            raise ValueError(f"unknown section {shown(unknown[0])}: expected {', '.join(sorted(cls.model_fields))}")
         return {**data, "config": data.get("config") or {}}
 
 
 class _UniqueKeys(yaml.SafeLoader):
-    """YAML with a key given twice refused: PyYAML would keep the last one without a word."""
+    """YAML with a key given twice refused: PyYAML would keep the last one without a word. A
+    key that is a list or a mapping is refused as PyYAML refuses it; merged keys (`<<: *base`)
+    are YAML's way to give keys again, and the mapping's own keys replace them."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a single value, not a "
+                                                        f"{type(key).__name__}", key_node.start_mark)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                raise yaml.constructor.ConstructorError(None, None, f"key {shown(key)} is given twice",
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
@@ -381,13 +395,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not a text file (byte {e.start} is not UTF-8): pass a YAML file") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}): check its permissions") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeys)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid syntax"
-        raise UserError(f"malformed YAML in {path}{where}: {problem}") from None
+        raise UserError(flat(f"malformed YAML in {path}{where}: {problem}")) from None
+    except RecursionError:
+        raise UserError(f"malformed YAML in {path}: it nests lists or mappings too deep to read") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

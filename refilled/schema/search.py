@@ -55,7 +55,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from refilled.errors import UserError
-from refilled.schema._messages import must, one_line
+from refilled.schema._messages import must, one_line, shown
 from refilled.schema.config import FIELDS, NOT_SEARCHABLE, STAGE1_KEYS, STAGE1_ONLY, Config, coerce, from_dict, increasing
 from refilled.schema.rungs import counted_epochs, rung_epochs
 
@@ -134,7 +134,7 @@ def _one_kind(value: Any) -> Any:
     if not isinstance(value, dict) or len(value) != 1:
         raise ValueError(f"must be one of {{{', '.join(KINDS)}: ...}}, e.g. {{loguniform: [0.5, 16]}}")
     if next(iter(value)) not in KINDS:
-        raise ValueError(f": unknown distribution '{next(iter(value))}'; use one of {', '.join(KINDS)}")
+        raise ValueError(f": unknown distribution {shown(next(iter(value)))}; use one of {', '.join(KINDS)}")
     return value
 
 
@@ -243,7 +243,7 @@ class SearchSettings(_Section):
             raise ValueError("must be a mapping of config keys to distributions")
         for key in space:
             if key not in FIELDS:
-                raise ValueError(f".{key}: unknown config key '{key}' (searchable keys are the config keys, "
+                raise ValueError(f".{key}: unknown config key {shown(key)} (searchable keys are the config keys, "
                                  "e.g. tau1, lambd, lr1)")
             if key in NOT_SEARCHABLE:
                 raise ValueError(f".{key}: '{key}' cannot be searched; set it in the config section")
@@ -262,7 +262,7 @@ class SearchSettings(_Section):
                     values.append(coerce(key, value))
                     from_dict({key: values[-1]}, base)
                 except UserError as e:
-                    raise ValueError(f".{key}: value {value!r} is not allowed ({e})") from None
+                    raise ValueError(f".{key}: value {shown(value)} is not allowed ({e})") from None
             space[key] = type(dist).model_validate({dist.kind: values})  # an int range stays whole
         return space
 

@@ -59,18 +59,33 @@ def add_driver_cost(place: Place, item: str, stage: str, wall_s: float, device: 
     place.write(DRIVER_FILE, json.dumps(rows, indent=1))
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# a row of driver_cost.json (add_driver_cost) and what each field holds
+DRIVER_FITS = {"trial_id": lambda v: isinstance(v, str), "stage": lambda v: isinstance(v, str),
+               "epochs": lambda v: isinstance(v, int) and not isinstance(v, bool), "wall_s": _number,
+               "device": lambda v: isinstance(v, str), "device_s": _number}
+
+
 def read_driver_cost(folder: str | Path) -> list[dict[str, Any]]:
+    """driver_cost.json's rows; [] where there is none; a damaged one is a UserError."""
+    from refilled.store.experiments import fits, read_json
+
     path = Path(folder) / DRIVER_FILE
-    if not path.is_file():
+    if not path.exists():
         return []
     try:
-        rows = json.loads(path.read_text())
+        rows = read_json(path)
     except ValueError:
+        rows = None
+    if not isinstance(rows, list) or not all(fits(row, DRIVER_FITS) for row in rows):
         from refilled.errors import UserError
 
-        raise UserError(f"{path} is damaged (not JSON): delete it (the cost ledger then misses the teacher and "
-                        "bank rows) or restore it") from None
-    return rows if isinstance(rows, list) else []
+        raise UserError(f"{path} is damaged: delete it (the cost ledger then misses the teacher and bank rows) "
+                        "or restore it")
+    return rows
 
 
 def trial_rows(trial_id: str, results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -100,8 +115,9 @@ def ledger(folder: str | Path) -> pd.DataFrame:
         for trial in trial_folders(part):
             try:
                 results = read_results(trial)
-            except DamagedTrial as e:
-                say_once(f"note: the cost of {trial.name} is left out of the ledger: its {e}", key=(str(trial), "cost"))
+            except DamagedTrial as e:  # said once in a process: a script makes the ledger more than once
+                say_once(f"note: the cost of {trial.name} is left out of the ledger: its {e}",
+                         key=(str(trial.resolve()), "cost"))
                 continue
             trial_id = results[-1].get("trial_id") if results else trial.name
             rows += trial_rows(str(trial_id), results)

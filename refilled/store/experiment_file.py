@@ -52,7 +52,10 @@ def read(folder: str | Path, location: str | None = None, hint: str = READ_HINT)
 def check_whole(path: Path, shown: str | None = None) -> None:
     """Refuse an experiment file that was cut short. Files written before the end line
     existed (no HEADER) must at least hold both sections that `write` always writes."""
-    text = path.read_text(errors="replace")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise UserError(f"{shown or path} cannot be read ({e.strerror}): check its permissions") from None
     lines = text.rstrip("\n").splitlines()
     if lines and lines[0] == HEADER:
         whole = lines[-1] == END

@@ -20,7 +20,8 @@ import pandas as pd
 import yaml
 
 from refilled.errors import UserError, one_line
-from refilled.schema.config import FIELDS, Config, from_dict, read_yaml
+from refilled.schema._messages import shown
+from refilled.schema.config import FIELDS, Config, coerce, from_dict, read_yaml
 from refilled.schema.search import SearchSettings
 from refilled.store import experiment_file, trial_records
 from refilled.store.layout import (
@@ -61,39 +62,76 @@ class DamagedTrial(Exception):
     """A trial file that cannot be read whole: the trial is left out, and said so."""
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+# the fields of a reported epoch the readers take, and what each holds (Ray Tune's and the trial's own,
+# refilled.tune.trainable; `diverged` is 0 or 1); a line that says anything else is damaged
+ROW_FITS = {"step": _whole, "total_steps": _whole, "stage": _text, "val_accuracy": _number, "trial_id": _text,
+            "time_total_s": _number, "time_this_iter_s": _number, "timestamp": _number, "cost_wall_s": _number,
+            "cost_device_s": _number, "device": _text, "node_ip": _text, "stage1_cache": _text,
+            "diverged": lambda v: isinstance(v, (bool, int)), "diverged_reason": _text}
+
+
+def _file_text(path: Path) -> str:
+    """A trial file's text; DamagedTrial when it is no file of text."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DamagedTrial(f"{path.name} is not text") from None
+    except OSError as e:  # a folder where the file belongs, a file that cannot be read
+        raise DamagedTrial(f"{path.name} cannot be read ({e.strerror})") from None
+
+
 def read_results(trial_folder: Path) -> list[dict[str, Any]]:
     """Every reported epoch of a trial, in order. A last line cut off by a crash is
-    skipped; a file that is not text, or a damaged line before the last, is DamagedTrial."""
+    skipped; a file that is not text, a damaged line before the last, or a line whose
+    fields are not what a trial reports (ROW_FITS) is DamagedTrial."""
     path = trial_folder / "result.json"
-    if not path.is_file():
+    if not path.exists():
         return []
-    try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DamagedTrial("result.json is not text") from None
+    lines = _file_text(path).splitlines()
     rows = []
     for i, line in enumerate(lines):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if i == len(lines) - 1:
                 continue  # the line a crash cut off
             raise DamagedTrial(f"line {i + 1} of result.json is not JSON") from None
         if not isinstance(row, dict):
             raise DamagedTrial(f"line {i + 1} of result.json is not a record")
+        wrong = next((k for k, fits in ROW_FITS.items() if k in row and not fits(row[k])), None)
+        if wrong:
+            raise DamagedTrial(f"line {i + 1} of result.json gives {wrong} {shown(row[wrong])}, which no trial "
+                               "reports")
         rows.append(row)
     return rows
 
 
 def _params(trial_folder: Path) -> dict[str, Any]:
+    text = _file_text(trial_folder / "params.json")
     try:
-        params = json.loads((trial_folder / "params.json").read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise DamagedTrial("params.json is not text") from None
-    except (OSError, json.JSONDecodeError):
+        params = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
         raise DamagedTrial("params.json is not whole JSON") from None
     if not isinstance(params, dict):
         raise DamagedTrial("params.json is not a mapping")
+    for key, value in params.items():  # the trial's config keys: each of its key's type and range
+        if key in FIELDS:
+            try:
+                coerce(key, value)
+            except UserError as e:
+                raise DamagedTrial(f"params.json gives {key} {shown(value)}, which no trial ran with ({e})") from None
     return params
 
 
@@ -240,14 +278,37 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
 
 
 
+# a re-evaluation run's record (refilled.tune.selection) and what each field holds (epochs: not in
+# those of early versions)
+REEVAL_FITS = {"trial_id": _text, "seed": _whole, "val_accuracy": _number, "wall_s": _number, "device": _text,
+               "device_s": _number}
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; ValueError when it is not a file of whole JSON (a folder in its place,
+    bytes that are not text, a file cut short)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, RecursionError) as e:
+        raise ValueError(str(e)) from None
+
+
+def fits(record: Any, fields: dict[str, Any]) -> bool:
+    """Whether `record` is a mapping that holds each of `fields` as it says (field name: test)."""
+    return isinstance(record, dict) and all(k in record and test(record[k]) for k, test in fields.items())
+
+
 def reeval_results(folder: str | Path) -> list[dict[str, Any]]:
     """Every re-evaluation run finished so far (trial_id, seed, val_accuracy, epochs, wall_s, device, device_s)."""
     out = []
     for path in sorted((Path(folder) / SELECTION_DIR).glob("*-seed*.json")):
         try:
-            out.append(json.loads(path.read_text()))
+            record = read_json(path)
         except ValueError:
-            raise UserError(f"{path} is damaged: delete it and run `search --resume` to run it again") from None
+            record = None
+        if not fits(record, REEVAL_FITS) or not _whole(record.get("epochs", 0)):
+            raise UserError(f"{path} is damaged: delete it and run `search --resume` to run it again")
+        out.append(record)
     return out
 
 
@@ -259,13 +320,17 @@ def read_selection(folder: str | Path) -> pd.DataFrame | None:
     damaged = UserError(f"{path} is damaged: delete it and run `search --resume` to re-evaluate again")
     try:
         table = pd.read_csv(path, dtype={"trial_id": str})
-    except (ValueError, pd.errors.ParserError):
+        whole = path.read_bytes().endswith(b"\n")  # cut inside its last number: every row written ends with one
+    except (ValueError, pd.errors.ParserError, OSError):
         raise damaged from None
     needed = ["trial_id", "val_accuracy_reeval_mean"]
     if not set(needed) <= set(table.columns) or table[needed].isna().any().any():
         raise damaged  # a row cut short reads as empty cells
-    if not path.read_bytes().endswith(b"\n"):
-        raise damaged  # cut inside its last number: every row written ends with a newline
+    numbers = [c for c in ("val_accuracy_search", "val_accuracy_reeval_mean", "val_accuracy_reeval_std") if c in table]
+    if not all(pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c]) for c in numbers):
+        raise damaged  # a number's cell holds text
+    if not whole:
+        raise damaged
     return table.sort_values("val_accuracy_reeval_mean", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -279,6 +344,10 @@ def chosen_trial(folder: str | Path, trials: pd.DataFrame, notes: dict[str, str]
         match = trials[trials["trial_id"].astype(str) == winner] if not trials.empty else trials
         if not match.empty:
             return match.iloc[0]
+        if winner not in (notes or {}) and not (Path(folder) / trial_records.folder_name(winner)).is_dir():
+            raise UserError(f"{Path(folder) / SELECTION_FILE} is damaged: it chose trial {shown(winner)}, which "
+                            f"{Path(folder).name} does not hold; delete it and run `search --resume` to re-evaluate "
+                            "again, or retrain a trial with --trial ID")
         why = (notes or {}).get(winner, "files cannot be read: restore them from a backup")
         raise UserError(f"the chosen trial {winner} ({SELECTION_FILE}) of {Path(folder).name} cannot be read: its "
                         f"{why}, or retrain another with --trial ID")
@@ -358,13 +427,30 @@ def read_retrain(folder: str | Path, location: str | None = None) -> dict[str, A
     if not path.is_file():
         return None
     try:
-        results = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        results = read_json(path)
+    except ValueError:
         results = None
-    if not isinstance(results, dict) or not {"refilled", "config"} <= results.keys():
+    if not _whole_results(results):
         raise UserError(f"{location or folder}/{RETRAIN_DIR}/{RETRAIN_RESULTS} is damaged: run `retrain --experiment "
                         f"{location or folder} --force` again (or restore it from a backup)")
     return results
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(map(_number, value))
+
+
+# a final retrain's results (refilled.runs.final_retrain.results_of_runs): each model's accuracies, the gain
+RUN_FITS = {"test_accuracy": _numbers, "mean": _number, "std": _number}
+
+
+def _whole_results(results: Any) -> bool:
+    return (isinstance(results, dict) and fits(results, {"refilled": lambda v: fits(v, RUN_FITS),
+                                                         "config": lambda v: isinstance(v, dict)})
+            and ("student_alone" not in results or fits(results["student_alone"], RUN_FITS))
+            and ("gain" not in results or _number(results["gain"]))
+            and (results.get("gain_se") is None or _number(results["gain_se"]))
+            and isinstance(results.get("source", {}), dict))
 
 
 def first_points(settings: SearchSettings, cfg: Config) -> list[dict[str, Any]]:

@@ -8,12 +8,20 @@ the teacher, its embedding bank, a staged search's phase-1 choice, the trial
 checkpoints a resume continues trials from, and Ray Tune's own state files (only
 whether each parses: what they mean is Tune's). experiment.yaml is checked
 wherever it is read (refilled.store.experiment_file). No Ray here.
+
+Ray Tune's own state, which a resume unpickles (and so runs whatever code it holds), is
+first refused, unread, when someone other than the user resuming could have written it
+(`trusted`); then only whether each file parses is checked (a pickle's opcodes read to
+the end, nothing built).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickletools
+import shlex
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,6 +31,9 @@ from refilled.files.arrays import read_array
 from refilled.store import storage, trial_records
 from refilled.store.layout import BANK_FILES, STAGE1_SEARCH, STATE_FILE, TEACHER_FILE
 
+# The files of Ray Tune's state in an experiment folder (and in a staged search's stage1_search/)
+# that Tuner.restore unpickles: the tuner, the searcher's and the callbacks' state, the search
+# generator's state (a pickle despite its name) and the experiment state (its trials hold pickles).
 RESUME_STUDY = "restore it from a backup, or start a new search (--name OTHER); retrain and the analysis do not need it"
 
 # Ray Tune's state files as Tune names them, and how it writes each (JSON, or a pickle): a restore
@@ -108,9 +119,36 @@ def tune_state(place: storage.Place, experiment: storage.Place) -> None:
                             f"{ended_trials(experiment)} trials that ended; nothing was changed")
 
 
+def trusted(place: storage.Place) -> None:
+    """Refuse, in one line and without reading them, the pickled Ray Tune state files of a folder
+    experiment (TUNE_STATE, in it and in stage1_search/) when they or the folders holding them
+    belong to another user or others than their owner may write them: unpickling runs the code
+    a file holds, as the user who resumes. (At a URI, the storage's access rules decide.)"""
+    if place.uri:
+        return
+    me = os.geteuid()
+    for folder in (place.folder, place.folder / STAGE1_SEARCH):
+        files = sorted({p for pattern, _ in TUNE_STATE for p in folder.glob(pattern)})
+        for path in [folder, *files] if files else []:
+            info = path.stat()
+            shown = _shown(place, str(path.relative_to(place.folder))) if path != place.folder else place.location
+            what = "folder" if stat.S_ISDIR(info.st_mode) else "Ray Tune state file"
+            if info.st_uid != me:
+                raise UserError(f"{what} {shown} belongs to another user (uid {info.st_uid}): `search --resume` "
+                                "unpickles Ray Tune's state, which runs the code it holds as you; resume only "
+                                "experiments you trust, as the user who owns them")
+            if info.st_mode & 0o022:
+                raise UserError(f"{what} {shown} may be written by others than its owner (mode "
+                                f"{stat.S_IMODE(info.st_mode):o}): `search --resume` unpickles Ray Tune's state, "
+                                "which runs the code it holds as you; if you trust this experiment, "
+                                f"`chmod -R go-w {shlex.quote(str(place.folder))}` and resume")
+
+
 def before_resume(place: storage.Place, data: dict) -> None:
-    """Everything `search --resume` will read, checked before it writes anything.
+    """Everything `search --resume` will read, checked before it writes anything (Ray Tune's
+    pickled state first: `trusted`).
     `place`: the experiment (for a URI, its freshly pulled mirror); `data`: experiment.yaml."""
+    trusted(place)
     tune_state(place, place)
     if not data.get("stage1_choice") and (data.get("search") or {}).get("staged"):
         tune_state(place.part(STAGE1_SEARCH), place)

@@ -55,10 +55,33 @@ def write(folder: str | Path, record: dict[str, Any]) -> None:
     write_atomic(Path(folder) / RECORD_FILE, json.dumps(record, indent=1, sort_keys=True))
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _saved(value: Any) -> bool:
+    return isinstance(value, dict) and _text(value.get("status")) and _text(value.get("checkpoint"))
+
+
+# what each field holds (the driver writes null where it knows nothing yet); a record that says
+# anything else was not written by it
+FITS = {"trial_id": lambda v: isinstance(v, str), "number": _whole, "status": _text, "reason": _text,
+        "step": lambda v: v is None or _whole(v), "total_steps": lambda v: v is None or _whole(v),
+        "stopped_at": lambda v: v is None or _whole(v), "checkpoint": _text, "retries": _whole, "node": _text,
+        "node_id": _text, "at_last_save": _saved}
+
+
 def read(folder: str | Path) -> dict[str, Any]:
-    """The trial's record; {} for a folder without one (or a damaged one)."""
+    """The trial's record; {} for a folder without one (or a damaged one: not JSON, not a
+    mapping, or a field of another kind than the driver writes, FITS)."""
     try:
-        record = json.loads((Path(folder) / RECORD_FILE).read_text())
-    except (OSError, ValueError):
+        record = json.loads((Path(folder) / RECORD_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return {}
-    return record if isinstance(record, dict) else {}
+    if not isinstance(record, dict) or not all(fits(record[k]) for k, fits in FITS.items() if k in record):
+        return {}
+    return record
