@@ -518,7 +518,7 @@ def test_the_report_of_a_search_before_any_stage_2_is_written(made, tmp_path, ca
 
 # Ray Tune's state files as a search leaves them (names as in a real experiment; contents not pickles:
 # the check never reads them)
-TUNE_STATE = ["tuner.pkl", "searcher-state-2026-12-07_08-06-43.pkl", "callback-states-2026-12-07_08-06-43.pkl",
+OWNED_STATE = ["tuner.pkl", "searcher-state-2026-12-07_08-06-43.pkl", "callback-states-2026-12-07_08-06-43.pkl",
               "search_gen_state-2026-12-07_08-06-43.json", "experiment_state-2026-12-07_08-06-43.json"]
 
 
@@ -526,8 +526,14 @@ def _with_tune_state(made: Path, tmp_path: Path, monkeypatch) -> Path:
     from ray import tune
 
     folder = copy(made, tmp_path, None)
-    for name in TUNE_STATE:
-        (folder / name).write_bytes(b"\x80\x05 never unpickled by these tests")
+    import fnmatch
+    import pickle
+
+    from refilled.store.integrity import TUNE_STATE as KINDS
+
+    for name in OWNED_STATE:  # whole files (the parse check passes them), never unpickled by these tests
+        kind = next(k for pattern, k in KINDS if fnmatch.fnmatch(name, pattern))
+        (folder / name).write_bytes(json.dumps({}).encode() if kind == "json" else pickle.dumps({}))
         (folder / name).chmod(0o644)
     folder.chmod(0o755)
     # past the checks, the resume would start Ray: stop there instead
@@ -541,7 +547,7 @@ def test_resume_goes_past_ray_tunes_state_that_only_its_owner_may_write(made, tm
             "has no Ray Tune state to resume")
 
 
-@pytest.mark.parametrize("name, bits", zip(TUNE_STATE + ["."], [0o020, 0o002] * 3))  # group, others
+@pytest.mark.parametrize("name, bits", zip(OWNED_STATE + ["."], [0o020, 0o002] * 3))  # group, others
 def test_resume_refuses_ray_tunes_state_that_others_may_write(made, tmp_path, capsys, monkeypatch, name, bits):
     """`search --resume` unpickles these files: one that others may write (or the folder holding
     it) is refused in one line, before Ray starts and before anything is read or written."""

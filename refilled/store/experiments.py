@@ -329,6 +329,8 @@ def read_selection(folder: str | Path) -> pd.DataFrame | None:
     numbers = [c for c in ("val_accuracy_search", "val_accuracy_reeval_mean", "val_accuracy_reeval_std") if c in table]
     if not all(pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c]) for c in numbers):
         raise damaged  # a number's cell holds text
+    if "val_accuracy_reeval_std" in table and (table["val_accuracy_reeval_std"] < 0).any():
+        raise damaged  # no spread is negative
     if not whole:
         raise damaged
     return table.sort_values("val_accuracy_reeval_mean", ascending=False, kind="stable").reset_index(drop=True)

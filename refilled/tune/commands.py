@@ -84,7 +84,10 @@ def search_section(args: argparse.Namespace, section: dict | None) -> dict:
     """The `search:` section with the command line's --num-samples, --max-concurrent,
     --cpus-per-trial and --gpus-per-trial in it."""
     section = dict(section or {})
-    resources = dict(section.get("resources") or {})
+    given = section.get("resources")
+    if given is not None and not isinstance(given, dict):
+        return section  # not a mapping: the settings' own check refuses it in one line
+    resources = dict(given or {})
     for key, (attr, _) in SEARCH_FLAGS.items():
         value = getattr(args, attr)
         if value is not None:
