@@ -192,7 +192,7 @@ def add_retrain_command(sub) -> None:
                         "tuned configuration, refilled_untuned the experiment's own config values, student_alone "
                         "cross-entropy alone")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="--no-baseline: leave out the student alone (as --arms without student_alone)")
+                   help="--no-baseline: the tuned configuration alone, no arm to compare it with (as --arms refilled)")
     p.add_argument("--force", action="store_true", help="replace results already in --out, or write into an --out "
                                                         "folder that holds files of other programs")
     p.add_argument("--address", help="Ray cluster to run the seeds on as tasks ('auto' or host:port)")
@@ -217,7 +217,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     results, written = retrain(RetrainRequest(args.experiment, seeds=args.seeds, out=args.out, trial=args.trial,
                                               config=args.config, force=args.force,
-                                              arms=tuple(a for a in args.arms if args.baseline or a != "student_alone"),
+                                              arms=args.arms if args.baseline else ("refilled",),
                                               address=args.address, teacher=args.teacher))
     print(markdown(results))
     print(f"wrote {written}/results.json and summary.md")
