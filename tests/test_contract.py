@@ -51,8 +51,8 @@ from support.configs import REPO, TINY
 # N times as many, new ones each run, to look further.
 SCALE = int(os.environ.get("TUNE_REFILLED_CONTRACT_SCALE", "1"))
 RENDER = SCALE > 1  # the report's figures rendered (layout, PNG) too: a second a report
-MAX_FILES = 120 * SCALE  # examples of the experiment-file property
-MAX_FOLDERS = 25 * SCALE  # examples of each damaged-folder property (a report draws its plots: the slow part)
+MAX_FILES = 60 * SCALE  # examples of the experiment-file property
+MAX_FOLDERS = 12 * SCALE  # examples of each damaged-folder property (a report draws its plots: the slow part)
 
 
 def bounded(max_examples: int) -> settings:
