@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import unicodedata
 
 
@@ -80,6 +81,8 @@ def os_error_line(error: OSError) -> str | None:
     cause, remedy = OS_REFUSALS[error.errno]
     paths = [shown(os.fsdecode(p) if isinstance(p, bytes) else p) for p in (error.filename, error.filename2)
              if p is not None]
+    if not paths and (quoted := re.search(r"'([^']+)'", str(error))):  # pyarrow names the path in its message
+        paths = [shown(quoted.group(1))]
     where = " -> ".join(paths)
     return f"{where}: {cause}: {remedy}" if where else f"{cause}: {remedy}"
 

@@ -73,8 +73,15 @@ def download(uri: str, local: Path, skip: Callable[[str], bool] = lambda rel: Fa
             continue
         target = local / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(f"{root}/{rel}", str(target), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        try:
+            pafs.copy_files(f"{root}/{rel}", str(target), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        except FileNotFoundError:
+            # gone since the listing: a file another writer renamed into place (the lease's
+            # heartbeat, Ray's state) or deleted; what it became was listed, or is not ours to copy
+            if fs.get_file_info(f"{root}/{rel}").type != pafs.FileType.NotFound:
+                raise
+            continue
         copied.append(rel)
     return copied
 
@@ -114,9 +121,10 @@ def move(uri: str, source: str, target: str) -> None:
 def remove(uri: str, keep: Iterable[str] = ()) -> None:
     """Delete everything under `uri` but the entries named in `keep`."""
     fs, root = filesystem(uri)
+    keep = tuple(keep)
     for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if entry.base_name in keep:
-            continue
+        if entry.base_name in keep or entry.base_name.startswith(tuple(f"{k}." for k in keep)):
+            continue  # a kept file's own temporary ones too (the lease's heartbeat writes driver.lease.<hex>.tmp)
         if entry.type == pafs.FileType.Directory:
             fs.delete_dir(entry.path)
         else:
