@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -49,6 +49,18 @@ class Experiment:
     # its search settings; a staged search's are phase 2's: those of the trials in the folder
     settings: SearchSettings
     location: str = ""  # as given: the folder, or the URI whose local mirror `folder` is
+    # what a script read of it, read once (a report reads each trial table and curve in every figure)
+    _read: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def once(self, key: Any, read):
+        """`read()`, the first time `key` is asked for; what it returned, after."""
+        if key not in self._read:
+            self._read[key] = read()
+        return self._read[key]
+
+    def results(self, trial_folder: str | Path) -> list[dict]:
+        """A trial's reported epochs (refilled.store.experiments.read_results), read once."""
+        return self.once(("results", str(trial_folder)), lambda: read_results(Path(trial_folder)))
 
     @property
     def name(self) -> str:
@@ -73,7 +85,7 @@ class Experiment:
         phase1 = self.folder / STAGE1_SEARCH
         if not self.staged or not (phase1 / EXPERIMENT_FILE).is_file():
             return pd.DataFrame()
-        return load_trials(phase1)
+        return self.once("stage1_trials", lambda: load_trials(phase1)).copy()
 
     @property
     def stage1_search_epochs(self) -> int:
@@ -93,7 +105,7 @@ class Experiment:
         """The steps at which ASHA stopped trials of this experiment, as their records
         have them: where it compared trials and cut (a rung at which it cut nobody does
         not show)."""
-        table = load_trials(self.folder)
+        table = self.once("trials_as_stored", lambda: load_trials(self.folder))
         if table.empty:
             return []
         return sorted({int(v) for v in pd.to_numeric(table["stopped_at"], errors="coerce").dropna()})
@@ -161,13 +173,17 @@ def trials(exp: Experiment) -> pd.DataFrame:
     Adds: trial (the trial's number in its record: the order Tune created it in),
     start_time and end_time (unix seconds), searched values without the `config/` prefix.
     """
-    table = load_trials(exp.folder)
+    return exp.once("trials", lambda: _trials(exp)).copy()
+
+
+def _trials(exp: Experiment) -> pd.DataFrame:
+    table = exp.once("trials_as_stored", lambda: load_trials(exp.folder)).copy()
     if table.empty:
         return table
     table["experiment"] = exp.label
     table["trial_id"] = table["trial_id"].astype(str)
     table = table.rename(columns={"number": "trial"})
-    starts, ends = zip(*(_times(read_results(Path(f))) for f in table["folder"]))
+    starts, ends = zip(*(_times(exp.results(f)) for f in table["folder"]))
     table["start_time"], table["end_time"] = list(starts), list(ends)
     table["stopped_at"] = pd.to_numeric(table["stopped_at"], errors="coerce").astype("Int64")
     for col in [c for c in table.columns if str(c).startswith("config/")]:
@@ -191,7 +207,7 @@ def curves(experiments: list[Experiment]) -> pd.DataFrame:
     for exp in experiments:
         table = trials(exp)
         for _, t in table.iterrows():
-            for r in read_results(Path(t["folder"])):
+            for r in exp.results(t["folder"]):
                 if r.get("diverged") or "val_accuracy" not in r:
                     continue
                 records.append({"experiment": exp.label, "trial_id": t["trial_id"], "status": t["status"],

@@ -57,7 +57,7 @@ from analysis.common import (
     trials,
 )
 from refilled.errors import UserError
-from refilled.store.experiments import plain_value, read_results
+from refilled.store.experiments import plain_value
 
 STATUS_STYLE = {  # how each status is drawn in curves.png
     "finished": dict(linestyle="-", alpha=0.9, linewidth=1.4),
@@ -117,7 +117,7 @@ def _phase1_points(exp: Experiment) -> pd.DataFrame:
     chosen = (exp.data.get("stage1_choice") or {}).get("trial_id")
     records = []
     for _, trial in exp.stage1_trials().iterrows():
-        for r in read_results(Path(trial["folder"])):
+        for r in exp.results(trial["folder"]):
             if "val_accuracy" in r and not r.get("diverged"):
                 records.append({"trial_id": str(trial["trial_id"]), "status": trial["status"],
                                 "chosen": str(trial["trial_id"]) == str(chosen), "step": r["step"],

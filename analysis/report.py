@@ -27,10 +27,18 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.common import experiments_parser, markdown_table, note_left_out, open_experiments, output_folder, run_cli
+from analysis.common import (
+    experiments_parser,
+    markdown_table,
+    note_left_out,
+    open_experiments,
+    output_folder,
+    run_cli,
+    save_figure,
+)
 from analysis.compare_trials import experiment_summary, leaderboard, write_tables
 from analysis.plot_trials import PLOTS
-from analysis.selection_cost import plot_cost, plot_selection
+from analysis.selection_cost import draw_selection, plot_cost, selection_info
 from refilled.errors import UserError
 from refilled.store import cost
 from refilled.store import study as study_store
@@ -147,6 +155,7 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
     if board.empty:
         raise _no_trials(experiments)
     missing = _phase1_missing(experiments)
+    selected = selection_info(experiments)  # before any figure: a damaged selection.csv is refused at once
     summary = experiment_summary(experiments)
     write_tables(board, folder, summary if len(experiments) > 1 else None)
     made: dict[str, Any] = {"trials": board, "experiments": summary}
@@ -155,7 +164,8 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
     importance = made["importance"]
     if not importance.empty:
         importance.to_csv(folder / "importance.csv", index=False)
-    made["selection"] = plot_selection(experiments, folder / "selection.png")
+    save_figure(draw_selection(selected), folder / "selection.png")
+    made["selection"] = selected.table
     made["cost"] = plot_cost(experiments, folder / "cost.png")
     if not made["selection"].empty:
         made["selection"].to_csv(folder / "selection.csv", index=False)

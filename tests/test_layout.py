@@ -70,8 +70,9 @@ def test_what_is_where_names_every_folder_and_only_those_that_exist():
     table = page[page.index("## What is where"):page.index("## Tests")]
     named = set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.M))
     assert all((REPO / n).exists() for n in named), [n for n in named if not (REPO / n).exists()]
+    made = ("tests", "experiments", "runs", "data", "__pycache__", "venv")  # not the project's: what running it makes
     folders = {f"{p.name}/" for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")
-               and p.name not in ("tests", "experiments", "runs", "data") and not p.name.endswith(".egg-info")}
+               and p.name not in made and not p.name.endswith(".egg-info")}
     packages = {f"refilled/{p.name}/" for p in (REPO / "refilled").iterdir() if (p / "__init__.py").is_file()}
     assert (folders | packages) - {"refilled/data/"} <= named, (folders | packages) - named
     # each module of a package row is named in it
