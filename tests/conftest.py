@@ -22,7 +22,7 @@ from refilled.schema.config import Config
 from support.configs import REPO, TINY, make_tiny_config  # noqa: F401 (the fixtures' base)
 from support.processes import run_python, tiny_search  # noqa: F401
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # xdist: a worker a core
 
 @pytest.fixture
 def tiny_config() -> Config:

@@ -52,7 +52,7 @@ from support.configs import REPO, TINY
 SCALE = int(os.environ.get("TUNE_REFILLED_CONTRACT_SCALE", "1"))
 RENDER = SCALE > 1  # the report's figures rendered (layout, PNG) too: a second a report
 MAX_FILES = 60 * SCALE  # examples of the experiment-file property
-MAX_FOLDERS = 12 * SCALE  # examples of each damaged-folder property (a report draws its plots: the slow part)
+MAX_FOLDERS = 8 * SCALE  # examples of each damaged-folder property (a report draws its plots: the slow part)
 
 
 def bounded(max_examples: int) -> settings:

@@ -26,7 +26,7 @@ from refilled.store.layout import LEASE_FILE, LOCK_FILE
 from refilled.store.lease import lease_at
 from refilled.store.storage import Place
 from support.configs import REPO, make_tiny_config
-from support.searches import TINY, main_error, tree
+from support.searches import LEASE_ENV, LEASE_TIMEOUT, TINY, main_error, tree
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +193,7 @@ def test_a_new_search_that_fails_before_its_first_trial_leaves_no_experiment(tmp
 
     monkeypatch.setattr(trial_inputs, "prepare_teacher", full_disk)
     monkeypatch.setenv("TUNE_REFILLED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(LEASE_ENV, str(LEASE_TIMEOUT))  # a lease at a URI settles a tenth of it before it is held
     storage = str(tmp_path / "s") if at == "folder" else f"file://{tmp_path / 's'}"
     for _ in range(2):  # the rerun meets the same error, not "already exists: pass --resume"
         line = main_error(capsys, *search_args(storage, "exp", "--teacher", str(search_teacher)))
