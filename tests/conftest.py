@@ -16,17 +16,24 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
-import torch
 
 from refilled.schema.config import Config
 from support.configs import REPO, TINY, make_tiny_config  # noqa: F401 (the fixtures' base)
 from support.processes import run_python, tiny_search  # noqa: F401
 
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # xdist: a worker a core
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> None:
+    """Two torch threads, one a worker under xdist (two workers fill the two cores). In a
+    fixture, not at import: xdist's controller runs no test and need not load torch."""
+    import torch
+
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
 
 @pytest.fixture
 def tiny_config() -> Config:
-    """A fresh tiny Config (a new object per test: Config is mutable)."""
+    """The tiny Config."""
     return make_tiny_config()
 
 
