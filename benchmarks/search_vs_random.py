@@ -81,7 +81,7 @@ def curve(folder: Path) -> dict:
     return {"points": points, "device_hours": total, "best_search": best, "best_reevaluated": reeval}
 
 
-def search_once(config: str, storage: str, name: str, section: dict) -> Path:
+def search_once(config: str, storage: str, name: str, section: dict, teacher: Path | None) -> Path:
     import ray
 
     from refilled.tune.search import Outcome, open_search
@@ -89,7 +89,7 @@ def search_once(config: str, storage: str, name: str, section: dict) -> Path:
     cfg, _ = load_experiment(config)
     with contextlib.redirect_stdout(io.StringIO()):
         search = open_search(storage, name, cfg, section)
-        if search.run() is not Outcome.FINISHED:
+        if search.run(teacher=str(teacher) if teacher else None) is not Outcome.FINISHED:  # one teacher for all
             sys.exit(f"search_vs_random: {name} did not finish")
     ray.shutdown()
     return search.place.folder
@@ -188,8 +188,8 @@ def main() -> None:
             done = runs.setdefault(method, [])
             if any(r["seed"] == seed for r in done):
                 continue
-            folder = search_once(args.config, storage, f"{method}-{seed}", {**plans[method], "seed": seed})
-            teacher = folder / "teacher.pt"
+            folder = search_once(args.config, storage, f"{method}-{seed}", {**plans[method], "seed": seed}, teacher)
+            teacher = teacher or folder / "teacher.pt"
             done.append({"seed": seed, **curve(folder)})
             saved.write_text(json.dumps(runs, indent=1))
             print(f"{method} seed {seed}: {done[-1]['device_hours']:.3f} device hours, best "
