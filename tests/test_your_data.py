@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -56,11 +57,18 @@ def main(args: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory) -> Path:
+    """A ResNet-18's state dict for three classes, saved once (45 MB): each test copies it."""
+    path = tmp_path_factory.mktemp("weights") / "teacher_sd.pt"
+    torch.save(get_model("resnet18", weights=None, num_classes=3).state_dict(), path)
+    return path
+
+
 @pytest.fixture
-def pets(tmp_path) -> Path:
+def pets(tmp_path, resnet18_weights) -> Path:
     write_folder(tmp_path / "pets", CLASSES, per_class=10, test_per_class=3)
-    model = get_model("resnet18", weights=None, num_classes=3)
-    torch.save(model.state_dict(), tmp_path / "teacher_sd.pt")
+    shutil.copyfile(resnet18_weights, tmp_path / "teacher_sd.pt")
     return tmp_path
 
 
