@@ -173,6 +173,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5, help="search seeds per method (search.seed 0..N-1)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", default="benchmarks/results/search_vs_random")
+    p.add_argument("--teacher", type=Path, help="the file's teacher, pretrained before (e.g. an earlier call's); "
+                                                 "default: the first search pretrains it")
     args = p.parse_args()
     cfg, experiment = load_experiment(args.config)
     plans = sections(experiment["search"], cfg)
@@ -182,7 +184,7 @@ def main() -> None:
     saved = out / "runs.json"
     runs: dict[str, list] = json.loads(saved.read_text()) if saved.is_file() else {}  # resumable, run by run
     storage = tempfile.mkdtemp(prefix="search-vs-random-")
-    teacher = None
+    teacher = args.teacher
     for seed in range(args.seeds):
         for method in methods:
             done = runs.setdefault(method, [])
@@ -204,8 +206,8 @@ def main() -> None:
     table, fraction = summary({m: runs[m] for m in METHODS}, line)
     said = ("never reaches it" if fraction is None else
             f"reaches it at {fraction:.0%} of random search's median device hours")
-    text = (f"{args.config}, {args.seeds} search seeds per method\n\n{table}\n\nThe shipped search's median curve "
-            f"{said} (random search's final median best stage-2 validation accuracy).\n")
+    text = (f"{args.config}, search seeds 0-{args.seeds - 1} (the searches column: how many ran)\n\n{table}\n\n"
+            f"The shipped search's median curve {said} (random search's final median best stage-2 validation accuracy).\n")
     (out / "table.md").write_text(text)
     draw({m: runs[m] for m in METHODS}, line, out / "curves.png")
     print(text)
