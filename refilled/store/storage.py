@@ -122,9 +122,10 @@ def remove(uri: str, keep: Iterable[str] = ()) -> None:
     """Delete everything under `uri` but the entries named in `keep`."""
     fs, root = filesystem(uri)
     keep = tuple(keep)
+    temporaries = tuple(f"{k}." for k in keep)  # a kept file's own (the lease's heartbeat writes driver.lease.<hex>.tmp)
     for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if entry.base_name in keep or entry.base_name.startswith(tuple(f"{k}." for k in keep)):
-            continue  # a kept file's own temporary ones too (the lease's heartbeat writes driver.lease.<hex>.tmp)
+        if entry.base_name in keep or entry.base_name.startswith(temporaries):
+            continue
         if entry.type == pafs.FileType.Directory:
             fs.delete_dir(entry.path)
         else:
