@@ -5,9 +5,10 @@ searcher, callbacks, storage, selection and report; a synthetic curve instead of
     python benchmarks/search_scale.py                  # the figures of benchmarks/README.md, "Scale"
     python benchmarks/search_scale.py --trials 128     # a quick look
 
-Prints: epoch results the driver handled per second at 64, 256 and 1,024 trials (and how
-long a trial's report waited for it); Optuna's ask and tell latency against the trials so
-far; the driver's CPU time per epoch result by part (a cProfile window of its main
+Prints: results reported to Tune and epochs the trials ran, a second, at 64, 256 and 1,024
+trials (and how long a trial's report to Tune took); the run against its theoretical
+minimum; Optuna's ask and tell latency against the trials so far; the driver's CPU time
+per Tune result and per epoch, by part (a cProfile window of its main
 thread); its memory and the workers'; the files and bytes the experiment leaves; the time
 of trials.csv, the re-evaluation, retrain's reading and analysis/report.py. Writes them to
 <out>/figures.json. Measures, asserts nothing.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import math
 import os
 import pstats
 import shutil
@@ -395,7 +397,7 @@ def report_figures(args, folder: Path, probe: Probe, memory: Memory, wall: float
     trials_csv = pd.read_csv(folder / "trials.csv")
     study = study_store.load(folder, "scale")
     rows = [r for tf in trial_folders(folder) for r in read_results(tf)]
-    waits = [r["report_wait_s"] for r in rows if r.get("step", 0) > 1]
+    waits = [r["report_wait_s"] for r in rows if "report_wait_s" in r]  # each report to Tune, flush included
     start = time.perf_counter()
     load_trials(folder)
     load_s = time.perf_counter() - start
@@ -414,8 +416,13 @@ def report_figures(args, folder: Path, probe: Probe, memory: Memory, wall: float
         "study_numbers_unique": len(set(numbers)) == len(numbers),
         "study_states": {s.name: sum(t.state == s for t in study.trials) for s in {t.state for t in study.trials}},
         "status": trials_csv["status"].value_counts().to_dict(),
-        "epoch_results": len(rows), "wall_s": wall,
+        "epoch_results": len(rows), "tune_results": len(probe.results), "wall_s": wall,
         "mean_rate_per_s": len(probe.results) / (probe.results[-1][0] - probe.results[0][0]) if probe.results else 0,
+        "epochs_per_s": len(rows) / (probe.results[-1][0] - probe.results[0][0]) if probe.results else 0,
+        # the run's floor: waves of `concurrent` trials, each running every epoch (ASHA stops most earlier),
+        # and the epochs the trials ran, spread over the `concurrent` slots
+        "minimum_s": {"waves": math.ceil(args.trials / args.concurrent) * args.epochs * args.concurrent / args.rate,
+                      "epochs_run": len(rows) / args.rate},
         "rates": [r for r in (rate_at(probe.results, m, 30.0) for m in (64, 256, args.trials)) if r],
         "report_wait_s": {"median": statistics.median(waits), "p95": statistics.quantiles(waits, n=20)[18],
                           "mean": statistics.fmean(waits)} if len(waits) > 1 else {},
@@ -426,6 +433,9 @@ def report_figures(args, folder: Path, probe: Probe, memory: Memory, wall: float
         # the main thread's CPU per result outside the profile window (no profiler's overhead)
         "driver_main_thread_ms_per_result_unprofiled": 1e3 * (probe.run_cpu[1] - probe.run_cpu[0] - parts["main_thread_cpu"])
         / max(len(probe.results) - len(window_results), 1),
+        # the same per epoch a trial ran (every epoch in its files; Tune told of some)
+        "driver_main_thread_ms_per_epoch_unprofiled": 1e3 * (probe.run_cpu[1] - probe.run_cpu[0] - parts["main_thread_cpu"])
+        / max(len(probe.results) - len(window_results), 1) * len(probe.results) / max(len(rows), 1),
         "driver_process_cpu_s": os.times().user + os.times().system,
         "ray_processes_cpu_s": sum(memory.cpu.values()),
         "ray_processes_cpu_s_by_kind": memory.cpu_by_kind(),
@@ -452,8 +462,13 @@ def report_figures(args, folder: Path, probe: Probe, memory: Memory, wall: float
 def show(f: dict, probe: Probe) -> None:
     print(f"\n{f['trials']} trials in the experiment, {f['trials_csv_rows']} rows in trials.csv, {f['study_trials']} "
           f"in the study (numbers unique: {f['study_numbers_unique']}; {f['study_states']}); status {f['status']}")
-    print(f"{f['epoch_results']} epoch results in {f['wall_s']:.0f} s; handled by the driver on average "
-          f"{f['mean_rate_per_s']:.1f}/s")
+    print(f"{f['epoch_results']} epochs in the trials' files, {f['tune_results']} results reported to Tune, in "
+          f"{f['wall_s']:.0f} s; handled by the driver on average {f['mean_rate_per_s']:.1f} results/s, "
+          f"{f['epochs_per_s']:.1f} epochs/s")
+    low = f["minimum_s"]
+    print(f"the run against its theoretical minimum: {f['wall_s'] / low['waves']:.2f}x of {low['waves']:.0f} s (waves of "
+          f"trials x epochs x epoch time), {f['wall_s'] / low['epochs_run']:.2f}x of {low['epochs_run']:.0f} s (the "
+          "epochs run, over the concurrent slots)")
     for r in f["rates"]:
         print(f"  from trial {r['trials']:>4} on, {r['window_s']:.0f} s: {r['per_s']:.1f} results/s")
     if f["report_wait_s"]:
@@ -469,7 +484,8 @@ def show(f: dict, probe: Probe) -> None:
     for name, seconds in parts.items():
         print(f"  {name:<22} {seconds / n * 1e3:7.2f} ms")
     print(f"driver main thread outside the profile: {f['driver_main_thread_ms_per_result_unprofiled']:.2f} ms CPU "
-          f"per epoch result; CPU seconds in all: driver process {f['driver_process_cpu_s']:.0f}, Ray's processes "
+          f"per Tune result, {f['driver_main_thread_ms_per_epoch_unprofiled']:.2f} ms per epoch; CPU seconds in all: "
+          f"driver process {f['driver_process_cpu_s']:.0f}, Ray's processes "
           f"{f['ray_processes_cpu_s']:.0f} (this machine: {os.cpu_count()} cores x {f['wall_s']:.0f} s); driver in the "
           f"search {f['driver_run_cpu_s']:.0f}")
     print("  Ray's processes by kind: " + ", ".join(f"{k} {v:.0f} s" for k, v in f["ray_processes_cpu_s_by_kind"].items()

@@ -28,7 +28,7 @@ from refilled.schema.rungs import CLOCK
 from refilled.schema.rungs import clock as rung_clock
 from refilled.store.cost import Clock, device_units
 from refilled.tune.trial_plan import Phase, TrialInputs, TrialPlan
-from refilled.tune.trial_report import report
+from refilled.tune.trial_report import TrialReporter
 
 STATE = "state.json"  # the simulated trial's checkpoint (a real one's is state.pt)
 
@@ -63,9 +63,10 @@ def curve_point(params: dict[str, Any], base: dict[str, Any], seed: int, step: i
 def simulated_trial(params: dict[str, Any], *, base: dict[str, Any], epoch_s: float, checkpoint_bytes: int,
                     plan: TrialPlan) -> None:
     """One simulated trial: `epoch_s` seconds of sleep an epoch, then the report a real
-    trial would make (refilled.tune.trainable). Each report also says how long the
-    previous one waited for the driver (`report_wait_s`) and whether torch was loaded
-    in this process (`torch_loaded`: it must not be)."""
+    trial would make (refilled.tune.trainable, through refilled.tune.trial_report). The epoch
+    after a report to Tune says how long that report took, its files' flush and the wait for
+    the driver (`report_wait_s`); each says whether torch was loaded in this process
+    (`torch_loaded`: it must not be)."""
     from ray import tune
 
     n1, n2 = int(base["n_training_epochs1"]), int(base["n_training_epochs2"])
@@ -75,7 +76,8 @@ def simulated_trial(params: dict[str, Any], *, base: dict[str, Any], epoch_s: fl
     device = "cuda" if resources.get("GPU", 0) > 0 else "cpu"  # what a real trial would run on
     clock = Clock(device, device_units(device, resources.get("CPU", 1), resources.get("GPU", 0)))
     state = _restored(tune.get_checkpoint())
-    best2, waited = state.get("best_val_accuracy_stage2", 0.0), 0.0
+    reporter = TrialReporter(clock, plan.location, params, state.get("step", 0), plan.report_every_s)
+    best2, waited = state.get("best_val_accuracy_stage2", 0.0), None
     for step in range(state.get("step", 0) + 1, total + 1):
         time.sleep(epoch_s)
         stage1 = step <= n1
@@ -83,15 +85,17 @@ def simulated_trial(params: dict[str, Any], *, base: dict[str, Any], epoch_s: fl
         accuracy = curve_point(params, base, seed, step, total)
         metrics = {"stage": "stage1" if stage1 else "stage2", "stage_epoch": stage_epoch, "step": step,
                    "total_steps": total, "diverged": 0, "loss": 2.5 * (1 - accuracy), "lr": 0.1,
-                   "val_accuracy": accuracy, "report_wait_s": waited, "torch_loaded": int("torch" in sys.modules)}
+                   "val_accuracy": accuracy, "torch_loaded": int("torch" in sys.modules)}
+        if waited is not None:  # the epoch after a report to Tune says how long that report took
+            metrics["report_wait_s"] = waited
         if not stage1:
             best2 = metrics["best_val_accuracy_stage2"] = max(best2, accuracy)
         metrics[CLOCK] = rung_clock(step, list(plan.rungs), plan.reduction_factor, plan.max_t)
         save = step == total or step % plan.checkpoint_every == 0
         snapshot = {"step": step, "best_val_accuracy_stage2": best2}
         sent = time.perf_counter()
-        report(clock, metrics, (lambda path: _save(path, snapshot, checkpoint_bytes)) if save else None)
-        waited = time.perf_counter() - sent
+        told = reporter.epoch(metrics, (lambda path: _save(path, snapshot, checkpoint_bytes)) if save else None)
+        waited = time.perf_counter() - sent if told else None
 
 
 def _save(folder: Path, snapshot: dict, size: int) -> None:
@@ -146,7 +150,8 @@ class SimulatedTrials:
             raise UserError("a simulated search is not staged: remove search.staged")
         settings = phase.settings
         fn = tune.with_parameters(simulated_trial, base=inputs.cfg.to_dict(), epoch_s=self.epoch_s,
-                                  checkpoint_bytes=self.checkpoint_bytes, plan=TrialPlan.of(phase, settings, ""))
+                                  checkpoint_bytes=self.checkpoint_bytes,
+                                  plan=TrialPlan.of(phase, settings, "", inputs.place.location))
         return tune.with_resources(fn, {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
 
     def reevaluation(self, inputs: TrialInputs, cfg, seed: int, run_folder: str, resources: dict):

@@ -331,9 +331,9 @@ def test_tensorboard_event_files(exp1):
         for tag in ("ray/tune/val_accuracy", "ray/tune/loss", "ray/tune/step"):
             assert tag in scalars, (trial.name, scalars)
         events = acc.Scalars("ray/tune/val_accuracy")
-        assert [e.step for e in events] == [r["training_iteration"] for r in results]
+        assert [e.step for e in events] == [r["step"] for r in results]  # at the epoch's step
         assert [e.value for e in events] == pytest.approx([r["val_accuracy"] for r in results], abs=1e-6)
-        # HParams: Ray's TBXLogger writes them when a trial ends: the searched values and the metrics
+        # HParams (refilled.store.epoch_files, from the trial's start): the searched values and the metrics
         content = acc.PluginTagToContent("hparams")
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         hparams = {k: v.number_value for k, v in start.session_start_info.hparams.items()}

@@ -330,8 +330,6 @@ def _trial(folder: Path, trial_id: str, number: int, params: dict, rows: list[di
     (trial / "params.json").write_text(json.dumps(params))
     (trial / "result.json").write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n"
                                                for r in rows))
-    (trial / "progress.csv").write_text("step,val_accuracy\n" + "".join(f"{r['step']},{r['val_accuracy']}\n"
-                                                                         for r in rows))
     step = rows[-1]["step"] if rows else 0
     trial_records.write(trial, {"trial_id": trial_id, "number": number, "status": status, "step": step,
                                 "total_steps": rows[-1]["total_steps"] if rows else E1 + E2,
@@ -445,7 +443,7 @@ def experiments(tmp_path_factory) -> dict[str, Path]:
 
 
 # every file and folder of the two experiments (a test checks these against the fixture's)
-TRIAL_FILES = ["", "/params.json", "/result.json", "/progress.csv", "/trial_record.json", "/checkpoint_000001"]
+TRIAL_FILES = ["", "/params.json", "/result.json", "/trial_record.json", "/checkpoint_000001"]
 COMMON = ["experiment.yaml", "teacher.pt", "optuna.journal", "driver_cost.json", "selection", "selection.csv",
           "best_config.yaml", "trials.csv", "cost.csv", "retrain", "retrain/results.json", "retrain/summary.md"]
 PATHS = {

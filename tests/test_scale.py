@@ -34,9 +34,12 @@ def test_128_simulated_trials_each_end_once_in_the_study_the_folders_the_table_a
 
     folders = {tf.name.removeprefix("trial_") for tf in trial_folders(folder)}
     assert len(folders) == TRIALS and not (folder / "interrupted_trials").exists()
-    for tf in trial_folders(folder):  # each ran from its first epoch to where it ended, once
+    table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
+    for tf in trial_folders(folder):  # every epoch from its first to where it ended, once, in its own files
         steps = [r["step"] for r in results(tf)]
         assert steps == list(range(1, len(steps) + 1)) and steps, tf.name
+        row = table.loc[tf.name.removeprefix("trial_")]
+        assert steps[-1] == (8 if row["status"] == "finished" else row["stopped_at"]), tf.name
         assert not any(r["torch_loaded"] for r in results(tf)), tf.name  # the trials stay small
 
     study = study_store.load(folder, "scale")
@@ -59,5 +62,29 @@ def test_128_simulated_trials_each_end_once_in_the_study_the_folders_the_table_a
     report = pd.read_csv(tmp_path / "report" / "trials.csv", dtype={"trial_id": str})
     assert sorted(report["trial_id"]) == sorted(folders)
     assert figures["report_ok"] and figures["study_trials"] == TRIALS and figures["trials_csv_rows"] == TRIALS
+    # Tune was told what it decides on, not every epoch (the files have them all)
+    assert figures["tune_results"] < figures["epoch_results"] == sum(len(results(tf)) for tf in trial_folders(folder))
     # many at once (niced, it waits for the CPU while the other worker's tests run)
     assert figures["workers_with_torch"] == 0 and figures["memory"]["ray_processes_max"] >= AT_ONCE // 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_telling_tune_only_what_it_decides_on_decides_as_telling_it_every_epoch(tmp_path):
+    """The same seeded search (simulated trials, one at a time), its trials telling Tune every
+    epoch or only at rungs, checkpoints and their end: the same trials, stopped at the same
+    rungs on the same values, the same Optuna study; every epoch in the trials' files."""
+    script = str(REPO / "tests" / "support" / "report_points_search.py")
+    searches = {}
+    for every in ("0", "30"):
+        done = RayRun().run([sys.executable, script, str(tmp_path / f"every{every}"), every], timeout=420)
+        assert done.returncode == 0, explain(done)
+        searches[every] = json.loads(next(line for line in done.stdout.splitlines()
+                                          if line.startswith("SEARCH "))[len("SEARCH "):])
+        for tf in trial_folders(tmp_path / f"every{every}" / "points"):
+            steps = [r["step"] for r in results(tf)]
+            assert steps == list(range(1, len(steps) + 1)) and steps, tf.name
+    assert searches["0"] == searches["30"]
+    trials = searches["30"]["trials"]
+    assert {t["status"] for t in trials} == {"finished", "stopped"}  # ASHA decided something
+    assert {t["epochs"] for t in trials if t["status"] == "stopped"} <= {6, 12}

@@ -211,6 +211,9 @@ class SearchSettings(_Section):
     max_failures: Count = Field(1, ge=0)
     checkpoint_every: Count = Field(1, ge=1)
     keep_checkpoints: Count = Field(2, ge=1)
+    # a trial tells Tune what it decides on (rungs, checkpoints, the end) and at least this often;
+    # every epoch is in its own files (refilled.tune.trial_report). 0: every epoch to Tune
+    report_every_s: Number = Field(30, ge=0)
     # Ray starts the next trial in the ended trial's worker process: no Python, torch and
     # data start-up per trial (half the wall time of a small CPU search). Trials seed
     # everything themselves, so results do not change.

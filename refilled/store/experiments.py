@@ -1,8 +1,8 @@
 """Reading a finished (or running) search back from its experiment folder.
 
 Needs no Ray: the trial folders hold `params.json` (the searched values) and
-`result.json` (one JSON line per reported epoch), which Ray Tune's loggers
-write, and our own `trial_record.json` (refilled.store.trial_records: status, why it
+`result.json` (one JSON line per epoch), which each trial writes itself
+(refilled.store.epoch_files), and `trial_record.json` (refilled.store.trial_records: status, why it
 ended, its newest checkpoint, ...), which is all the leaderboard, the best
 config and the analysis scripts need.
 """

@@ -53,6 +53,6 @@ LAYOUT: dict[str, str] = {
     LOCK_FILE: "the lock the driver holds in a folder; the system drops it when the driver dies",
     INTERRUPTED_TRIALS + "/": "trials a killed driver had started after Tune's last state save",
     RETRAIN_DIR + "/": "`retrain`'s runs, results.json and summary.md",
-    "trial_<id>/": f"one per trial: {RECORD_FILE} (ours), Ray Tune's params.json, result.json, progress.csv, "
-                   "TensorBoard events, the last checkpoints",
+    "trial_<id>/": f"one per trial: {RECORD_FILE} (the driver's), params.json, result.json and TensorBoard events "
+                   "(the trial's own, every epoch), the last checkpoints",
 }

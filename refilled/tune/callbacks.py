@@ -1,4 +1,4 @@
-"""Driver-side Tune callbacks: trial records, checkpoint pruning, logs of retried trials.
+"""Driver-side Tune callbacks: trial records, checkpoint pruning, the lease.
 
 They learn what they need from Tune's public callback hooks and keep their own
 state through `get_state`/`set_state`, which Tune calls when it saves its
@@ -23,10 +23,6 @@ from refilled.store.layout import STAGE1_SEARCH
 from refilled.tune import current
 
 log = logging.getLogger(__name__)
-
-# The files Ray's JSON, CSV and TensorBoard loggers append to on the driver.
-LOG_FILES = ("result.json", "progress.csv", "events.out.tfevents.*")
-
 
 def storage_of(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """The experiment's storage (a folder or a URI) and its path there."""
@@ -216,40 +212,6 @@ class KeepLastCheckpoints(Callback):
                     log.warning("deleting the old checkpoint %s failed: %s", relative, error)
                     continue
                 known.remove(relative)
-
-
-class KeepLogsOfRetriedTrials(Callback):
-    """Put a restarting trial's complete log files into storage before Ray's loggers
-    read them back from there.
-
-    Ray's loggers append to a copy in the trial's folder on the driver, which Tune
-    copies to the experiment's storage now and then. When a crashed trial restarts,
-    the loggers start again from the storage copy, which may be behind: the
-    results reported just before the crash went missing from result.json (a gap
-    before the checkpoint the trial resumes from). Tune runs user callbacks before
-    its loggers, so on a restart this uploads the driver's copy first, each file
-    under a temporary name and then moved in place, so that the loggers never read
-    half of ours. A first start (no files on the driver yet) or a resumed
-    experiment (a new driver) has nothing to upload.
-
-    Left open: a copy Tune started before the crash's last results were logged and
-    still writes when the trial restarts (a slow object store) could land after
-    ours. Ray has no public way to wait for its copies; its loggers' files on the
-    driver do not change between the crash and the restart, so any copy Tune starts
-    after the crash writes what ours does."""
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        if not trial.local_path or not trial.path:
-            return
-        files = [f for pattern in LOG_FILES for f in Path(trial.local_path).glob(pattern)]
-        if not files:
-            return
-        fs, _ = storage_of(current.location())
-        fs.create_dir(trial.path, recursive=True)
-        for file in files:
-            target = f"{trial.path}/{file.name}"
-            pyarrow.fs.copy_files(str(file), f"{target}.uploading", destination_filesystem=fs)
-            fs.move(f"{target}.uploading", target)
 
 
 class LeaseGuard(Callback):

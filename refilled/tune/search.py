@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import shlex
 import shutil
 import sys
@@ -257,10 +258,13 @@ class SearchRun:
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
 
-        from refilled.tune.callbacks import KeepLastCheckpoints, KeepLogsOfRetriedTrials, LeaseGuard, TrialRecords
+        from refilled.tune.callbacks import KeepLastCheckpoints, LeaseGuard, TrialRecords
         from refilled.tune.searcher import StudyPlan, StudySearch, StudySearcher
 
         settings = phase.settings
+        # Tune's JSON, CSV and TensorBoard loggers off: each trial writes its epochs itself
+        # (refilled.store.epoch_files); Tune sees only what it decides on (refilled.tune.trial_report)
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         # rungs at the epochs the settings name, through the clock every trial reports (refilled.schema.rungs)
         scheduler = ASHAScheduler(metric=METRIC, mode="max",
                                   **scheduler_args(settings.rung_epochs(phase.max_t), settings.asha.reduction_factor))
@@ -277,8 +281,7 @@ class SearchRun:
                 name=place.location.rstrip("/").rsplit("/", 1)[-1], storage_path=place.storage_path, verbose=1,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 # none of them keeps the experiment's location: refilled.tune.current says it
-                callbacks=[LeaseGuard(), TrialRecords(), KeepLogsOfRetriedTrials(),
-                           KeepLastCheckpoints(settings.keep_checkpoints, phase.sub)],
+                callbacks=[LeaseGuard(), TrialRecords(), KeepLastCheckpoints(settings.keep_checkpoints, phase.sub)],
                 # Ray keeps every checkpoint; KeepLastCheckpoints deletes the old ones safely
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
 

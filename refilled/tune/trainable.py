@@ -2,8 +2,9 @@
 
 A function trainable in the style of Ray Tune's examples: it restores from
 `tune.get_checkpoint()`, runs stage 1 then stage 2 on the tuning splits
-(train / validation, never test), and calls `tune.report(metrics,
-checkpoint=...)` every epoch. The teacher's weights and its embedding bank are
+(train / validation, never test), writes every epoch into its folder and tells
+Tune what Tune decides on (refilled.tune.trial_report: rungs, checkpoints, the
+end, at least every `report_every_s`). The teacher's weights and its embedding bank are
 computed once per experiment by the driver and handed to every trial through
 Ray's object store (`tune.with_parameters`), never recomputed in a trial.
 """
@@ -30,7 +31,7 @@ from refilled.store.cost import Clock, device_units
 from refilled.store.layout import STATE_FILE
 from refilled.store.stage1_cache import Stage1Cache, stage1_key
 from refilled.tune.trial_plan import Shared, TrialPlan
-from refilled.tune.trial_report import report
+from refilled.tune.trial_report import TrialReporter
 
 
 def restored_state(ckpt: tune.Checkpoint | None) -> dict | None:
@@ -64,11 +65,13 @@ def refilled_trial(params: dict[str, Any], *, shared: Shared, plan: TrialPlan) -
                    else global_centers(teacher_net, lookup, data))
     else:
         centers = None
-    run = TrialRun(cfg, plan, clock, inputs=(data, build_student(cfg, data), teacher_embeddings(teacher_net, lookup),
-                                             centers, transfer_teacher(data, teacher_net)))
     resume = restored_state(tune.get_checkpoint())
     if resume is None and plan.stage1 is not None:
         resume = plan.stage1
+    reporter = TrialReporter(clock, plan.location, params, step_of(resume, cfg), plan.report_every_s)
+    run = TrialRun(cfg, plan, reporter, inputs=(data, build_student(cfg, data),
+                                                teacher_embeddings(teacher_net, lookup), centers,
+                                                transfer_teacher(data, teacher_net)))
     cache = Stage1Cache(shared.cache_dir) if shared.cache_dir and cfg.n_training_epochs1 > 0 else None
     try:
         if cache and resume is None:
@@ -79,19 +82,26 @@ def refilled_trial(params: dict[str, Any], *, shared: Shared, plan: TrialPlan) -
                     "total_steps": run.total})
 
 
+def step_of(snapshot: dict | None, cfg: Config) -> int:
+    """The step (epoch across both stages) a snapshot was taken after; 0 for none."""
+    if snapshot is None:
+        return 0
+    return snapshot["epoch"] + (cfg.n_training_epochs1 if snapshot["stage"] == STAGE2 else 0)
+
+
 class TrialRun:
-    """The epochs of one trial and their reports to Tune: the clock ASHA reads, the best
+    """The epochs of one trial and their reports: the clock ASHA reads, the best
     stage-2 accuracy so far, a checkpoint every `plan.checkpoint_every` epochs."""
 
-    def __init__(self, cfg: Config, plan: TrialPlan, clock: Clock, inputs: tuple):
-        self.cfg, self.plan, self.clock = cfg, plan, clock
+    def __init__(self, cfg: Config, plan: TrialPlan, reporter: TrialReporter, inputs: tuple):
+        self.cfg, self.plan, self.reporter = cfg, plan, reporter
         self.data, self.student, self.teacher, self.centers, self.transfer = inputs
         self.total = cfg.n_training_epochs1 if plan.stage1_only else cfg.n_training_epochs1 + cfg.n_training_epochs2
         self.step = 0
 
     def report(self, metrics: dict[str, Any], snapshot: dict | None = None) -> None:
-        report(self.clock, metrics,
-               None if snapshot is None else lambda folder: checkpoint.save(snapshot, folder / STATE_FILE))
+        self.reporter.epoch(metrics,
+                            None if snapshot is None else lambda folder: checkpoint.save(snapshot, folder / STATE_FILE))
 
     def metrics(self, epoch) -> dict[str, Any]:
         """An epoch's report, with ASHA's clock (phase 2 counts stage-2 epochs)."""

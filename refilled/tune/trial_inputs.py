@@ -130,7 +130,8 @@ def trainable_for(inputs: TrialInputs, phase: Phase, trial: Callable | None = No
     shared = Shared(base=cfg.to_dict(), teacher=teacher_state, bank=None if bank is None else np.ascontiguousarray(bank),
                     centers=centers, cache_dir=cache_dir)
     fn = tune.with_parameters(trial or refilled_trial, shared=shared,
-                              plan=TrialPlan.of(phase, settings, file_digest(inputs.teacher_path)))
+                              plan=TrialPlan.of(phase, settings, file_digest(inputs.teacher_path),
+                                                inputs.place.location))
     return tune.with_resources(fn, {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
 
 

@@ -66,9 +66,14 @@ class TrialPlan:
     rungs: tuple[int, ...] = ()
     reduction_factor: float = 3.0
     max_t: int = 0
+    location: str = ""  # the phase's experiment (a folder or a URI): each trial writes its epochs there
+    report_every_s: float = 30.0  # a trial reports to Tune at least this often (refilled.tune.trial_report)
 
     @classmethod
-    def of(cls, phase: Phase, settings: SearchSettings, teacher_id: str) -> TrialPlan:
+    def of(cls, phase: Phase, settings: SearchSettings, teacher_id: str, location: str) -> TrialPlan:
+        """`location`: the experiment's (Place.location), as this driver finds it: a moved
+        experiment's trials write where it is now."""
         return cls(stage1=phase.stage1, stage1_only=phase.stage1_only, checkpoint_every=settings.checkpoint_every,
                    teacher_id=teacher_id, rungs=tuple(settings.rung_epochs(phase.max_t)),
-                   reduction_factor=settings.asha.reduction_factor, max_t=phase.max_t)
+                   reduction_factor=settings.asha.reduction_factor, max_t=phase.max_t,
+                   location=Place.at(location, phase.sub).location, report_every_s=settings.report_every_s)
