@@ -62,6 +62,12 @@ class Experiment:
         """A trial's reported epochs (refilled.store.experiments.read_results), read once."""
         return self.once(("results", str(trial_folder)), lambda: read_results(Path(trial_folder)))
 
+    def ledger(self) -> pd.DataFrame:
+        """The experiment's cost ledger (refilled.store.cost.ledger), from the trials' rows read once."""
+        from refilled.store import cost
+
+        return self.once("ledger", lambda: cost.ledger(self.folder, read=self.results)).copy()
+
     @property
     def name(self) -> str:
         return self.folder.name
@@ -177,7 +183,7 @@ def trials(exp: Experiment) -> pd.DataFrame:
 
 
 def _trials(exp: Experiment) -> pd.DataFrame:
-    table = exp.once("trials_as_stored", lambda: load_trials(exp.folder)).copy()
+    table = exp.once("trials_as_stored", lambda: load_trials(exp.folder, read=exp.results)).copy()
     if table.empty:
         return table
     table["experiment"] = exp.label
@@ -203,18 +209,21 @@ def curves(experiments: list[Experiment]) -> pd.DataFrame:
 
     A diverged trial's last row (its `diverged` report) is left out of the curve.
     """
-    records = []
-    for exp in experiments:
-        table = trials(exp)
-        for _, t in table.iterrows():
-            for r in exp.results(t["folder"]):
-                if r.get("diverged") or "val_accuracy" not in r:
-                    continue
-                records.append({"experiment": exp.label, "trial_id": t["trial_id"], "status": t["status"],
-                                "step": r.get("step"), "stage": r.get("stage"), "val_accuracy": r["val_accuracy"],
-                                "time_total_s": r.get("time_total_s")})
-    columns = ["experiment", "trial_id", "status", "step", "stage", "val_accuracy", "time_total_s"]
-    return pd.DataFrame.from_records(records, columns=columns)
+    frames = [exp.once("curves", lambda: _curves(exp)) for exp in experiments]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CURVE_COLUMNS)
+
+
+CURVE_COLUMNS = ["experiment", "trial_id", "status", "step", "stage", "val_accuracy", "time_total_s"]
+
+
+def _curves(exp: Experiment) -> pd.DataFrame:
+    table, records = trials(exp), []
+    if not table.empty:
+        for folder, trial_id, status in zip(table["folder"], table["trial_id"], table["status"]):
+            records += [(exp.label, trial_id, status, r.get("step"), r.get("stage"), r["val_accuracy"],
+                         r.get("time_total_s")) for r in exp.results(folder)
+                        if not r.get("diverged") and "val_accuracy" in r]
+    return pd.DataFrame.from_records(records, columns=CURVE_COLUMNS)
 
 
 def retrain_results(exp: Experiment) -> dict[str, Any] | None:

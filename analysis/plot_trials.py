@@ -167,24 +167,28 @@ def draw_curves(info: CurvesInfo):
         e1 = panel.stage1_epochs
         colours = plt.get_cmap("tab10")
         finished_n = 0
-        for _, trial in panel.trials.iterrows():
-            points = panel.points[panel.points["trial_id"] == trial["trial_id"]].sort_values("step")
-            status = trial["status"]
+        by_trial = {t: p.sort_values("step") for t, p in panel.points.groupby("trial_id", sort=False)}
+        ends: dict[str, list[tuple]] = {}  # status -> where its trials ended, drawn at once
+        for trial_id, status, is_best in zip(panel.trials["trial_id"], panel.trials["status"], panel.trials["best"]):
             style = dict(STATUS_STYLE.get(status, STATUS_STYLE["running"]))
             if status == "finished":
                 style["color"] = colours(finished_n % 10)
                 finished_n += 1
-            if trial["best"]:
+            if is_best:
                 style.update(color="black", linewidth=2.4, alpha=1.0, linestyle="-", zorder=5)
-            if points.empty:
+            points = by_trial.get(trial_id)
+            if points is None or points.empty:
                 continue
-            ax.plot(points["step"], points["val_accuracy"], **style)
-            if status != "finished":  # where the trial ended
-                ax.plot(points["step"].iloc[-1], points["val_accuracy"].iloc[-1], marker=MARKER.get(status, "o"),
-                        color=style.get("color", "0.4"), markersize=7, markeredgewidth=1.8, linestyle="none", zorder=6)
-            if trial["best"]:
-                ax.annotate(f"best {trial['trial_id']}", (points["step"].iloc[-1], points["val_accuracy"].iloc[-1]),
-                            textcoords="offset points", xytext=(-8, 6), ha="right", fontsize=8)
+            ax.plot(points["step"].to_numpy(), points["val_accuracy"].to_numpy(), **style)
+            end = (points["step"].iloc[-1], points["val_accuracy"].iloc[-1])
+            if status != "finished":
+                ends.setdefault(status, []).append((*end, style.get("color", "0.4")))
+            if is_best:
+                ax.annotate(f"best {trial_id}", end, textcoords="offset points", xytext=(-8, 6), ha="right",
+                            fontsize=8)
+        for status, points in ends.items():  # where each trial that did not finish ended
+            xs, ys, colors = zip(*points)
+            ax.scatter(xs, ys, marker=MARKER.get(status, "o"), c=list(colors), s=49, linewidths=1.8, zorder=6)
         for rung in panel.rungs:
             ax.axvline(rung, color="0.75", linestyle=":", linewidth=1)
         if panel.phase1 is not None:
@@ -359,6 +363,10 @@ def plot_params(experiments, path: str | Path) -> pd.DataFrame:
 
 MIN_TRIALS = 8  # fANOVA's forest on fewer trials says more about the forest than about the parameters
 FANOVA_SEEDS = 5  # importances over several forests: their spread is the error bar
+# each forest smaller than Optuna's default (64 trees of depth 64): one value per trial, noisy, and
+# deeper trees fit the noise; the default took 85 s over 1,024 trials, these about 2 s a forest,
+# with importances within 0.03 of it (docs/search.md, "Reading a search")
+FANOVA_FOREST = {"n_trees": 16, "max_depth": 8}
 
 
 def importance_sample(exp: Experiment) -> tuple[pd.DataFrame, str]:
@@ -404,7 +412,7 @@ def importances(exp: Experiment) -> pd.DataFrame:
         values = {p: plain_value(row[p]) for p in params}
         study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=float(row["value"])))
     runs = pd.DataFrame([optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed), normalize=True)
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed, **FANOVA_FOREST), normalize=True)
         for seed in range(FANOVA_SEEDS)])
     out = pd.DataFrame({"experiment": exp.label, "param": runs.columns, "importance": runs.mean().values,
                         "importance_std": runs.std(ddof=1).values, "trials": len(sample), "sample": described})
@@ -557,7 +565,7 @@ def rung_correlations(experiments) -> pd.DataFrame:
     from refilled.store.rung_fidelity import experiment_correlations
 
     rows = [{"experiment": exp.label, **r} for exp in as_experiments(experiments)
-            for r in experiment_correlations(exp.folder)]
+            for r in experiment_correlations(exp.folder, exp.results)]
     return pd.DataFrame(rows, columns=["experiment", "rung", "against", "trials", "spearman"])
 
 

@@ -169,7 +169,7 @@ def _write_report(experiments, folder: Path) -> dict[str, Any]:
     made["cost"] = plot_cost(experiments, folder / "cost.png")
     if not made["selection"].empty:
         made["selection"].to_csv(folder / "selection.csv", index=False)
-    ledgers = pd.concat([cost.ledger(e.folder).assign(experiment=e.label) for e in experiments], ignore_index=True)
+    ledgers = pd.concat([e.ledger().assign(experiment=e.label) for e in experiments], ignore_index=True)
     ledgers.to_csv(folder / "cost.csv", index=False)
 
     labels = ", ".join(e.label for e in experiments)

@@ -110,7 +110,7 @@ def cost_curve(exp: Experiment) -> pd.DataFrame:
     """Trials in the order they ended, with the device hours spent when each ended and
     the best stage-2 validation accuracy so far. The first row (trial_id '-') is what
     was spent before any trial of the search proper: teacher, bank, phase 1."""
-    ledger = cost.ledger(exp.folder)
+    ledger = exp.ledger()
     ledger = ledger[~ledger["stage"].str.startswith("reeval")]  # after the search: not on this curve
     table = trials(exp)
     by_trial = ledger.groupby("trial_id")["device_s"].sum()
@@ -142,7 +142,7 @@ class CostInfo:
 def cost_info(experiments) -> CostInfo:
     experiments = as_experiments(experiments)
     return CostInfo({e.label: cost_curve(e) for e in experiments},
-                    {e.label: cost.totals(cost.ledger(e.folder))["device_hours"] for e in experiments})
+                    {e.label: cost.totals(e.ledger())["device_hours"] for e in experiments})
 
 
 def draw_cost(info: CostInfo):

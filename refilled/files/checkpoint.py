@@ -13,9 +13,10 @@ import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-import torch
-
 from refilled.errors import UserError
+
+# torch is imported where a checkpoint is written or read: the readers of an experiment
+# (analysis/, trials.csv) import this module and need not pay torch's start-up (seconds)
 
 
 def save(obj: dict[str, Any], path: str | Path) -> Path:
@@ -27,6 +28,8 @@ def save(obj: dict[str, Any], path: str | Path) -> Path:
 
 def writer(obj: dict[str, Any]) -> Callable[[BinaryIO], None]:
     """What writes `obj` into an open file: for an atomic write elsewhere (a place that keeps it at a URI too)."""
+    import torch
+
     return lambda f: torch.save(obj, f)
 
 
@@ -39,6 +42,8 @@ def load(path: str | Path, what: str = "checkpoint", *, shown: str | None = None
     shown = shown or str(path)
     if not path.is_file():
         raise UserError(f"{what} {shown} not found: check the path (or run `tune_refilled.py pretrain` to make a teacher)")
+    import torch
+
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the error says it
             warnings.simplefilter("ignore")

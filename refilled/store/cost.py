@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
@@ -103,10 +103,13 @@ def trial_rows(trial_id: str, results: Iterable[dict[str, Any]]) -> list[dict[st
     return list(by_stage.values())
 
 
-def ledger(folder: str | Path) -> pd.DataFrame:
+def ledger(folder: str | Path, read: Callable[[Path], list[dict[str, Any]]] | None = None) -> pd.DataFrame:
     """Every cost of an experiment: the driver's rows, each trial's (phase 1 of a staged
-    search included), and the re-evaluation's runs."""
+    search included), and the re-evaluation's runs. `read`: a trial folder's rows
+    (refilled.store.experiments.read_results, or a reader that keeps what it read)."""
     from refilled.store.experiments import DamagedTrial, read_results, reeval_results, say_once, trial_folders
+
+    read = read or read_results
     from refilled.store.layout import STAGE1_SEARCH
 
     folder = Path(folder)
@@ -114,7 +117,7 @@ def ledger(folder: str | Path) -> pd.DataFrame:
     for part in (folder / STAGE1_SEARCH, folder):
         for trial in trial_folders(part):
             try:
-                results = read_results(trial)
+                results = read(trial)
             except DamagedTrial as e:  # said once in a process: a script makes the ledger more than once
                 say_once(f"note: the cost of {trial.name} is left out of the ledger: its {e}",
                          key=(str(trial.resolve()), "cost"))

@@ -7,7 +7,8 @@ reader reads what it read before:
     params.json                 the trial's searched values
     result.json                 one JSON line per epoch (the trial's metrics, its cost,
                                 and Tune's fields: trial_id, training_iteration,
-                                time_total_s, timestamp, node_ip, config, ...)
+                                time_total_s, timestamp, node_ip, ...; the values are
+                                in params.json, not repeated in every line)
     events.out.tfevents.*       TensorBoard: a scalar per metric per epoch (tags
                                 `ray/tune/<key>`, as Ray's logger named them, at the
                                 epoch's step) and the HParams tab's summaries
@@ -89,7 +90,7 @@ class EpochFiles:
             self._carried = dict.fromkeys(COST, 0.0)
         row = {**metrics, **self._identity, "timestamp": int(now), "time_this_iter_s": wall_s,
                "time_total_s": last.get("time_total_s", 0.0) + wall_s,
-               "training_iteration": last.get("training_iteration", 0) + 1, "config": self.params}
+               "training_iteration": last.get("training_iteration", 0) + 1}
         self._add(row, now)
         return row
 

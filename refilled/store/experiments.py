@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import yaml
@@ -62,16 +62,17 @@ class DamagedTrial(Exception):
     """A trial file that cannot be read whole: the trial is left out, and said so."""
 
 
+# exact types (what json gives; a bool is not a number here): checked on every line of every trial
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) is float or type(value) is int
 
 
 def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int
 
 
 def _text(value: Any) -> bool:
-    return isinstance(value, str)
+    return type(value) is str
 
 
 # the fields of a reported epoch the readers take, and what each holds (Ray Tune's and the trial's own,
@@ -110,7 +111,7 @@ def read_results(trial_folder: Path) -> list[dict[str, Any]]:
             raise DamagedTrial(f"line {i + 1} of result.json is not JSON") from None
         if not isinstance(row, dict):
             raise DamagedTrial(f"line {i + 1} of result.json is not a record")
-        wrong = next((k for k, fits in ROW_FITS.items() if k in row and not fits(row[k])), None)
+        wrong = next((k for k in ROW_FITS.keys() & row.keys() if not ROW_FITS[k](row[k])), None)
         if wrong:
             raise DamagedTrial(f"line {i + 1} of result.json gives {wrong} {shown(row[wrong])}, which no trial "
                                "reports")
@@ -173,7 +174,8 @@ def _check_ended(rows: list[dict], record: dict[str, Any]) -> None:
                            f"reported step {step}")
 
 
-def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.DataFrame:
+def load_trials(folder: str | Path, notes: dict[str, str] | None = None,
+                read: Callable[[Path], list[dict[str, Any]]] = read_results) -> pd.DataFrame:
     """One row per trial of an experiment.
 
     Columns: experiment, trial_id, number (the order Tune created it in), status
@@ -185,7 +187,8 @@ def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.D
     at: its ASHA rung), best/last validation accuracy of each stage (stage 1:
     NCM, stage 2: classifier), reached_stage2, wall time (s), diverged_reason,
     node, checkpoint (its newest checkpoint folder), and one `config/<key>`
-    column per searched key.
+    column per searched key. `read`: a trial folder's rows (read_results; a reader that
+    keeps what it read, to read each file once).
     """
     folder = Path(folder)
     cfg, data = experiment_config(folder)
@@ -199,7 +202,7 @@ def load_trials(folder: str | Path, notes: dict[str, str] | None = None) -> pd.D
         name = trial_folder.name.removeprefix("trial_")
         try:
             params = _params(trial_folder)
-            rows = read_results(trial_folder)
+            rows = read(trial_folder)
             record = trial_records.read(trial_folder)
             if not running:  # a running search's trial may be between two writes (or two copies)
                 _check_ended(rows, record)

@@ -69,9 +69,10 @@ def correlation_lines(rows: list[dict[str, Any]], bn_stats: str = "precise") -> 
     return out
 
 
-def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], int]:
+def experiment_curves(folder, rows_of=read_results) -> tuple[dict[str, dict[int, float]], list[int], int]:
     """(each trial's validation accuracy by the epoch ASHA counts, the rung epochs, the
-    last epoch) of a search's experiment folder, from the trials' reports."""
+    last epoch) of a search's experiment folder, from the trials' reports (`rows_of`: a trial
+    folder's rows)."""
     folder = Path(folder)
     cfg, data = read(folder)
     settings = parse_search(data.get("search"), cfg)
@@ -81,7 +82,7 @@ def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], i
     curves: dict[str, dict[int, float]] = {}
     for trial in trial_folders(folder):
         try:
-            rows = [r for r in read_results(trial) if "val_accuracy" in r and not r.get("diverged")]
+            rows = [r for r in rows_of(trial) if "val_accuracy" in r and not r.get("diverged")]
         except DamagedTrial:
             continue  # left out, as the trials' table says (refilled.store.experiments.load_trials)
         curve = {int(r[key]): float(r["val_accuracy"]) for r in rows if key in r}
@@ -90,9 +91,9 @@ def experiment_curves(folder) -> tuple[dict[str, dict[int, float]], list[int], i
     return curves, settings.rung_epochs(end), end
 
 
-def experiment_correlations(folder) -> list[dict[str, Any]]:
+def experiment_correlations(folder, rows_of=read_results) -> list[dict[str, Any]]:
     """`correlations` of an experiment's own trials, with its re-evaluated means when it has them."""
-    curves, rungs, end = experiment_curves(folder)
+    curves, rungs, end = experiment_curves(folder, rows_of)
     selection = read_selection(folder)
     reeval = None
     if selection is not None and not selection.empty:
