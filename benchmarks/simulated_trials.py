@@ -1,9 +1,10 @@
 """Simulated trials: the search's driver measured at scale without training anything.
 
 `SimulatedTrials` is a trial kind (refilled.tune.trial_inputs.TrialKind) for
-`open_search(..., kind=SimulatedTrials(...)).run()`: each trial reports every epoch with the keys a real one reports
-(both stages, the rung clock, the cost clock, a checkpoint every
-`checkpoint_every` epochs, resumed from its checkpoint), from a synthetic
+`open_search(..., kind=SimulatedTrials(...)).run()`: each trial writes every epoch with the keys a
+real one reports and tells Tune what a real one tells it (refilled.tune.trial_report: both
+stages, the rung clock, the cost clock, a checkpoint every `checkpoint_every` epochs,
+resumed from its checkpoint), from a synthetic
 learning curve of its configuration, after sleeping a fixed time per epoch. It
 imports neither torch nor the method, so hundreds run at once on one machine;
 the driver, its searcher, callbacks, storage, selection and the analysis are

@@ -77,7 +77,8 @@ def test_telling_tune_only_what_it_decides_on_decides_as_telling_it_every_epoch(
     script = str(REPO / "tests" / "support" / "report_points_search.py")
     searches = {}
     for every in ("0", "30"):
-        done = RayRun().run([sys.executable, script, str(tmp_path / f"every{every}"), every], timeout=420)
+        done = RayRun(PYTHONPATH=str(REPO / "benchmarks")).run([sys.executable, script, str(tmp_path / f"every{every}"),
+                                                               every], timeout=420)
         assert done.returncode == 0, explain(done)
         searches[every] = json.loads(next(line for line in done.stdout.splitlines()
                                           if line.startswith("SEARCH "))[len("SEARCH "):])

@@ -5,27 +5,23 @@ decides on (rungs, checkpoints, the end: the default). Prints, as one JSON line 
 `SEARCH`, what the search decided: each trial's values, status, step it ended at and
 best accuracy, and each Optuna trial's state, intermediate values and value.
 
-    python tests/support/report_points_search.py STORAGE REPORT_EVERY_S
+    PYTHONPATH=benchmarks python tests/support/report_points_search.py STORAGE REPORT_EVERY_S
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
+from simulated_trials import SimulatedTrials  # benchmarks/ on PYTHONPATH: Ray's workers import it too
+
+from refilled.schema.config import load_experiment
+from refilled.store import study as study_store
+from refilled.store.experiments import load_trials
+from refilled.tune.search import Outcome, open_search
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-# Ray's workers, started by this driver, import the simulated trials from there too
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "benchmarks"), os.environ.get("PYTHONPATH")]))
-
-from simulated_trials import SimulatedTrials  # noqa: E402
-
-from refilled.schema.config import load_experiment  # noqa: E402
-from refilled.store import study as study_store  # noqa: E402
-from refilled.store.experiments import load_trials  # noqa: E402
-from refilled.tune.search import Outcome, open_search  # noqa: E402
 
 storage, every = sys.argv[1], float(sys.argv[2])
 cfg, data = load_experiment(REPO / "search_spaces" / "cifar100_crosstask.yaml")
