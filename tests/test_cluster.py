@@ -242,7 +242,7 @@ def test_a_worker_node_lost_mid_search(two_nodes, search_teacher, tmp_path):
     assert set(nodes[:at]) == {nodes[0]} != {head} and set(nodes[at:]) == {head}, nodes
     # it resumed from a checkpoint it had reported on the lost node, not from step 1
     restart = rows[at]["step"]
-    saved = [r["step"] for r in rows[:at] if r.get("checkpoint_dir_name")]
+    saved = [r["step"] for r in rows[:at] if r.get("checkpointed")]
     assert restart > 1 and restart - 1 in saved, ([r["step"] for r in rows], saved)
     assert [r["step"] for r in rows[at:]] == list(range(restart, steps + 1))
     assert {r["step"] for r in rows} == set(range(1, steps + 1))

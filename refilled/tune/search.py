@@ -230,6 +230,9 @@ class SearchRun:
         trainable = self.kind.trainable_for(inputs, phase)
         if not phase.stage1_only:
             warn_about_rungs(self.cfg, phase.settings, phase.max_t, phase2=phase.stage1 is not None)
+        # Tune's JSON, CSV and TensorBoard loggers off, in a new run and a restored one alike: each
+        # trial writes its epochs itself (refilled.store.epoch_files); Tune sees only what it decides on
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         resume = self.resume and tune.Tuner.can_restore(place.location)
         if resume:
             tuner = tune.Tuner.restore(place.location, trainable=trainable, resume_unfinished=True,
@@ -262,9 +265,6 @@ class SearchRun:
         from refilled.tune.searcher import StudyPlan, StudySearch, StudySearcher
 
         settings = phase.settings
-        # Tune's JSON, CSV and TensorBoard loggers off: each trial writes its epochs itself
-        # (refilled.store.epoch_files); Tune sees only what it decides on (refilled.tune.trial_report)
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         # rungs at the epochs the settings name, through the clock every trial reports (refilled.schema.rungs)
         scheduler = ASHAScheduler(metric=METRIC, mode="max",
                                   **scheduler_args(settings.rung_epochs(phase.max_t), settings.asha.reduction_factor))

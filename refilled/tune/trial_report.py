@@ -49,7 +49,7 @@ class TrialReporter:
         lap = self.clock.lap()
         for key in COST:
             self._unsent[key] += lap[key]
-        self.files.add({**metrics, **lap}, lap["cost_wall_s"])
+        self.files.add({**metrics, **lap, **({"checkpointed": True} if save else {})}, lap["cost_wall_s"])
         moved = metrics.get(CLOCK) != self._clock
         if not (save is not None or moved or metrics.get("diverged")
                 or time.monotonic() - self._sent_at >= self.every):

@@ -216,29 +216,34 @@ def ended_unsaved(folder: Path, saved: dict[str, str]) -> list[str]:
             and record(tf)["status"] in ENDED]
 
 
-def saved_state(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+def saved_state(folder: Path) -> tuple[dict[str, str], dict[str, int]]:
     """What Tune's last saved experiment state holds, as the trials' records note it at
-    each save: {trial folder: status} and {trial folder: the checkpoint a resume starts it
-    from}. A trial created after that save has no such note."""
+    each save: {trial folder: status} and {trial folder: the step of the checkpoint a resume
+    starts it from}. A trial created after that save has no such note."""
+    from refilled.files import checkpoint
+
     saved, resumable = {}, {}
     for tf in trial_folders(folder):
         at_save = record(tf).get("at_last_save") if (tf / "trial_record.json").is_file() else None
         if at_save:
             saved[tf.name] = at_save["status"]
             if at_save.get("checkpoint"):
-                resumable[tf.name] = at_save["checkpoint"]
+                state = checkpoint.load(tf / at_save["checkpoint"] / "state.pt", "checkpoint")
+                resumable[tf.name] = state["epoch"] + (state["config"]["n_training_epochs1"] if state["stage"] == 2
+                                                       else 0)
     return saved, resumable
 
 
 def check_run_again_from_saved_state(folder: Path, before: dict[str, list[dict]], saved: dict[str, str],
-                                     resumable: dict[str, str]) -> None:
+                                     resumable: dict[str, int]) -> None:
     """After a kill and a resume: Ray saves its experiment state every 10 s or more, and a
     resume goes on from that state. The trials it has as ended were not run again; the
-    others (running, or finished after that save) ran again from the checkpoint it knew
-    (a result names the checkpoint saved with it), and each epoch run twice reported the
-    same both times (the checkpoint holds every random state); a trial it did not know was
-    set aside and its configuration run anew, unless it had ended (its record says so): it
-    stayed, not run again. `before`: each trial's results at the kill."""
+    others (running, or finished after that save) ran again from the checkpoint it knew,
+    their files rewound to it (refilled.store.epoch_files): each step once, to the end, and
+    each epoch run again reported what it had reported before the kill (the checkpoint holds
+    every random state); a trial it did not know was set aside and its configuration run
+    anew, unless it had ended (its record says so): it stayed, not run again. `before`: each
+    trial's results at the kill; `resumable`: the step of the checkpoint each resumes from."""
     def measured(row: dict) -> tuple:
         return row["step"], row["val_accuracy"], row["loss"]
 
@@ -247,25 +252,22 @@ def check_run_again_from_saved_state(folder: Path, before: dict[str, list[dict]]
             if (folder / name).is_dir():
                 assert record(folder / name)["status"] in ENDED and results(folder / name) == rows, name
                 continue
-            assert (folder / "interrupted_trials" / name).is_dir(), name
-            assert any(same_params(params(tf), rows[-1]["config"]) for tf in trial_folders(folder)), name
+            aside = folder / "interrupted_trials" / name
+            assert aside.is_dir(), name
+            assert any(same_params(params(tf), params(aside)) for tf in trial_folders(folder)), name
             continue
         now = results(folder / name)
         assert now[-1]["trial_id"] == rows[-1]["trial_id"], name
-        assert [measured(r) for r in now[:len(rows)]] == [measured(r) for r in rows], name
-        again = now[len(rows):]
         if saved[name] in ("finished", "stopped", "diverged", "errored"):
-            assert not again, name
+            assert [measured(r) for r in now] == [measured(r) for r in rows], name
             continue
-        restart = rows[0]["step"]  # no checkpoint known: from the trial's first step (a phase 2 starts after stage 1)
-        if name in resumable:
-            saved_at = [r["step"] for r in rows if r.get("checkpoint_dir_name") == resumable[name]]
-            assert saved_at, (name, resumable[name], "is not among the results stored before the kill")
-            restart = saved_at[0] + 1
-        assert [r["step"] for r in again] == list(range(restart, rows[-1]["total_steps"] + 1)), (name, resumable.get(name))
-        first_run = {r["step"]: r for r in rows}
-        twice = [r for r in again if r["step"] in first_run]
-        assert [measured(r) for r in twice] == [measured(first_run[r["step"]]) for r in twice], name
+        first = rows[0]["step"]  # a phase 2 starts after stage 1
+        assert [r["step"] for r in now] == list(range(first, rows[-1]["total_steps"] + 1)), (name, resumable.get(name))
+        if name in resumable:  # the checkpoint it resumed from was written with its epoch, before the kill
+            assert any(r["step"] == resumable[name] and r.get("checkpointed") for r in rows), (name, resumable[name])
+        at_kill = {r["step"]: r for r in rows}
+        assert [measured(r) for r in now if r["step"] in at_kill] == [measured(at_kill[r["step"]]) for r in now
+                                                                       if r["step"] in at_kill], name
 
 
 def study(folder: Path):
@@ -336,8 +338,8 @@ def check_staged(folder: Path, n: int, n1: int = 3, killed_in_phase2: bool = Fal
     assert choice["trial_id"] == results(chosen)[-1]["trial_id"]
     assert same_params(choice["values"], params(chosen))
     assert math.isclose(choice["val_ncm_accuracy"], results(chosen)[-1]["val_accuracy"], rel_tol=1e-6)
-    # phase 2 starts from exactly that trial's end-of-stage-1 student (its newest checkpoint)
-    assert record(chosen)["checkpoint"] == results(chosen)[-1]["checkpoint_dir_name"]
+    # phase 2 starts from exactly that trial's end-of-stage-1 student (its newest checkpoint, written with its end)
+    assert results(chosen)[-1].get("checkpointed")
     newest = chosen / record(chosen)["checkpoint"]
     end_of_stage1 = checkpoint.load(newest / "state.pt", "checkpoint")
     start = checkpoint.load(folder / "stage1_choice.pt", "choice")["snapshot"]
