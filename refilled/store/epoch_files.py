@@ -65,11 +65,11 @@ class EpochFiles:
     def start(self, step: int) -> None:
         """Begin after `step` (0 from scratch, a checkpoint's step when resumed from it): the
         rows an earlier run of this trial wrote after it are dropped, both files written anew."""
-        rows = self._read_rows()
-        kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= step]
+        kept, dropped = [], []
+        for row in self._read_rows():
+            (kept if isinstance(row.get("step"), int) and row["step"] <= step else dropped).append(row)
         # the dropped epochs were computed: their cost goes into the next epoch's (refilled.store.cost)
-        self._carried = {k: sum(r.get(k, 0.0) for r in rows if r not in kept and isinstance(r.get(k), (int, float)))
-                         for k in COST}
+        self._carried = {k: sum(r[k] for r in dropped if isinstance(r.get(k), (int, float))) for k in COST}
         self._write_whole(PARAMS_FILE, json.dumps(self.params, indent=2, sort_keys=True).encode())
         for name in self._listing():  # an earlier run's event files: their steps are rewritten here
             if name.startswith(EVENTS_PREFIX) and name != self._events.name:
