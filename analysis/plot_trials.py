@@ -364,8 +364,8 @@ def plot_params(experiments, path: str | Path) -> pd.DataFrame:
 MIN_TRIALS = 8  # fANOVA's forest on fewer trials says more about the forest than about the parameters
 FANOVA_SEEDS = 5  # importances over several forests: their spread is the error bar
 # each forest smaller than Optuna's default (64 trees of depth 64): one value per trial, noisy, and
-# deeper trees fit the noise; the default took 85 s over 1,024 trials, these about 2 s a forest,
-# with importances within 0.03 of it (docs/search.md, "Reading a search")
+# deeper trees fit the noise; on 1,024 made-up trials the default took 85 s, this 2 s a forest,
+# with importances within 0.03 of the default's (benchmarks/README.md, "Scale")
 FANOVA_FOREST = {"n_trees": 16, "max_depth": 8}
 
 
