@@ -108,10 +108,9 @@ def ledger(folder: str | Path, read: Callable[[Path], list[dict[str, Any]]] | No
     search included), and the re-evaluation's runs. `read`: a trial folder's rows
     (refilled.store.experiments.read_results, or a reader that keeps what it read)."""
     from refilled.store.experiments import DamagedTrial, read_results, reeval_results, say_once, trial_folders
-
-    read = read or read_results
     from refilled.store.layout import STAGE1_SEARCH
 
+    read = read or read_results  # imported here: experiments imports this module
     folder = Path(folder)
     rows = list(read_driver_cost(folder))
     for part in (folder / STAGE1_SEARCH, folder):

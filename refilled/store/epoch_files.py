@@ -28,8 +28,9 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from refilled.files.atomic import write_atomic
 from refilled.store import storage
@@ -50,12 +51,9 @@ class EpochFiles:
 
     def __init__(self, location: str, trial_id: str, params: dict[str, Any], node: dict[str, str] | None = None):
         self.trial_id, self.params = trial_id, params
-        self.uri = storage.is_uri(location)
-        if self.uri:
-            self.fs, root = storage.filesystem(location)
-            self.folder = f"{root.rstrip('/')}/{folder_name(trial_id)}"
-        else:
-            self.folder = str(Path(location) / folder_name(trial_id))
+        self.uri = storage.is_uri(location)  # an object store: files written whole, never appended to
+        self.fs, root = storage.filesystem_of(location)
+        self.folder = f"{root.rstrip('/')}/{folder_name(trial_id)}"
         self.rows: list[dict[str, Any]] = []
         self._carried = dict.fromkeys(COST, 0.0)
         self._result = _File(self, RESULT_FILE)
@@ -111,11 +109,8 @@ class EpochFiles:
 
     def _read_rows(self) -> list[dict[str, Any]]:
         try:
-            if self.uri:
-                with self.fs.open_input_stream(self._path(RESULT_FILE)) as f:
-                    text = f.read().decode("utf-8", "replace")
-            else:
-                text = Path(self._path(RESULT_FILE)).read_text("utf-8", "replace")
+            with self.fs.open_input_stream(self._path(RESULT_FILE)) as f:
+                text = f.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return []
         rows = []
@@ -129,20 +124,11 @@ class EpochFiles:
         return rows
 
     def _listing(self) -> list[str]:
-        if self.uri:
-            import pyarrow.fs as pafs
-
-            infos = self.fs.get_file_info(pafs.FileSelector(self.folder, allow_not_found=True))
-            return [i.base_name for i in infos]
-        folder = Path(self.folder)
-        return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        return [i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.folder, allow_not_found=True))]
 
     def _remove(self, name: str) -> None:
         try:
-            if self.uri:
-                self.fs.delete_file(self._path(name))
-            else:
-                Path(self._path(name)).unlink()
+            self.fs.delete_file(self._path(name))
         except FileNotFoundError:
             pass
 

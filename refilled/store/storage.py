@@ -45,6 +45,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
                         "(s3://, gs://, hdfs://, file://), the bucket and the credentials") from None
 
 
+def filesystem_of(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The storage of a folder or a URI, and the path there."""
+    if is_uri(location):
+        return filesystem(str(location))
+    return pafs.LocalFileSystem(), str(Path(location))
+
+
 def mirror(uri: str) -> Path:
     """The local folder that mirrors the URI experiment `uri` on this machine."""
     base = Path(os.environ.get(CACHE_ENV) or "~/.cache/tune-refilled").expanduser().resolve()

@@ -24,12 +24,6 @@ from refilled.tune import current
 
 log = logging.getLogger(__name__)
 
-def storage_of(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The experiment's storage (a folder or a URI) and its path there."""
-    if storage.is_uri(location):
-        return storage.filesystem(location)
-    return pyarrow.fs.LocalFileSystem(), str(Path(location))
-
 
 def checkpoints_to_delete(known: list[str], keep: int, spared: set[str]) -> list[str]:
     """Of a trial's checkpoints (oldest first), all but the newest `keep` and the spared ones."""
@@ -156,7 +150,7 @@ class KeepLastCheckpoints(Callback):
 
     def _filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         if getattr(self, "_fs", None) is None:
-            self._fs = storage_of(current.place(self.sub).location)
+            self._fs = storage.filesystem_of(current.place(self.sub).location)
         return self._fs
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):

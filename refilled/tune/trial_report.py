@@ -19,9 +19,7 @@ from typing import Any, Callable
 
 from refilled.schema.rungs import CLOCK
 from refilled.store.cost import Clock
-from refilled.store.epoch_files import EpochFiles
-
-COST = ("cost_wall_s", "cost_device_s")
+from refilled.store.epoch_files import COST, EpochFiles
 
 
 class TrialReporter:
