@@ -1,4 +1,4 @@
-"""Driver-side Tune callbacks: trial records, checkpoint pruning, the lease.
+"""Driver-side Tune callbacks: trial records, checkpoint pruning, the lease, the progress line.
 
 They learn what they need from Tune's public callback hooks and keep their own
 state through `get_state`/`set_state`, which Tune calls when it saves its
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.fs
@@ -76,8 +78,9 @@ class TrialRecords(Callback):
             self._write(trial)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        # written with Tune's next state save (get_state) or the trial's end, not at each checkpoint:
+        # a resume reads at_last_save, which is what that save holds
         self._record(trial, trials)["checkpoint"] = Path(checkpoint.path).name
-        self._write(trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         record = self._record(trial, trials)
@@ -229,3 +232,36 @@ class LeaseGuard(Callback):
             from refilled.tune.search import LeaseLost
 
             raise LeaseLost(lease.location)
+
+
+class Progress(Callback):
+    """A line every `every_s` seconds while trials run: how many ended of `total`, how many
+    run and wait, and the best `metric` a trial has reported so far. It stands for Tune's
+    own status table, which Tune recomputes (with a string of the cluster's resources) at
+    every step of its loop, whether it prints it or not."""
+
+    def __init__(self, total: int, metric: str, every_s: float = 30.0):
+        self.total, self.metric, self.every_s = total, metric, every_s
+        self._shown = time.monotonic()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_shown"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _shown=time.monotonic())
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._shown >= self.every_s:
+            self._shown = time.monotonic()
+            print(progress_line(trials, self.total, self.metric), flush=True)
+
+
+def progress_line(trials: list[Trial], total: int, metric: str) -> str:
+    counts = Counter(t.status for t in trials)
+    ended = counts[Trial.TERMINATED] + counts[Trial.ERROR]
+    values = [(t.last_result[metric], t) for t in trials if isinstance((t.last_result or {}).get(metric), float)]
+    best = max(values, key=lambda v: v[0], default=None)
+    shown = f"; best {metric} so far {best[0]:.4f} ({best[1].trial_id})" if best else ""
+    errored = f", {counts[Trial.ERROR]} errored" if counts[Trial.ERROR] else ""
+    return (f"trials: {ended} of {total} ended{errored}, {counts[Trial.RUNNING]} running, "
+            f"{counts[Trial.PENDING] + counts[Trial.PAUSED]} waiting{shown}")

@@ -233,6 +233,9 @@ class SearchRun:
         # Tune's JSON, CSV and TensorBoard loggers off, in a new run and a restored one alike: each
         # trial writes its epochs itself (refilled.store.epoch_files); Tune sees only what it decides on
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        # Tune's console output off (it builds its status at every step of its loop, printed or not):
+        # refilled.tune.callbacks.Progress prints a line every 30 s instead
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         resume = self.resume and tune.Tuner.can_restore(place.location)
         if resume:
             tuner = tune.Tuner.restore(place.location, trainable=trainable, resume_unfinished=True,
@@ -261,7 +264,7 @@ class SearchRun:
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
 
-        from refilled.tune.callbacks import KeepLastCheckpoints, LeaseGuard, TrialRecords
+        from refilled.tune.callbacks import KeepLastCheckpoints, LeaseGuard, Progress, TrialRecords
         from refilled.tune.searcher import StudyPlan, StudySearch, StudySearcher
 
         settings = phase.settings
@@ -278,10 +281,11 @@ class SearchRun:
                                         reuse_actors=settings.reuse_actors,
                                         trial_dirname_creator=trial_folder_name),
             run_config=tune.RunConfig(
-                name=place.location.rstrip("/").rsplit("/", 1)[-1], storage_path=place.storage_path, verbose=1,
+                name=place.location.rstrip("/").rsplit("/", 1)[-1], storage_path=place.storage_path, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 # none of them keeps the experiment's location: refilled.tune.current says it
-                callbacks=[LeaseGuard(), TrialRecords(), KeepLastCheckpoints(settings.keep_checkpoints, phase.sub)],
+                callbacks=[LeaseGuard(), TrialRecords(), KeepLastCheckpoints(settings.keep_checkpoints, phase.sub),
+                           Progress(settings.num_samples, METRIC)],
                 # Ray keeps every checkpoint; KeepLastCheckpoints deletes the old ones safely
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
 

@@ -12,6 +12,7 @@ Tune carries its epoch's metrics and the cost of the epochs since the previous o
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ class TrialReporter:
         import ray.util
         from ray import tune
 
+        # Ray Train logs a line for every checkpoint it persists, sent to the driver's console
+        # through Ray's log monitor: one per trial every few epochs, which tell the user nothing
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
         self.clock, self.every = clock, report_every_s
         # Ray's node_ip is the same for nodes that share a machine; the node id tells them apart
         self.node = {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
