@@ -1,8 +1,7 @@
-"""One search driver per experiment: a lease file, `driver.lease`, in the experiment, renewed by a
-heartbeat thread, and in a folder an flock on `driver.lease.lock` that the kernel drops when its holder
-dies; the rules in docs/reliability.md, "One driver per experiment". `search` holds it (`lease_at(location)
-.acquire()`, checking `lost` at safe points), and so does a `retrain` that writes into the experiment;
-the analysis scripts and a `retrain` that writes elsewhere look (`note_if_running`).
+"""One search driver per experiment (docs/reliability.md, "One driver per experiment"): a lease file,
+`driver.lease`, renewed by a heartbeat thread, and in a folder an flock on `driver.lease.lock` that the
+kernel drops when its holder dies. `search` and a `retrain` writing into the experiment hold it
+(`lease_at(location).acquire()`, then `lost` checked at safe points); readers look (`note_if_running`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow
 import pyarrow.fs as pafs
 
 from refilled.errors import UserError
@@ -28,7 +26,6 @@ from refilled.store.layout import LEASE_FILE, LOCK_FILE
 
 TIMEOUT_ENV = "TUNE_REFILLED_LEASE_TIMEOUT"  # seconds without a heartbeat before a lease is stale
 DEFAULT_TIMEOUT_S = 120.0
-STORAGE_ERRORS = (OSError, pyarrow.ArrowException)
 BOOT = None  # this kernel's boot id: a host name may be shared, and a lock of another boot is long gone
 with contextlib.suppress(OSError):
     BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -71,29 +68,27 @@ class Held(UserError):
 
 
 class Lease:
-    """The lease of the experiment at `location`: its file `path` on the pyarrow file system `fs`,
-    which a backend opens (`_open`), with a lock where the backend has one. `clock`: wall-clock time."""
+    """The lease of the experiment at `location` (a folder or a URI): its file `path` on the pyarrow
+    file system `fs`, with a lock where the backend has one. `clock`: wall-clock time."""
 
     def __init__(self, location: str, timeout: float | None = None, clock=time.time, command: str = "search"):
         self.location, self.clock, self.command = location, clock, command
         self.timeout = timeout if timeout is not None else timeout_s()
         self.interval = self.timeout / 6  # a live driver renews well within the timeout
-        self.settle_s = min(2.0, self.timeout / 10)  # the pause before a write that no lock decides is read back
         self.token, self.started, self.locked = None, 0.0, None  # locked: held, another's, no lock here
         self.lost, self.lost_to = threading.Event(), None  # set by the heartbeat once another holds the lease
         self._stop, self._thread = threading.Event(), None
-        self._open(location)
+        self.fs, root = storage.filesystem_of(location)
+        self.path = f"{root.rstrip('/')}/{LEASE_FILE}"
 
-    def _open(self, location: str) -> None: raise NotImplementedError  # sets fs and path
     def _lock(self) -> bool | None: return None  # True: held now; False: another holds it; None: no lock
     def _unlock(self) -> None: pass
 
     def _read(self) -> tuple[bytes, float] | None:  # the lease file's bytes and modification time
         if (info := self.fs.get_file_info(self.path)).type == pafs.FileType.NotFound:
             return None
-        with contextlib.suppress(FileNotFoundError), self.fs.open_input_stream(self.path) as f:
+        with contextlib.suppress(FileNotFoundError), self.fs.open_input_stream(self.path) as f:  # or deleted: None
             return f.read(), info.mtime.timestamp() if info.mtime is not None else self.clock()
-        return None  # deleted meanwhile
 
     def judge(self) -> Holder | None:
         """Whoever the lease names, with `gone` set if it can be taken over now; None if nobody.
@@ -124,11 +119,10 @@ class Lease:
     def _held(self, holder: Holder) -> Held:
         stop = f"stop it there (Ctrl-C, or `kill -INT {holder.pid}` on {holder.host})" if holder.token else "stop it"
         who = "another search driver" if holder.command == "search" else f"a {holder.command} writing into it"
-        then = (f"--resume takes over from a driver that died: at once on the same machine (a folder), otherwise "
-                f"once its heartbeat is {holder.timeout_s:g} s old ({LEASE_FILE}; {TIMEOUT_ENV})"
-                if self.command == "search" else
-                f"a {self.command} with --out elsewhere only reads the experiment; one that died is taken over at once "
-                f"on the same machine (a folder), otherwise once its heartbeat is {holder.timeout_s:g} s old")
+        takeover = (f"at once on the same machine (a folder), otherwise once its heartbeat is {holder.timeout_s:g} s "
+                    f"old ({LEASE_FILE}; {TIMEOUT_ENV})")
+        then = (f"--resume takes over from a driver that died: {takeover}" if self.command == "search" else
+                f"a {self.command} with --out elsewhere only reads the experiment; one that died is taken over {takeover}")
         return Held(f"{self.location} is in use by {who} ({holder.describe()}): {stop} or wait for it to end; {then}")
 
     def _write(self) -> None:
@@ -155,7 +149,7 @@ class Lease:
                 raise self._held(took)
             self._write()
             if not self.locked:  # no lock decides: the last writer wins; read back after a pause
-                time.sleep(self.settle_s)
+                time.sleep(min(2.0, self.timeout / 10))
                 if (there := self.judge()) is None or there.token != self.token:
                     raise self._held(there) if there else UserError(
                         f"{self.location}: the lease ({LEASE_FILE}) vanished while this driver took it: try again")
@@ -177,7 +171,7 @@ class Lease:
                     return self.lost.set()
                 self._write()
                 failing = False
-            except STORAGE_ERRORS as e:  # storage unreachable for a moment: keep trying
+            except storage.ERRORS as e:  # storage unreachable for a moment: keep trying
                 if not failing:
                     print(f"warning: renewing the lease of {self.location} failed ({e}); retrying", file=sys.stderr)
                 failing = True
@@ -190,7 +184,7 @@ class Lease:
         try:
             if self.token is not None and (holder := self.judge()) is not None and holder.token == self.token:
                 self.fs.delete_file(self.path)
-        except STORAGE_ERRORS as e:
+        except storage.ERRORS as e:
             print(f"warning: could not delete the lease {self.location}/{LEASE_FILE} ({e}); the next "
                   f"--resume takes it over ({TIMEOUT_ENV})", file=sys.stderr)
         finally:
@@ -202,11 +196,10 @@ class FolderLease(Lease):
     """A folder on a local or shared file system, with an flock on LOCK_FILE. Its holder removes
     LOCK_FILE while still holding it; one that locked a removed file (opened before) tries again."""
 
-    def _open(self, location: str) -> None:
-        self.fs, self.path = pafs.LocalFileSystem(), str(Path(location).absolute() / LEASE_FILE)
-        self.lock_path, self._fd = Path(location) / LOCK_FILE, None
+    _fd: int | None = None  # the lock file, open while locked
 
     def _lock(self) -> bool | None:
+        self.lock_path = Path(self.location) / LOCK_FILE
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # a lock held for an instant (a reader's look, a driver ending) is tried again
             try:
@@ -233,10 +226,6 @@ class FolderLease(Lease):
 class UriLease(Lease):
     """A URI (s3://, gs://, file://...): no lock and no atomic create, the heartbeat only."""
 
-    def _open(self, location: str) -> None:
-        self.fs, root = storage.filesystem(location)
-        self.path = f"{root.rstrip('/')}/{LEASE_FILE}"
-
 
 def lease_at(location: str, timeout: float | None = None, clock=time.time, command: str = "search") -> Lease:
     """The lease of the experiment at `location` (Place.location: a folder or a URI), to be
@@ -248,7 +237,7 @@ def note_if_running(location: str) -> Holder | None:
     """For readers (retrain, analysis): one line on stderr if a search driver holds the lease, or left one."""
     try:
         holder = lease_at(location, timeout=DEFAULT_TIMEOUT_S).judge()
-    except (*STORAGE_ERRORS, UserError):
+    except (*storage.ERRORS, UserError):
         return None  # reading goes on: the lease is only a note here
     if holder is not None:
         if holder.command != "search" and not holder.gone:

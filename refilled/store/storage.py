@@ -26,6 +26,7 @@ from refilled.files.atomic import write_atomic
 from refilled.store.paths import experiment_name, probe, real, refuse_repository
 
 CACHE_ENV = "TUNE_REFILLED_CACHE"
+ERRORS = (OSError, pyarrow.ArrowException)  # what a storage may raise when it cannot be reached or written
 
 
 def is_uri(location: str | Path) -> bool:
@@ -46,10 +47,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def filesystem_of(location: str | Path) -> tuple[pafs.FileSystem, str]:
-    """The storage of a folder or a URI, and the path there."""
+    """The storage of a folder or a URI, and the path there (a folder's made absolute)."""
     if is_uri(location):
         return filesystem(str(location))
-    return pafs.LocalFileSystem(), str(Path(location))
+    return pafs.LocalFileSystem(), str(Path(location).absolute())
 
 
 def mirror(uri: str) -> Path:
@@ -120,7 +121,7 @@ def move(uri: str, source: str, target: str) -> None:
     fs.create_dir(f"{root}/{target}".rsplit("/", 1)[0], recursive=True)
     try:
         fs.move(f"{root}/{source}", f"{root}/{target}")
-    except (pyarrow.ArrowException, OSError):
+    except ERRORS:
         pafs.copy_files(f"{root}/{source}", f"{root}/{target}", source_filesystem=fs, destination_filesystem=fs)
         fs.delete_dir(f"{root}/{source}")
 

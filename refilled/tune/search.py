@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import pyarrow
 
 from refilled.errors import UserError
 from refilled.files import checkpoint
@@ -162,7 +161,7 @@ class SearchRun:
             if discarded:  # the folders the lease made, once its files are gone
                 remove_empty(made)
                 if self.place.uri:
-                    with contextlib.suppress(OSError, pyarrow.ArrowException):
+                    with contextlib.suppress(*storage.ERRORS):
                         storage.remove_if_empty(self.place.uri)
 
     def _before_first_trial(self) -> bool:
