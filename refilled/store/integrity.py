@@ -9,10 +9,12 @@ checkpoints a resume continues trials from, and Ray Tune's own state files (only
 whether each parses: what they mean is Tune's). experiment.yaml is checked
 wherever it is read (refilled.store.experiment_file). No Ray here.
 
-Ray Tune's own state, which a resume unpickles (and so runs whatever code it holds), is
-first refused, unread, when someone other than the user resuming could have written it
-(`trusted`); then only whether each file parses is checked (a pickle's opcodes read to
-the end, nothing built).
+Ray Tune's state files are the one thing here of another library's, known by the names Ray
+2.60 gives them: when Tune cannot restore its state it logs "Restarting experiment." and
+starts the search over, and no public API of Ray reads them whole before `Tuner.fit` does.
+So only whether each is whole is checked (a pickle's opcodes read to the end, nothing
+built), nothing of what it says; and first, unread, whether someone other than the user
+resuming could have written it (`trusted`): a resume unpickles it, which runs the code it holds.
 """
 
 from __future__ import annotations
