@@ -30,20 +30,22 @@ def test_checkpoints_to_delete_keeps_the_newest_and_the_resumable_one():
     assert checkpoints_to_delete(known[:1], 2, set()) == []
 
 
-def test_the_progress_line_counts_trials_by_status_and_names_the_best_so_far():
+def test_the_progress_line_counts_trials_by_status_and_names_the_best_value_reported():
     from ray.tune.experiment import Trial
 
-    from refilled.tune.callbacks import progress_line
+    from refilled.tune.callbacks import Progress, progress_line
 
     trials = [Trial("simulated_trial", stub=True, trial_id=f"t{i}") for i in range(6)]
-    for trial, status, value in zip(trials, [Trial.TERMINATED, Trial.TERMINATED, Trial.RUNNING, Trial.ERROR,
-                                             Trial.PENDING, Trial.PAUSED], [0.5, 0.75, 0.8125, None, None, 0.25]):
+    for trial, status in zip(trials, [Trial.TERMINATED, Trial.TERMINATED, Trial.RUNNING, Trial.ERROR,
+                                      Trial.PENDING, Trial.PAUSED]):
         trial.set_status(status)
-        if value is not None:
-            trial.update_last_result({"val_accuracy": value})
-    assert progress_line(trials, 10, "val_accuracy") == ("trials: 3 of 10 ended, 1 errored, 1 running, 2 waiting; "
-                                                         "best val_accuracy so far 0.8125 (t2)")
-    assert progress_line(trials[3:5], 4, "val_accuracy") == "trials: 1 of 4 ended, 1 errored, 0 running, 1 waiting"
+    progress = Progress(10, "val_accuracy")
+    for trial, value in [(trials[0], 0.5), (trials[2], 0.8125), (trials[1], 0.75), (trials[2], 0.25), (trials[1], 1)]:
+        progress.on_trial_result(0, trials, trial, {"val_accuracy": value})  # an int is no accuracy
+    assert progress.best == (0.8125, "t2")  # the best reported, though t2 has reported less since
+    assert progress_line(trials, 10, "val_accuracy", progress.best) == (
+        "trials: 3 of 10 ended, 1 errored, 1 running, 2 waiting; best val_accuracy so far 0.8125 (t2)")
+    assert progress_line(trials[3:5], 4, "val_accuracy", None) == "trials: 1 of 4 ended, 1 errored, 0 running, 1 waiting"
 
 
 def test_staged_splits_the_space_into_stage1_and_stage2_keys():

@@ -236,12 +236,13 @@ class LeaseGuard(Callback):
 
 class Progress(Callback):
     """A line every `every_s` seconds while trials run: how many ended of `total`, how many
-    run and wait, and the best `metric` a trial has reported so far. It stands for Tune's
-    own status table, which Tune recomputes (with a string of the cluster's resources) at
-    every step of its loop, whether it prints it or not."""
+    run and wait, and the best `metric` a trial has reported. It stands for Tune's own status
+    table, which Tune rebuilds (with a string of the cluster's resources) at every step of its
+    loop, printed or not."""
 
     def __init__(self, total: int, metric: str, every_s: float = 30.0):
         self.total, self.metric, self.every_s = total, metric, every_s
+        self.best: tuple[float, str] | None = None  # the best value reported, and by which trial
         self._shown = time.monotonic()
 
     def __getstate__(self):
@@ -250,18 +251,20 @@ class Progress(Callback):
     def __setstate__(self, state):
         self.__dict__.update(state, _shown=time.monotonic())
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if isinstance(value, float) and (self.best is None or value > self.best[0]):
+            self.best = (value, trial.trial_id)
+
     def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self._shown >= self.every_s:
             self._shown = time.monotonic()
-            print(progress_line(trials, self.total, self.metric), flush=True)
+            print(progress_line(trials, self.total, self.metric, self.best), flush=True)
 
 
-def progress_line(trials: list[Trial], total: int, metric: str) -> str:
+def progress_line(trials: list[Trial], total: int, metric: str, best: tuple[float, str] | None) -> str:
     counts = Counter(t.status for t in trials)
-    ended = counts[Trial.TERMINATED] + counts[Trial.ERROR]
-    values = [(t.last_result[metric], t) for t in trials if isinstance((t.last_result or {}).get(metric), float)]
-    best = max(values, key=lambda v: v[0], default=None)
-    shown = f"; best {metric} so far {best[0]:.4f} ({best[1].trial_id})" if best else ""
     errored = f", {counts[Trial.ERROR]} errored" if counts[Trial.ERROR] else ""
-    return (f"trials: {ended} of {total} ended{errored}, {counts[Trial.RUNNING]} running, "
-            f"{counts[Trial.PENDING] + counts[Trial.PAUSED]} waiting{shown}")
+    shown = f"; best {metric} so far {best[0]:.4f} ({best[1]})" if best else ""
+    return (f"trials: {counts[Trial.TERMINATED] + counts[Trial.ERROR]} of {total} ended{errored}, "
+            f"{counts[Trial.RUNNING]} running, {counts[Trial.PENDING] + counts[Trial.PAUSED]} waiting{shown}")
