@@ -46,6 +46,7 @@ from refilled.errors import UserError
 from refilled.schema.config import FIELDS, load_experiment
 from refilled.schema.search import parse_search
 from support.configs import REPO, TINY
+from support.reports import unrendered
 
 # The fast tier runs the same examples every time (derandomize); TUNE_REFILLED_CONTRACT_SCALE=N runs
 # N times as many, new ones each run, to look further.
@@ -566,18 +567,12 @@ def _writable(root: Path) -> None:
             path.chmod(0o700 if path.is_dir() else 0o600)
 
 
-def fake_png(self, path, *args, **kwargs) -> None:
-    Path(path).write_bytes(b"\x89PNG drawn, not rendered")
-
-
 def read_damaged(made: Path, damages: list[tuple], render: bool = RENDER) -> dict[str, Any]:
     """A copy of the experiment `made` with `damages`, read by the report and by `retrain`
     (up to where it would train). Asserts the contract; returns what each command ended with
     (exit code, stdout, stderr) and the report's index.md when it wrote one.
     Without `render`, the report's figures are drawn but not rendered (layout and PNG:
     most of its time)."""
-    import matplotlib.figure
-
     import tune_refilled
     from analysis.common import run_cli
     from analysis.report import main as report
@@ -594,9 +589,7 @@ def read_damaged(made: Path, damages: list[tuple], render: bool = RENDER) -> dic
             store._SAID.clear()  # each example as a new process: every note said again
             with contextlib.ExitStack() as stack:
                 if not render:
-                    stack.enter_context(mock.patch.object(matplotlib.figure.Figure, "savefig", fake_png))
-                    stack.enter_context(mock.patch.object(matplotlib.figure.Figure, "tight_layout",
-                                                          lambda self, *a, **k: None))
+                    stack.enter_context(unrendered())
                 ended["report"] = run(lambda argv: run_cli(report, argv), [str(exp), "--out", f"{tmp}/report"])
             if kept(*ended["report"]) is None:
                 ended["index"] = (Path(tmp) / "report" / "index.md").read_text()
