@@ -107,5 +107,5 @@ def pytest_collection_finish(session) -> None:
     """What collection imported (torch, Ray, pandas, matplotlib: about half a million objects) lives
     to the end of the session: moved out of the garbage collector's reach, so that its full
     collections during the tests do not walk it again (with full collections spaced out from
-    the start, below, they took 4-7 s of each worker's minute)."""
+    the start, above, they took 4-7 s of each worker's minute)."""
     gc.freeze()

@@ -40,7 +40,7 @@ def join(uri: str, *parts: str) -> str:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pyarrow.ArrowException, OSError, ValueError) as error:
+    except (*ERRORS, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{uri}: pyarrow cannot open this storage ({reason}): check the scheme "
                         "(s3://, gs://, hdfs://, file://), the bucket and the credentials") from None

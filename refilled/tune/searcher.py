@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pyarrow.fs
 from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
@@ -270,10 +269,7 @@ class StudySearch(SearchGenerator):
             return
         here = current.place(self.sub)
         where = copy.copy(experiment.spec["storage"])
-        if here.uri:
-            where.storage_filesystem, path = storage.filesystem(here.storage_path)
-        else:
-            where.storage_filesystem, path = pyarrow.fs.LocalFileSystem(), here.storage_path
+        where.storage_filesystem, path = storage.filesystem_of(here.storage_path)
         where.storage_fs_path = Path(path).as_posix()
         where.experiment_dir_name = here.location.rstrip("/").rsplit("/", 1)[-1]
         experiment.spec["storage"] = experiment.storage = where
