@@ -171,10 +171,12 @@ def test_a_copied_experiment_resumed_opens_its_own_study_not_the_originals(tmp_p
 
 
 @pytest.mark.parametrize("sub", ["", "stage1_search"])
-def test_a_resumed_search_makes_its_new_trials_where_the_experiment_is_now(tmp_path, sub):
+@pytest.mark.parametrize("at", ["folder", "uri"])
+def test_a_resumed_search_makes_its_new_trials_where_the_experiment_is_now(tmp_path, sub, at):
     """Tune's saved state of the searcher's wrapper holds the experiment as Tune described it
     when the search began, with the storage new trials are made in: restored in another place,
-    it names that place (for a staged search's phase 1, its part stage1_search there)."""
+    it names that place (for a staged search's phase 1, its part stage1_search there), and
+    keeps the rest of the description."""
     from ray import cloudpickle  # as Tune saves it
     from ray.tune.experiment import Experiment
 
@@ -182,16 +184,18 @@ def test_a_resumed_search_makes_its_new_trials_where_the_experiment_is_now(tmp_p
         pass
 
     was = tmp_path / "was" / "exp" / sub if sub else tmp_path / "was" / "exp"
-    described = Experiment(was.name, trainable, storage_path=str(was.parent),
+    described = Experiment(was.name, trainable, storage_path=str(was.parent), config={"epochs": 3}, max_failures=2,
                            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
     state = cloudpickle.dumps({"counter": 1, "total_samples": 4, "finished": False, "experiment": described})
     searcher = make(tmp_path / "was" / "exp", sub=sub)
     wrapper = cloudpickle.loads(cloudpickle.dumps(StudySearch.around(searcher, 2)))  # as tuner.pkl holds it
-    current.set_location(str(tmp_path / "now" / "moved"))
+    moved = tmp_path / "now" / "moved"
+    current.set_location(str(moved) if at == "folder" else f"file://{moved}")
     wrapper.set_state(cloudpickle.loads(state))
     trial = wrapper.next_trial()
-    now = tmp_path / "now" / "moved" / sub if sub else tmp_path / "now" / "moved"
+    now = moved / sub if sub else moved
     assert trial.storage.experiment_fs_path == str(now)  # its folder goes in there
+    assert trial.max_failures == 2 and trial.config["epochs"] == 3 and "tau1" in trial.config
     assert described.storage.experiment_fs_path == str(was)  # the restored copy changed, not this
 
 

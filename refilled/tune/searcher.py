@@ -30,6 +30,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune import Experiment
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 from refilled.schema.rungs import CLOCK
@@ -249,12 +250,11 @@ class StudySearch(SearchGenerator):
     is now.
 
     Tune saves this wrapper's state with its own, and that state holds the experiment as
-    Tune described it when the search began, with its storage: the place new trials are
-    created in. `Tuner.restore` re-points the trials it restores at the place it restores
-    from, not that description, so a copied or moved experiment, resumed, would create its
-    new trials in the old place. On restore the description's storage is re-pointed at the
-    experiment this driver runs (refilled.tune.current), as Tune re-points its restored
-    trials (the same three fields)."""
+    Tune described it when the search began (a `tune.Experiment`), with its storage: the
+    place new trials are created in. `Tuner.restore` re-points the trials it restores at the
+    place it restores from, not that description, so a copied or moved experiment, resumed,
+    would create its new trials in the old place. The state handed to `set_state` is
+    re-pointed first (`moved_to`)."""
 
     @classmethod
     def around(cls, searcher: StudySearcher, max_concurrent: int) -> StudySearch:
@@ -263,13 +263,21 @@ class StudySearch(SearchGenerator):
         return wrapper
 
     def set_state(self, state: dict) -> None:
+        saved = state.get("experiment")
+        if saved is not None:
+            state = {**state, "experiment": moved_to(saved, current.place(self.sub))}
         super().set_state(state)
-        experiment = self._experiment
-        if experiment is None:
-            return
-        here = current.place(self.sub)
-        where = copy.copy(experiment.spec["storage"])
-        where.storage_filesystem, path = storage.filesystem_of(here.storage_path)
-        where.storage_fs_path = Path(path).as_posix()
-        where.experiment_dir_name = here.location.rstrip("/").rsplit("/", 1)[-1]
-        experiment.spec["storage"] = experiment.storage = where
+
+
+def moved_to(saved: Experiment, place: storage.Place) -> Experiment:
+    """The Tune experiment `saved` describes, its storage at `place`: the three fields of Ray's
+    StorageContext (a developer API) that Tune re-points in the trials it restores, the rest
+    kept (its driver staging folder among them, which the restored run goes on using)."""
+    where = copy.copy(saved.storage)
+    where.storage_filesystem, path = storage.filesystem_of(place.storage_path)
+    where.storage_fs_path = Path(path).as_posix()
+    where.experiment_dir_name = place.location.rstrip("/").rsplit("/", 1)[-1]
+    experiment = copy.copy(saved)
+    experiment.spec = {**saved.spec, "storage": where}
+    experiment.storage = where
+    return experiment
