@@ -139,26 +139,96 @@ def test_a_copy_of_a_finished_experiment_is_resumed_retrained_and_reported_in_it
     assert snapshot(finished_one.parent) == before
 
 
+# Ray Tune's state files as a search leaves them (Ray 2.60's names: the product reads them only through
+# Ray's readers, refilled.tune.saved_state), and what the refusal says could not be read
+RAY_STATE = {"experiment_state-*.json": "its trials", "search_gen_state-*.json": "its search's state",
+             "searcher-state-*.pkl": "its search's state", "callback-states-*.pkl": "its callbacks' state"}
+LEASE = {f"{NAME}/driver.lease", f"{NAME}/driver.lease.lock"}
+
+
+def cut_newest(folder: Path, pattern: str) -> Path:
+    state = sorted(folder.glob(pattern))[-1]  # the one a restore reads
+    state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
+    return state
+
+
+def ended(folder: Path) -> int:
+    # a trial the kill caught starting has its own files and no record yet (the driver's, written at its start)
+    return sum(trial_records.read(tf).get("status") == "finished" for tf in trial_folders(folder))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2 * SEARCH_TIMEOUT)
-def test_a_ray_state_cut_short_is_refused_and_nothing_is_moved(killed, tmp_path):
+@pytest.mark.parametrize("pattern", list(RAY_STATE))
+def test_a_ray_state_cut_short_is_refused_and_nothing_is_moved(killed, tmp_path, pattern):
     """Tune would start the search over from a state file it cannot read, and every trial
-    it then did not know would go aside: refused in one line, and `retrain` still reads the
-    trials that ended."""
+    it then did not know would go aside: refused in one line before Ray starts, and `retrain`
+    still reads the trials that ended."""
     copy = cp_a(killed, tmp_path / "damaged" / NAME)
-    state = sorted(copy.glob("experiment_state-*.json"))[-1]
-    state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
+    cut_newest(copy, pattern)
     before = snapshot(copy.parent)
-    # a trial the kill caught starting has its own files and no record yet (the driver's, written at its start)
-    ended = sum(trial_records.read(tf).get("status") == "finished" for tf in trial_folders(copy))
     refused = RayRun().run(resume(copy), timeout=120)
-    assert_one_line_error(refused, f"Ray's state of {copy} is damaged ({state} is not whole JSON)",
-                          "restore it from a backup", f"still work on the {ended} trials that ended")
+    assert_one_line_error(refused, f"Ray's state of {copy} is damaged ({RAY_STATE[pattern]} in {copy} cannot be read",
+                          "restore it from a backup", f"still work on the {ended(copy)} trials that ended")
     # the one change: the dead driver's lock file, which the look at its lease took and removed
     # (refilled.store.lease: a look takes the lock for an instant), as any command's look does
     lock = f"{NAME}/driver.lease.lock"
     assert lock in before and {k: v for k, v in before.items() if k != lock} == snapshot(copy.parent)
     assert not (copy / "interrupted_trials").exists()
+    if pattern.startswith("experiment_state"):
+        retrained = RayRun().run(cli("retrain", "--experiment", str(copy), "--seeds", "1", "--no-baseline"))
+        assert retrained.returncode == 0, explain(retrained)
 
-    retrained = RayRun().run(cli("retrain", "--experiment", str(copy), "--seeds", "1", "--no-baseline"))
-    assert retrained.returncode == 0, explain(retrained)
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * SEARCH_TIMEOUT)
+def test_a_staged_search_s_phase_1_has_its_ray_state_read_too(killed, tmp_path):
+    """A staged search resumed in phase 1 goes on with stage1_search/'s Tune state: read before Ray starts."""
+    from refilled.store import experiment_file
+    from refilled.store.storage import Place
+
+    copy = cp_a(killed, tmp_path / "staged" / NAME)
+    cfg, data = experiment_file.read(copy, str(copy))
+    space = {"tau1": {"loguniform": [0.5, 16]}, "lambd": {"loguniform": [0.1, 100]}}
+    experiment_file.write(Place(copy), cfg, {**data["search"], "space": space, "staged": {"num_samples": 2}})
+    phase1 = cp_a(killed, copy / "stage1_search")
+    cut_newest(phase1, "experiment_state-*.json")
+    refused = RayRun().run(resume(copy), timeout=120)
+    assert_one_line_error(refused, f"Ray's state of {copy} is damaged (its trials in {phase1} cannot be read")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * SEARCH_TIMEOUT)
+def test_a_tuner_cut_short_is_refused_once_ray_reads_it_and_nothing_is_moved(killed, tmp_path):
+    """Tune's tuner is read by Tuner.restore, once the driver holds the lease and Ray has started:
+    refused then, with nothing of the experiment changed (the lease's files are the drivers')."""
+    copy = cp_a(killed, tmp_path / "tuner" / NAME)
+    cut_newest(copy, "tuner.pkl")
+    before = snapshot(copy.parent)
+    refused = RayRun().run(resume(copy), timeout=180)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr + refused.stdout, explain(refused)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: Ray's state of {copy} is damaged (its tuner in {copy} cannot be read"), last
+    assert f"still work on the {ended(copy)} trials that ended" in last, last
+    after = snapshot(copy.parent)
+    assert {k: v for k, v in before.items() if k not in LEASE} == {k: v for k, v in after.items() if k not in LEASE}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * SEARCH_TIMEOUT)
+def test_a_state_that_tune_reads_but_cannot_restore_is_refused_not_started_over(killed, tmp_path):
+    """A state every reader takes that Tune still fails to restore (here: its trials' list emptied,
+    which Tune's controller cannot restore from): Tune logs why and would start the search over;
+    the search refuses to, before a trial runs, as the trials' records say Tune had saved them."""
+    copy = cp_a(killed, tmp_path / "restart" / NAME)
+    state = sorted(copy.glob("experiment_state-*.json"))[-1]
+    saved = json.loads(state.read_text())
+    state.write_text(json.dumps({**saved, "trial_data": []}))
+    trials = names(copy)
+    refused = RayRun().run(resume(copy), timeout=180)
+    assert refused.returncode == 2, explain(refused)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: Ray Tune could not restore its saved state of {copy} (its log above says why) "
+                           "and would start the search over"), last
+    assert f"still work on the {ended(copy)} trials that ended; no trial ran" in last, last
+    assert names(copy) == trials and not (copy / "interrupted_trials").exists()

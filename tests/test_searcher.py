@@ -268,3 +268,41 @@ def test_the_budget_counts_each_result_once_the_one_asha_stops_on_included(tmp_p
     assert searcher.suggest("c") is not None  # 30 s of 40
     searcher.on_trial_result("c", {**result, "step": 1})
     assert searcher.suggest("d") == Searcher.FINISHED  # 40 s
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_tune_starting_a_restored_search_over_is_refused_when_it_had_saved_trials(tmp_path, saved):
+    """Tune hands a new run (add_configurations) to the wrapper Tuner.restore unpickled only when it
+    could not restore its saved state: refused if the trials' records say that state held them
+    (they would run again), let through if it held none (nothing is lost), and never for a
+    wrapper made for a new search or one whose state Tune restored."""
+    from ray import cloudpickle
+    from ray.tune.experiment import Experiment
+
+    from refilled.errors import UserError
+    from refilled.store import trial_records
+
+    def trainable(config):
+        pass
+
+    def described():
+        return Experiment("exp", trainable, storage_path=str(tmp_path))
+
+    trial = tmp_path / "trial_a"
+    trial.mkdir()
+    (trial / "params.json").write_text("{}")
+    record = {"trial_id": "a", "number": 1, "status": "finished"}
+    trial_records.write(trial, {**record, "at_last_save": {"status": "running", "checkpoint": None}} if saved else record)
+    fresh = StudySearch.around(make(tmp_path), 2)
+    unpickled = cloudpickle.loads(cloudpickle.dumps(fresh))  # as Tuner.restore reads it from tuner.pkl
+    restored = cloudpickle.loads(cloudpickle.dumps(fresh))
+    restored.set_state({"counter": 1, "total_samples": 4, "finished": False, "experiment": described()})
+
+    fresh.add_configurations([described()])
+    if saved:
+        with pytest.raises(UserError, match=f"could not restore its saved state of {tmp_path} .* the 1 trials that"):
+            unpickled.add_configurations([described()])
+    else:
+        unpickled.add_configurations([described()])
+        assert unpickled.next_trial() is not None  # started over: nothing of it was saved
+    assert restored.restoring is False  # its state restored: Tune goes on with it

@@ -4,24 +4,16 @@ A full disk, an interrupted copy or a crash can leave a file cut short. What
 `search --resume`, `retrain` and the analysis scripts read is checked here, by
 reading only, and a damaged file is refused in one line that names it (its URI
 for an experiment at a URI) and says what to do: the Optuna study,
-the teacher, its embedding bank, a staged search's phase-1 choice, the trial
-checkpoints a resume continues trials from, and Ray Tune's own state files (only
-whether each parses: what they mean is Tune's). experiment.yaml is checked
-wherever it is read (refilled.store.experiment_file). No Ray here.
-
-Ray Tune's state files are the one thing here of another library's, known by the names Ray
-2.60 gives them: when Tune cannot restore its state it logs "Restarting experiment." and
-starts the search over, and no public API of Ray reads them whole before `Tuner.fit` does.
-So only whether each is whole is checked (a pickle's opcodes read to the end, nothing
-built), nothing of what it says; and first, unread, whether someone other than the user
-resuming could have written it (`trusted`): a resume unpickles it, which runs the code it holds.
+the teacher, its embedding bank, a staged search's phase-1 choice and the trial
+checkpoints a resume continues trials from. experiment.yaml is checked wherever
+it is read (refilled.store.experiment_file). No Ray here: Ray Tune's saved state is
+read with Ray's own readers (refilled.tune.saved_state), after `trusted` has said
+that only the user resuming could have written it.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pickletools
 import shlex
 import stat
 import tempfile
@@ -31,17 +23,9 @@ from refilled.errors import UserError
 from refilled.files import checkpoint
 from refilled.files.arrays import read_array
 from refilled.store import storage, trial_records
-from refilled.store.layout import BANK_FILES, STAGE1_SEARCH, STATE_FILE, TEACHER_FILE
+from refilled.store.layout import BANK_FILES, LEASE_FILE, LOCK_FILE, STAGE1_SEARCH, STATE_FILE, TEACHER_FILE
 
-# The files of Ray Tune's state in an experiment folder (and in a staged search's stage1_search/)
-# that Tuner.restore unpickles: the tuner, the searcher's and the callbacks' state, the search
-# generator's state (a pickle despite its name) and the experiment state (its trials hold pickles).
 RESUME_STUDY = "restore it from a backup, or start a new search (--name OTHER); retrain and the analysis do not need it"
-
-# Ray Tune's state files as Tune names them, and how it writes each (JSON, or a pickle): a restore
-# reads the newest of each (the last by name). Ray 2.60's names; searcher-state holds our searcher's JSON.
-TUNE_STATE = (("tuner.pkl", "pickle"), ("experiment_state-*.json", "json"), ("search_gen_state-*.json", "pickle"),
-              ("searcher-state-*.pkl", "json"), ("callback-states-*.pkl", "pickle"))
 
 
 def _shown(place: storage.Place, rel: str) -> str:
@@ -88,53 +72,29 @@ def _trial_checkpoints(place: storage.Place, ended_too: bool) -> None:
                         f"restore it from a backup ({why}), or start a new search (--name OTHER)")
 
 
-def _parses(path: Path, kind: str) -> bool:
-    """Whether a file is whole JSON, or a whole pickle (its opcodes read to the end, nothing built)."""
-    try:
-        data = path.read_bytes()
-        if kind == "json":
-            json.loads(data)
-        else:
-            for _ in pickletools.genops(data):
-                pass
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return True
-
-
 def ended_trials(place: storage.Place) -> int:
     """The trials whose own records say they ended (refilled.store.trial_records)."""
     return sum(trial_records.read(p.parent).get("status") in trial_records.ENDED
                for p in place.folder.glob("*/params.json"))
 
 
-def tune_state(place: storage.Place, experiment: storage.Place) -> None:
-    """Ray Tune's state files of `place` (the experiment, or a staged search's phase 1 in it) parse.
-    One cut short makes Tune start the search over as if it had never run: refused instead, nothing moved."""
-    for pattern, kind in TUNE_STATE:
-        found = sorted(place.folder.glob(pattern))
-        if found and not _parses(found[-1], kind):
-            rel = found[-1].relative_to(experiment.folder).as_posix()
-            raise UserError(f"Ray's state of {experiment.location} is damaged ({_shown(experiment, rel)} is not whole "
-                            f"{'JSON' if kind == 'json' else 'pickle'}): --resume would start the search over; restore "
-                            f"it from a backup, or `retrain` and analysis/report.py still work on the "
-                            f"{ended_trials(experiment)} trials that ended; nothing was changed")
-
-
 def trusted(place: storage.Place) -> None:
-    """Refuse, in one line and without reading them, the pickled Ray Tune state files of a folder
-    experiment (TUNE_STATE, in it and in stage1_search/) when they or the folders holding them
-    belong to another user or others than their owner may write them: unpickling runs the code
-    a file holds, as the user who resumes. (At a URI, the storage's access rules decide.)"""
+    """Refuse, in one line and without reading them, the files at the top of a folder experiment
+    (and of its stage1_search/), where Ray Tune keeps the state a resume unpickles, when they or
+    those folders belong to another user or others than their owner may write them: unpickling
+    runs the code a file holds, as the user who resumes. The lease's own files are the drivers'.
+    (At a URI, the storage's access rules decide.)"""
     if place.uri:
         return
     me = os.geteuid()
     for folder in (place.folder, place.folder / STAGE1_SEARCH):
-        files = sorted({p for pattern, _ in TUNE_STATE for p in folder.glob(pattern)})
-        for path in [folder, *files] if files else []:
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if p.name not in (LEASE_FILE, LOCK_FILE) and p.is_file())
+        for path in [folder, *files]:
             info = path.stat()
             shown = _shown(place, str(path.relative_to(place.folder))) if path != place.folder else place.location
-            what = "folder" if stat.S_ISDIR(info.st_mode) else "Ray Tune state file"
+            what = "folder" if stat.S_ISDIR(info.st_mode) else "file"
             if info.st_uid != me:
                 raise UserError(f"{what} {shown} belongs to another user (uid {info.st_uid}): `search --resume` "
                                 "unpickles Ray Tune's state, which runs the code it holds as you; resume only "
@@ -147,13 +107,10 @@ def trusted(place: storage.Place) -> None:
 
 
 def before_resume(place: storage.Place, data: dict) -> None:
-    """Everything `search --resume` will read, checked before it writes anything (Ray Tune's
-    pickled state first: `trusted`).
+    """Everything of ours that `search --resume` will read, checked before it writes anything
+    (first whether Ray Tune's pickled state can be trusted: `trusted`).
     `place`: the experiment (for a URI, its freshly pulled mirror); `data`: experiment.yaml."""
     trusted(place)
-    tune_state(place, place)
-    if not data.get("stage1_choice") and (data.get("search") or {}).get("staged"):
-        tune_state(place.part(STAGE1_SEARCH), place)
     teacher = TEACHER_FILE
     _checkpoint(place, teacher, "teacher checkpoint", "restore it from a backup (the search's bank and "
                 "trials were made with it)")

@@ -85,3 +85,9 @@ def read(folder: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict) or not all(fits(record[k]) for k, fits in FITS.items() if k in record):
         return {}
     return record
+
+
+def saved_by_tune(folder: str | Path) -> bool:
+    """Whether Ray Tune's saved state of the Tune experiment in `folder` holds a trial, as the trials'
+    own records say (`at_last_save`): a resume that cannot restore that state would start them over."""
+    return any("at_last_save" in read(params.parent) for params in Path(folder).glob("*/params.json"))

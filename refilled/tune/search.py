@@ -54,7 +54,7 @@ from refilled.store.paths import new_folders, remove_empty
 from refilled.store.rung_fidelity import correlation_lines, experiment_correlations
 from refilled.store.storage import Place
 from refilled.store.study import STUDY_FILES, study_file
-from refilled.tune import current
+from refilled.tune import current, saved_state
 from refilled.tune.cluster import check_local_gpus, check_resources, connect
 from refilled.tune.selection import reevaluate
 from refilled.tune.trial_inputs import METHOD, TrialKind
@@ -116,6 +116,9 @@ class SearchRun:
         cfg, data = experiment_file.read(place.folder, place.location, hint=experiment_file.SEARCH_HINT)
         settings = parse_search(data.get("search"), cfg)
         integrity.before_resume(place, data)
+        saved_state.check(place, place)
+        if settings.staged and not data.get("stage1_choice"):  # phase 1 goes on
+            saved_state.check(place.part(STAGE1_SEARCH), place)
         # a staged search may have been interrupted in phase 1, before phase 2 had a state
         if not settings.staged and not tune.Tuner.can_restore(place.location):
             raise UserError(f"{place.location} has no Ray Tune state to resume: start a new search instead")
@@ -237,8 +240,11 @@ class SearchRun:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         resume = self.resume and tune.Tuner.can_restore(place.location)
         if resume:
-            tuner = tune.Tuner.restore(place.location, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+            try:
+                tuner = tune.Tuner.restore(place.location, trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
+            except Exception as error:  # the tuner Tune saved cannot be read: nothing was run or written
+                raise saved_state.refuse(self.place, f"its tuner in {place.location}", error) from None
         else:
             # a phase of a staged search killed before Ray saved any state starts again: its trials go aside
             set_aside_unknown_trials(place, set())

@@ -33,9 +33,10 @@ from optuna.trial import TrialState
 from ray.tune import Experiment
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
+from refilled.errors import UserError
 from refilled.schema.rungs import CLOCK
 from refilled.schema.search import Distribution, distributions
-from refilled.store import storage, trial_records
+from refilled.store import integrity, storage, trial_records
 from refilled.store import study as study_store
 from refilled.tune import current
 from refilled.tune.trial_plan import METRIC
@@ -232,7 +233,7 @@ class StudySearcher(Searcher):
         does not know (still RUNNING in the study). They are handed to the next trials
         Tune asks for (same parameters) instead of asking Optuna anew, so the study
         holds each trial once; one with incomplete parameters is told FAIL."""
-        self._numbers = {k: int(v) for k, v in json.loads(Path(checkpoint_path).read_text())["trials"].items()}
+        self._numbers = saved_trials(checkpoint_path)
         known = set(self._numbers.values())
         self._unclaimed = []
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -242,6 +243,19 @@ class StudySearcher(Searcher):
                 self._unclaimed.append((trial.number, dict(trial.params)))
             else:
                 self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def saved_trials(checkpoint_path: str) -> dict[str, int]:
+    """Which Optuna trial each Tune trial is, as `StudySearcher.save` wrote it."""
+    return {k: int(v) for k, v in json.loads(Path(checkpoint_path).read_text())["trials"].items()}
+
+
+class SavedTrials(Searcher):
+    """A StudySearcher's saved state, read and thrown away: the searcher that
+    refilled.tune.saved_state restores (Searcher.restore_from_dir) to check it before a resume."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        saved_trials(checkpoint_path)
 
 
 class StudySearch(SearchGenerator):
@@ -254,7 +268,10 @@ class StudySearch(SearchGenerator):
     place new trials are created in. `Tuner.restore` re-points the trials it restores at the
     place it restores from, not that description, so a copied or moved experiment, resumed,
     would create its new trials in the old place. The state handed to `set_state` is
-    re-pointed first (`moved_to`)."""
+    re-pointed first (`moved_to`).
+
+    And Tune, when it cannot restore its saved state, starts the search over: an unpickled
+    wrapper (Tuner.restore's) that Tune hands a new run instead of its state refuses it."""
 
     @classmethod
     def around(cls, searcher: StudySearcher, max_concurrent: int) -> StudySearch:
@@ -262,11 +279,27 @@ class StudySearch(SearchGenerator):
         wrapper.sub = searcher.sub  # the Tune experiment is the experiment's part `sub` (a staged search's phase 1)
         return wrapper
 
+    def __setstate__(self, state: dict) -> None:  # unpickled: Tuner.restore read it from Tune's saved state
+        self.__dict__.update(state, restoring=True)
+
     def set_state(self, state: dict) -> None:
         saved = state.get("experiment")
         if saved is not None:
             state = {**state, "experiment": moved_to(saved, current.place(self.sub))}
         super().set_state(state)
+        self.restoring = False
+
+    def add_configurations(self, experiments) -> None:
+        """Tune's call for a new run. After `Tuner.restore` it means that Tune could not restore
+        its saved state and starts the search over (it logs "Restarting experiment."): refused
+        if that state held trials (their records say so), which would run again."""
+        place = current.place(self.sub) if getattr(self, "restoring", False) else None
+        if place is not None and trial_records.saved_by_tune(place.folder):
+            raise UserError(f"Ray Tune could not restore its saved state of {place.location} (its log above says "
+                            "why) and would start the search over: restore it from a backup, or `retrain` and "
+                            f"analysis/report.py still work on the {integrity.ended_trials(place)} trials that "
+                            "ended; no trial ran")
+        super().add_configurations(experiments)
 
 
 def moved_to(saved: Experiment, place: storage.Place) -> Experiment:
