@@ -506,12 +506,14 @@ def test_resume_refuses_ray_tunes_state_that_others_may_write(made, tmp_path, ca
     assert tree(folder.parent) == before
 
 
-def test_the_lease_s_lock_is_not_refused_when_others_may_write_it(made, tmp_path, capsys, monkeypatch):
+def test_the_lease_s_files_are_not_refused_when_others_may_write_them(made, tmp_path, capsys, monkeypatch):
     """The lease's lock is made by whichever driver held the experiment first (perhaps another
-    user's, with its umask), and a resume never unpickles it."""
+    user's, with its umask), a lease being written by a driver killed meanwhile is left aside,
+    and a resume never unpickles either."""
     folder = _with_tune_state(made, tmp_path, monkeypatch)
-    (folder / LOCK_FILE).write_bytes(b"")
-    (folder / LOCK_FILE).chmod(0o666)
+    for name in (LOCK_FILE, f"{LEASE_FILE}.0a1b2c3d.tmp"):
+        (folder / name).write_bytes(b"")
+        (folder / name).chmod(0o666)
     refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
             "has no Ray Tune state to resume")
 
@@ -533,3 +535,28 @@ def test_resume_refuses_ray_tunes_state_of_another_user(made, tmp_path, capsys, 
     os.chown(folder / name, 4242, -1)
     refused(capsys, ["search", "--resume", "--name", "exp", "--storage", str(folder.parent)],
             "belongs to another user (uid 4242)", "resume only experiments you trust")
+
+
+# ----------------------------------------------------------------------------- Ray Tune's saved state, read by Ray
+
+def test_ray_s_state_is_read_by_its_readers_only_where_it_holds_a_saved_trial(tmp_path):
+    """refilled.tune.saved_state reads Tune's state with Ray's readers (here garbage, so any read
+    refuses): not where Tune saved none (no tuner), nor where the trials' records say no state
+    of Tune's held them (starting over loses nothing); refused in one line where one did."""
+    from refilled.tune import saved_state
+
+    folder = tmp_path / "exp"
+    trial = folder / "trial_a"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text("{}")
+    (folder / "experiment_state-2026-12-07_08-06-43.json").write_text('{"trial_data": [')
+    place = Place(folder)
+    saved_state.check(place, place)  # no tuner: nothing of Tune's to restore
+    (folder / "tuner.pkl").write_bytes(b"\x80\x05")
+    (trial / "trial_record.json").write_text(json.dumps({"trial_id": "a", "number": 1, "status": "running"}))
+    saved_state.check(place, place)  # no trial in any state Tune saved
+    (trial / "trial_record.json").write_text(json.dumps({"trial_id": "a", "number": 1, "status": "running",
+                                                         "at_last_save": {"status": "running", "checkpoint": None}}))
+    with pytest.raises(UserError, match=rf"Ray's state of {folder} is damaged \(its trials in {folder} cannot be "
+                                        r"read: JSONDecodeError: .*the 0 trials that ended; nothing was changed$"):
+        saved_state.check(place, place)

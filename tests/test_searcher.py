@@ -273,9 +273,9 @@ def test_the_budget_counts_each_result_once_the_one_asha_stops_on_included(tmp_p
 @pytest.mark.parametrize("saved", [True, False])
 def test_tune_starting_a_restored_search_over_is_refused_when_it_had_saved_trials(tmp_path, saved):
     """Tune hands a new run (add_configurations) to the wrapper Tuner.restore unpickled only when it
-    could not restore its saved state: refused if the trials' records say that state held them
-    (they would run again), let through if it held none (nothing is lost), and never for a
-    wrapper made for a new search or one whose state Tune restored."""
+    could not restore its saved state (at whatever step: after the search's own state too):
+    refused if the trials' records say that state held them (they would run again), let through
+    if it held none (nothing is lost), and never for a wrapper made for a new search."""
     from ray import cloudpickle
     from ray.tune.experiment import Experiment
 
@@ -299,10 +299,11 @@ def test_tune_starting_a_restored_search_over_is_refused_when_it_had_saved_trial
     restored.set_state({"counter": 1, "total_samples": 4, "finished": False, "experiment": described()})
 
     fresh.add_configurations([described()])
-    if saved:
-        with pytest.raises(UserError, match=f"could not restore its saved state of {tmp_path} .* the 1 trials that"):
-            unpickled.add_configurations([described()])
-    else:
+    assert restored.next_trial() is not None  # its state restored: Tune goes on with it
+    for wrapper in (unpickled, restored):  # Tune gave up before restoring the search, or after
+        if saved:
+            with pytest.raises(UserError, match=f"could not restore its saved state of {tmp_path} .* the 1 trials"):
+                wrapper.add_configurations([described()])
+    if not saved:
         unpickled.add_configurations([described()])
         assert unpickled.next_trial() is not None  # started over: nothing of it was saved
-    assert restored.restoring is False  # its state restored: Tune goes on with it

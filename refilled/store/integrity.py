@@ -23,7 +23,7 @@ from refilled.errors import UserError
 from refilled.files import checkpoint
 from refilled.files.arrays import read_array
 from refilled.store import storage, trial_records
-from refilled.store.layout import BANK_FILES, LEASE_FILE, LOCK_FILE, STAGE1_SEARCH, STATE_FILE, TEACHER_FILE
+from refilled.store.layout import BANK_FILES, LEASE_FILE, STAGE1_SEARCH, STATE_FILE, TEACHER_FILE
 
 RESUME_STUDY = "restore it from a backup, or start a new search (--name OTHER); retrain and the analysis do not need it"
 
@@ -82,7 +82,8 @@ def trusted(place: storage.Place) -> None:
     """Refuse, in one line and without reading them, the files at the top of a folder experiment
     (and of its stage1_search/), where Ray Tune keeps the state a resume unpickles, when they or
     those folders belong to another user or others than their owner may write them: unpickling
-    runs the code a file holds, as the user who resumes. The lease's own files are the drivers'.
+    runs the code a file holds, as the user who resumes. The lease's own files (its lock, a
+    lease being written) are the drivers', read as JSON if at all.
     (At a URI, the storage's access rules decide.)"""
     if place.uri:
         return
@@ -90,7 +91,7 @@ def trusted(place: storage.Place) -> None:
     for folder in (place.folder, place.folder / STAGE1_SEARCH):
         if not folder.is_dir():
             continue
-        files = sorted(p for p in folder.iterdir() if p.name not in (LEASE_FILE, LOCK_FILE) and p.is_file())
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith(LEASE_FILE) and p.is_file())
         for path in [folder, *files]:
             info = path.stat()
             shown = _shown(place, str(path.relative_to(place.folder))) if path != place.folder else place.location

@@ -1,12 +1,12 @@
 """Ray Tune's saved state of an experiment, read before `search --resume` hands it to Tune.
 
-When Tune cannot restore its saved state it logs "Restarting experiment." and starts the
-search over as if it had never run (its controller catches the error), and every trial it
-then did not know would go aside. So `--resume` first reads that state with Ray's own
+When Tune cannot restore its saved state it starts the search over as if it had never run
+(its controller catches the error and logs it), and every trial it then did not know would
+go aside. So `--resume` first reads that state with Ray's own
 readers, into objects it throws away: the trials (`tune.ExperimentAnalysis`), the search
 algorithm's state (`SearchGenerator.restore_from_dir`) and the callbacks'
 (`CallbackList.restore_from_dir`). The tuner itself is read by `Tuner.restore`, whose
-failure refilled.tune.search refuses the same way; and should Tune start over all the same,
+unpickling error refilled.tune.search refuses the same way; and should Tune start over all the same,
 the search refuses to (refilled.tune.searcher.StudySearch). What the files are called and
 how they are written stays Ray's.
 """
@@ -17,13 +17,14 @@ from refilled.errors import UserError
 from refilled.store import integrity, storage, trial_records
 
 
-def refuse(experiment: storage.Place, what: str, error: BaseException) -> UserError:
-    """The one line for Ray Tune's state of `experiment` that `what` could not read."""
+def refuse(experiment: storage.Place, what: str, error: BaseException, done: str = "nothing was changed") -> UserError:
+    """The one line for Ray Tune's state of `experiment` that `what` could not read (`done`: what
+    the refused command did)."""
     cause = (str(error).strip().splitlines() or [""])[0][:200]
     return UserError(f"Ray's state of {experiment.location} is damaged ({what} cannot be read: "
                      f"{type(error).__name__}{': ' + cause if cause else ''}): --resume would start the search "
                      "over; restore it from a backup, or `retrain` and analysis/report.py still work on the "
-                     f"{integrity.ended_trials(experiment)} trials that ended; nothing was changed")
+                     f"{integrity.ended_trials(experiment)} trials that ended; {done}")
 
 
 def check(place: storage.Place, experiment: storage.Place) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import pickle
 import shlex
 import shutil
 import sys
@@ -243,8 +244,8 @@ class SearchRun:
             try:
                 tuner = tune.Tuner.restore(place.location, trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
-            except Exception as error:  # the tuner Tune saved cannot be read: nothing was run or written
-                raise saved_state.refuse(self.place, f"its tuner in {place.location}", error) from None
+            except (pickle.UnpicklingError, EOFError) as error:  # the tuner Tune saved is cut short or garbled
+                raise saved_state.refuse(self.place, f"its tuner in {place.location}", error, "no trial ran") from None
         else:
             # a phase of a staged search killed before Ray saved any state starts again: its trials go aside
             set_aside_unknown_trials(place, set())

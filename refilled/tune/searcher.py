@@ -280,25 +280,24 @@ class StudySearch(SearchGenerator):
         return wrapper
 
     def __setstate__(self, state: dict) -> None:  # unpickled: Tuner.restore read it from Tune's saved state
-        self.__dict__.update(state, restoring=True)
+        self.__dict__.update(state, unpickled=True)
 
     def set_state(self, state: dict) -> None:
-        saved = state.get("experiment")
+        saved = state["experiment"]  # what SearchGenerator.get_state saved (None before its first run)
         if saved is not None:
             state = {**state, "experiment": moved_to(saved, current.place(self.sub))}
         super().set_state(state)
-        self.restoring = False
 
     def add_configurations(self, experiments) -> None:
-        """Tune's call for a new run. After `Tuner.restore` it means that Tune could not restore
-        its saved state and starts the search over (it logs "Restarting experiment."): refused
-        if that state held trials (their records say so), which would run again."""
-        place = current.place(self.sub) if getattr(self, "restoring", False) else None
+        """Tune's call for a new run. Made to the wrapper Tuner.restore unpickled, it means that
+        Tune could not restore its saved state, at whatever step, and starts the search over (it
+        logs why): refused if that state held trials (their records say so), which would run again."""
+        place = current.place(self.sub) if getattr(self, "unpickled", False) else None
         if place is not None and trial_records.saved_by_tune(place.folder):
             raise UserError(f"Ray Tune could not restore its saved state of {place.location} (its log above says "
                             "why) and would start the search over: restore it from a backup, or `retrain` and "
-                            f"analysis/report.py still work on the {integrity.ended_trials(place)} trials that "
-                            "ended; no trial ran")
+                            f"analysis/report.py still work on the {integrity.ended_trials(current.place())} trials "
+                            "that ended; no trial ran")
         super().add_configurations(experiments)
 
 
