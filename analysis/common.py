@@ -129,7 +129,7 @@ def open_experiments(paths: Iterable[str | Path]) -> list[Experiment]:
         if place.folder not in folders:
             folders.append(place.folder)
             locations.append(place.location)
-            names.append(place.location.rstrip("/").rsplit("/", 1)[-1])
+            names.append(place.name)
     if not folders:
         raise UserError("no experiment given: pass one or more experiment folders, e.g. experiments/digits")
     for location in dict.fromkeys(running):  # a search still running is read as it is now: said, not refused

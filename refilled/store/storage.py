@@ -167,6 +167,11 @@ class Place:
     def storage_path(self) -> str:
         return self.uri.rstrip("/").rsplit("/", 1)[0] if self.uri else str(self.folder.parent)
 
+    @property
+    def name(self) -> str:
+        """Its folder's name in storage_path: the experiment's name (or its part's, stage1_search)."""
+        return self.location.rstrip("/").rsplit("/", 1)[-1]
+
     def exists(self, ignore: Callable[[str], bool] = lambda name: False) -> bool:
         """Whether anything is there but entries whose names `ignore` accepts."""
         if self.uri:

@@ -127,7 +127,7 @@ class SearchRun:
 
     @property
     def name(self) -> str:
-        return self.place.location.rstrip("/").rsplit("/", 1)[-1]
+        return self.place.name
 
     def resume_command(self) -> str:
         return shlex.join(["tune_refilled.py", "search", "--resume", "--name", self.name,
@@ -287,7 +287,7 @@ class SearchRun:
                                         reuse_actors=settings.reuse_actors,
                                         trial_dirname_creator=trial_folder_name),
             run_config=tune.RunConfig(
-                name=place.location.rstrip("/").rsplit("/", 1)[-1], storage_path=place.storage_path, verbose=0,
+                name=place.name, storage_path=place.storage_path, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 # none of them keeps the experiment's location: refilled.tune.current says it
                 callbacks=[LeaseGuard(), TrialRecords(), KeepLastCheckpoints(settings.keep_checkpoints, phase.sub),

@@ -308,7 +308,7 @@ def moved_to(saved: Experiment, place: storage.Place) -> Experiment:
     where = copy.copy(saved.storage)
     where.storage_filesystem, path = storage.filesystem_of(place.storage_path)
     where.storage_fs_path = Path(path).as_posix()
-    where.experiment_dir_name = place.location.rstrip("/").rsplit("/", 1)[-1]
+    where.experiment_dir_name = place.name
     experiment = copy.copy(saved)
     experiment.spec = {**saved.spec, "storage": where}
     experiment.storage = where
