@@ -23,8 +23,14 @@ def refuse(experiment: storage.Place, what: str, error: BaseException, done: str
     cause = (str(error).strip().splitlines() or [""])[0][:200]
     return UserError(f"Ray's state of {experiment.location} is damaged ({what} cannot be read: "
                      f"{type(error).__name__}{': ' + cause if cause else ''}): --resume would start the search "
-                     "over; restore it from a backup, or `retrain` and analysis/report.py still work on the "
-                     f"{integrity.ended_trials(experiment)} trials that ended; {done}")
+                     f"over; {remedy(experiment, done)}")
+
+
+def remedy(experiment: storage.Place, done: str) -> str:
+    """What to do with an experiment whose Tune state a resume cannot restore, and what the refused
+    command did (`done`)."""
+    return (f"restore it from a backup, or `retrain` and analysis/report.py still work on the "
+            f"{integrity.ended_trials(experiment)} trials that ended; {done}")
 
 
 def check(place: storage.Place, experiment: storage.Place) -> None:

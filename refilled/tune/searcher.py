@@ -36,9 +36,9 @@ from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 from refilled.errors import UserError
 from refilled.schema.rungs import CLOCK
 from refilled.schema.search import Distribution, distributions
-from refilled.store import integrity, storage, trial_records
+from refilled.store import storage, trial_records
 from refilled.store import study as study_store
-from refilled.tune import current
+from refilled.tune import current, saved_state
 from refilled.tune.trial_plan import METRIC
 
 
@@ -295,9 +295,7 @@ class StudySearch(SearchGenerator):
         place = current.place(self.sub) if getattr(self, "unpickled", False) else None
         if place is not None and trial_records.saved_by_tune(place.folder):
             raise UserError(f"Ray Tune could not restore its saved state of {place.location} (its log above says "
-                            "why) and would start the search over: restore it from a backup, or `retrain` and "
-                            f"analysis/report.py still work on the {integrity.ended_trials(current.place())} trials "
-                            "that ended; no trial ran")
+                            f"why) and would start the search over: {saved_state.remedy(current.place(), 'no trial ran')}")
         super().add_configurations(experiments)
 
 
